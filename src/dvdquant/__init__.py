@@ -1,0 +1,19 @@
+"""dvdquant: data-free W4A4/W4A8 quantization of video diffusion transformers (DVD-Quant).
+
+Public API::
+
+    import dvdquant
+    report = dvdquant.quantize_(model, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4))
+"""
+from .api import LayerReport, QuantReport, quantize_, quantized_layers, set_backend, step_hooks
+from .config import (BGRConfig, DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig,
+                     ViDiTQConfig)
+from .errors import CheckpointError, ConfigError, DVDQuantError, NonFiniteError
+from .nn import QuantLinear, RuntimeState, get_state
+
+__version__ = "0.1.0"
+
+__all__ = ["quantize_", "quantized_layers", "set_backend", "step_hooks", "LayerReport", "QuantReport",
+           "BGRConfig", "DVDQuantConfig", "GBSConfig", "MinMaxConfig", "QuaRotConfig", "SmoothQuantConfig",
+           "ViDiTQConfig", "CheckpointError", "ConfigError", "DVDQuantError", "NonFiniteError", "QuantLinear",
+           "RuntimeState", "get_state", "__version__"]

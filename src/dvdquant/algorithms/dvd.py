@@ -1,0 +1,43 @@
+"""DVD-Quant as a registered method: BGR weights + ARQ activations (+ δ-GBS at run time).
+
+Each part can be switched off through :class:`~dvdquant.config.DVDQuantConfig` (``bgr=None``,
+``rotation=False``, ``auto_scale="none"``, ``gbs=None``), which is how the ablations run.
+No calibration data: only the weights are looked at here.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..config import DVDQuantConfig
+from ..nn.quant_linear import QuantLinear
+from ..numerics import grids
+from ..numerics.metrics import relative_error
+from .arq import choose_rotation_block, rotate_weight
+from .bgr import bgr_quantize
+from .common import check_group_size, linear_weight_fp32, rtn_with_info
+from .registry import LayerInfo, QuantMethod, register_method
+
+
+def dvdquant_layer(name: str, linear: nn.Linear, cfg: DVDQuantConfig, stats=None):
+    w = linear_weight_fp32(linear, name)
+    check_group_size(linear.in_features, cfg, name)
+    block = choose_rotation_block(linear.in_features, cfg.rotation_block) if cfg.rotation else None
+    if block:
+        w = rotate_weight(w, block)                      # W·H, (N, K)
+    if cfg.bgr is not None:
+        params, info = bgr_quantize(w, cfg.w_bits, cfg.group_size, cfg.symmetric, cfg.bgr)
+        err = relative_error(w, grids.dequantize_weight(params))
+        layer_info = LayerInfo(w_err=err, w_err_minmax=info["err_minmax"],
+                               extras={"bgr_iters": info["iters"], "err_init": info["err_init"]})
+    else:
+        params, layer_info = rtn_with_info(w, cfg)
+    layer_info.extras["rotation_block"] = block
+    module = QuantLinear.from_params(linear, params, a_bits=cfg.a_bits, a8_format=cfg.a8_format,
+                                     rotation_block=block, auto_scale=cfg.auto_scale,
+                                     scale_block=cfg.scale_block)
+    return module, layer_info
+
+
+register_method(QuantMethod(
+    name="dvdquant", config_cls=DVDQuantConfig, quantize_layer=dvdquant_layer, data_free=True,
+    description="BGR weights + ARQ rotated, auto-scaled per-token activations (+ δ-GBS)"))

@@ -1,0 +1,134 @@
+"""The public entry point: ``quantize_(model, config)`` swaps Linear layers for QuantLinear in place.
+
+    import dvdquant
+    report = dvdquant.quantize_(transformer, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4))
+    print(report)
+
+Layer selection comes from the model's adapter (or ``filter_fn``); the method from the
+registry, by config type. All quantized layers share one :class:`RuntimeState`, which the
+step hooks from :func:`step_hooks` drive during sampling (step index, δ-GBS bits).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import baselines  # noqa: F401  (registers the baseline methods)
+from .algorithms import GBSController, StepIndexHook, get_method
+from .errors import DVDQuantError
+from .models.adapters import select_linears
+from .nn.quant_linear import QuantLinear
+from .nn.state import STATE_ATTR, RuntimeState, get_state
+
+log = logging.getLogger(__name__)
+CONFIG_ATTR = "_dvdquant_config"
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    method: str
+    w_bits: int
+    a_bits: int
+    w_err_minmax: float
+    w_err: float
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantReport:
+    method: str
+    model_class: str
+    layers: list
+    seconds: float
+    calibration_passes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def mean_w_err(self) -> float:
+        return sum(l.w_err for l in self.layers) / max(len(self.layers), 1)
+
+    @property
+    def mean_w_err_minmax(self) -> float:
+        return sum(l.w_err_minmax for l in self.layers) / max(len(self.layers), 1)
+
+    def __str__(self) -> str:
+        head = (f"{self.method} on {self.model_class}: {len(self.layers)} layers in {self.seconds:.2f} s, "
+                f"calibration passes {self.calibration_passes}, mean weight rel. error "
+                f"{self.mean_w_err:.4f} (MinMax {self.mean_w_err_minmax:.4f})")
+        rows = [f"  {l.name:<52} {l.out_features:>6}x{l.in_features:<6} W{l.w_bits}A{l.a_bits} "
+                f"err {l.w_err:.4f} (minmax {l.w_err_minmax:.4f})" for l in self.layers]
+        return "\n".join([head] + rows)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+              calibration: Optional[Callable[[nn.Module], None]] = None, progress: bool = False) -> QuantReport:
+    """Quantize ``model``'s Linear layers in place with the method registered for ``config``.
+
+    ``calibration(model)`` runs forward passes; only baselines that need activation statistics
+    use it (SmoothQuant, ViDiT-Q-style). Returns a per-layer :class:`QuantReport`.
+    """
+    if not isinstance(model, nn.Module):
+        raise DVDQuantError(f"quantize_ expects a torch.nn.Module, got {type(model).__name__}")
+    if get_state(model) is not None:
+        raise DVDQuantError(f"{type(model).__name__} is already quantized by dvdquant")
+    method = get_method(config)
+    targets = select_linears(model, config.skip, config.quantize_modulation, filter_fn)
+    state = RuntimeState()
+    t0 = time.perf_counter()
+    stats = method.collect(model, targets, calibration, state, config) if method.collect else None
+    layers = []
+    with torch.no_grad():
+        for name, linear in tqdm(targets, desc=f"quantize {method.name}", disable=not progress, leave=False):
+            qmod, info = method.quantize_layer(name, linear, config, stats)
+            qmod.state, qmod.layer_name = state, name
+            _set_submodule(model, name, qmod)
+            layers.append(LayerReport(name, linear.in_features, linear.out_features, method.name,
+                                      config.w_bits, config.a_bits, info.w_err_minmax, info.w_err, info.extras))
+    state.reset()
+    setattr(model, STATE_ATTR, state)
+    setattr(model, CONFIG_ATTR, config)
+    report = QuantReport(method.name, type(model).__name__, layers, time.perf_counter() - t0,
+                         stats.passes if stats is not None else 0)
+    log.info("quantized %d layers of %s with %s in %.2f s", len(layers), report.model_class, method.name,
+             report.seconds)
+    return report
+
+
+def quantized_layers(model: nn.Module) -> list:
+    """[(name, QuantLinear)] of a quantized model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Select the execution path of every QuantLinear ("simulated", "emulated", "fp8", "auto")."""
+    for _, m in quantized_layers(model):
+        m.backend = backend
+
+
+def step_hooks(model: nn.Module, total_steps: Optional[int] = None) -> list:
+    """Pipeline hooks a quantized model needs while sampling: δ-GBS if configured, else step index."""
+    state = get_state(model)
+    if state is None:
+        return []
+    cfg = getattr(model, CONFIG_ATTR, None)
+    gbs = getattr(cfg, "gbs", None)
+    if gbs is not None:
+        return [GBSController(state, gbs, total_steps)]
+    return [StepIndexHook(state)]

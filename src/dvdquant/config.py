@@ -1,0 +1,138 @@
+"""Typed, frozen, validated configuration dataclasses, one per quantization method.
+
+A config says *what* to compute; the method registry (:mod:`dvdquant.algorithms.registry`)
+says *how*. Every config validates itself on creation and raises :class:`ConfigError` with a
+one-line message, so a bad value never reaches the numerics.
+
+Bit-width vocabulary: ``w_bits`` ∈ 2..8 (integer weight grid), ``a_bits`` ∈ {4, 6, 8, 16}
+(16 = activations left in floating point).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .errors import ConfigError
+
+ACT_BITS = (4, 6, 8, 16)
+AutoScale = Literal["per_channel", "per_block", "none"]
+HighBitFormat = Literal["int", "fp8_e4m3"]
+
+
+def _check_common(cfg) -> None:
+    if not isinstance(cfg.w_bits, int) or not 2 <= cfg.w_bits <= 8:
+        raise ConfigError(f"w_bits must be an integer in 2..8, got {cfg.w_bits!r}")
+    if cfg.a_bits not in ACT_BITS:
+        raise ConfigError(f"a_bits must be one of {ACT_BITS}, got {cfg.a_bits!r}")
+    if cfg.group_size is not None and (not isinstance(cfg.group_size, int) or cfg.group_size < 2):
+        raise ConfigError(f"group_size must be None (per channel) or an integer ≥ 2, got {cfg.group_size!r}")
+    if cfg.a8_format not in ("int", "fp8_e4m3"):
+        raise ConfigError(f"a8_format must be 'int' or 'fp8_e4m3', got {cfg.a8_format!r}")
+    if not isinstance(cfg.skip, tuple):
+        raise ConfigError("skip must be a tuple of module-name substrings or regexes")
+
+
+@dataclass(frozen=True)
+class _Common:
+    w_bits: int = 4
+    a_bits: int = 4
+    group_size: Optional[int] = None      # None: per output channel
+    symmetric: bool = False               # weight grid symmetric (z = 2^(b-1)) or asymmetric
+    a8_format: HighBitFormat = "int"      # 8-bit activations: int8 grid or FP8 e4m3 (Hopper path)
+    skip: tuple = ()                      # extra module names (substring or regex) left in high precision
+    quantize_modulation: bool = False     # also quantize AdaLN / modulation Linear layers
+
+    def __post_init__(self):
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class BGRConfig:
+    """Bounded-init Grid Refinement settings (weights only, data-free)."""
+
+    shrink_min: float = 0.3       # smallest bound-shrink factor tried in the bounded init
+    shrink_steps: int = 36        # number of shrink factors in [shrink_min, 1]
+    max_iters: int = 60           # grid-refinement iterations at most
+    tol: float = 1e-5             # stop when the relative error gain of an iteration falls below
+
+    def __post_init__(self):
+        if not 0.0 < self.shrink_min <= 1.0:
+            raise ConfigError(f"bgr.shrink_min must be in (0, 1], got {self.shrink_min}")
+        if self.shrink_steps < 1 or self.max_iters < 0 or self.tol < 0:
+            raise ConfigError("bgr.shrink_steps ≥ 1, max_iters ≥ 0 and tol ≥ 0 are required")
+
+
+@dataclass(frozen=True)
+class GBSConfig:
+    """δ-Guided Bit Switching: per-step activation bits from the output's relative L1 change."""
+
+    delta: float = 0.12           # accumulated relative-L1 threshold
+    low_bits: int = 4
+    high_bits: int = 8
+    warmup_steps: int = 2         # first steps forced to high bits
+    final_high_steps: int = 0     # last steps forced to high bits (needs total steps)
+
+    def __post_init__(self):
+        if self.delta < 0:
+            raise ConfigError(f"gbs.delta must be ≥ 0, got {self.delta}")
+        if self.low_bits not in ACT_BITS or self.high_bits not in ACT_BITS or self.low_bits > self.high_bits:
+            raise ConfigError(f"gbs bits must be in {ACT_BITS} with low ≤ high, got {self.low_bits}/{self.high_bits}")
+        if self.warmup_steps < 0 or self.final_high_steps < 0:
+            raise ConfigError("gbs.warmup_steps and final_high_steps must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class DVDQuantConfig(_Common):
+    """DVD-Quant: BGR weights + ARQ activations (+ optional δ-GBS). Each part can be switched off."""
+
+    bgr: Optional[BGRConfig] = field(default_factory=BGRConfig)   # None: MinMax weights (ablation)
+    rotation: bool = True                  # ARQ Hadamard rotation
+    rotation_block: Optional[int] = None   # None: full-size Hadamard; else block-diagonal blocks
+    auto_scale: AutoScale = "per_channel"  # ARQ run-time channel scaling Λ_t
+    scale_block: int = 128                 # channels per Λ block for auto_scale="per_block"
+    gbs: Optional[GBSConfig] = None        # None: fixed a_bits every step
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.auto_scale not in ("per_channel", "per_block", "none"):
+            raise ConfigError(f"auto_scale must be 'per_channel', 'per_block' or 'none', got {self.auto_scale!r}")
+        if self.rotation_block is not None and self.rotation_block < 1:
+            raise ConfigError(f"rotation_block must be None or ≥ 1, got {self.rotation_block}")
+        if self.scale_block < 1:
+            raise ConfigError(f"scale_block must be ≥ 1, got {self.scale_block}")
+
+
+@dataclass(frozen=True)
+class MinMaxConfig(_Common):
+    """MinMax / RTN: min-max weight grid, dynamic per-token activations."""
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(_Common):
+    """SmoothQuant: static per-channel smoothing from calibration statistics, then RTN."""
+
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class QuaRotConfig(_Common):
+    """QuaRot: Hadamard rotation of weights and activations, RTN weights, per-token activations."""
+
+    rotation_block: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ViDiTQConfig(_Common):
+    """ViDiT-Q style: dynamic per-token activations + timestep-aware channel balancing."""
+
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")

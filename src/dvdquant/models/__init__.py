@@ -1,0 +1,4 @@
+"""Model adapters (which layers to quantize) and the embedded default model."""
+from .adapters import ADAPTERS, ModelAdapter, adapter_for, select_linears
+
+__all__ = ["ADAPTERS", "ModelAdapter", "adapter_for", "select_linears"]

@@ -1,0 +1,81 @@
+"""Model adapters as data: which Linear layers of each diffusers video transformer to quantize.
+
+An adapter lists regexes (``re.search`` on the module's qualified name) for the layers that are
+quantized (attention projections and MLPs inside the transformer blocks) and for the AdaLN /
+modulation layers (kept in high precision unless ``quantize_modulation=True``). Everything
+else — patch, timestep and text embedders, the final projection and norm — stays in high
+precision. Algorithms never look at the model type; they only receive the selected layers.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+from ..errors import DVDQuantError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    class_name: str
+    quantize: tuple           # regexes of quantized Linear layers
+    modulation: tuple = ()    # regexes of AdaLN/modulation Linears (quantized only on request)
+    notes: str = ""
+
+
+ADAPTERS: dict[str, ModelAdapter] = {a.class_name: a for a in (
+    ModelAdapter("WanTransformer3DModel", (r"^blocks\.\d+\.(attn1|attn2|ffn)\.",),
+                 notes="Wan 2.1/2.2: self-attn, cross-attn (incl. image add_k/v), FFN per block"),
+    ModelAdapter("HunyuanVideoTransformer3DModel",
+                 (r"^(transformer_blocks|single_transformer_blocks)\.\d+\.",),
+                 modulation=(r"\.norm1(_context)?\.linear$", r"^single_transformer_blocks\.\d+\.norm\.linear$"),
+                 notes="dual-stream and single-stream blocks; token refiner (text side) kept high"),
+    ModelAdapter("CogVideoXTransformer3DModel", (r"^transformer_blocks\.\d+\.(attn1|ff)\.",),
+                 modulation=(r"^transformer_blocks\.\d+\.norm[12]\.linear$",)),
+    ModelAdapter("LTXVideoTransformer3DModel", (r"^transformer_blocks\.\d+\.(attn1|attn2|ff)\.",)),
+    ModelAdapter("MochiTransformer3DModel", (r"^transformer_blocks\.\d+\.(attn1|ff)\.",),
+                 modulation=(r"^transformer_blocks\.\d+\.norm1(_context)?\.linear(_1)?$",)),
+)}
+
+
+def adapter_for(model: nn.Module) -> Optional[ModelAdapter]:
+    return ADAPTERS.get(type(model).__name__)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def select_linears(model: nn.Module, skip: tuple = (), quantize_modulation: bool = False,
+                   filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> list:
+    """[(qualified name, nn.Linear)] to quantize, in module order.
+
+    With ``filter_fn`` the user decides among all Linear layers; otherwise the model's adapter
+    does, or — for an unknown model — every Linear layer is taken (logged as a warning).
+    ``skip`` (substrings or regexes) removes layers in every case.
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    kind = type(model).__name__
+    if not linears:
+        raise DVDQuantError(f"{kind} has no nn.Linear layers to quantize")
+    adapter = adapter_for(model)
+    if filter_fn is not None:
+        chosen = [(n, m) for n, m in linears if filter_fn(m, n)]
+        if not chosen:
+            raise DVDQuantError(f"filter_fn selected none of the {len(linears)} Linear layers of {kind}")
+    elif adapter is None:
+        log.warning("no adapter for %s: quantizing all %d Linear layers except those in `skip`", kind, len(linears))
+        chosen = linears
+    else:
+        pats = adapter.quantize + (adapter.modulation if quantize_modulation else ())
+        chosen = [(n, m) for n, m in linears
+                  if _matches(n, pats) and (quantize_modulation or not _matches(n, adapter.modulation))]
+    chosen = [(n, m) for n, m in chosen if not _matches(n, skip)]
+    if not chosen:
+        raise DVDQuantError(f"no Linear layer of {kind} is left to quantize after `skip`={skip!r}")
+    return chosen

@@ -1,0 +1,175 @@
+"""QuantLinear: a Linear layer with integer-grid weights and dynamically quantized activations.
+
+One module serves every method (DVD-Quant, its ablations and the baselines); they differ only
+in what they put into it:
+
+* ``qweight``: weight codes (N, K) on the unsigned grid of :mod:`dvdquant.numerics.grids`,
+  packed two per byte (N, K/2) when ``w_bits == 4``; ``w_scale``/``w_zero`` (N, G) fp32.
+  The weight has already absorbed the input transforms below (W·diag(smooth)·H).
+* ``smooth`` (T, K) fp32, optional: a static per-input-channel divisor (SmoothQuant, T = 1) or
+  one per calibrated denoising step (ViDiT-Q-style, T steps, row picked by the step index).
+* ``rotation_block``: online Hadamard rotation x·H of the activations (block-diagonal with
+  blocks of this order; equal to K for a full rotation). W was rotated offline the same way.
+* ``auto_scale``: ARQ's run-time channel scaling Λ_t from the current tokens' absmax:
+  ``per_channel`` (exact form), ``per_block`` (one scale per token and ``scale_block``
+  channels, the GEMM-friendly form) or ``none``.
+* ``act_balance`` (T, K) fp32, optional: a *calibrated* per-step channel balance used like Λ_t
+  (ViDiT-Q-style timestep-aware balancing; replaces ``auto_scale`` when present).
+* activations are then quantized per token to ``a_bits`` (the shared :class:`RuntimeState`
+  may override it per step: δ-GBS).
+
+``forward`` here is the *simulated* path: fp32 fake quantization that computes exactly what
+the integer pipeline computes (x̂ = s·x_q, Ŵ = Δ·(q − z), y = x̂ Ŵᵀ + b). Faster execution
+paths live in :mod:`dvdquant.kernels` and are checked against this one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import NonFiniteError
+from ..numerics import grids
+from ..numerics.hadamard import hadamard_matrix, rotate_last_dim
+from ..numerics.packing import pack_int4, unpack_int4
+from .state import RuntimeState
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, w_bits: int, group_size: Optional[int],
+                 a_bits: int, a8_format: str = "int", rotation_block: Optional[int] = None,
+                 auto_scale: str = "none", scale_block: int = 128, has_bias: bool = True,
+                 smooth_steps: int = 0, balance_steps: int = 0, bias_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.group_size = w_bits, group_size
+        self.a_bits, self.a8_format = a_bits, a8_format
+        self.rotation_block, self.auto_scale, self.scale_block = rotation_block, auto_scale, scale_block
+        self.packed = w_bits == 4 and in_features % 2 == 0
+        groups = 1 if group_size is None else in_features // group_size
+        kq = in_features // 2 if self.packed else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, kq, dtype=torch.uint8, device=device))
+        self.register_buffer("w_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("w_zero", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("smooth", torch.ones(smooth_steps, in_features, device=device) if smooth_steps else None)
+        # calibrated per-step channel balance (ViDiT-Q-style), applied around the quantizer only
+        self.register_buffer("act_balance",
+                             torch.ones(balance_steps, in_features, device=device) if balance_steps else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device),
+                                 requires_grad=False) if has_bias else None
+        self.state: Optional[RuntimeState] = None  # shared, set by quantize_ (not a submodule)
+        self.layer_name = ""
+        self.backend = "simulated"  # "simulated" | any backend name known to dvdquant.kernels
+        self._h_cache: dict = {}
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_params(cls, linear: nn.Linear, wq: grids.WeightQParams, *, a_bits: int, a8_format: str = "int",
+                    rotation_block: Optional[int] = None, auto_scale: str = "none", scale_block: int = 128,
+                    smooth: Optional[torch.Tensor] = None,
+                    act_balance: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Build from an ``nn.Linear`` (for its bias) and already computed weight parameters."""
+        dev = linear.weight.device
+        m = cls(linear.in_features, linear.out_features, w_bits=wq.bits, group_size=wq.group_size,
+                a_bits=a_bits, a8_format=a8_format, rotation_block=rotation_block, auto_scale=auto_scale,
+                scale_block=scale_block, has_bias=linear.bias is not None,
+                smooth_steps=0 if smooth is None else smooth.shape[0],
+                balance_steps=0 if act_balance is None else act_balance.shape[0], bias_dtype=linear.weight.dtype,
+                device=dev)
+        m.set_weight_params(wq)
+        if smooth is not None:
+            m.smooth.copy_(smooth.to(dev, torch.float32))
+        if act_balance is not None:
+            m.act_balance.copy_(act_balance.to(dev, torch.float32))
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.data)
+        return m
+
+    def set_weight_params(self, wq: grids.WeightQParams) -> None:
+        codes = wq.codes.to(self.qweight.device)
+        self.qweight.copy_(pack_int4(codes) if self.packed else codes)
+        self.w_scale.copy_(wq.scale)
+        self.w_zero.copy_(wq.zero)
+
+    def weight_params(self) -> grids.WeightQParams:
+        codes = unpack_int4(self.qweight) if self.packed else self.qweight
+        return grids.WeightQParams(codes, self.w_scale, self.w_zero, self.w_bits, self.group_size)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Ŵ (N, K) in the transformed (smoothed, rotated) input basis."""
+        return grids.dequantize_weight(self.weight_params(), dtype)
+
+    # ---------------------------------------------------------------- activation side
+    def current_a_bits(self) -> int:
+        if self.state is not None and self.state.a_bits is not None:
+            return self.state.a_bits
+        return self.a_bits
+
+    def _step(self) -> int:
+        return 0 if self.state is None or self.state.step_index is None else self.state.step_index
+
+    def transform_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """Static smoothing and online rotation of fp32 tokens (M, K)."""
+        if self.smooth is not None:
+            x2 = x2 / self.smooth[min(self._step(), self.smooth.shape[0] - 1)]
+        if self.rotation_block:
+            x2 = rotate_last_dim(x2, self.hadamard_block(x2.device))
+        return x2
+
+    def hadamard_block(self, device) -> torch.Tensor:
+        """The (b, b) fp32 Hadamard block of the online rotation, cached per device."""
+        key = str(device)
+        if key not in self._h_cache:
+            self._h_cache[key] = hadamard_matrix(self.rotation_block, torch.float32, device)
+        return self._h_cache[key]
+
+    def _fake_quant_tokens(self, x2: torch.Tensor, bits: int) -> torch.Tensor:
+        if bits == 8 and self.a8_format == "fp8_e4m3":
+            return grids.fake_quant_act_per_token_fp8_e4m3(x2)
+        return grids.fake_quant_act_per_token_int(x2, bits)
+
+    def quantize_input(self, x2: torch.Tensor, bits: int) -> torch.Tensor:
+        """ARQ auto-scaling + per-token fake quantization of transformed tokens (M, K), fp32 out."""
+        if bits >= 16:
+            return x2
+        amax = x2.abs().amax()
+        if not torch.isfinite(amax):
+            raise NonFiniteError(f"layer {self.layer_name or '?'}: input activations hold NaN/Inf")
+        if self.act_balance is not None:                              # calibrated Λ for this step
+            lam = self.act_balance[min(self._step(), self.act_balance.shape[0] - 1)].unsqueeze(0)
+            return self._fake_quant_tokens(x2 / lam, bits) * lam
+        if self.auto_scale == "per_channel":
+            lam = x2.abs().amax(dim=0, keepdim=True)                   # Λ_t: (1, K)
+            lam = torch.where(lam > 0, lam, torch.ones_like(lam))
+            return self._fake_quant_tokens(x2 / lam, bits) * lam
+        if self.auto_scale == "per_block":
+            m, k = x2.shape
+            b = self.scale_block if k % self.scale_block == 0 else k
+            xb = x2.reshape(m * (k // b), b)                          # one scale per (token, block)
+            return self._fake_quant_tokens(xb, bits).reshape(m, k)
+        return self._fake_quant_tokens(x2, bits)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend != "simulated":
+            from ..kernels import quant_linear_forward  # nn → kernels, one way
+            return quant_linear_forward(self, x)
+        return self.forward_simulated(x)
+
+    def forward_simulated(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference: fp32 fake quantization of exactly the integer pipeline."""
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()                  # (M, K)
+        bits = self.current_a_bits()
+        xq = self.quantize_input(self.transform_input(x2), bits)
+        y = xq @ self.dequantized_weight(torch.float32).t()           # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        rot = f"hadamard{self.rotation_block}" if self.rotation_block else "none"
+        return (f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}, group={self.group_size}, "
+                f"a_bits={self.a_bits}, rotation={rot}, auto_scale={self.auto_scale}, "
+                f"smooth={'none' if self.smooth is None else self.smooth.shape[0]}")

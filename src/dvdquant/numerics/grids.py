@@ -1,0 +1,156 @@
+"""Uniform integer grids: weight (per-channel / per-group, asymmetric or symmetric) and
+activation (per-token, symmetric) quantize / dequantize.
+
+Conventions shared by every execution path (simulated, emulated, FP8 kernels), so that fast
+paths can be checked bit-exactly against these functions:
+
+* Weights, b bits: unsigned codes ``q`` in ``[0, 2^b - 1]`` (uint8), an integer-valued zero
+  point ``z`` in the same range and an fp32 step ``Δ`` per row or per (row, group)::
+
+      Ŵ[n, k] = Δ[n, g(k)] · (q[n, k] − z[n, g(k)]),   g(k) = k // group_size
+
+  Symmetric grids are the special case ``z = 2^(b-1)`` (so ``q − z ∈ [−2^(b-1), 2^(b-1) − 1]``).
+  For b = 4, ``q − z ∈ [−15, 15]``: every value is exact in FP8 e4m3.
+* Activations, b ∈ {4, 6, 8} bits, per token (row of the flattened ``(M, K)`` input)::
+
+      s = amax(|x|) / qmax,  qmax = 2^(b-1) − 1,   x_q = clamp(round_half_even(x / s), −qmax, qmax)
+
+  (``s = 1`` for an all-zero token). FP8 e4m3 activations use ``s = amax / 448`` and the cast
+  ``(x / s).to(float8_e4m3fn)`` (round to nearest even, no saturation needed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import ConfigError, NonFiniteError
+
+FP8_E4M3_MAX = 448.0
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` if ``t`` holds NaN or Inf."""
+    if not torch.isfinite(t).all():
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{what} holds {n_bad} NaN/Inf value(s); refusing to quantize it")
+
+
+def act_qmax(bits: int) -> int:
+    """Largest code of a symmetric ``bits``-bit activation grid (4 → 7, 8 → 127)."""
+    if bits not in (2, 3, 4, 5, 6, 7, 8):
+        raise ConfigError(f"activation bits must be in 2..8 for an integer grid, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+@dataclass
+class WeightQParams:
+    """A quantized weight: codes (N, K) uint8, scale and zero (N, G) fp32, G = K / group_size."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: Optional[int] = None  # None: one group per row (per output channel)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+
+def _group_view(w: torch.Tensor, group_size: Optional[int]) -> torch.Tensor:
+    """(N, K) → (N·G, gs) rows, one per quantization group."""
+    n, k = w.shape
+    gs = k if group_size is None else group_size
+    if k % gs != 0:
+        raise ConfigError(f"in_features {k} is not a multiple of group_size {gs}")
+    return w.reshape(n * (k // gs), gs)
+
+
+def weight_codes_from_params(w_rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                             bits: int) -> torch.Tensor:
+    """Round rows ``(R, gs)`` onto the grid given per-row ``scale``/``zero`` ``(R, 1)``: fp32 codes."""
+    qmax = 2 ** bits - 1
+    return torch.clamp(torch.round(w_rows / scale) + zero, 0, qmax)
+
+
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
+    """Per-row scale/zero (R, 1) from clipping bounds lo ≤ 0 ≤ hi."""
+    qmax = 2 ** bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        amax = torch.maximum(-lo, hi)
+        scale = amax / (half - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.full_like(scale, float(half))
+        return scale, zero
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zero
+
+
+def quantize_weight_with_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                               group_size: Optional[int] = None, symmetric: bool = False
+                               ) -> WeightQParams:
+    """Quantize ``w`` (N, K) with per-group clipping bounds ``lo``/``hi`` of shape (N·G, 1)."""
+    rows = _group_view(w.float(), group_size)
+    scale, zero = _params_from_range(lo, hi, bits, symmetric)
+    codes = weight_codes_from_params(rows, scale, zero, bits)
+    n, k = w.shape
+    g = rows.shape[0] // n
+    return WeightQParams(codes.reshape(n, k).to(torch.uint8), scale.reshape(n, g),
+                         zero.reshape(n, g), bits, group_size)
+
+
+def minmax_bounds(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row bounds (R, 1), widened to include 0 so that 0 is exactly on the grid."""
+    lo = rows.amin(dim=1, keepdim=True).clamp(max=0.0)
+    hi = rows.amax(dim=1, keepdim=True).clamp(min=0.0)
+    return lo, hi
+
+
+def quantize_weight_minmax(w: torch.Tensor, bits: int, group_size: Optional[int] = None,
+                           symmetric: bool = False) -> WeightQParams:
+    """Round-to-nearest on the min/max grid (the MinMax / RTN baseline)."""
+    if w.dim() != 2:
+        raise ConfigError(f"weight must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    if not 2 <= bits <= 8:
+        raise ConfigError(f"weight bits must be in 2..8, got {bits}")
+    check_finite(w, "weight")
+    lo, hi = minmax_bounds(_group_view(w.float(), group_size))
+    return quantize_weight_with_range(w, lo, hi, bits, group_size, symmetric)
+
+
+def dequantize_weight(p: WeightQParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Ŵ = Δ · (q − z), shape (N, K)."""
+    n, k = p.codes.shape
+    g = p.scale.shape[1]
+    q = p.codes.float().reshape(n, g, k // g)
+    w = p.scale.unsqueeze(-1) * (q - p.zero.unsqueeze(-1))
+    return w.reshape(n, k).to(dtype)
+
+
+def quantize_act_per_token_int(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token quantization of ``x`` (..., K): int8 codes (..., K), fp32 scale (..., 1)."""
+    qmax = act_qmax(bits)
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    codes = torch.clamp(torch.round(xf / scale), -qmax, qmax)
+    return codes.to(torch.int8), scale
+
+
+def fake_quant_act_per_token_int(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize per token on the symmetric int grid; fp32 out."""
+    codes, scale = quantize_act_per_token_int(x, bits)
+    return codes.float() * scale
+
+
+def fake_quant_act_per_token_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize per token to FP8 e4m3 with ``s = amax / 448``; fp32 out."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    return (xf / scale).to(torch.float8_e4m3fn).float() * scale
