@@ -5,15 +5,17 @@ Public API::
     import dvdquant
     report = dvdquant.quantize_(model, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4))
 """
+__version__ = "0.1.0"
+
 from .api import LayerReport, QuantReport, quantize_, quantized_layers, set_backend, step_hooks
 from .config import (BGRConfig, DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig,
                      ViDiTQConfig)
 from .errors import CheckpointError, ConfigError, DVDQuantError, NonFiniteError
 from .nn import QuantLinear, RuntimeState, get_state
+from .serialization import load, read_metadata, save
 
-__version__ = "0.1.0"
 
 __all__ = ["quantize_", "quantized_layers", "set_backend", "step_hooks", "LayerReport", "QuantReport",
            "BGRConfig", "DVDQuantConfig", "GBSConfig", "MinMaxConfig", "QuaRotConfig", "SmoothQuantConfig",
            "ViDiTQConfig", "CheckpointError", "ConfigError", "DVDQuantError", "NonFiniteError", "QuantLinear",
-           "RuntimeState", "get_state", "__version__"]
+           "RuntimeState", "get_state", "load", "read_metadata", "save", "__version__"]

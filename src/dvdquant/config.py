@@ -136,3 +136,30 @@ class ViDiTQConfig(_Common):
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+# ----------------------------------------------------------------------------- (de)serialization
+_CONFIG_CLASSES = {c.__name__: c for c in (DVDQuantConfig, MinMaxConfig, SmoothQuantConfig, QuaRotConfig,
+                                           ViDiTQConfig)}
+_NESTED = {"bgr": BGRConfig, "gbs": GBSConfig}
+
+
+def config_to_dict(cfg) -> dict:
+    """A JSON-able dict with the config's class name, for checkpoint metadata."""
+    from dataclasses import asdict
+    d = asdict(cfg)
+    d["skip"] = list(cfg.skip)
+    return {"type": type(cfg).__name__, "fields": d}
+
+
+def config_from_dict(d: dict):
+    """Inverse of :func:`config_to_dict`; raises ConfigError on an unknown type."""
+    cls = _CONFIG_CLASSES.get(d.get("type"))
+    if cls is None:
+        raise ConfigError(f"unknown config type {d.get('type')!r} (known: {', '.join(_CONFIG_CLASSES)})")
+    fields = dict(d["fields"])
+    for key, sub in _NESTED.items():
+        if fields.get(key) is not None:
+            fields[key] = sub(**fields[key])
+    fields["skip"] = tuple(fields.get("skip", ()))
+    return cls(**fields)

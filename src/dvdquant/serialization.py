@@ -1,0 +1,175 @@
+"""Quantized checkpoints: safetensors tensors + a versioned JSON header; atomic writes.
+
+One ``.safetensors`` file holds the whole quantized model's state dict — packed int4 codes
+(``*.qweight``, uint8, two codes per byte), fp32 scales and zero points, smoothing/balance
+tables, and the untouched high-precision layers — and, in the safetensors metadata under the
+key ``"dvdquant"``, a JSON document:
+
+``format_version``, ``library_version``, ``method``, ``config`` (type + fields),
+``model_class`` and ``model_config`` (the diffusers config, so the model can be rebuilt with
+no original weights), ``layers`` (per-layer settings) and ``tensors_sha256`` (over every
+tensor, in sorted name order). Loading checks all of it and raises :class:`CheckpointError`
+with one line for a truncated/corrupted file, an unknown version, or another model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .api import CONFIG_ATTR, _set_submodule, quantized_layers
+from .config import config_from_dict, config_to_dict
+from .errors import CheckpointError
+from .nn.quant_linear import QuantLinear
+from .nn.state import STATE_ATTR, RuntimeState, get_state
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+_LAYER_KEYS = ("in_features", "out_features", "w_bits", "group_size", "a_bits", "a8_format", "rotation_block",
+               "auto_scale", "scale_block")
+
+
+def tensors_sha256(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _layer_meta(m: QuantLinear) -> dict:
+    d = {k: getattr(m, k) for k in _LAYER_KEYS}
+    d.update(has_bias=m.bias is not None, smooth_steps=0 if m.smooth is None else m.smooth.shape[0],
+             balance_steps=0 if m.act_balance is None else m.act_balance.shape[0],
+             bias_dtype=str(m.bias.dtype).replace("torch.", "") if m.bias is not None else "float32")
+    return d
+
+
+def _model_config(model: nn.Module) -> Optional[dict]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    return json.loads(json.dumps(dict(cfg), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def save(model: nn.Module, path, extra: Optional[dict] = None) -> Path:
+    """Write a quantized model to ``path`` (.safetensors) atomically; returns the path."""
+    if get_state(model) is None:
+        raise CheckpointError(f"{type(model).__name__} is not quantized: run dvdquant.quantize_ first")
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {
+        "format_version": FORMAT_VERSION, "library_version": __version__,
+        "method": type(getattr(model, CONFIG_ATTR)).__name__, "config": config_to_dict(getattr(model, CONFIG_ATTR)),
+        "model_class": type(model).__name__, "model_module": type(model).__module__,
+        "model_config": _model_config(model),
+        "layers": {n: _layer_meta(m) for n, m in quantized_layers(model)},
+        "tensors_sha256": tensors_sha256(tensors), "extra": extra or {},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"dvdquant": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log.info("saved %d quantized layers to %s", len(meta["layers"]), path)
+    return path
+
+
+def read_metadata(path) -> dict:
+    """The checkpoint's JSON header (raises CheckpointError if it is not a dvdquant checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("dvdquant")
+    except Exception as e:  # safetensors raises its own error types for truncated headers
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not safetensors): {e}") from None
+    if raw is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a dvdquant checkpoint (no 'dvdquant' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')!r}; "
+                              f"this dvdquant ({__version__}) reads version {FORMAT_VERSION}")
+    return meta
+
+
+def _read_tensors(path: Path, meta: dict) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted: {e}") from None
+    if tensors_sha256(tensors) != meta["tensors_sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupted: tensor SHA-256 does not match its header")
+    return tensors
+
+
+def _build_model(meta: dict, device) -> nn.Module:
+    import importlib
+    if meta.get("model_config") is None:
+        raise CheckpointError("checkpoint has no model config: pass the model skeleton to load(path, model=...)")
+    module = importlib.import_module(meta["model_module"])
+    cls = getattr(module, meta["model_class"])
+    cfg = {k: v for k, v in meta["model_config"].items() if not k.startswith("_")}
+    with torch.device(device):
+        return cls.from_config(cfg) if hasattr(cls, "from_config") else cls(**cfg)
+
+
+def _check_same_model(model: nn.Module, meta: dict, path) -> None:
+    if type(model).__name__ != meta["model_class"]:
+        raise CheckpointError(f"checkpoint {path} is for {meta['model_class']}, not {type(model).__name__}")
+    mine, theirs = _model_config(model), meta.get("model_config")
+    if mine is not None and theirs is not None:
+        diff = sorted(k for k in set(mine) | set(theirs) if not k.startswith("_") and mine.get(k) != theirs.get(k))
+        if diff:
+            raise CheckpointError(f"checkpoint {path} is for a {meta['model_class']} with another config "
+                                  f"(differs in: {', '.join(diff[:5])})")
+
+
+def load(path, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
+    """Load a quantized checkpoint; builds the diffusers model from the header if ``model`` is None."""
+    path = Path(path)
+    meta = read_metadata(path)
+    tensors = _read_tensors(path, meta)
+    if model is None:
+        model = _build_model(meta, device)
+    _check_same_model(model, meta, path)
+    state = RuntimeState()
+    for name, lm in meta["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"checkpoint {path} names layer {name}, which this model lacks") from None
+        q = QuantLinear(lm["in_features"], lm["out_features"], w_bits=lm["w_bits"], group_size=lm["group_size"],
+                        a_bits=lm["a_bits"], a8_format=lm["a8_format"], rotation_block=lm["rotation_block"],
+                        auto_scale=lm["auto_scale"], scale_block=lm["scale_block"], has_bias=lm["has_bias"],
+                        smooth_steps=lm["smooth_steps"], balance_steps=lm["balance_steps"],
+                        bias_dtype=getattr(torch, lm["bias_dtype"]), device=device)
+        q.state, q.layer_name = state, name
+        _set_submodule(model, name, q)
+        del old
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    model.to(device)
+    setattr(model, STATE_ATTR, state)
+    setattr(model, CONFIG_ATTR, config_from_dict(meta["config"]))
+    return model

@@ -1,0 +1,125 @@
+"""Numerics: grids, int4 packing, Hadamard matrices, metrics."""
+import math
+
+import pytest
+import torch
+
+from dvdquant.errors import ConfigError, NonFiniteError
+from dvdquant.numerics import grids, hadamard, metrics, packing
+
+HIDDEN_SIZES = [3072, 5120, 1536, 1920, 2048, 13824, 8960, 12288, 15360, 21504, 4096, 128, 256, 384]
+
+
+def test_pack_unpack_roundtrip_exact():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (37, 64), generator=g, dtype=torch.uint8)
+    packed = packing.pack_int4(codes)
+    assert packed.shape == (37, 32) and packed.dtype == torch.uint8
+    assert torch.equal(packing.unpack_int4(packed), codes)
+    # layout: low nibble = even index
+    assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)
+
+
+def test_pack_edge_cases():
+    for c in (torch.zeros(4, 8, dtype=torch.uint8), torch.full((4, 8), 15, dtype=torch.uint8)):
+        assert torch.equal(packing.unpack_int4(packing.pack_int4(c)), c)
+    with pytest.raises(ConfigError):
+        packing.pack_int4(torch.zeros(2, 3, dtype=torch.uint8))
+    with pytest.raises(ConfigError):
+        packing.pack_int4(torch.full((2, 4), 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [None, 16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_weight_quantize_dequantize_consistent(bits, group, symmetric):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(bits))
+    p = grids.quantize_weight_minmax(w, bits, group, symmetric)
+    assert p.codes.dtype == torch.uint8 and int(p.codes.max()) <= 2 ** bits - 1
+    assert torch.all(p.zero == torch.round(p.zero))
+    wh = grids.dequantize_weight(p)
+    # every element lies within half a step of its original (no clipping in MinMax)
+    step = p.scale.repeat_interleave(64 // p.scale.shape[1], dim=1)
+    assert torch.all((wh - w).abs() <= step * 0.5 + 1e-6)
+    # quantizing the dequantized weight again with the same params is the identity
+    rows = grids._group_view(wh, group)
+    again = grids.weight_codes_from_params(rows, p.scale.reshape(-1, 1), p.zero.reshape(-1, 1), bits)
+    assert torch.equal(again.reshape(24, 64).to(torch.uint8), p.codes)
+
+
+def test_weight_edge_cases():
+    w = torch.zeros(3, 8)
+    w[1] = 0.5                                        # constant channel
+    w[2, 3] = 1e4                                     # huge outlier
+    p = grids.quantize_weight_minmax(w, 4)
+    wh = grids.dequantize_weight(p)
+    assert torch.equal(wh[0], torch.zeros(8))         # zeros stay exact
+    assert torch.allclose(wh[1], w[1])                # constant channel exact (0 on grid, c = 15 steps)
+    assert wh[2, 3] == pytest.approx(1e4, rel=1e-6)
+    bad = torch.randn(4, 8)
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        grids.quantize_weight_minmax(bad, 4)
+    with pytest.raises(ConfigError):
+        grids.quantize_weight_minmax(torch.randn(4, 10), 4, group_size=4)
+
+
+def test_int4_weight_codes_exact_in_fp8():
+    w = torch.randn(16, 32)
+    p = grids.quantize_weight_minmax(w, 4)
+    d = p.codes.float() - p.zero
+    assert d.abs().max() <= 15
+    assert torch.equal(d.to(torch.float8_e4m3fn).float(), d)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_act_per_token(bits):
+    x = torch.randn(10, 48) * torch.logspace(-2, 2, 10).unsqueeze(1)
+    x[3] = 0
+    codes, scale = grids.quantize_act_per_token_int(x, bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) == qmax
+    assert torch.equal(codes[3], torch.zeros(48, dtype=torch.int8))
+    fq = grids.fake_quant_act_per_token_int(x, bits)
+    assert torch.all((fq - x).abs() <= scale * 0.5 * (1 + 1e-6))
+    with pytest.raises(ConfigError):
+        grids.act_qmax(16)
+
+
+def test_fp8_act_fake_quant_exact_on_grid():
+    x = torch.randn(5, 32)
+    fq = grids.fake_quant_act_per_token_fp8_e4m3(x)
+    assert metrics.relative_error(x, fq) < 0.05
+    assert torch.equal(grids.fake_quant_act_per_token_fp8_e4m3(fq), fq) or metrics.relative_error(fq, grids.fake_quant_act_per_token_fp8_e4m3(fq)) < 1e-6
+
+
+@pytest.mark.parametrize("n", HIDDEN_SIZES)
+def test_hadamard_orthogonal(n):
+    assert hadamard.can_build_hadamard(n)
+    if n > 5120:  # the construction is a Kronecker product: check its factorisation instead of n³ work
+        base, pow2 = hadamard._decompose(n)
+        h = hadamard.hadamard_matrix(base, torch.float64)
+        assert torch.allclose(h @ h.T, torch.eye(base, dtype=torch.float64), atol=1e-10)
+        return
+    h = hadamard.hadamard_matrix(n, torch.float64)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(h.abs(), torch.full_like(h, n ** -0.5))
+
+
+def test_hadamard_unbuildable_and_blocks():
+    assert not hadamard.can_build_hadamard(52)
+    with pytest.raises(ConfigError):
+        hadamard.hadamard_matrix(52)
+    assert hadamard.largest_hadamard_block(52) == 4
+    x = torch.randn(3, 256, dtype=torch.float64)
+    hb = hadamard.hadamard_matrix(128, torch.float64)
+    y = hadamard.rotate_last_dim(x, hb)
+    assert torch.allclose(y, x @ hadamard.block_hadamard(256, 128, torch.float64))
+    assert torch.allclose(y.norm(dim=1), x.norm(dim=1))
+
+
+def test_metrics():
+    a = torch.randn(100)
+    assert metrics.sqnr_db(a, a) == math.inf
+    assert metrics.sqnr_db(a, a + 0.1 * a) == pytest.approx(20.0, abs=1e-6)
+    assert metrics.relative_error(a, 1.1 * a) == pytest.approx(0.1, abs=1e-6)

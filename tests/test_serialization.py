@@ -1,0 +1,102 @@
+"""Checkpoints: bit-exact round trip, and clear errors for every kind of bad file."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dvdquant
+from dvdquant import CheckpointError, DVDQuantConfig, GBSConfig, ViDiTQConfig
+from tiny_models import TINY_MODELS, run
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model, inputs = TINY_MODELS["wan"]()
+    model.eval()
+    cfg = DVDQuantConfig(gbs=GBSConfig(delta=0.08))
+    dvdquant.quantize_(model, cfg)
+    path = dvdquant.save(model, tmp_path / "wan_q.safetensors")
+    return model, inputs, path, cfg
+
+
+def test_roundtrip_bit_exact(saved, tmp_path):
+    model, inputs, path, cfg = saved
+    loaded = dvdquant.load(path)              # rebuilt from the header, no original weights
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert torch.equal(run(model, inputs), run(loaded, inputs))
+    assert loaded._dvdquant_config == cfg
+    assert len(dvdquant.step_hooks(loaded)) == 1
+    assert list(tmp_path.iterdir()) == [path]  # atomic write left no temporary file
+    q = loaded.get_submodule("blocks.0.attn1.to_q")
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape[1] == q.in_features // 2
+
+
+def test_metadata(saved):
+    _, _, path, _ = saved
+    meta = dvdquant.read_metadata(path)
+    assert meta["format_version"] == 1 and meta["model_class"] == "WanTransformer3DModel"
+    assert meta["config"]["type"] == "DVDQuantConfig"
+    assert meta["layers"]["blocks.0.ffn.net.2"]["w_bits"] == 4
+
+
+def test_viditq_tables_roundtrip(tmp_path):
+    model, inputs = TINY_MODELS["wan"]()
+    dvdquant.quantize_(model, ViDiTQConfig(), calibration=lambda m: run(m, inputs))
+    path = dvdquant.save(model, tmp_path / "v.safetensors")
+    assert torch.equal(run(model, inputs), run(dvdquant.load(path), inputs))
+
+
+def test_corrupted_tensor_rejected(saved):
+    _, _, path, _ = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["blocks.0.attn1.to_q.qweight"][0, 0] ^= 0x11
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        dvdquant.load(path)
+
+
+def test_truncated_rejected(saved):
+    _, _, path, _ = saved
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated|unreadable"):
+        dvdquant.load(path)
+
+
+def test_unknown_version_rejected(saved):
+    _, _, path, _ = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["dvdquant"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["format_version"] = 99
+    save_file(tensors, str(path), metadata={"dvdquant": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="format version 99"):
+        dvdquant.load(path)
+
+
+def test_other_model_rejected(saved):
+    _, _, path, _ = saved
+    other, _ = TINY_MODELS["wan"](layers=1)
+    with pytest.raises(CheckpointError, match="another config"):
+        dvdquant.load(path, model=other)
+    hy, _ = TINY_MODELS["hunyuan"]()
+    with pytest.raises(CheckpointError, match="is for WanTransformer3DModel"):
+        dvdquant.load(path, model=hy)
+
+
+def test_not_a_checkpoint(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match="not a dvdquant checkpoint"):
+        dvdquant.load(plain)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        dvdquant.load(tmp_path / "missing.safetensors")
+    model, _ = TINY_MODELS["wan"]()
+    with pytest.raises(CheckpointError, match="not quantized"):
+        dvdquant.save(model, tmp_path / "x.safetensors")
