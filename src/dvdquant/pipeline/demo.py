@@ -1,0 +1,87 @@
+"""``dvdquant demo``: the embedded model, FP vs DVD-Quant W4A4, side by side, with a report.
+
+Runs on a fresh CPU machine in well under two minutes: a few prompts, FP and quantized
+generations from the same seeds and initial noise, an MP4 + GIF side-by-side grid, a PNG frame
+grid and a short text/JSON report (fidelity, time to quantize, weight memory).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .. import api
+from ..config import DVDQuantConfig
+from ..eval.video_metrics import psnr, ssim
+from .generate import generate
+from .models_io import weight_bytes
+from .video_io import frame_grid_png, save_video
+
+DEMO_PROMPTS = (
+    "a red circle moving left on a striped background",
+    "a blue square moving up on a dark background",
+    "a yellow triangle growing on a checkered background",
+    "a green cross bouncing on a gradient background",
+)
+
+
+def side_by_side(a: torch.Tensor, b: torch.Tensor, gap: int = 2) -> torch.Tensor:
+    """(B, F, H, W, 3) pairs → one (1, F, 2H + gap, B·W + gaps, 3) mosaic: FP on top, quantized below."""
+    bsz, f, h, w, c = a.shape
+    out = torch.ones(1, f, 2 * h + gap, bsz * (w + gap) - gap, c)
+    for i in range(bsz):
+        x0 = i * (w + gap)
+        out[0, :, :h, x0:x0 + w] = a[i]
+        out[0, :, h + gap:, x0:x0 + w] = b[i]
+    return out
+
+
+def run_demo(out_dir="dvdquant_demo", steps: int = 20, seed: int = 0, config: DVDQuantConfig | None = None,
+             prompts=DEMO_PROMPTS, progress: bool = True) -> dict:
+    from ..models.embedded import load_embedded
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = config or DVDQuantConfig(w_bits=4, a_bits=4)
+    model = load_embedded()
+    fp = generate(model, list(prompts), seed=seed, steps=steps, progress=progress)
+
+    qmodel = copy.copy(model)
+    qmodel.transformer = copy.deepcopy(model.transformer)
+    report = api.quantize_(qmodel.transformer, config, progress=progress)
+    hooks = api.step_hooks(qmodel.transformer, total_steps=steps)
+    t0 = time.perf_counter()
+    q = generate(qmodel, list(prompts), seed=seed, steps=steps, hooks=hooks, progress=progress)
+    gen_s = time.perf_counter() - t0
+
+    mosaic = side_by_side(fp.videos, q.videos)
+    save_video(mosaic, out / "side_by_side.mp4")
+    save_video(mosaic, out / "side_by_side.gif")
+    frame_grid_png([fp.videos, q.videos], out / "frames.png")
+    result = {
+        "prompts": list(prompts), "steps": steps, "seed": seed, "method": "DVD-Quant W4A4 (BGR + ARQ), simulated",
+        "layers_quantized": len(report.layers), "quantize_seconds": round(report.seconds, 3),
+        "mean_weight_rel_error": round(report.mean_w_err, 5),
+        "mean_weight_rel_error_minmax": round(report.mean_w_err_minmax, 5),
+        "psnr_db": [round(float(v), 2) for v in psnr(fp.videos, q.videos)],
+        "ssim": [round(float(v), 4) for v in ssim(fp.videos, q.videos)],
+        "transformer_weight_mb_fp32": round(weight_bytes(model.transformer) / 2 ** 20, 2),
+        "transformer_weight_mb_quantized": round(weight_bytes(qmodel.transformer) / 2 ** 20, 2),
+        "quantized_generation_seconds": round(gen_s, 2),
+    }
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    (out / "report.txt").write_text(format_report(result))
+    return result
+
+
+def format_report(r: dict) -> str:
+    lines = [f"dvdquant demo — {r['method']}, {r['steps']} steps, seed {r['seed']}",
+             f"quantized {r['layers_quantized']} layers in {r['quantize_seconds']} s "
+             f"(weight rel. error {r['mean_weight_rel_error']} vs MinMax {r['mean_weight_rel_error_minmax']})",
+             f"transformer weights: {r['transformer_weight_mb_fp32']} MB fp32 → "
+             f"{r['transformer_weight_mb_quantized']} MB quantized (packed int4 + scales + FP embedders)"]
+    for p, a, s in zip(r["prompts"], r["psnr_db"], r["ssim"]):
+        lines.append(f"  PSNR {a:6.2f} dB  SSIM {s:.4f}  {p}")
+    return "\n".join(lines) + "\n"
