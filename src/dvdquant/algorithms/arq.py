@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
-from ..numerics.hadamard import can_build_hadamard, hadamard_matrix, largest_hadamard_block, rotate_last_dim
+from ..numerics.hadamard import can_build_hadamard, hadamard_rotate, largest_hadamard_block
 
 log = logging.getLogger(__name__)
 
@@ -39,5 +39,4 @@ def choose_rotation_block(in_features: int, requested: Optional[int]) -> Optiona
 
 def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
     """W (N, K) → W·blockdiag(H_block) in fp32 (rows rotated like the activations)."""
-    h = hadamard_matrix(block, torch.float64, w.device)
-    return rotate_last_dim(w.double(), h).float()
+    return hadamard_rotate(w.double(), block).float()

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..errors import NonFiniteError
 from ..numerics import grids
-from ..numerics.hadamard import hadamard_matrix, rotate_last_dim
+from ..numerics.hadamard import hadamard_matrix, hadamard_rotate
 from ..numerics.packing import pack_int4, unpack_int4
 from .state import RuntimeState
 
@@ -114,7 +114,7 @@ class QuantLinear(nn.Module):
         if self.smooth is not None:
             x2 = x2 / self.smooth[min(self._step(), self.smooth.shape[0] - 1)]
         if self.rotation_block:
-            x2 = rotate_last_dim(x2, self.hadamard_block(x2.device))
+            x2 = hadamard_rotate(x2, self.rotation_block)                # x·H, factorised (A ⊗ B)
         return x2
 
     def hadamard_block(self, device) -> torch.Tensor:

@@ -60,6 +60,19 @@ def _paley2(q: int) -> torch.Tensor:
     return torch.kron(s, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
 
 
+def _base_kind(m: int) -> Optional[str]:
+    """Which construction gives a base matrix of order m ("trivial", "paley1", "paley2"), if any."""
+    if m in (1, 2):
+        return "trivial"
+    if m % 4 != 0:
+        return None
+    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+        return "paley1"
+    if _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+        return "paley2"
+    return None
+
+
 def _base_matrix(m: int) -> Optional[torch.Tensor]:
     """An unnormalised ±1 Hadamard matrix of order m from Paley, or None."""
     if m == 1:
@@ -85,7 +98,7 @@ def _decompose(n: int) -> Optional[tuple[int, int]]:
         candidates.append((n // p2, p2))
         p2 *= 2
     for base, pow2 in sorted(candidates):
-        if _base_matrix(base) is not None:
+        if _base_kind(base) is not None:
             return base, pow2
     return None
 
@@ -116,11 +129,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> 
 
 def largest_hadamard_block(n: int, limit: Optional[int] = None) -> int:
     """Largest constructible order b dividing n (and ≤ limit, if given)."""
-    best = 1
-    for b in range(1, n + 1):
-        if n % b == 0 and (limit is None or b <= limit) and can_build_hadamard(b):
-            best = b
-    return best
+    divisors = [b for b in range(1, n + 1) if n % b == 0 and (limit is None or b <= limit)]
+    return max(b for b in divisors if can_build_hadamard(b))
 
 
 def block_hadamard(n: int, block: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -138,3 +148,27 @@ def rotate_last_dim(x: torch.Tensor, h_block: torch.Tensor) -> torch.Tensor:
         raise ConfigError(f"Hadamard block {b} does not divide the last dimension {n}")
     xs = x.reshape(*x.shape[:-1], n // b, b)
     return (xs @ h_block.to(dtype=x.dtype, device=x.device)).reshape(x.shape)
+
+
+@lru_cache(maxsize=64)
+def _factors_f64(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised Kronecker factors (A: base×base, B: p2×p2) with H_n = A ⊗ B."""
+    base, pow2 = _decompose(n) or (None, None)
+    if base is None:
+        raise ConfigError(f"no Hadamard construction for size {n} (need 2^a · m with a Paley order m)")
+    return hadamard_matrix(base, torch.float64), hadamard_matrix(pow2, torch.float64)
+
+
+def hadamard_rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (..., n) · blockdiag(H_block, …) without forming H: O(n·(base + 2^a)) work per row.
+
+    With H_block = A ⊗ B and each block segment v viewed as V (base, 2^a): v·H = vec(Aᵀ V B).
+    """
+    n = x.shape[-1]
+    if n % block != 0:
+        raise ConfigError(f"Hadamard block {block} does not divide the last dimension {n}")
+    a, b = _factors_f64(block)
+    a, b = a.to(dtype=x.dtype, device=x.device), b.to(dtype=x.dtype, device=x.device)
+    v = x.reshape(*x.shape[:-1], n // block, a.shape[0], b.shape[0])
+    y = torch.matmul(a.t(), torch.matmul(v, b))          # (..., n/block, base, p2)
+    return y.reshape(x.shape)
