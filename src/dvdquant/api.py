@@ -95,7 +95,11 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     stats = method.collect(model, targets, calibration, state, config) if method.collect else None
     layers = []
     with torch.no_grad():
-        for name, linear in tqdm(targets, desc=f"quantize {method.name}", disable=not progress, leave=False):
+        names = [n for n, _ in targets]
+        pending = dict(targets)
+        del targets                               # drop references: each FP weight is freed once replaced
+        for name in tqdm(names, desc=f"quantize {method.name}", disable=not progress, leave=False):
+            linear = pending.pop(name)
             qmod, info = method.quantize_layer(name, linear, config, stats)
             qmod.state, qmod.layer_name = state, name
             _set_submodule(model, name, qmod)
