@@ -1,0 +1,148 @@
+"""Per-layer speed of the FP8 path against bf16 at video-DiT GEMM shapes (GPU; never asserted).
+
+    PYTHONPATH=src python benchmarks/bench_linear.py --out bench_out [--m 8192 16384] [--quick]
+
+For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it times, with
+``triton.testing.do_bench`` medians on random data:
+
+* ``bf16``      — ``F.linear`` (cuBLAS), the baseline;
+* ``fp8_gemm``  — ``_scaled_mm`` row-wise alone on ready FP8 operands (the ceiling);
+* ``act_a4`` / ``act_a8`` / ``act_a4_blk`` — the fused activation kernel (Hadamard-128
+  rotation; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot`` without rotation;
+* ``expand``    — packed int4 → FP8 weight expansion into a reused buffer;
+* ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM;
+  ``a4_persist`` — the same with a persistent FP8 weight (no expansion);
+  ``a4_blk_<recipe>`` — per-block scales through blockwise ``_scaled_mm`` (each recipe that runs).
+
+Inputs are ≥ 48 MB for every M here (larger than the H100's 50 MB L2 only from M = 8k at
+K = 3072 on), so one input set is used; weights are re-read from HBM by every GEMM anyway.
+Writes ``bench_linear.json`` and ``bench_linear.md`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+SHAPES = [("hunyuan", 3072, 3072), ("hunyuan", 3072, 12288), ("hunyuan", 12288, 3072),
+          ("hunyuan", 3072, 21504), ("hunyuan", 15360, 3072),
+          ("wan14b", 5120, 5120), ("wan14b", 5120, 13824), ("wan14b", 13824, 5120)]
+
+
+def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None) -> dict:
+    from triton.testing import do_bench
+
+    from dvdquant.kernels.expand import expand_int4_to_fp8
+    from dvdquant.kernels.fp8 import BLOCKWISE_GEMMS, gemm_rowwise
+    from dvdquant.kernels.triton_act_quant import act_quant
+    from dvdquant.numerics.hadamard import hadamard_matrix
+
+    dev = "cuda"
+    t = lambda fn: do_bench(fn, warmup=max(5, rep // 5), rep=rep, return_mode="median")  # noqa: E731
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    packed = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
+    zero = torch.randint(0, 16, (n, 1), device=dev).float()
+    w_scale = torch.rand(n, 1, device=dev) * 0.01
+    h = hadamard_matrix(128, device=dev)
+    buf = torch.empty(n, k, device=dev, dtype=torch.float8_e4m3fn)
+
+    act4 = lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=cfg)          # noqa: E731
+    act8 = lambda: act_quant(x, bits=8, fmt="fp8", h_block=h, config=cfg)          # noqa: E731
+    act4b = lambda: act_quant(x, bits=4, h_block=h, block=128, scales_k_major=True, config=cfg)  # noqa: E731
+    expand = lambda: expand_int4_to_fp8(packed, zero, out=buf)                     # noqa: E731
+    q4, s4 = act4()
+    w8 = expand()
+    r = {"K": k, "N": n, "M": m}
+    r["bf16"] = t(lambda: F.linear(x, w, bias))
+    r["fp8_gemm"] = t(lambda: gemm_rowwise(q4, s4, w8, w_scale, bias, torch.bfloat16))
+    r["act_a4"], r["act_a8"], r["act_a4_blk"] = t(act4), t(act8), t(act4b)
+    r["act_a4_norot"] = t(lambda: act_quant(x, bits=4, config=cfg))
+    r["expand"] = t(expand)
+
+    def full(act, do_expand=True):
+        def run():
+            q, s = act()
+            ww = expand() if do_expand else w8
+            return gemm_rowwise(q, s, ww, w_scale, bias, torch.bfloat16)
+        return run
+    r["a4"], r["a8"], r["a4_persist"] = t(full(act4)), t(full(act8)), t(full(act4, False))
+    qb, sb = act4b()
+    for name, fn in BLOCKWISE_GEMMS.items():
+        try:
+            fn(qb, sb, w8, w_scale, bias, torch.bfloat16)
+            torch.cuda.synchronize()
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            r[f"blk_{name}_error"] = " ".join(str(e).split())[:400]
+            continue
+        r[f"gemm_blk_{name}"] = t(lambda: fn(qb, sb, w8, w_scale, bias, torch.bfloat16))
+        r[f"a4_blk_{name}"] = t(lambda: fn(*act4b(), expand(), w_scale, bias, torch.bfloat16))
+    flops = 2.0 * m * k * n
+    for key in [kk for kk in r if kk in ("bf16", "fp8_gemm", "a4", "a8", "a4_persist") or kk.startswith(("a4_blk", "gemm_blk"))]:
+        r[f"tflops_{key}"] = flops / r[key] / 1e9
+    for key in ("fp8_gemm", "a4", "a8", "a4_persist") + tuple(kk for kk in r if kk.startswith("a4_blk_") and "error" not in kk):
+        r[f"speedup_{key}"] = r["bf16"] / r[key]
+    del x, w, packed, buf, q4, w8, qb
+    torch.cuda.empty_cache()
+    return r
+
+
+def markdown(rows: list, device: str) -> str:
+    blk = sorted({k[len("speedup_a4_blk_"):] for r in rows for k in r if k.startswith("speedup_a4_blk_")})
+    head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "A4 ×", "A8 ×", "A4 persist ×"] + \
+        [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A8 ms", "act blk ms", "act norot ms", "expand ms",
+                                           "GEMM ms"]
+    out = [f"Device: {device}. Speedups are bf16 time / path time (>1 = faster), medians of do_bench.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], f"{r['K']}→{r['N']}", str(r["M"]), f"{r['bf16']:.3f}", f"{r['tflops_bf16']:.0f}",
+                 f"{r['speedup_fp8_gemm']:.2f}", f"{r['speedup_a4']:.2f}", f"{r['speedup_a8']:.2f}",
+                 f"{r['speedup_a4_persist']:.2f}"]
+        cells += [f"{r.get('speedup_a4_blk_' + b, float('nan')):.2f}" for b in blk]
+        cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a8", "act_a4_blk", "act_a4_norot", "expand", "fp8_gemm")]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--m", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    ap.add_argument("--rep", type=int, default=60, help="do_bench rep in ms")
+    ap.add_argument("--quick", action="store_true", help="two shapes, M = 16k only")
+    ap.add_argument("--act-config", default=None, help="JSON launch config for act_quant (see tune_act_quant.py)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = f"{torch.cuda.get_device_name()} (torch {torch.__version__}, cuda {torch.version.cuda})"
+    if args.act_config:
+        device += f"; act_quant config {args.act_config}"
+    shapes = SHAPES[:1] + SHAPES[5:6] if args.quick else SHAPES
+    ms = [16384] if args.quick else args.m
+    rows = []
+    t0 = time.time()
+    for model, k, n in shapes:
+        for m in ms:
+            r = bench_shape(k, n, m, args.rep, json.loads(args.act_config) if args.act_config else None)
+            r["model"] = model
+            rows.append(r)
+            print(f"{model} {k}->{n} M={m}: bf16 {r['bf16']:.3f} ms, fp8 gemm x{r['speedup_fp8_gemm']:.2f}, "
+                  f"A4 x{r['speedup_a4']:.2f}, A8 x{r['speedup_a8']:.2f}, act4 {r['act_a4']:.3f} ms, "
+                  f"expand {r['expand']:.3f} ms  [{time.time() - t0:.0f}s]", flush=True)
+            with open(os.path.join(args.out, "bench_linear.json"), "w") as f:
+                json.dump({"device": device, "rows": rows}, f, indent=1)
+    md = markdown(rows, device)
+    with open(os.path.join(args.out, "bench_linear.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

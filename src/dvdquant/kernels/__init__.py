@@ -1,0 +1,126 @@
+"""Execution backends for quantized linears: emulated (any device) and FP8 (Hopper/Ada).
+
+``QuantLinear.forward`` calls :func:`quant_linear_forward` whenever ``module.backend`` is not
+``"simulated"``. Backends:
+
+* ``"emulated"`` — the integer pipeline in plain torch (:mod:`.emulated`); bit-identical to
+  ``forward_simulated``; runs everywhere (CI).
+* ``"fp8"`` — fused Triton activation quantization (:mod:`.triton_act_quant`), int4 → FP8
+  weight expansion (:mod:`.expand`) and ``torch._scaled_mm`` (:mod:`.fp8`). Layers or steps
+  it cannot run exactly fall back to emulated, with one log line per layer and reason.
+* ``"auto"`` — ``"fp8"`` on an FP8-capable CUDA device (sm89+) with Triton, else emulated.
+
+The decision is :func:`plan_forward`, a pure function of the module's configuration, the
+device and the current activation bit-width, so it can be tested on a CPU. It is re-evaluated
+at every call: δ-GBS changes ``module.current_a_bits()`` between steps and the plan follows
+(A4 → int-grid codes, A8 → FP8 codes) with no recompilation (both kernel variants are
+compiled once) and no extra weight copy.
+
+This package duck-types the module (never imports ``dvdquant.nn`` or diffusers).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..errors import ConfigError
+from .emulated import emulated_forward
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("emulated", "fp8", "auto")
+_LOGGED: set = set()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one forward call runs: ``path`` is "emulated" or "fp8"; ``reason`` explains a fallback."""
+
+    path: str
+    reason: str = ""
+    fmt: str = "int"          # fp8 path: "int" (int-grid codes in e4m3) or "fp8" (e4m3 values)
+    per_block: bool = False   # fp8 path: per-(token, 128-channel) activation scales
+    note: str = ""            # fp8 path: a numerics difference worth one log line
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def device_capability(device) -> Optional[Tuple[int, int]]:
+    """CUDA compute capability of ``device``, or None for non-CUDA devices."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def plan_forward(module, device, bits: int, capability: Optional[Tuple[int, int]] = None) -> Plan:
+    """Decide the execution path of one call. ``capability`` overrides the device's (for tests)."""
+    backend = module.backend
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "emulated":
+        return Plan("emulated")
+    cap = capability if capability is not None else device_capability(device)
+    if cap is None or cap < (8, 9):
+        why = "" if backend == "auto" else "fp8 backend needs an FP8-capable CUDA device (sm89+)"
+        return Plan("emulated", why)
+    k, n = module.in_features, module.out_features
+    if bits >= 16:
+        return Plan("emulated", "16-bit activations: no quantization, fp32 emulated matmul")
+    if module.w_bits != 4 or not module.packed:
+        return Plan("emulated", f"fp8 path needs packed 4-bit weights (w_bits={module.w_bits})")
+    if module.group_size is not None and module.group_size != k:
+        return Plan("emulated", f"group-wise weights (group_size={module.group_size}) need per-group "
+                                "rescaling inside the GEMM")
+    if k % 16 or n % 16:
+        return Plan("emulated", f"dims {k}->{n} are not multiples of 16 (_scaled_mm)")
+    if getattr(module, "act_balance", None) is not None:
+        return Plan("emulated", "calibrated per-channel act_balance varies along K inside the dot product")
+    if module.auto_scale == "per_channel":
+        return Plan("emulated", "per_channel auto-scaling varies along K inside the dot product")
+    per_block = module.auto_scale == "per_block" and k % module.scale_block == 0
+    if per_block and (module.scale_block != 128 or cap < (9, 0)):
+        return Plan("emulated", f"per_block scaling needs scale_block=128 on sm90 "
+                                f"(got {module.scale_block}, sm{cap[0]}{cap[1]})")
+    if not _triton_available():
+        return Plan("emulated", "triton is not installed")
+    if bits <= 5:
+        return Plan("fp8", fmt="int", per_block=per_block)
+    note = "" if getattr(module, "a8_format", "int") == "fp8_e4m3" and bits == 8 else \
+        f"A{bits} int-grid codes are not exact in e4m3: using FP8 e4m3 activations (s = amax/448)"
+    return Plan("fp8", fmt="fp8", per_block=per_block, note=note)
+
+
+def _log_once(module, msg: str) -> None:
+    key = (getattr(module, "layer_name", "") or id(module), msg)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("layer %s: %s", key[0], msg)
+
+
+def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """Run a QuantLinear-like ``module`` on ``x`` (..., K) with its ``backend``."""
+    bits = module.current_a_bits()
+    plan = plan_forward(module, x.device, bits)
+    if plan.reason:
+        _log_once(module, f"falling back to emulated: {plan.reason}")
+    if plan.path == "emulated":
+        return emulated_forward(module, x)
+    if plan.note:
+        _log_once(module, plan.note)
+    from .fp8 import fp8_forward  # imports triton: only on the FP8 path
+
+    return fp8_forward(module, x, bits, plan.fmt, plan.per_block)
+
+
+__all__ = ["BACKENDS", "Plan", "plan_forward", "quant_linear_forward", "emulated_forward",
+           "device_capability"]

@@ -1,0 +1,96 @@
+"""int4 → FP8 weight expansion, just before the GEMM.
+
+Why: BGR stores each 4-bit weight as an unsigned code q ∈ [0, 15] with an integer zero point
+z per output channel, packed two per byte (``numerics/packing.py``: byte j of a row holds
+code 2j in its low nibble and code 2j+1 in its high nibble). Hopper has no int4 tensor cores,
+but every integer in [−15, 15] is exactly representable in FP8 e4m3, so
+
+    Ŵ = Δ ⊙ (q − z)   with   (q − z) stored as float8_e4m3fn, exactly,
+
+and Δ (N,) goes into ``_scaled_mm``'s per-column scale. No activation-sum correction term is
+needed (the zero point is folded into the FP8 integers).
+
+Memory vs speed: the packed weight is 0.5 byte/parameter; an FP8 copy is 1 byte/parameter.
+Expanding into a *reusable per-shape buffer* right before each GEMM keeps only one layer's
+FP8 weight alive per distinct (N, K) (a few tens of MB for a 14B model) at the cost of one
+memory-bound pass (read N·K/2 bytes, write N·K bytes: ~40 µs for 13824×5120 on an H100,
+against a ~1–4 ms GEMM at video M). Keeping a persistent FP8 copy per layer skips that pass
+but triples the weight memory (packed + FP8) — see docs/KERNELS.md for the measured trade-off.
+
+The buffer pool is keyed by (N, K, device) and relies on stream order: a buffer is rewritten
+by the next layer's expansion only after the previous GEMM that read it was enqueued on the
+same stream. Do not share one pool across concurrent streams.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import ConfigError
+
+
+@triton.jit
+def expand_int4_kernel(p_ptr, z_ptr, out_ptr, N, K, stride_pn, stride_on,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)): out[n, k] = nibble(k) of p[n, k // 2] − z[n]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    byte = tl.load(p_ptr + rows[:, None] * stride_pn + (cols[None, :] // 2), mask=mask, other=0)
+    q = (byte.to(tl.int32) >> ((cols[None, :] % 2) * 4)) & 0xF
+    z = tl.load(z_ptr + rows, mask=rows < N, other=0.0)
+    w = q.to(tl.float32) - z[:, None]                     # integer in [−15, 15]: exact in e4m3
+    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def expand_int4_to_fp8(packed: torch.Tensor, zero: torch.Tensor, out: torch.Tensor = None,
+                       block_n: int = 32, block_k: int = 256) -> torch.Tensor:
+    """Packed uint8 (N, K/2) and zero (N, 1) → float8_e4m3fn (N, K) holding q − z."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ConfigError(f"packed int4 weights must be 2-D uint8, got {packed.dtype} {tuple(packed.shape)}")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if zero.numel() != n:
+        raise ConfigError(f"expansion needs one zero point per row (N={n}), got {tuple(zero.shape)}")
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=packed.device)
+    elif out.shape != (n, k) or out.dtype != torch.float8_e4m3fn or out.stride(1) != 1:
+        raise ConfigError(f"output buffer must be contiguous fp8 ({n}, {k})")
+    packed = packed if packed.stride(1) == 1 else packed.contiguous()
+    z = zero.reshape(n).to(torch.float32).contiguous()
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    expand_int4_kernel[grid](packed, z, out, n, k, packed.stride(0), out.stride(0),
+                             BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def expand_reference(packed: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Torch reference: unpack, subtract the zero point, cast (exact)."""
+    from ..numerics.packing import unpack_int4
+
+    return (unpack_int4(packed).float() - zero.reshape(-1, 1).float()).to(torch.float8_e4m3fn)
+
+
+class ExpansionPool:
+    """One reusable FP8 buffer per (N, K, device): peak memory is one layer's FP8 weight per shape."""
+
+    def __init__(self) -> None:
+        self._buffers: Dict[Tuple[int, int, str], torch.Tensor] = {}
+
+    def expand(self, packed: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        key = (packed.shape[0], packed.shape[1] * 2, str(packed.device))
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = torch.empty(key[0], key[1], dtype=torch.float8_e4m3fn, device=packed.device)
+            self._buffers[key] = buf
+        return expand_int4_to_fp8(packed, zero, out=buf)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._buffers.values())

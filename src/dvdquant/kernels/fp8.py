@@ -1,0 +1,180 @@
+"""The Hopper (sm89/sm90) path: FP8 e4m3 tensor-core GEMM with int4-grid operands.
+
+Math
+----
+With activation codes c (M, K) and scales s, weight integers W_int = q − z (N, K) and steps
+Δ (N,), the quantized linear is ::
+
+    y[m, n] = Σ_g s[m, g] · Δ[n] · Σ_{k ∈ block g} c[m, k] · W_int[n, k]  + b[n]
+
+* per-token scales (G = 1): a plain row-wise-scaled FP8 GEMM, ``scale_a = s`` (M, 1),
+  ``scale_b = Δ`` (1, N). A4 codes (|c| ≤ 7) and W_int (|w| ≤ 15) are exact in e4m3 and
+  their products sum exactly in the tensor cores' fp32 accumulator (|sum| ≤ 105·K < 2^24 for
+  K ≤ 159k) with ``use_fast_accum=False``, so A4 is the integer GEMM, exactly, up to the
+  final scaling and the bf16 output rounding.
+* per-(token, 128-channel) scales (ARQ ``per_block``, G = K/128): ``_scaled_mm``'s blockwise
+  scaling. Two recipes, both tried at run time (whichever this torch/cuBLAS accepts wins):
+  ``"1x128"`` — scale_a (M, K/128) 1×128, scale_b (K/128, N) 1×128 holding Δ[n] in every
+  k-block (exact: Δ is constant along K); ``"128x128"`` — scale_b (K/128, N/128) of ones and
+  Δ applied after the GEMM in fp32 (one extra pass over the output).
+* A6 / A8 steps: integer codes above 16 are not all representable in e4m3, so high-bit steps
+  use FP8 e4m3 activations (``s = amax/448``), as the method's A8 "fp8_e4m3" format does. For
+  a layer configured with ``a8_format="int"`` this is a different (finer near zero, coarser
+  at the top) 8-bit grid than the simulated path: logged once per layer.
+
+``_scaled_mm`` layout rules (torch 2.11, H100; nanochat's fp8.py states the same)
+-------------------------------------------------------------------------------
+* ``mat1`` row-major (M, K), ``mat2`` column-major (K, N): pass the contiguous (N, K)
+  weight as ``w.t()``.
+* K and N multiples of 16; fp32 scales; row-wise: (M, 1) and (1, N), contiguous.
+* Blockwise 1×128 activation scales must be "outer-dim major": an (M, K/128) *view* of a
+  contiguous (K/128, M) buffer (the Triton kernel writes them that way directly).
+* ``bias`` must have the output dtype; out dtype bf16 (or fp16).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Optional
+
+import torch
+
+from ..errors import NonFiniteError
+from .expand import ExpansionPool, expand_int4_to_fp8
+from .triton_act_quant import act_quant, fusable_rotation
+
+log = logging.getLogger(__name__)
+
+_POOL = ExpansionPool()
+_PERSISTENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_BLOCKWISE_RECIPE: dict = {}           # device → recipe that worked ("1x128" / "128x128")
+
+
+def check_finite_enabled() -> bool:
+    """NaN/Inf detection syncs once per layer; ``DVDQUANT_SKIP_FINITE_CHECK=1`` turns it off."""
+    return os.environ.get("DVDQUANT_SKIP_FINITE_CHECK", "0") in ("", "0")
+
+
+# ---------------------------------------------------------------------------------- weights
+def fp8_weight(module) -> torch.Tensor:
+    """(q − z) as FP8 (N, K): a pooled buffer, or a persistent copy if the layer asks for one.
+
+    ``module.fp8_weight_cache == "persistent"`` keeps one FP8 copy per layer (faster, +1 byte
+    per parameter); anything else (default) expands into the shared per-shape pool.
+    """
+    if getattr(module, "fp8_weight_cache", "expand") == "persistent":
+        key = (module.qweight.data_ptr(), module.qweight._version, module.w_zero._version)
+        hit = _PERSISTENT.get(module)
+        if hit is None or hit[0] != key:
+            hit = (key, expand_int4_to_fp8(module.qweight, module.w_zero))
+            _PERSISTENT[module] = hit
+        return hit[1]
+    return _POOL.expand(module.qweight, module.w_zero)
+
+
+def release_weight_buffers() -> None:
+    """Free the expansion pool and every persistent FP8 copy."""
+    _POOL.clear()
+    _PERSISTENT.clear()
+
+
+# ---------------------------------------------------------------------------------- GEMMs
+def gemm_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """q (M, K) fp8, s (M, 1) fp32, w8 (N, K) fp8, w_scale (N, 1) fp32 → (M, N) out_dtype."""
+    n = w8.shape[0]
+    return torch._scaled_mm(q, w8.t(),                                  # (M, K) @ (K, N) col-major
+                            scale_a=s, scale_b=w_scale.reshape(1, n),  # (M, 1), (1, N)
+                            bias=bias, out_dtype=out_dtype, use_fast_accum=False)
+
+
+def _gemm_block_1x128(q, s_kmajor, w8, w_scale, bias, out_dtype):
+    k, n = q.shape[1], w8.shape[0]
+    sb = w_scale.reshape(1, n).expand(k // 128, n).contiguous()         # (K/128, N): Δ per k-block
+    y = torch._scaled_mm(q, w8.t(), scale_a=s_kmajor, scale_b=sb, out_dtype=out_dtype,
+                         use_fast_accum=False)
+    return y if bias is None else y + bias
+
+
+def _gemm_block_128x128(q, s_kmajor, w8, w_scale, bias, out_dtype, b_kmajor=True):
+    k, n = q.shape[1], w8.shape[0]
+    ones = torch.ones(n // 128, k // 128, device=q.device, dtype=torch.float32)
+    ones = ones.t() if b_kmajor else ones.t().contiguous()              # (K/128, N/128) of ones
+    y = torch._scaled_mm(q, w8.t(), scale_a=s_kmajor, scale_b=ones, out_dtype=torch.float32,
+                         use_fast_accum=False)
+    y = y * w_scale.reshape(1, n)                                        # Δ after the GEMM
+    return (y if bias is None else y + bias.float()).to(out_dtype)
+
+
+def _variant(fn, a_contiguous=False, **kw):
+    def run(q, s_kmajor, *args):
+        return fn(q, s_kmajor.contiguous() if a_contiguous else s_kmajor, *args, **kw)
+    return run
+
+
+# Recipes tried in this order; the layouts of the scale tensors that cuBLAS wants differ between
+# torch versions, so each layout is its own entry and the first that runs is remembered.
+BLOCKWISE_GEMMS = {
+    "1x128": _gemm_block_1x128,
+    "1x128-a_rowmajor": _variant(_gemm_block_1x128, a_contiguous=True),
+    "128x128": _gemm_block_128x128,
+    "128x128-b_rowmajor": _variant(_gemm_block_128x128, b_kmajor=False),
+    "128x128-ab_rowmajor": _variant(_gemm_block_128x128, a_contiguous=True, b_kmajor=False),
+}
+
+
+def gemm_blockwise(q, s_kmajor, w8, w_scale, bias, out_dtype, recipe: Optional[str] = None):
+    """Per-(token, 128-channel) scaled GEMM; picks the first recipe this torch accepts."""
+    dev = str(q.device)
+    order = [recipe] if recipe else ([_BLOCKWISE_RECIPE[dev]] if dev in _BLOCKWISE_RECIPE
+                                     else list(BLOCKWISE_GEMMS))
+    err: Optional[Exception] = None
+    for name in order:
+        try:
+            y = BLOCKWISE_GEMMS[name](q, s_kmajor, w8, w_scale, bias, out_dtype)
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # no such recipe here
+            log.info("blockwise _scaled_mm recipe %s unavailable on %s: %s", name, dev, str(e)[:200])
+            err = e
+            continue
+        _BLOCKWISE_RECIPE[dev] = name
+        return y
+    raise RuntimeError(f"no blockwise FP8 GEMM recipe works on {dev}") from err
+
+
+# ---------------------------------------------------------------------------------- forward
+def quantize_for_fp8(module, x2: torch.Tensor, bits: int, fmt: str, per_block: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transform + quantize tokens (M, K) with the fused kernel; rotations it can't fuse go first."""
+    smooth = getattr(module, "smooth", None)
+    if smooth is not None:
+        state = getattr(module, "state", None)
+        t = 0 if state is None or state.step_index is None else state.step_index
+        smooth = smooth[min(t, smooth.shape[0] - 1)]
+    r = module.rotation_block or None
+    block = module.scale_block if per_block else None
+    h = None
+    if r and not fusable_rotation(module.in_features, r, block):
+        x2 = module.transform_input(x2.float())   # large / odd rotation (and smooth): torch first
+        smooth = None
+    elif r:
+        h = module.hadamard_block(x2.device)
+    return act_quant(x2, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=block,
+                     scales_k_major=per_block)
+
+
+def fp8_forward(module, x: torch.Tensor, bits: int, fmt: str, per_block: bool) -> torch.Tensor:
+    """y = x̂ Ŵᵀ + b through ``_scaled_mm``; output in x's dtype (bf16 GEMM output for fp32 x)."""
+    shape = x.shape
+    x2 = x.reshape(-1, module.in_features)                                   # (M, K)
+    q, s = quantize_for_fp8(module, x2, bits, fmt, per_block)                # (M, K) fp8, (M, G)
+    if check_finite_enabled() and not bool(torch.isfinite(s).all()):
+        raise NonFiniteError(f"layer {module.layer_name or '?'}: input activations hold NaN/Inf")
+    w8 = fp8_weight(module)                                                  # (N, K) fp8
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    bias = None if module.bias is None else module.bias.to(out_dtype)
+    if per_block:
+        y = gemm_blockwise(q, s, w8, module.w_scale, bias, out_dtype)
+    else:
+        y = gemm_rowwise(q, s, w8, module.w_scale, bias, out_dtype)
+    return y.to(x.dtype).reshape(*shape[:-1], module.out_features)

@@ -1,0 +1,314 @@
+"""Fused activation quantization: (smooth) → Hadamard rotation → per-token amax → FP8 codes.
+
+Why one kernel
+--------------
+At video sizes (M = 16k–64k tokens) the FP8 GEMM of a DiT linear takes 0.3–4 ms. Spelled out
+in torch, the activation side (divide, rotate, amax, divide, round, clamp, cast) is 6–8
+passes over an (M, K) tensor and costs as much as the GEMM. This kernel reads the bf16/fp32
+tokens, does everything in registers, and writes 1-byte codes plus one fp32 scale per token
+(or per token and 128-channel block): about 3 bytes moved per element instead of ~30.
+
+What it computes (the contract of :mod:`dvdquant.numerics.grids`)
+-----------------------------------------------------------------
+For each token row ``x`` (K,)::
+
+    x  ← x / smooth                      (optional static divisor, fp32, correctly rounded)
+    x  ← x · blockdiag(H_R, …, H_R)      (optional Hadamard rotation, blocks of order R)
+    a  = max |x|     over the row, or over each ``BLOCK_K``-wide block (per_block scaling)
+    s  = a / qmax    if a > 0 else 1      (qmax = 2^(b−1)−1 for the int grid, 448 for FP8)
+    int grid: c = clamp(round_half_even(x / s), −qmax, qmax)   stored as float8_e4m3fn (exact
+              for b ≤ 5, since every integer |c| ≤ 16 is an e4m3 value)
+    FP8:      c = round_to_e4m3_nearest_even(x / s)             stored as float8_e4m3fn
+
+Exactness notes (checked against the torch reference below, on CPU in Triton's interpreter
+and on the H100):
+
+* ``/`` on fp32 in Triton compiles to an approximate division on NVIDIA GPUs; we use
+  ``tl.math.div_rn`` (IEEE round-to-nearest), which matches torch's ``/``.
+* Round-half-to-even (``torch.round``): ``libdevice.rint`` does not run in the interpreter,
+  so we use the classic exact trick ``(y + 1.5·2^23) − 1.5·2^23`` (valid for |y| < 2^22,
+  here |y| ≤ qmax), which rounds half to even under the default IEEE mode on both.
+* FP8 rounding: the interpreter of Triton 3.9 mis-rounds fp32 → e4m3 casts that carry into
+  the next binade (e.g. −31.19 → −16). We therefore round to the e4m3 grid ourselves with the
+  same trick at the value's own exponent (ulp = 2^(e−3), e ≥ −6 for subnormals) and cast an
+  already-representable value, which is exact everywhere.
+* NaN/Inf inputs make the row's scale +inf (NaN is mapped to +inf in the amax), so a caller
+  can detect them from the (M, G) scales without another pass over the data.
+
+Rotation inside the kernel
+--------------------------
+The rotation is a small ``tl.dot`` of a (BLOCK_M, BLOCK_K) tile against a (BLOCK_K, BLOCK_K)
+block-diagonal matrix of *unnormalised* ±1 Hadamard blocks (exact in bf16), followed by a
+multiply with 1/√R. Modes (``ROT_MODE``):
+
+* 1 — bf16 input, no smoothing: one bf16 tensor-core dot (products exact, fp32 accumulation);
+* 3 — fp32 values (fp32 input or after smoothing): the tile is split exactly into three bf16
+  parts hi + mid + lo (8 + 8 + 8 significand bits) and rotated with three bf16 dots, which
+  keeps fp32 accuracy on tensor cores (an IEEE fp32 dot would cost more than the GEMM);
+* 0 — IEEE fp32 dot; used under ``TRITON_INTERPRET=1`` only, where bf16 ``tl.dot`` is broken
+  in Triton 3.9's interpreter.
+
+The rotated values therefore differ from torch's fp32 ``x @ H`` in the last bits
+(accumulation order, and the 1/√R factor applied once after the sum instead of in every
+entry when R is not a power of 4). A value sitting within an ulp of a rounding boundary can
+then land one code away: the tests allow ≤ 1 code of difference on ≤ 0.1 % of elements when
+the rotation is fused, and require exact equality when it is not.
+
+Supported in-kernel: R a power of two, 16 ≤ R ≤ 128, R | BLOCK_K, K % BLOCK_K == 0 (R = 256
+ran out of shared memory on the H100 with the tuned launch config). Other rotations
+(R = 256, non-power-of-two orders such as 12·2^a, or a full rotation of order K) are
+done by the caller with a torch matmul first, then this kernel runs with rotation off.
+
+Two passes over K
+-----------------
+A per-token scale needs the amax of the whole row before any element can be quantized, and a
+row of 3072–15360 fp32 values does not fit in registers for the 16+ rows a ``tl.dot`` needs.
+So per-token mode makes two passes over the row's tiles: the first computes the amax (and the
+rotation), the second recomputes the rotation and quantizes; the re-read mostly hits L2.
+Per-block mode (scale per 128 channels) is a single pass: each tile is its own scale group.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FP8_MAX = 448.0
+_MAGIC = 12582912.0  # 1.5 · 2^23: (y + M) − M rounds half-to-even to an integer for |y| < 2^22
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------------- kernel
+@triton.jit
+def _round_e4m3(y):
+    """Round fp32 ``y`` to the nearest e4m3 value (ties to even); exact fp32 arithmetic."""
+    bits = y.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127                 # unbiased exponent of |y|
+    e = tl.maximum(e, -6)                           # e4m3 subnormals share the ulp 2^-9
+    magic = ((e + 20 + 127) << 23) | 0x400000       # 1.5 · 2^(e+20): its ulp is 2^(e−3)
+    c = magic.to(tl.float32, bitcast=True)
+    r = (y + c) - c
+    return tl.where(r == 0.0, y * 0.0, r)          # keep the sign of zero, as torch's cast does
+
+
+@triton.jit
+def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
+                      BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr,
+                      ROT_MODE: tl.constexpr, HOIST_H: tl.constexpr):
+    """One (BLOCK_M, BLOCK_K) tile of x / smooth · H in fp32."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if ROTATE and not HOIST_H:      # re-read H (L2-resident) so the pipeliner stages it in SMEM
+        hk = tl.arange(0, BLOCK_K)
+        h = tl.load(h_ptr + hk[:, None] * BLOCK_K + hk[None, :])
+    mask = mask_m[:, None] & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    if HAS_SMOOTH:
+        sm = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
+        x = tl.math.div_rn(x.to(tl.float32), sm[None, :])
+    if ROTATE:
+        if ROT_MODE == 1:                                     # bf16 in: exact products
+            xr = tl.dot(x.to(tl.bfloat16), h)
+        elif ROT_MODE == 3:                                   # fp32 = hi + mid + lo, exactly
+            xf = x.to(tl.float32)
+            hi = xf.to(tl.bfloat16)
+            r1 = xf - hi.to(tl.float32)
+            mid = r1.to(tl.bfloat16)
+            lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+            xr = tl.dot(hi, h)
+            xr = tl.dot(mid, h, xr)
+            xr = tl.dot(lo, h, xr)
+        else:                                                 # interpreter: IEEE fp32 dot
+            xr = tl.dot(x.to(tl.float32), h, input_precision="ieee")
+        return xr * inv_sqrt_r
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _abs_max(x):
+    """Row-wise max |x|, with NaN counted as +inf (so bad rows get an inf scale)."""
+    ax = tl.where(x == x, tl.abs(x), float("inf"))
+    return tl.max(ax, axis=1)
+
+
+@triton.jit
+def _quantize(x, s, qmax, FP8_FMT: tl.constexpr):
+    """Codes of x / s (s broadcast per row), on the int grid or the e4m3 grid."""
+    y = tl.math.div_rn(x, s[:, None])
+    if FP8_FMT:
+        return _round_e4m3(y)
+    r = (y + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(r, -qmax), qmax)
+
+
+@triton.jit
+def _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP: tl.constexpr):
+    """amax / qmax as torch computes it: CUDA torch divides by a Python scalar by multiplying
+    with the fp32 reciprocal; CPU torch divides (correctly rounded)."""
+    if SCALE_BY_RECIP:
+        s = amax * inv_qmax
+    else:
+        s = tl.math.div_rn(amax, tl.zeros_like(amax) + qmax)
+    return tl.where(amax > 0, s, 1.0)
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr,
+                     M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                     ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, PER_BLOCK: tl.constexpr,
+                     FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, HOIST_H: tl.constexpr):
+    """Grid: (cdiv(M, BLOCK_M),). Each program quantizes BLOCK_M whole rows."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < M
+    h = None
+    if ROTATE and HOIST_H:
+        hk = tl.arange(0, BLOCK_K)
+        h = tl.load(h_ptr + hk[:, None] * BLOCK_K + hk[None, :])
+    if PER_BLOCK:                       # one pass: every BLOCK_K tile is its own scale group
+        for k0 in range(0, K, BLOCK_K):
+            x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
+                                  BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
+            s = _scale_of(_abs_max(x), qmax, inv_qmax, SCALE_BY_RECIP)
+            c = _quantize(x, s, qmax, FP8_FMT)
+            cols = k0 + tl.arange(0, BLOCK_K)
+            tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], c.to(q_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & (cols[None, :] < K))
+            tl.store(s_ptr + rows * stride_sm + (k0 // BLOCK_K) * stride_sg, s, mask=mask_m)
+    else:                               # two passes: row amax, then quantize
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
+                                  BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
+            amax = tl.maximum(amax, _abs_max(x))
+        s = _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
+        for k0 in range(0, K, BLOCK_K):
+            x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
+                                  BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
+            c = _quantize(x, s, qmax, FP8_FMT)
+            cols = k0 + tl.arange(0, BLOCK_K)
+            tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], c.to(q_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & (cols[None, :] < K))
+        tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
+
+
+# ---------------------------------------------------------------------------------- launcher
+# Launch parameters (tuned on an H100, see docs/KERNELS.md).
+DEFAULT_CONFIG = {"block_m": 64, "num_warps": 8, "num_stages": 3, "hoist_h": True, "block_k": 256}
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def fusable_rotation(k: int, r: Optional[int], block: Optional[int]) -> bool:
+    """Whether a rotation of order ``r`` can run inside the kernel for this K / scale block."""
+    if not r:
+        return True
+    if not (_is_pow2(r) and 16 <= r <= 128):   # 256: the ±1 tile + pipeline stages overflow SMEM
+        return False
+    tile = block if block else max(r, 64)
+    return tile % r == 0 and k % tile == 0
+
+
+@lru_cache(maxsize=16)
+def _signed_tile(h_bytes: bytes, r: int, tile: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    h = torch.frombuffer(bytearray(h_bytes), dtype=torch.float32).reshape(r, r)
+    sign = torch.sign(h)
+    return torch.block_diag(*([sign] * (tile // r))).to(dtype=dtype, device=device).contiguous()
+
+
+def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """blockdiag(±1 pattern of ``h_block``) of order ``tile``, cached per device and dtype."""
+    r = h_block.shape[0]
+    hc = h_block.detach().float().cpu().contiguous()
+    if not torch.allclose(hc.abs() * r ** 0.5, torch.ones_like(hc), atol=1e-5):
+        raise ConfigError("the fused rotation needs a normalised ±1/√R Hadamard block")
+    return _signed_tile(hc.numpy().tobytes(), r, tile, dtype, str(device))
+
+
+def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[torch.Tensor] = None,
+              h_block: Optional[torch.Tensor] = None, block: Optional[int] = None,
+              scales_k_major: bool = False, config: Optional[dict] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize tokens ``x`` (M, K) bf16/fp16/fp32 to FP8 codes (M, K) and fp32 scales (M, G).
+
+    ``fmt``: ``"int"`` (symmetric ``bits``-bit grid, bits ≤ 5 so codes are exact in e4m3) or
+    ``"fp8"`` (e4m3 values, ``s = amax/448``). ``smooth`` (K,) divides x first; ``h_block``
+    (R, R) is a normalised Hadamard block applied block-diagonally (see :func:`fusable_rotation`).
+    ``block``: channels per scale (per_block scaling; G = K / block), None for per token (G = 1).
+    ``scales_k_major``: return the (M, G) scales as a transposed view of a contiguous (G, M)
+    buffer, the layout ``_scaled_mm``'s 1×128 blockwise scaling wants.
+    ``config``: launch parameters overriding :data:`DEFAULT_CONFIG` (block_m, num_warps,
+    num_stages, hoist_h, block_k for the unrotated case).
+    """
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    if x.dim() != 2:
+        raise ConfigError(f"act_quant expects 2-D tokens (M, K), got shape {tuple(x.shape)}")
+    if fmt not in ("int", "fp8"):
+        raise ConfigError(f"unknown activation format {fmt!r}")
+    if fmt == "int" and not 2 <= bits <= 5:
+        raise ConfigError(f"int-grid codes of {bits} bits are not all exact in FP8 e4m3 (need 2..5)")
+    m, k = x.shape
+    r = None if h_block is None else h_block.shape[0]
+    if not fusable_rotation(k, r, block):
+        raise ConfigError(f"rotation of order {r} cannot be fused for K={k}, block={block}: rotate first")
+    if block is not None and (not _is_pow2(block) or k % block):
+        raise ConfigError(f"scale block {block} must be a power of two dividing K={k}")
+    tile = block if block else (max(r, 64) if r else cfg["block_k"])
+    g = k // block if block else 1
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(g, m, dtype=torch.float32, device=x.device).t() if scales_k_major \
+        else torch.empty(m, g, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return codes, scales
+    rot_mode = 0 if interpreting() else (1 if x.dtype == torch.bfloat16 and smooth is None else 3)
+    h = None
+    if r:
+        h = _hadamard_tile(h_block, tile, torch.float32 if rot_mode == 0 else torch.bfloat16, x.device)
+    sm = None if smooth is None else smooth.to(device=x.device, dtype=torch.float32).contiguous()
+    qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
+    inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)   # fp32 1/qmax, as CUDA torch
+    grid = (triton.cdiv(m, cfg["block_m"]),)
+    act_quant_kernel[grid](
+        x, sm if sm is not None else x, h if h is not None else x, codes, scales,
+        m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1), qmax, inv_qmax,
+        (1.0 / r ** 0.5) if r else 1.0,
+        BLOCK_M=cfg["block_m"], BLOCK_K=tile, HAS_SMOOTH=sm is not None, ROTATE=h is not None,
+        ROT_MODE=rot_mode, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
+        SCALE_BY_RECIP=x.is_cuda, HOIST_H=cfg["hoist_h"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return codes, scales
+
+
+# ---------------------------------------------------------------------------------- reference
+def act_quant_reference(x: torch.Tensor, *, bits: int, fmt: str = "int",
+                        smooth: Optional[torch.Tensor] = None, h_block: Optional[torch.Tensor] = None,
+                        block: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of :func:`act_quant` (same contract as ``QuantLinear``'s simulated path)."""
+    from ..numerics.hadamard import rotate_last_dim
+    from .emulated import quantize_rows
+
+    xf = x.float()
+    if smooth is not None:
+        xf = xf / smooth.float()
+    if h_block is not None:
+        xf = rotate_last_dim(xf, h_block.float())
+    m, k = xf.shape
+    b = block or k
+    codes, scale = quantize_rows(xf.reshape(m * (k // b), b), bits, fmt)
+    return codes.float().to(torch.float8_e4m3fn).reshape(m, k), scale.reshape(m, k // b)

@@ -1,0 +1,177 @@
+"""EMULATED backend == simulated QuantLinear, bit for bit; and the dispatch decisions (CPU only).
+
+Equality is asserted with ``torch.equal`` (not a tolerance): the emulated path performs the
+same fp32 operations in the same order as ``forward_simulated`` — it only materialises the
+integer codes and scales in between — so any difference is a bug, not rounding.
+These tests never import triton (the interpreter tests in test_kernels_triton.py run in a
+subprocess, so import order does not matter either way).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dvdquant.errors import ConfigError, NonFiniteError
+from dvdquant.kernels import plan_forward, quant_linear_forward
+from dvdquant.kernels.emulated import emulated_forward, quantize_activations
+from dvdquant.nn import QuantLinear, RuntimeState
+from dvdquant.numerics import grids
+from dvdquant.numerics.hadamard import hadamard_matrix
+
+
+def make_layer(k=192, n=80, *, w_bits=4, group_size=None, a_bits=4, a8_format="int", rotation_block=None,
+               auto_scale="none", scale_block=64, smooth_steps=0, balance_steps=0, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    wq = grids.quantize_weight_minmax(lin.weight.detach(), w_bits, group_size)
+    smooth = torch.rand(smooth_steps, k, generator=g) + 0.5 if smooth_steps else None
+    balance = torch.rand(balance_steps, k, generator=g) + 0.5 if balance_steps else None
+    m = QuantLinear.from_params(lin, wq, a_bits=a_bits, a8_format=a8_format, rotation_block=rotation_block,
+                                auto_scale=auto_scale, scale_block=scale_block, smooth=smooth,
+                                act_balance=balance)
+    m.layer_name = "test.layer"
+    return m
+
+
+def tokens(shape=(2, 37, 192), dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * (torch.rand(shape[-1], generator=g) * 4 + 0.1)
+    x[..., 5] *= 30.0  # an outlier channel
+    return x.to(dtype)
+
+
+GRID = list(itertools.product(["none", "per_block", "per_channel"], [None, 16, 64, 192], [4, 6, 8],
+                              ["int", "fp8_e4m3"]))
+
+
+@pytest.mark.parametrize("auto_scale,rot,bits,a8", GRID)
+def test_emulated_equals_simulated(auto_scale, rot, bits, a8):
+    m = make_layer(rotation_block=rot, auto_scale=auto_scale, a_bits=bits, a8_format=a8)
+    x = tokens()
+    assert torch.equal(emulated_forward(m, x), m.forward_simulated(x))
+
+
+@pytest.mark.parametrize("case", [
+    dict(smooth_steps=1), dict(smooth_steps=3, rotation_block=64), dict(balance_steps=2),
+    dict(group_size=32), dict(group_size=64, w_bits=3), dict(w_bits=8), dict(bias=False),
+    dict(k=190, n=33, rotation_block=None), dict(a_bits=16), dict(auto_scale="per_block", scale_block=128),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_equals_simulated_variants(case, dtype):
+    k = case.pop("k", 192)
+    m = make_layer(k=k, **case)
+    m.state = RuntimeState(step_index=2)
+    x = tokens((3, 11, k), dtype)
+    assert torch.equal(emulated_forward(m, x), m.forward_simulated(x))
+
+
+def test_bit_switching_follows_state_without_weight_copies():
+    m = make_layer(rotation_block=64, auto_scale="per_block")
+    m.backend = "emulated"
+    m.state = RuntimeState()
+    x = tokens()
+    before = {n: b.data_ptr() for n, b in m.named_buffers()}
+    for bits in (4, 8, 4, 6):
+        m.state.a_bits = bits
+        assert torch.equal(m(x), m.forward_simulated(x))
+    assert before == {n: b.data_ptr() for n, b in m.named_buffers()}
+
+
+def test_codes_are_integers_on_the_grid():
+    m = make_layer(auto_scale="per_block")
+    qa = quantize_activations(m, m.transform_input(tokens().reshape(-1, 192)), 4)
+    assert qa.codes.dtype == torch.int8 and qa.scale.shape == (74, 3)
+    assert int(qa.codes.abs().max()) <= 7
+
+
+def test_nan_input_raises():
+    m = make_layer()
+    m.backend = "emulated"
+    x = tokens()
+    x[0, 3, 7] = float("nan")
+    with pytest.raises(NonFiniteError):
+        m(x)
+
+
+# ------------------------------------------------------------------------------ dispatch
+H100 = (9, 0)
+
+
+@pytest.mark.parametrize("kwargs,bits,reason", [
+    (dict(k=200, n=64), 4, "multiples of 16"),
+    (dict(k=192, n=72), 4, "multiples of 16"),
+    (dict(group_size=64), 4, "group-wise"),
+    (dict(auto_scale="per_channel"), 4, "per_channel"),
+    (dict(balance_steps=1), 4, "act_balance"),
+    (dict(auto_scale="per_block", scale_block=64), 4, "scale_block=128"),
+    (dict(w_bits=8), 4, "packed 4-bit"),
+    (dict(), 16, "16-bit"),
+])
+def test_plan_falls_back(kwargs, bits, reason):
+    k = kwargs.pop("k", 256)
+    m = make_layer(k=k, **kwargs)
+    m.backend = "fp8"
+    plan = plan_forward(m, "cuda", bits, capability=H100)
+    assert plan.path == "emulated" and reason in plan.reason
+
+
+def test_plan_fp8_choices():
+    m = make_layer(k=256, n=96, rotation_block=128, auto_scale="per_block", scale_block=128)
+    m.backend = "fp8"
+    assert plan_forward(m, "cuda", 4, capability=H100) == plan_forward(m, "cuda", 4, capability=H100)
+    p4, p8 = plan_forward(m, "cuda", 4, capability=H100), plan_forward(m, "cuda", 8, capability=H100)
+    assert (p4.path, p4.fmt, p4.per_block) == ("fp8", "int", True)
+    assert (p8.path, p8.fmt, p8.per_block) == ("fp8", "fp8", True) and "not exact" in p8.note
+    m.a8_format = "fp8_e4m3"
+    assert plan_forward(m, "cuda", 8, capability=H100).note == ""
+    # Ada has row-wise FP8 but no blockwise scaling
+    assert plan_forward(m, "cuda", 4, capability=(8, 9)).path == "emulated"
+    m.auto_scale = "none"
+    assert plan_forward(m, "cuda", 4, capability=(8, 9)).path == "fp8"
+    assert plan_forward(m, "cuda", 4, capability=(8, 0)).path == "emulated"
+
+
+def test_plan_per_block_that_falls_back_to_per_token():
+    """K not a multiple of scale_block: the simulated path uses one scale per token, so does fp8."""
+    m = make_layer(k=208, n=64, auto_scale="per_block", scale_block=128)
+    m.backend = "fp8"
+    p = plan_forward(m, "cuda", 4, capability=H100)
+    assert (p.path, p.per_block) == ("fp8", False)
+
+
+def test_plan_cpu_and_unknown_backend():
+    m = make_layer()
+    m.backend = "auto"
+    assert plan_forward(m, torch.device("cpu"), 4) == plan_forward(m, "cpu", 4)
+    assert plan_forward(m, "cpu", 4).path == "emulated" and plan_forward(m, "cpu", 4).reason == ""
+    m.backend = "fp8"
+    assert "sm89" in plan_forward(m, "cpu", 4).reason
+    m.backend = "int4-magic"
+    with pytest.raises(ConfigError):
+        plan_forward(m, "cpu", 4)
+
+
+def test_forward_fp8_on_cpu_falls_back_once(caplog):
+    m = make_layer()
+    m.backend = "fp8"
+    m.layer_name = "blocks.0.ff"
+    x = tokens()
+    with caplog.at_level(logging.INFO, logger="dvdquant.kernels"):
+        y1, y2 = m(x), m(x)
+    assert torch.equal(y1, m.forward_simulated(x)) and torch.equal(y2, y1)
+    lines = [r for r in caplog.records if "blocks.0.ff" in r.getMessage()]
+    assert len(lines) == 1 and "falling back" in lines[0].getMessage()
+
+
+def test_hadamard_used_by_fused_kernel_is_plus_minus_one():
+    for r in (16, 64, 128, 256):
+        h = hadamard_matrix(r)
+        assert torch.allclose(h.abs() * r ** 0.5, torch.ones_like(h), atol=1e-6)

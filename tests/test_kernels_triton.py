@@ -1,0 +1,210 @@
+"""Triton kernels (activation quantization, int4 → FP8 expansion) vs their torch references,
+on tiny shapes in Triton's CPU interpreter.
+
+Why a subprocess: ``TRITON_INTERPRET=1`` must be set before triton is first imported, and in
+one pytest process any earlier test (or plugin) may have imported triton already. So this
+module runs its checks in a fresh interpreter (``python tests/test_kernels_triton.py``, which
+sets the variable before importing anything) and the tests below assert on the JSON it
+prints. One subprocess for the whole module keeps the cost at one torch + triton import.
+
+Tolerances:
+* quantize only (no rotation), expansion, packing: **bit-exact** codes and scales;
+* rotation fused in the kernel: scales within 2e-6 relative, and codes at most one grid step
+  apart (adjacent integers / adjacent e4m3 values) on at most 0.1 % of the elements
+  (the fused ±1 dot sums in another order than torch's fp32 ``x @ H``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _step_distance(a, b):
+    """Distance in e4m3 grid steps between two float8_e4m3fn tensors (ordered bit patterns).
+    For int-grid codes the distance is the integer difference instead (between 0 and 1 there
+    are 56 e4m3 values)."""
+    import torch
+
+    def ordered(t):
+        u = t.view(torch.uint8).to(torch.int32)
+        mag = u & 0x7F
+        return torch.where(u >= 128, -mag, mag)
+    return (ordered(a) - ordered(b)).abs()
+
+
+def _tie_rows(k):
+    import torch
+    ties_int = torch.zeros(k)
+    ties_int[:6] = torch.tensor([7.0, 0.5, 1.5, 2.5, -0.5, -2.5])
+    ties_fp8 = torch.zeros(k)
+    ties_fp8[:10] = torch.tensor([448.0, 9.5, 17.0, -19.0, 0.0029296875, 240.0, -208.0, 1.0625, -1e-4, -0.0])
+    return ties_int, ties_fp8
+
+
+def _checks() -> dict:
+    import torch
+
+    from dvdquant.kernels.expand import ExpansionPool, expand_int4_to_fp8, expand_reference
+    from dvdquant.kernels.triton_act_quant import act_quant, act_quant_reference
+    from dvdquant.numerics.hadamard import hadamard_matrix
+    from dvdquant.numerics.packing import pack_int4
+
+    res = {}
+    g = torch.Generator().manual_seed(0)
+
+    def data(m, k, dtype):
+        x = torch.randn(m, k, generator=g) * (torch.rand(k, generator=g) * 5 + 0.1)
+        x[1] = 0.0
+        return x.to(dtype)
+
+    # 1. quantize only: exact
+    for dtype, (fmt, bits), block, smooth_on, k in [
+        (d, fb, b, s, k) for d in (torch.bfloat16, torch.float32)
+        for fb in (("int", 4), ("int", 2), ("int", 5), ("fp8", 8)) for b in (None, 128)
+        for s in (False, True) for k in (384, 80) if not (b and k % b)
+    ]:
+        x = data(37, k, dtype)
+        ti, tf = _tie_rows(k)
+        x[2] = (ti if fmt == "int" else tf).to(dtype)
+        smooth = torch.rand(k, generator=g) + 0.5 if smooth_on else None
+        c, s = act_quant(x, bits=bits, fmt=fmt, smooth=smooth, block=block, scales_k_major=block is not None)
+        cr, sr = act_quant_reference(x, bits=bits, fmt=fmt, smooth=smooth, block=block)
+        ok = torch.equal(c.view(torch.uint8), cr.view(torch.uint8)) and torch.equal(s.contiguous(), sr)
+        res[f"exact-{dtype}-{fmt}{bits}-block{block}-smooth{smooth_on}-K{k}"] = [ok, ""]
+
+    # 2. rotation fused: ≤ 1 step on ≤ 0.1 %
+    for dtype, (fmt, bits), r, block, smooth_on in [
+        (d, fb, r, b, s) for d in (torch.bfloat16, torch.float32) for fb in (("int", 4), ("fp8", 8))
+        for r in (16, 64, 128) for b in (None, 128) for s in (False, True) if not (b and r > b)
+    ]:
+        k = 512
+        x = data(37, k, dtype)
+        smooth = torch.rand(k, generator=g) + 0.5 if smooth_on else None
+        h = hadamard_matrix(r)
+        c, s = act_quant(x, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=block)
+        cr, sr = act_quant_reference(x, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=block)
+        dist = _step_distance(c, cr) if fmt == "fp8" else (c.float() - cr.float()).abs()
+        srel = float(((s - sr).abs() / sr).max())
+        frac = float((dist > 0).float().mean())
+        ok = int(dist.max()) <= 1 and frac <= 1e-3 and srel <= 2e-6
+        res[f"rotated-{dtype}-{fmt}{bits}-R{r}-block{block}-smooth{smooth_on}"] = [
+            ok, f"max_step={int(dist.max())} frac={frac:.2e} scale_rel={srel:.1e}"]
+
+    # 3. NaN / Inf rows get an inf scale; other rows unaffected
+    x = data(20, 256, torch.float32)
+    x[4, 9] = float("nan")
+    x[7, 3] = float("inf")
+    c, s = act_quant(x, bits=4)
+    cr, sr = act_quant_reference(x[[0, 1, 2]], bits=4)
+    res["nan-inf-scale"] = [bool(torch.isinf(s[4]).all() and torch.isinf(s[7]).all()
+                                 and torch.equal(s[:3], sr)), ""]
+
+    # 4. int4 → fp8 expansion: exact, ragged shapes, pooled buffer reused
+    pool = ExpansionPool()
+    for n, k in ((48, 96), (33, 300), (64, 512)):
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        z = torch.randint(0, 16, (n, 1), generator=g).float()
+        p = pack_int4(q)
+        out = expand_int4_to_fp8(p, z)
+        ok = torch.equal(out.view(torch.uint8), expand_reference(p, z).view(torch.uint8))
+        b1 = pool.expand(p, z).data_ptr()
+        b2 = pool.expand(p, z).data_ptr()
+        res[f"expand-{n}x{k}"] = [bool(ok and b1 == b2), ""]
+
+    res.update(_fp8_forward_checks())
+    return res
+
+
+def _fp8_forward_checks() -> dict:
+    """The whole fp8 forward (row-wise ``_scaled_mm`` runs on CPU in torch ≥ 2.6) vs emulated."""
+    import torch
+    import torch.nn as nn
+
+    from dvdquant.kernels import fp8 as fp8mod
+    from dvdquant.kernels.emulated import dequantized_weight, quantize_activations
+    from dvdquant.nn import QuantLinear, RuntimeState
+    from dvdquant.numerics import grids
+
+    res = {}
+    g = torch.Generator().manual_seed(3)
+    k, n = 256, 96
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+    wq = grids.quantize_weight_minmax(lin.weight.detach(), 4)
+    for rot, smooth in ((None, False), (64, False), (128, True), (512, False)):
+        kk = 512 if rot == 512 else k
+        if kk != k:
+            lin2 = nn.Linear(kk, n)
+            wq2 = grids.quantize_weight_minmax(torch.randn(n, kk, generator=g) * 0.05, 4)
+            m = QuantLinear.from_params(lin2, wq2, a_bits=4, rotation_block=rot)
+        else:
+            m = QuantLinear.from_params(lin, wq, a_bits=4, rotation_block=rot,
+                                        smooth=torch.rand(1, k, generator=g) + 0.5 if smooth else None)
+        m.state = RuntimeState()
+        x = (torch.randn(3, 19, kk, generator=g) * 2).to(torch.bfloat16)
+        for bits in (4, 8, 4):                                     # δ-GBS switching
+            m.state.a_bits = bits
+            fmt = "int" if bits == 4 else "fp8"
+            y = fp8mod.fp8_forward(m, x, bits, fmt, per_block=False).float()
+            x2 = m.transform_input(x.reshape(-1, kk).float())
+            ref = quantize_activations(m, x2, bits, fmt).dequantize() @ dequantized_weight(m).t() + m.bias.float()
+            rel = float((y.reshape(-1, n) - ref).norm() / ref.norm())
+            res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}"] = [rel < 1e-2, f"rel={rel:.2e}"]
+    m.fp8_weight_cache = "persistent"
+    w1 = fp8mod.fp8_weight(m)
+    res["persistent-cache-hit"] = [fp8mod.fp8_weight(m) is w1, ""]
+    return res
+
+
+def _run_in_subprocess() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = os.path.join(os.path.dirname(HERE), "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"interpreter checks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def results():
+    pytest.importorskip("triton")
+    return _run_in_subprocess()
+
+
+def test_quantize_only_is_bit_exact(results):
+    bad = {k: v for k, v in results.items() if k.startswith("exact-") and not v[0]}
+    assert len([k for k in results if k.startswith("exact-")]) >= 40 and not bad, bad
+
+
+def test_fused_rotation_within_one_step(results):
+    bad = {k: v for k, v in results.items() if k.startswith("rotated-") and not v[0]}
+    assert not bad, bad
+
+
+def test_nan_rows_get_inf_scales(results):
+    assert results["nan-inf-scale"][0]
+
+
+def test_expansion_is_exact(results):
+    bad = {k: v for k, v in results.items() if k.startswith("expand-") and not v[0]}
+    assert len([k for k in results if k.startswith("expand-")]) == 3 and not bad, bad
+
+
+def test_fp8_forward_matches_emulated_on_cpu(results):
+    bad = {k: v for k, v in results.items() if k.startswith(("fp8-forward", "persistent")) and not v[0]}
+    assert not bad, bad
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported below
+    print(json.dumps(_checks()))
