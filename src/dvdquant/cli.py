@@ -3,6 +3,7 @@
     dvdquant demo                                     # embedded model, FP vs W4A4, videos + report
     dvdquant quantize --model embedded --method dvdquant --w-bits 4 --a-bits 4 --out q/
     dvdquant generate --model q/quantized.safetensors --prompt "a red circle moving left on a dark background"
+    dvdquant eval --layers --update-docs              # methods × bits vs FP → docs/RESULTS.md, plots, JSON
 
 Errors caused by input (bad bits, unknown words, broken checkpoints) print one line and exit 2.
 """
@@ -84,6 +85,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.report import install_docs, load_results, render_markdown
+    if args.from_results:
+        results = load_results(args.from_results)
+    else:
+        from .eval.quality import evaluate
+        results = evaluate(args.model, methods=args.methods, bits=args.bits, prompts=args.prompts,
+                           steps=args.steps, seed=args.seed, device=args.device, out_dir=args.out,
+                           layers=args.layers, guidance=args.guidance, batch_size=args.batch_size,
+                           progress=not args.quiet)
+    print(render_markdown(results, img_prefix=""), end="")
+    if not args.from_results:
+        print(f"wrote {args.out}/results.json, quality.md and plots")
+    if args.update_docs:
+        written = install_docs(args.from_results or args.out)
+        print("updated " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def _tile(videos):
     import torch
     return torch.cat(list(videos), dim=2).unsqueeze(0)  # clips side by side along the width
@@ -125,7 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=cmd_generate)
 
-    for sp in (d, q, g):
+    e = sub.add_parser("eval", help="quality of methods × bit-widths vs FP on the embedded model: table, plots, JSON")
+    e.add_argument("--model", default="embedded", help="'embedded', 'random' (untrained, development) or a model folder")
+    e.add_argument("--methods", default="all", help="comma list of minmax, smoothquant, quarot, viditq, dvdquant, "
+                   "dvdquant-no-bgr, dvdquant-no-rotation, dvdquant-no-autoscale, dvdquant-no-gbs (default: all)")
+    e.add_argument("--bits", default="all", help="comma list of W8A8, W4A8, W4A6, W4A4 (default: all)")
+    e.add_argument("--prompts", type=int, default=120, help="number of fixed prompts; a multiple of 24 balances "
+                   "every factor (default: %(default)s)")
+    e.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="noise seed of clip i is seed + i (default: %(default)s)")
+    e.add_argument("--guidance", type=float, default=4.0)
+    e.add_argument("--batch-size", type=int, default=40,
+                   help="prompts per sampling batch, the same for every method (default: %(default)s)")
+    e.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
+    e.add_argument("--layers", action="store_true", help="also per-layer, per-step SQNR of every quantized Linear")
+    e.add_argument("--out", default="eval_out", help="output folder (default: %(default)s)")
+    e.add_argument("--update-docs", action="store_true",
+                   help="write the report into docs/RESULTS.md (quality section), docs/results.json, docs/img/")
+    e.add_argument("--from-results", metavar="DIR", help="no evaluation: report a finished run's DIR/results.json")
+    e.set_defaults(func=cmd_eval)
+
+    for sp in (d, q, g, e):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 ACT_BITS = (4, 6, 8, 16)
 AutoScale = Literal["per_channel", "per_block", "none"]
+Smoothing = Literal["none", "dynamic"]
 HighBitFormat = Literal["int", "fp8_e4m3"]
 
 
@@ -91,9 +92,21 @@ class DVDQuantConfig(_Common):
     auto_scale: AutoScale = "per_channel"  # ARQ run-time channel scaling Λ_t
     scale_block: int = 128                 # channels per Λ block for auto_scale="per_block"
     gbs: Optional[GBSConfig] = None        # None: fixed a_bits every step
+    # Dynamic smoothing *before* the rotation (not in the paper; see QuantLinear and docs/RESULTS.md):
+    # s_t = Λ_t^α / max|W_j|^(1−α) from the current tokens, x/s_t rotated and quantized, W·diag(s_t)·H
+    # re-quantized (RTN) every forward from a master copy of W kept at ``smooth_master_bits``.
+    smoothing: Smoothing = "none"
+    smooth_alpha: float = 0.5
+    smooth_master_bits: int = 8            # 8: int8 master of W/max|W_j| per row (2× int4 memory); 16: fp
 
     def __post_init__(self):
         super().__post_init__()
+        if self.smoothing not in ("none", "dynamic"):
+            raise ConfigError(f"smoothing must be 'none' or 'dynamic', got {self.smoothing!r}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.smooth_master_bits not in (8, 16):
+            raise ConfigError(f"smooth_master_bits must be 8 or 16, got {self.smooth_master_bits!r}")
         if self.auto_scale not in ("per_channel", "per_block", "none"):
             raise ConfigError(f"auto_scale must be 'per_channel', 'per_block' or 'none', got {self.auto_scale!r}")
         if self.rotation_block is not None and self.rotation_block < 1:

@@ -68,6 +68,10 @@ def save(model: nn.Module, path, extra: Optional[dict] = None) -> Path:
     """Write a quantized model to ``path`` (.safetensors) atomically; returns the path."""
     if get_state(model) is None:
         raise CheckpointError(f"{type(model).__name__} is not quantized: run dvdquant.quantize_ first")
+    dynamic = [n for n, m in quantized_layers(model) if getattr(m, "dyn_alpha", None) is not None]
+    if dynamic:
+        raise CheckpointError(f"saving DVD-Quant smoothing='dynamic' layers is not supported yet "
+                              f"({len(dynamic)} layers, e.g. {dynamic[0]}): their master weights are not in the format")
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {

@@ -2,6 +2,7 @@
 
 Each part can be switched off through :class:`~dvdquant.config.DVDQuantConfig` (``bgr=None``,
 ``rotation=False``, ``auto_scale="none"``, ``gbs=None``), which is how the ablations run.
+``smoothing="dynamic"`` adds run-time smoothing before the rotation (see QuantLinear).
 No calibration data: only the weights are looked at here.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ def dvdquant_layer(name: str, linear: nn.Linear, cfg: DVDQuantConfig, stats=None
     block = choose_rotation_block(linear.in_features, cfg.rotation_block) if cfg.rotation else None
     if block:
         w = rotate_weight(w, block)                      # W·H, (N, K)
-    if cfg.bgr is not None:
+    if cfg.bgr is not None and cfg.smoothing == "none":   # dynamic smoothing re-quantizes per step (RTN)
         params, info = bgr_quantize(w, cfg.w_bits, cfg.group_size, cfg.symmetric, cfg.bgr)
         err = relative_error(w, grids.dequantize_weight(params))
         layer_info = LayerInfo(w_err=err, w_err_minmax=info["err_minmax"],
@@ -35,6 +36,12 @@ def dvdquant_layer(name: str, linear: nn.Linear, cfg: DVDQuantConfig, stats=None
     module = QuantLinear.from_params(linear, params, a_bits=cfg.a_bits, a8_format=cfg.a8_format,
                                      rotation_block=block, auto_scale=cfg.auto_scale,
                                      scale_block=cfg.scale_block)
+    if cfg.smoothing == "dynamic":
+        # Weights are re-quantized every forward from this master (RTN, after x/s_t ↔ W·diag(s_t));
+        # qweight above (BGR/RTN of W·H, s = 1) stays for reports and the weight-error column.
+        module.set_dynamic_smoothing(linear_weight_fp32(linear, name), cfg.smooth_alpha, cfg.smooth_master_bits,
+                                     cfg.symmetric)
+        layer_info.extras["smoothing"] = f"dynamic(alpha={cfg.smooth_alpha}, master={cfg.smooth_master_bits}b)"
     return module, layer_info
 
 

@@ -15,6 +15,12 @@ in what they put into it:
   channels, the GEMM-friendly form) or ``none``.
 * ``act_balance`` (T, K) fp32, optional: a *calibrated* per-step channel balance used like Λ_t
   (ViDiT-Q-style timestep-aware balancing; replaces ``auto_scale`` when present).
+* ``dyn_alpha`` (optional, DVD-Quant ``smoothing="dynamic"``): run-time smoothing *before* the
+  rotation, s_t = Λ_t^α / max|W_j|^(1−α) with Λ_t the current tokens' per-channel absmax; the
+  activations become x/s_t and the weight W·diag(s_t)·H is re-quantized (RTN on the layer's grid)
+  every forward from a master copy ``w_master`` (int8 codes of W/max|W_j| with a per-row scale,
+  or float). Per layer
+  and step that is O(N·K·log K) work beside the GEMM's O(M·N·K); it costs master-weight memory.
 * activations are then quantized per token to ``a_bits`` (the shared :class:`RuntimeState`
   may override it per step: δ-GBS).
 
@@ -29,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..errors import NonFiniteError
+from ..errors import DVDQuantError, NonFiniteError
 from ..numerics import grids
 from ..numerics.hadamard import hadamard_matrix, hadamard_rotate
 from ..numerics.packing import pack_int4, unpack_int4
@@ -56,6 +62,12 @@ class QuantLinear(nn.Module):
         # calibrated per-step channel balance (ViDiT-Q-style), applied around the quantizer only
         self.register_buffer("act_balance",
                              torch.ones(balance_steps, in_features, device=device) if balance_steps else None)
+        # dynamic smoothing (off unless set_dynamic_smoothing is called)
+        self.dyn_alpha: Optional[float] = None
+        self.w_symmetric = False
+        self.register_buffer("w_master", None)        # (N, K) int8 codes of W/colmax, or float W
+        self.register_buffer("w_master_scale", None)  # (N, 1) fp32 row scale of the int8 codes
+        self.register_buffer("w_colmax", None)        # (K,) fp32 max|W_j| of the master weight
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device),
                                  requires_grad=False) if has_bias else None
         self.state: Optional[RuntimeState] = None  # shared, set by quantize_ (not a submodule)
@@ -91,6 +103,44 @@ class QuantLinear(nn.Module):
         self.qweight.copy_(pack_int4(codes) if self.packed else codes)
         self.w_scale.copy_(wq.scale)
         self.w_zero.copy_(wq.zero)
+
+    def set_dynamic_smoothing(self, w: torch.Tensor, alpha: float, master_bits: int = 8,
+                              symmetric: bool = False) -> None:
+        """Switch on run-time smoothing before the rotation; ``w`` (N, K) is the *unrotated* weight."""
+        w = w.detach().float()
+        self.w_colmax = w.abs().amax(dim=0)                           # (K,)
+        if master_bits == 8:
+            # int8 codes of W·diag(1/colmax) per row: columns are equalised first, so a small column
+            # (one that reads a large activation channel) keeps its relative precision
+            wn = w / self.w_colmax.clamp_min(1e-12)
+            scale = (wn.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+            self.w_master = torch.clamp(torch.round(wn / scale), -127, 127).to(torch.int8)
+            self.w_master_scale = scale                               # (N, 1)
+        elif master_bits == 16:
+            self.w_master, self.w_master_scale = w.clone(), None
+        else:
+            raise DVDQuantError(f"master_bits must be 8 or 16, got {master_bits!r}")
+        self.dyn_alpha, self.w_symmetric = float(alpha), bool(symmetric)
+
+    def master_weight(self) -> torch.Tensor:
+        """The dynamic-smoothing master weight (N, K) fp32, unrotated."""
+        if self.w_master_scale is not None:
+            return self.w_master.float() * self.w_master_scale * self.w_colmax.clamp_min(1e-12)
+        return self.w_master.float()
+
+    def dynamic_smoothing(self, x2: torch.Tensor) -> torch.Tensor:
+        """s_t (K,) = Λ_t^α / max|W_j|^(1−α) from the current tokens (M, K); 1 where a channel is all zero."""
+        lam = x2.abs().amax(dim=0)
+        s = lam.clamp_min(1e-12).pow(self.dyn_alpha) / self.w_colmax.clamp_min(1e-12).pow(1.0 - self.dyn_alpha)
+        return torch.where(lam > 0, s, torch.ones_like(s))
+
+    def smoothed_weight(self, s: torch.Tensor) -> torch.Tensor:
+        """Ŵ_t (N, K) = Q_RTN(W·diag(s)·H): the per-step weight of dynamic smoothing, dequantized fp32."""
+        w = self.master_weight() * s
+        if self.rotation_block:
+            w = hadamard_rotate(w, self.rotation_block)
+        p = grids.quantize_weight_minmax(w, self.w_bits, self.group_size, self.w_symmetric)
+        return grids.dequantize_weight(p, torch.float32)
 
     def weight_params(self) -> grids.WeightQParams:
         codes = unpack_int4(self.qweight) if self.packed else self.qweight
@@ -153,6 +203,9 @@ class QuantLinear(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend != "simulated":
+            if self.dyn_alpha is not None:
+                raise DVDQuantError(f"layer {self.layer_name or '?'}: dynamic smoothing runs only on the "
+                                    f"'simulated' backend (asked for {self.backend!r})")
             from ..kernels import quant_linear_forward  # nn → kernels, one way
             return quant_linear_forward(self, x)
         return self.forward_simulated(x)
@@ -162,8 +215,16 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()                  # (M, K)
         bits = self.current_a_bits()
+        if self.dyn_alpha is not None and bits < 16:
+            s = self.dynamic_smoothing(x2)                            # (K,), from these tokens
+            x2 = x2 / s
+            w = self.smoothed_weight(s)                               # Q(W·diag(s)·H), (N, K)
+        elif self.dyn_alpha is not None:
+            w = self.smoothed_weight(torch.ones_like(self.w_colmax))
+        else:
+            w = self.dequantized_weight(torch.float32)
         xq = self.quantize_input(self.transform_input(x2), bits)
-        y = xq @ self.dequantized_weight(torch.float32).t()           # (M, N)
+        y = xq @ w.t()                                                # (M, N)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -172,4 +233,5 @@ class QuantLinear(nn.Module):
         rot = f"hadamard{self.rotation_block}" if self.rotation_block else "none"
         return (f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}, group={self.group_size}, "
                 f"a_bits={self.a_bits}, rotation={rot}, auto_scale={self.auto_scale}, "
-                f"smooth={'none' if self.smooth is None else self.smooth.shape[0]}")
+                f"smooth={'none' if self.smooth is None else self.smooth.shape[0]}"
+                + (f", dynamic_smoothing(alpha={self.dyn_alpha})" if self.dyn_alpha is not None else ""))
