@@ -92,7 +92,15 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     targets = select_linears(model, config.skip, config.quantize_modulation, filter_fn)
     state = RuntimeState()
     t0 = time.perf_counter()
-    stats = method.collect(model, targets, calibration, state, config) if method.collect else None
+    stats = None
+    if method.collect:
+        # The state is attached while calibrating so that the caller's step hooks
+        # (``step_hooks(model)``) set the step index that per-step statistics are keyed by.
+        setattr(model, STATE_ATTR, state)
+        try:
+            stats = method.collect(model, targets, calibration, state, config)
+        finally:
+            delattr(model, STATE_ATTR)
     layers = []
     with torch.no_grad():
         names = [n for n, _ in targets]
@@ -131,7 +139,7 @@ def step_hooks(model: nn.Module, total_steps: Optional[int] = None) -> list:
     state = get_state(model)
     if state is None:
         return []
-    cfg = getattr(model, CONFIG_ATTR, None)
+    cfg = getattr(model, CONFIG_ATTR, None)         # None while quantize_ is still calibrating
     gbs = getattr(cfg, "gbs", None)
     if gbs is not None:
         return [GBSController(state, gbs, total_steps)]
