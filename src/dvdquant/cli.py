@@ -34,7 +34,9 @@ def _config_from_args(args):
 
 def cmd_demo(args) -> int:
     from .pipeline.demo import run_demo
-    result = run_demo(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    from .pipeline.demo import DEMO_PROMPTS
+    result = run_demo(args.out, steps=args.steps, seed=args.seed, prompts=tuple(args.prompt or DEMO_PROMPTS),
+                      progress=not args.quiet)
     from .pipeline.demo import format_report
     print(format_report(result), end="")
     print(f"wrote {args.out}/side_by_side.mp4, side_by_side.gif, frames.png, report.txt, report.json")
@@ -58,11 +60,18 @@ def cmd_quantize(args) -> int:
     from . import api, serialization
     from .pipeline.models_io import EMBEDDED, load_transformer
     cfg = _config_from_args(args)
-    transformer, base = load_transformer(args.model, device=args.device)
-    calibration = _embedded_calibration() if base == EMBEDDED else None
-    report = api.quantize_(transformer, cfg, calibration=calibration, progress=not args.quiet)
     out = Path(args.out)
-    ckpt = serialization.save(transformer, out / "quantized.safetensors", extra={"base_model": base})
+    if args.nproc != 1:                     # layers split over N processes; rank 0 writes the checkpoint
+        from .distributed import quantize_multiprocess
+        report, ckpt = quantize_multiprocess(args.model, cfg, out, nproc=args.nproc, device=args.device,
+                                             progress=not args.quiet)
+        if report is None:                  # a rank other than 0 of a torchrun launch
+            return 0
+    else:
+        transformer, base = load_transformer(args.model, device=args.device)
+        calibration = _embedded_calibration() if base == EMBEDDED else None
+        report = api.quantize_(transformer, cfg, calibration=calibration, progress=not args.quiet)
+        ckpt = serialization.save(transformer, out / "quantized.safetensors", extra={"base_model": base})
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     print(f"{report.method}: {len(report.layers)} layers in {report.seconds:.2f} s, mean weight rel. error "
           f"{report.mean_w_err:.4f} (MinMax {report.mean_w_err_minmax:.4f}) → {ckpt}")
@@ -119,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="dvdquant_demo", help="output folder (default: %(default)s)")
     d.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--prompt", action="append", help="caption to generate (repeatable; default: 4 built-in "
+                   "prompts covering shapes, colours, motions and backgrounds)")
     d.set_defaults(func=cmd_demo)
 
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
@@ -130,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--delta", type=float, default=None, help="enable δ-GBS with this threshold (dvdquant only)")
     q.add_argument("--out", required=True, help="output folder for quantized.safetensors and report.json")
     q.add_argument("--device", default="cpu")
+    q.add_argument("--nproc", type=int, default=1, help="quantize with N processes, layers split between them "
+                   "(gloo on cpu; one GPU each with --device cuda; also under torchrun) (default: %(default)s)")
     q.set_defaults(func=cmd_quantize)
 
     g = sub.add_parser("generate", help="generate clips with the embedded model or a quantized checkpoint of it")

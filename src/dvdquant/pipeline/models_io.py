@@ -45,7 +45,31 @@ def load_transformer(spec: str, device="cpu") -> tuple[torch.nn.Module, str]:
     if cls is None:
         raise DVDQuantError(f"{cfg_file} names class {class_name!r}, which diffusers does not provide")
     log.info("loading %s from %s", class_name, path)
-    return cls.from_pretrained(str(path)).to(device), str(path)
+    return _from_pretrained(cls, path).to(device), str(path)
+
+
+def _from_pretrained(cls, path: Path) -> torch.nn.Module:
+    """``cls.from_pretrained`` where it works; without ``accelerate`` some classes (Wan: fp32-kept
+    modules) refuse to load, so build from the config and load the safetensors (sharded or not)."""
+    import importlib.util
+    if importlib.util.find_spec("accelerate") is not None:
+        return cls.from_pretrained(str(path))
+    from safetensors.torch import load_file
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["diffusion_pytorch_model.safetensors"]
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise DVDQuantError(f"{path} has no weights file {missing[0]} (only safetensors weights are supported)")
+    log.info("accelerate is not installed: building %s from its config, then loading %d weight file(s)",
+             cls.__name__, len(files))
+    state = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    model = cls.from_config(cls.load_config(str(path))).to(dtype)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
