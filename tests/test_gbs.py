@@ -61,3 +61,37 @@ def test_step_index_hook():
     assert st.step_index == 3
     h.reset()
     assert st.step_index is None
+
+
+def _noisy_trajectory(n, change, low_noise, schedule_fn):
+    """Outputs that move by ``change`` per step, plus a fixed offset whenever a step runs at 4 bits."""
+    base = [torch.ones(8) * (1 + change) ** i for i in range(n)]
+    offset = torch.tensor([1.0, -1.0] * 4) * low_noise
+
+    def output(i):
+        return base[i] + (offset * base[i] if schedule_fn() == 4 else 0)
+    return output
+
+
+def test_same_bits_indicator_ignores_the_switch_noise():
+    # content changes 0.03 per step; a 4-bit step adds a 0.2 offset: the raw indicator sees ~0.2 at
+    # every switch and forces high steps after each low one; same_bits follows the content
+    # (δ = 0.1: one high step, then three low ones, as on a noise-free trajectory)
+    results = {}
+    for indicator in ("raw", "same_bits"):
+        ctrl = GBSController(RuntimeState(), GBSConfig(delta=0.1, warmup_steps=2, indicator=indicator))
+        out = _noisy_trajectory(16, 0.03, 0.2, lambda: ctrl.schedule[-1])
+        for i in range(16):
+            ctrl.begin_step(i, None)
+            ctrl.end_step(i, None, out(i))
+        results[indicator] = ctrl.schedule
+    assert results["raw"] == [8, 8] + [4, 8, 8] * 4 + [4, 8]
+    assert results["same_bits"] == [8, 8, 4, 4, 4, 8, 4, 4, 4, 8, 4, 4, 4, 8, 4, 4]
+    assert ctrl.raw_indicators[2] > 0.15 and abs(ctrl.indicators[2] - 0.03) < 1e-4   # step 2: the first switch
+
+
+def test_indicator_is_validated():
+    import pytest
+    from dvdquant.errors import ConfigError
+    with pytest.raises(ConfigError, match="indicator"):
+        GBSConfig(indicator="l2")

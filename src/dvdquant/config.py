@@ -18,6 +18,8 @@ ACT_BITS = (4, 6, 8, 16)
 AutoScale = Literal["per_channel", "per_block", "none"]
 Smoothing = Literal["none", "dynamic"]
 HighBitFormat = Literal["int", "fp8_e4m3"]
+AttentionMode = Literal["none", "int8", "fp8"]
+ATTENTION_MODES = ("none", "int8", "fp8")
 
 
 def _check_common(cfg) -> None:
@@ -72,8 +74,14 @@ class GBSConfig:
     high_bits: int = 8
     warmup_steps: int = 2         # first steps forced to high bits
     final_high_steps: int = 0     # last steps forced to high bits (needs total steps)
+    # "same_bits": across a bit switch the measured change also holds the switch's own quantization
+    # noise, so the controller counts min(measured, last change measured at equal bits) there;
+    # "raw": the paper's indicator, the measured change always (see algorithms/gbs.py).
+    indicator: str = "same_bits"
 
     def __post_init__(self):
+        if self.indicator not in ("same_bits", "raw"):
+            raise ConfigError(f"gbs.indicator must be 'same_bits' or 'raw', got {self.indicator!r}")
         if self.delta < 0:
             raise ConfigError(f"gbs.delta must be ≥ 0, got {self.delta}")
         if self.low_bits not in ACT_BITS or self.high_bits not in ACT_BITS or self.low_bits > self.high_bits:
@@ -98,9 +106,14 @@ class DVDQuantConfig(_Common):
     smoothing: Smoothing = "none"
     smooth_alpha: float = 0.5
     smooth_master_bits: int = 8            # 8: int8 master of W/max|W_j| per row (2× int4 memory); 16: fp
+    # 8-bit attention (docs/ATTENTION.md): "int8" = INT8 Q·Kᵀ + FP8 P·V, "fp8" = FP8 both, "none" = off.
+    # A run-time setting, not a weight format: quantize_ and load install it on the model's attention.
+    attention: AttentionMode = "int8"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.smoothing not in ("none", "dynamic"):
             raise ConfigError(f"smoothing must be 'none' or 'dynamic', got {self.smoothing!r}")
         if not 0.0 <= self.smooth_alpha <= 1.0:

@@ -59,7 +59,9 @@ def run_demo(out_dir="dvdquant_demo", steps: int = 20, seed: int = 0, config: DV
     mosaic = side_by_side(fp.videos, q.videos)
     save_video(mosaic, out / "side_by_side.mp4")
     save_video(mosaic, out / "side_by_side.gif")
-    frame_grid_png([fp.videos, q.videos], out / "frames.png")
+    rows = [clip for pair in zip(fp.videos, q.videos) for clip in pair]       # FP, W4A4 per prompt
+    labels = [f"{tag} #{i + 1}" for i in range(len(prompts)) for tag in ("FP", "W4A4")]
+    frame_grid_png(rows, out / "frames.png", row_labels=labels, scale=2)
     result = {
         "prompts": list(prompts), "steps": steps, "seed": seed, "method": "DVD-Quant W4A4 (BGR + ARQ), simulated",
         "layers_quantized": len(report.layers), "quantize_seconds": round(report.seconds, 3),
