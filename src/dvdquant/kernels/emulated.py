@@ -84,6 +84,8 @@ def channel_balance(module, x2: torch.Tensor) -> Optional[torch.Tensor]:
         return balance[min(_step(module), balance.shape[0] - 1)].unsqueeze(0)
     if module.auto_scale == "per_channel":
         lam = x2.abs().amax(dim=0, keepdim=True)
+        state = getattr(module, "state", None)              # context parallelism: max over all ranks' tokens
+        lam = lam if state is None else state.all_tokens_max(lam)
         return torch.where(lam > 0, lam, torch.ones_like(lam))
     return None
 

@@ -130,7 +130,7 @@ class QuantLinear(nn.Module):
 
     def dynamic_smoothing(self, x2: torch.Tensor) -> torch.Tensor:
         """s_t (K,) = Λ_t^α / max|W_j|^(1−α) from the current tokens (M, K); 1 where a channel is all zero."""
-        lam = x2.abs().amax(dim=0)
+        lam = self._all_tokens(x2.abs().amax(dim=0))
         s = lam.clamp_min(1e-12).pow(self.dyn_alpha) / self.w_colmax.clamp_min(1e-12).pow(1.0 - self.dyn_alpha)
         return torch.where(lam > 0, s, torch.ones_like(s))
 
@@ -155,6 +155,10 @@ class QuantLinear(nn.Module):
         if self.state is not None and self.state.a_bits is not None:
             return self.state.a_bits
         return self.a_bits
+
+    def _all_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """A max over tokens, extended to every rank's tokens under context parallelism (RuntimeState)."""
+        return t if self.state is None else self.state.all_tokens_max(t)
 
     def _step(self) -> int:
         return 0 if self.state is None or self.state.step_index is None else self.state.step_index
@@ -190,7 +194,7 @@ class QuantLinear(nn.Module):
             lam = self.act_balance[min(self._step(), self.act_balance.shape[0] - 1)].unsqueeze(0)
             return self._fake_quant_tokens(x2 / lam, bits) * lam
         if self.auto_scale == "per_channel":
-            lam = x2.abs().amax(dim=0, keepdim=True)                   # Λ_t: (1, K)
+            lam = self._all_tokens(x2.abs().amax(dim=0, keepdim=True))  # Λ_t: (1, K), over all ranks' tokens
             lam = torch.where(lam > 0, lam, torch.ones_like(lam))
             return self._fake_quant_tokens(x2 / lam, bits) * lam
         if self.auto_scale == "per_block":

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 
 @dataclass
 class RuntimeState:
@@ -17,11 +19,26 @@ class RuntimeState:
     a_bits: Optional[int] = None      # overrides every layer's configured activation bits when set
     step_index: Optional[int] = None  # current denoising step (None outside a sampling loop)
     history: list = field(default_factory=list)  # (step_index, a_bits) actually used, for reports
+    # context parallelism (dvdquant.distributed.enable_context_parallel): the ranks that share one
+    # sequence; statistics taken over tokens (ARQ's per-channel Λ_t) are reduced over it
+    process_group: Optional[object] = field(default=None, repr=False, compare=False)
 
     def reset(self) -> None:
         self.a_bits = None
         self.step_index = None
         self.history.clear()
+
+    def all_tokens_max(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``, a max over this rank's tokens, as the max over every rank's tokens of the sequence.
+
+        Under sequence (context) parallelism each rank holds a slice of the tokens, so a per-channel
+        absmax taken locally differs from the single-device one; an all-reduce (MAX) over
+        ``process_group`` restores it. Without a group this returns ``t`` unchanged.
+        """
+        if self.process_group is None:
+            return t
+        from torch.distributed import _functional_collectives as funcol  # traceable by torch.compile
+        return funcol.all_reduce(t.contiguous(), "max", self.process_group)
 
 
 STATE_ATTR = "_dvdquant_state"
