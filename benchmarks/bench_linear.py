@@ -8,7 +8,8 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
 * ``bf16``      — ``F.linear`` (cuBLAS), the baseline;
 * ``fp8_gemm``  — ``_scaled_mm`` row-wise alone on ready FP8 operands (the ceiling);
 * ``act_a4`` / ``act_a8`` / ``act_a4_blk`` — the fused activation kernel (Hadamard-128
-  rotation; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot`` without rotation;
+  rotation, matmul form; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot``
+  without rotation, ``act_a4_legacy`` the previous register-hoisted rotated kernel;
 * ``expand``    — packed int4 → FP8 weight expansion into a reused buffer;
 * ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM;
   ``a4_persist`` — the same with a persistent FP8 weight (no expansion);
@@ -56,6 +57,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None) -> dict:
     buf = torch.empty(n, k, device=dev, dtype=torch.float8_e4m3fn)
 
     act4 = lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=cfg)          # noqa: E731
+    act4_legacy = lambda: act_quant(x, bits=4, fmt="int", h_block=h, kernel="legacy")  # noqa: E731
     act8 = lambda: act_quant(x, bits=8, fmt="fp8", h_block=h, config=cfg)          # noqa: E731
     act4b = lambda: act_quant(x, bits=4, h_block=h, block=128, scales_k_major=True, config=cfg)  # noqa: E731
     expand = lambda: expand_int4_to_fp8(packed, zero, out=buf)                     # noqa: E731
@@ -65,7 +67,8 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None) -> dict:
     r["bf16"] = t(lambda: F.linear(x, w, bias))
     r["fp8_gemm"] = t(lambda: gemm_rowwise(q4, s4, w8, w_scale, bias, torch.bfloat16))
     r["act_a4"], r["act_a8"], r["act_a4_blk"] = t(act4), t(act8), t(act4b)
-    r["act_a4_norot"] = t(lambda: act_quant(x, bits=4, config=cfg))
+    r["act_a4_norot"] = t(lambda: act_quant(x, bits=4))
+    r["act_a4_legacy"] = t(act4_legacy)
     r["expand"] = t(expand)
 
     def full(act, do_expand=True):
@@ -98,8 +101,8 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None) -> dict:
 def markdown(rows: list, device: str) -> str:
     blk = sorted({k[len("speedup_a4_blk_"):] for r in rows for k in r if k.startswith("speedup_a4_blk_")})
     head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "A4 ×", "A8 ×", "A4 persist ×"] + \
-        [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A8 ms", "act blk ms", "act norot ms", "expand ms",
-                                           "GEMM ms"]
+        [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A8 ms", "act blk ms", "act norot ms",
+                                           "act A4 legacy ms", "expand ms", "GEMM ms"]
     out = [f"Device: {device}. Speedups are bf16 time / path time (>1 = faster), medians of do_bench.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -107,7 +110,8 @@ def markdown(rows: list, device: str) -> str:
                  f"{r['speedup_fp8_gemm']:.2f}", f"{r['speedup_a4']:.2f}", f"{r['speedup_a8']:.2f}",
                  f"{r['speedup_a4_persist']:.2f}"]
         cells += [f"{r.get('speedup_a4_blk_' + b, float('nan')):.2f}" for b in blk]
-        cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a8", "act_a4_blk", "act_a4_norot", "expand", "fp8_gemm")]
+        cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a8", "act_a4_blk", "act_a4_norot", "act_a4_legacy", "expand",
+                                                "fp8_gemm")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -118,7 +122,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep in ms")
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 16k only")
-    ap.add_argument("--act-config", default=None, help="JSON launch config for act_quant (see tune_act_quant.py)")
+    ap.add_argument("--act-config", default=None,
+                    help="JSON launch config of the rotated act_quant kernel (see tune_act_quant.py)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = f"{torch.cuda.get_device_name()} (torch {torch.__version__}, cuda {torch.version.cuda})"

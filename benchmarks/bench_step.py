@@ -1,30 +1,47 @@
-"""One denoising step of a full-size video DiT (random weights), bf16 vs dvdquant, side by side.
+"""One denoising step of a full-size video DiT (random weights): bf16 vs dvdquant, side by side.
 
 Speed does not depend on the weight values, so the transformers are built from their diffusers
-configs with random weights (Wan 2.1 14B at 480×832×81 frames, HunyuanVideo 13B at
-544×960×129 frames). Measured in one process on one GPU:
+configs with random weights (Wan 2.1 14B at 480×832×81 frames = 32,760 tokens, HunyuanVideo
+13B at 544×960×129 frames = 67,320 tokens). In one process on one GPU, in this order:
 
-* bf16 eager (cuDNN SDPA) step time and peak memory; optionally bf16 + ``torch.compile``;
-* time to quantize the whole transformer in place (BGR + rotation folding, data-free);
-* the quantized step with the ``fp8`` backend at A4 and A8 (δ-GBS's two kernels), peak memory,
-  transformer weight bytes;
-* a profiler breakdown (attention / GEMM / other) of both.
+1. ``bf16``          — diffusers eager, SDPA (cuDNN/flash as torch picks): step time, peak memory,
+                       profiler breakdown (attention / GEMM / other);
+2. ``bf16_compile``  — ``torch.compile`` of the same transformer (compile time reported apart);
+3. quantize the whole transformer in place (BGR weights + Hadamard-128 rotation folded into
+   them, data-free) and time it; weight bytes before/after;
+4. ``w4a4`` / ``w4a8`` — fp8 backend eager (A8 = FP8-e4m3 activations), with ``--attention
+   dvdquant`` also dvdquant's 8-bit attention (installed if the module exists, else recorded
+   as unavailable); peak memory; breakdown;
+5. ``w4a4_compile`` / ``w4a8_compile`` — ``torch.compile`` of the quantized transformer; the
+   δ-GBS switch A4 → A8 → A4 between steps is checked for recompilation (dynamo's frame
+   counter) and for extra weight copies (allocated memory before/after the switch).
 
-Writes ``<out>/step_<model>.json`` and prints a markdown table. Never asserted anywhere.
+Writes ``<out>/step_<model>.json`` after every phase (a killed run still leaves its numbers) and
+prints a markdown table. Never asserted anywhere.
 
-    python benchmarks/bench_step.py --model wan14b --out results/ [--compile]
+    python benchmarks/bench_step.py --model wan14b --out results/ [--no-compile] [--attention dvdquant]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+log = logging.getLogger("bench_step")
+
+GEMM_KEYS = ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "scaled_mm", "sm90_", "wgmma")
+ATTN_KEYS = ("flash", "fmha", "attention", "attn", "cudnn", "sdpa")
+
 
 def build(which: str):
+    """The transformer (bf16, on the current default device) and one step's inputs."""
     from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
     if which == "wan14b":
         m = WanTransformer3DModel()                               # default config = Wan 2.1 14B
@@ -38,101 +55,216 @@ def build(which: str):
                   pooled_projections=torch.randn(1, 768), guidance=torch.tensor([6000.0]))
     else:
         raise SystemExit(f"unknown model {which!r}")
-    return m.eval(), lat, kw
+    return m.eval().requires_grad_(False), lat, kw
 
 
-def time_step(fn, n: int = 3) -> float:
+def time_step(fn, reps: int) -> tuple[float, float]:
+    """(first call incl. warm-up/compile, median of ``reps`` timed calls), ms."""
+    t = time.perf_counter()
     fn()
     torch.cuda.synchronize()
+    first = (time.perf_counter() - t) * 1e3
     ts = []
-    for _ in range(n):
+    for _ in range(reps):
         t = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2] * 1e3
+        ts.append((time.perf_counter() - t) * 1e3)
+    return first, sorted(ts)[len(ts) // 2]
+
+
+def classify(name: str) -> str:
+    n = name.lower()
+    if "act_quant" in n or "expand_int4" in n:
+        return "quant"                       # dvdquant's activation quantization / weight expansion
+    if any(s in n for s in ATTN_KEYS) and "triton_" not in n[:7]:
+        return "attention"
+    if "_attn_fwd" in n or "attention_kernel" in n or "attn_fwd" in n:
+        return "attention"
+    if any(s in n for s in GEMM_KEYS):
+        return "gemm"
+    return "other"
 
 
 def breakdown(fn) -> dict:
+    """Device time per component (ms) of one call, and the ten most expensive kernels."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     cat: dict = {}
+    kernels = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", 0) or 0
-        name = e.key.lower()
-        if t <= 0:
+        if t <= 0 or e.key.startswith(("ProfilerStep", "aten::", "dvdquant::", "cuda")):
             continue
-        if any(s in name for s in ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "scaled_mm")):
-            k = "gemm"
-        elif any(s in name for s in ("flash", "fmha", "attention", "cudnn", "sdpa")):
-            k = "attention"
-        else:
-            k = "other"
-        cat[k] = cat.get(k, 0) + t / 1e3
-    return {k: round(v, 1) for k, v in cat.items()}
+        k = classify(e.key)
+        cat[k] = cat.get(k, 0.0) + t / 1e3
+        kernels.append((t / 1e3, e.key[:120], k))
+    kernels.sort(reverse=True)
+    out = {k: round(v, 1) for k, v in sorted(cat.items())}
+    out["total"] = round(sum(cat.values()), 1)
+    out["top"] = [[round(t, 1), n, k] for t, n, k in kernels[:10]]
+    return out
 
 
 def weight_bytes(m) -> int:
     return sum(t.numel() * t.element_size() for t in m.state_dict().values())
 
 
-def main():
+def linear_weight_bytes(m) -> int:
+    """Bytes of the weights of the layers dvdquant quantizes (Linear weight or packed QuantLinear)."""
+    from dvdquant.nn import QuantLinear
+    tot = 0
+    for mod in m.modules():
+        if isinstance(mod, QuantLinear):
+            tot += sum(b.numel() * b.element_size() for b in (mod.qweight, mod.w_scale, mod.w_zero))
+    return tot
+
+
+def install_attention(m, mode: str) -> dict:
+    """dvdquant's 8-bit attention if that module exists in this tree, else why not."""
+    try:
+        from dvdquant.nn.attention import install_quantized_attention
+    except ImportError as e:
+        return {"available": False, "why": f"{type(e).__name__}: {e}"}
+    try:
+        counts = install_quantized_attention(m, mode=mode)
+    except Exception as e:  # noqa: BLE001 - a broken installer is recorded, the benchmark goes on
+        return {"available": False, "why": f"{type(e).__name__}: {str(e)[:300]}"}
+    return {"available": True, "mode": mode, "counts": counts}
+
+
+def main() -> None:
     import dvdquant
-    ap = argparse.ArgumentParser()
+    from dvdquant.config import config_to_dict
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="wan14b", choices=["wan14b", "hunyuan"])
     ap.add_argument("--out", default="results")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--reps", type=int, default=2, help="timed steps per variant (after one warm-up)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "dvdquant"])
+    ap.add_argument("--attention-mode", default="int8", help="dvdquant attention mode (int8 / fp8)")
     ap.add_argument("--rotation-block", type=int, default=128)
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"])
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step_{args.model}.json"
+    res: dict = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "command": " ".join(sys.argv), "reps": args.reps}
+
+    def save(phase: str):
+        res["last_phase"] = phase
+        path.write_text(json.dumps(res, indent=1))
+        print(f"[{time.strftime('%H:%M:%S')}] {phase}: " + json.dumps({k: v for k, v in res.items()
+              if k.endswith(("_ms", "_gb", "_s", "ratio"))}), flush=True)
+
     torch.set_default_dtype(torch.bfloat16)
+    t0 = time.perf_counter()
     with torch.device("cuda"):
         m, lat, kw = build(args.model)
-    lat, kw = lat.cuda(), {k: v.cuda() for k, v in kw.items()}
-    step = lambda: m(lat, return_dict=False, **kw)[0]              # noqa: E731
-    res = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "params_b": round(sum(p.numel() for p in m.parameters()) / 1e9, 2), "tokens": lat[0, 0].numel() // 4}
-    with torch.inference_mode():
-        torch.cuda.reset_peak_memory_stats()
-        res["bf16_ms"] = time_step(step)
-        res["bf16_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        res["bf16_breakdown_ms"] = breakdown(step)
-        res["bf16_weight_gb"] = round(weight_bytes(m) / 1e9, 2)
-        if args.compile:
-            mc = torch.compile(m)
-            res["bf16_compile_ms"] = time_step(lambda: mc(lat, return_dict=False, **kw)[0])
-            del mc
-    cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=args.rotation_block, auto_scale=args.auto_scale)
     torch.set_default_dtype(torch.float32)
+    lat, kw = lat.cuda(), {k: v.cuda() for k, v in kw.items()}
+    torch.cuda.synchronize()
+    res["build_s"] = round(time.perf_counter() - t0, 1)
+    res["params_b"] = round(sum(p.numel() for p in m.parameters()) / 1e9, 2)
+    res["tokens"] = lat[0, 0].numel() // 4
+    res["bf16_weight_gb"] = round(weight_bytes(m) / 1e9, 2)
+    res["bf16_linear_weight_gb"] = round(sum(mod.weight.numel() * 2 for mod in m.modules()
+                                              if isinstance(mod, torch.nn.Linear)) / 1e9, 2)
+    target = m
+
+    def step():
+        return target(lat, return_dict=False, **kw)[0]
+
+    def variant(name: str, profile_it: bool):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        first, med = time_step(step, args.reps)
+        res[f"{name}_ms"] = round(med, 1)
+        res[f"{name}_first_call_ms"] = round(first, 1)
+        res[f"{name}_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        if profile_it and not args.no_profile:
+            res[f"{name}_breakdown_ms"] = breakdown(step)
+        save(name)
+
+    with torch.inference_mode():
+        variant("bf16", True)
+        if not args.no_compile:
+            target = torch.compile(m)
+            variant("bf16_compile", False)
+            target = m
+            torch._dynamo.reset()
+    # ---- quantize (data-free): BGR + rotation folding, on the GPU where the weights are
+    na = {"attention": "none"} if "attention" in dvdquant.DVDQuantConfig.__dataclass_fields__ else {}
+    cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, a8_format="fp8_e4m3", rotation_block=args.rotation_block,
+                                  auto_scale=args.auto_scale, **na)     # attention: installed below, per variant
+    res["quant_config"] = config_to_dict(cfg)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     report = dvdquant.quantize_(m, cfg)
     torch.cuda.synchronize()
     res["quantize_s"] = round(time.perf_counter() - t0, 1)
     res["layers"] = len(report.layers)
+    res["mean_w_err"], res["mean_w_err_minmax"] = round(report.mean_w_err, 4), round(report.mean_w_err_minmax, 4)
     res["quant_weight_gb"] = round(weight_bytes(m) / 1e9, 2)
+    res["weight_bytes_ratio"] = round(res["quant_weight_gb"] / res["bf16_weight_gb"], 3)
+    res["quant_linear_weight_gb"] = round(linear_weight_bytes(m) / 1e9, 2)
+    res["linear_weight_bytes_ratio"] = round(res["quant_linear_weight_gb"] / res["bf16_linear_weight_gb"], 3)
+    save("quantize")
     dvdquant.set_backend(m, "fp8")
     state = dvdquant.get_state(m)
-    torch.cuda.empty_cache()
     with torch.inference_mode():
         for bits in (4, 8):
             state.a_bits = bits
-            torch.cuda.reset_peak_memory_stats()
-            res[f"w4a{bits}_ms"] = time_step(step)
-            res[f"w4a{bits}_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        state.a_bits = 4
-        res["w4a4_breakdown_ms"] = breakdown(step)
-        if args.compile:
-            mc = torch.compile(m)
-            res["w4a4_compile_ms"] = time_step(lambda: mc(lat, return_dict=False, **kw)[0])
-    for k in ("w4a4", "w4a8"):
-        res[f"{k}_speedup_vs_bf16"] = round(res["bf16_ms"] / res[f"{k}_ms"], 3)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"step_{args.model}.json").write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+            variant(f"w4a{bits}", bits == 4)
+        if not args.no_compile:
+            import torch._dynamo.utils as dutils
+            target = torch.compile(m)
+            state.a_bits = 4
+            variant("w4a4_compile", True)
+            frames = dict(dutils.counters["stats"])
+            mem0 = torch.cuda.memory_allocated()
+            state.a_bits = 8
+            variant("w4a8_compile", False)
+            state.a_bits = 4
+            step()
+            torch.cuda.synchronize()
+            res["gbs_switch"] = {
+                "dynamo_stats_before": frames, "dynamo_stats_after": dict(dutils.counters["stats"]),
+                "recompiled": dict(dutils.counters["stats"]) != frames,
+                "allocated_gb_before": round(mem0 / 1e9, 3),
+                "allocated_gb_after": round(torch.cuda.memory_allocated() / 1e9, 3)}
+            save("gbs_switch")
+            target = m
+            torch._dynamo.reset()
+        if args.attention == "dvdquant":          # the same quantized model with 8-bit attention
+            res["attention"] = install_attention(m, args.attention_mode)
+            save("attention_install")
+            if res["attention"]["available"]:
+                for bits in (4, 8):
+                    state.a_bits = bits
+                    try:
+                        variant(f"w4a{bits}_attn8", bits == 4)
+                    except Exception as e:  # noqa: BLE001 - another helper's kernel: record, go on
+                        res[f"w4a{bits}_attn8_error"] = f"{type(e).__name__}: {str(e)[-400:]}"
+                        save(f"w4a{bits}_attn8_error")
+                        break
+    for k in ("w4a4", "w4a8", "w4a4_compile", "w4a8_compile", "bf16_compile", "w4a4_attn8", "w4a8_attn8"):
+        if f"{k}_ms" in res:
+            res[f"{k}_speedup_vs_bf16"] = round(res["bf16_ms"] / res[f"{k}_ms"], 3)
+            if "bf16_compile_ms" in res:
+                res[f"{k}_speedup_vs_bf16_compile"] = round(res["bf16_compile_ms"] / res[f"{k}_ms"], 3)
+    save("done")
+    rows = [(k[:-3], res[k], res.get(k[:-3] + "_peak_gb")) for k in res if k.endswith("_ms")
+            and not k.endswith("first_call_ms") and isinstance(res[k], float)]
+    print(f"\n{args.model} on {res['device']}: quantize {res['quantize_s']} s, weights ×{res['weight_bytes_ratio']}")
+    print("| variant | step ms | × bf16 eager | peak GB |\n|---|---|---|---|")
+    for name, ms, peak in rows:
+        print(f"| {name} | {ms:.0f} | {res['bf16_ms'] / ms:.2f} | {peak} |")
 
 
 if __name__ == "__main__":

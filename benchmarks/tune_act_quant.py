@@ -1,10 +1,17 @@
-"""Sweep the fused activation kernel's launch parameters on the GPU; print and save the best.
+"""Sweep the activation kernels' launch parameters on the GPU; print and save the best.
 
     PYTHONPATH=src python benchmarks/tune_act_quant.py --out bench_out
 
-Times ``act_quant`` (Hadamard-128, bf16 tokens) at M = 32768 for K = 3072 and 15360, per token
-and per 128-block, against a plain device copy of the same bytes (read x, write codes) as the
-bandwidth floor. Writes ``act_tune.json`` (all configs, the best one first).
+Times ``act_quant`` on bf16 tokens at M = 32768, Hadamard-128 rotation fused, per token
+(K = 3072, 5120, 15360) and per 128-block (K = 3072), for
+
+* ``mm``     — the matmul-form rotated kernel (``act_quant_rot_kernel``), every launch config of
+  the sweep (block_m × num_warps × num_stages);
+* ``legacy`` — the register-hoisted kernel with its tuned ``DEFAULT_CONFIG`` (the previous default);
+* ``norot``  — the legacy kernel without rotation (what the rotation costs on top);
+* ``floor``  — a bf16 → fp8 ``copy_`` of the same tensor (read 2 B, write 1 B per element).
+
+Writes ``act_tune.json`` (every row; the best mm config first under "best").
 """
 from __future__ import annotations
 
@@ -18,6 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+M = 32768
+CASES = [(3072, None), (5120, None), (15360, None), (3072, 128)]
+
 
 def main() -> None:
     from triton.testing import do_bench
@@ -27,36 +37,50 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--rep", type=int, default=25)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    t = lambda fn: do_bench(fn, warmup=5, rep=args.rep, return_mode="median")  # noqa: E731
     h = hadamard_matrix(128, device="cuda")
-    cases = [(3072, None, h), (3072, 128, h), (15360, None, h), (3072, None, None)]
-    xs = {k: torch.randn(32768, k, device="cuda", dtype=torch.bfloat16) for k in (3072, 15360)}
-    floor = {}
-    for k, x in xs.items():
-        y = torch.empty(32768, k, device="cuda", dtype=torch.float8_e4m3fn)   # cast: read 2 B, write 1 B
-        floor[k] = do_bench(lambda: y.copy_(x), warmup=5, rep=30, return_mode="median")
-    results = []
-    for bm, nw, ns, hoist in itertools.product((32, 64, 128), (4, 8), (3,), (False, True)):
-        cfg = dict(block_m=bm, num_warps=nw, num_stages=ns, hoist_h=hoist, block_k=256)
+    xs = {k: torch.randn(M, k, device="cuda", dtype=torch.bfloat16) for k in {c[0] for c in CASES}}
+    name = lambda k, b: f"K{k}-{'blk' + str(b) if b else 'tok'}"  # noqa: E731
+    ref = {}
+    for k, b in CASES:
+        y = torch.empty(M, k, device="cuda", dtype=torch.float8_e4m3fn)
+        ref[name(k, b)] = {
+            "floor_copy": t(lambda: y.copy_(xs[k])),
+            "legacy": t(lambda: act_quant(xs[k], bits=4, h_block=h, block=b, scales_k_major=b is not None,
+                                          kernel="legacy")),
+            "norot": t(lambda: act_quant(xs[k], bits=4, block=b, scales_k_major=b is not None)),
+        }
+        print(name(k, b), {kk: round(v, 3) for kk, v in ref[name(k, b)].items()}, flush=True)
+    rows = []
+    for bm, nw, ns in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+        cfg = dict(block_m=bm, num_warps=nw, num_stages=ns)
         row = {"config": cfg, "ms": {}}
         try:
-            for k, block, hh in cases:
-                fn = lambda: act_quant(xs[k], bits=4, h_block=hh, block=block, scales_k_major=block is not None,  # noqa
-                                       config=cfg)
+            for k, b in CASES:
+                fn = lambda: act_quant(xs[k], bits=4, h_block=h, block=b, scales_k_major=b is not None,  # noqa: E731
+                                       config=cfg, kernel="mm")
                 fn()
-                row["ms"][f"K{k}-blk{block}-rot{hh is not None}"] = do_bench(fn, warmup=5, rep=30,
-                                                                            return_mode="median")
+                row["ms"][name(k, b)] = t(fn)
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped, and said so
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         row["total"] = sum(row["ms"].values()) if "error" not in row else float("inf")
-        results.append(row)
-        print(cfg, {k: round(v, 3) for k, v in row["ms"].items()}, row.get("error", ""), flush=True)
-    results.sort(key=lambda r: r["total"])
+        rows.append(row)
+        print(cfg, {kk: round(v, 3) for kk, v in row["ms"].items()}, row.get("error", ""), flush=True)
+    rows.sort(key=lambda r: r["total"])
     with open(os.path.join(args.out, "act_tune.json"), "w") as f:
-        json.dump({"copy_floor_ms": floor, "results": results}, f, indent=1)
-    print("cast floor (bf16 -> fp8 copy_) ms:", {k: round(v, 3) for k, v in floor.items()})
-    print("BEST", json.dumps(results[0]["config"]), {k: round(v, 3) for k, v in results[0]["ms"].items()})
+        json.dump({"device": torch.cuda.get_device_name(), "M": M, "reference_ms": ref, "best": rows[0]["config"],
+                   "rows": rows}, f, indent=1)
+    best = rows[0]
+    print("| case | floor copy ms | no-rot ms | legacy rot ms | mm rot ms (best cfg) | mm / legacy |")
+    print("|---|---|---|---|---|---|")
+    for c, v in best["ms"].items():
+        r = ref[c]
+        print(f"| {c} | {r['floor_copy']:.3f} | {r['norot']:.3f} | {r['legacy']:.3f} | {v:.3f} | "
+              f"{v / r['legacy']:.2f} |")
+    print("BEST", json.dumps(best["config"]))
 
 
 if __name__ == "__main__":

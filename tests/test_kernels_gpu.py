@@ -117,3 +117,27 @@ def test_fp8_layer_matches_reference(kw):
         rel = float((y - ref).norm() / ref.norm())
         print(f"layer {kw} A{bits}: rel L2 vs same-grid fp32 reference = {rel:.2e}")
         assert rel < 1e-2, (bits, rel)
+
+
+def test_compiled_fp8_block_switches_bits_without_recompiling():
+    """torch.compile (inductor) of LayerNorm → QuantLinear → GELU → QuantLinear on the fp8 path:
+    one graph, equal to eager within bf16 rounding, A4 → A8 → A4 with no recompilation."""
+    import torch._dynamo.utils as dutils
+    from dvdquant.nn import RuntimeState
+    torch._dynamo.reset()
+    state = RuntimeState()
+    l1, l2 = _layer(1024, 2048, a_bits=4, rotation_block=128), _layer(2048, 1024, a_bits=4, rotation_block=128)
+    l1.state = l2.state = state
+    block = nn.Sequential(nn.LayerNorm(1024, device=DEV, dtype=torch.bfloat16), l1, nn.GELU(approximate="tanh"), l2)
+    compiled = torch.compile(block, fullgraph=True)
+    x = torch.randn(2, 4096, 1024, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for i, bits in enumerate((4, 8, 4, 8)):
+            state.a_bits = bits
+            ye, yc = block(x).float(), compiled(x).float()
+            if i == 1:
+                frames = dict(dutils.counters["stats"])
+            rel = float((ye - yc).norm() / ye.norm())
+            print(f"compiled vs eager A{bits}: rel {rel:.2e}")
+            assert rel < 1e-2
+    assert dict(dutils.counters["stats"]) == frames

@@ -62,8 +62,13 @@ def device_capability(device) -> Optional[Tuple[int, int]]:
     return torch.cuda.get_device_capability(device)
 
 
-def plan_forward(module, device, bits: int, capability: Optional[Tuple[int, int]] = None) -> Plan:
-    """Decide the execution path of one call. ``capability`` overrides the device's (for tests)."""
+def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple[int, int]] = None) -> Plan:
+    """Decide the execution path of one call. ``capability`` overrides the device's (for tests).
+
+    ``bits=None`` gives the bit-independent plan a compiled model uses: the FP8 op then picks
+    the activation format from the step's bits at run time (A ≥ 16 runs a bf16 GEMM on the
+    dequantized weight inside the op instead of the emulated fallback).
+    """
     backend = module.backend
     if backend not in BACKENDS:
         raise ConfigError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
@@ -74,7 +79,7 @@ def plan_forward(module, device, bits: int, capability: Optional[Tuple[int, int]
         why = "" if backend == "auto" else "fp8 backend needs an FP8-capable CUDA device (sm89+)"
         return Plan("emulated", why)
     k, n = module.in_features, module.out_features
-    if bits >= 16:
+    if bits is not None and bits >= 16:
         return Plan("emulated", "16-bit activations: no quantization, fp32 emulated matmul")
     if module.w_bits != 4 or not module.packed:
         return Plan("emulated", f"fp8 path needs packed 4-bit weights (w_bits={module.w_bits})")
@@ -93,7 +98,7 @@ def plan_forward(module, device, bits: int, capability: Optional[Tuple[int, int]
                                 f"(got {module.scale_block}, sm{cap[0]}{cap[1]})")
     if not _triton_available():
         return Plan("emulated", "triton is not installed")
-    if bits <= 5:
+    if bits is None or bits <= 5:
         return Plan("fp8", fmt="int", per_block=per_block)
     note = "" if getattr(module, "a8_format", "int") == "fp8_e4m3" and bits == 8 else \
         f"A{bits} int-grid codes are not exact in e4m3: using FP8 e4m3 activations (s = amax/448)"
@@ -108,18 +113,22 @@ def _log_once(module, msg: str) -> None:
 
 
 def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """Run a QuantLinear-like ``module`` on ``x`` (..., K) with its ``backend``."""
-    bits = module.current_a_bits()
+    """Run a QuantLinear-like ``module`` on ``x`` (..., K) with its ``backend``.
+
+    Under ``torch.compile`` the plan is the bit-independent one and the step's bits are read
+    inside the FP8 custom op (no guard on the Python-side bit-width, so δ-GBS never recompiles);
+    logging is skipped while tracing (the op logs the A6/A8 format note itself).
+    """
+    compiling = torch.compiler.is_compiling()
+    bits = None if compiling else module.current_a_bits()
     plan = plan_forward(module, x.device, bits)
-    if plan.reason:
+    if plan.reason and not compiling:
         _log_once(module, f"falling back to emulated: {plan.reason}")
     if plan.path == "emulated":
         return emulated_forward(module, x)
-    if plan.note:
-        _log_once(module, plan.note)
     from .fp8 import fp8_forward  # imports triton: only on the FP8 path
 
-    return fp8_forward(module, x, bits, plan.fmt, plan.per_block)
+    return fp8_forward(module, x, None, None, plan.per_block)
 
 
 __all__ = ["BACKENDS", "Plan", "plan_forward", "quant_linear_forward", "emulated_forward",

@@ -41,13 +41,13 @@ from typing import Optional
 import torch
 
 from ..errors import NonFiniteError
+from ..numerics.hadamard import hadamard_matrix, hadamard_rotate
 from .expand import ExpansionPool, expand_int4_to_fp8
 from .triton_act_quant import act_quant, fusable_rotation
 
 log = logging.getLogger(__name__)
 
 _POOL = ExpansionPool()
-_PERSISTENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _BLOCKWISE_RECIPE: dict = {}           # device → recipe that worked ("1x128" / "128x128")
 
 
@@ -64,12 +64,7 @@ def fp8_weight(module) -> torch.Tensor:
     per parameter); anything else (default) expands into the shared per-shape pool.
     """
     if getattr(module, "fp8_weight_cache", "expand") == "persistent":
-        key = (module.qweight.data_ptr(), module.qweight._version, module.w_zero._version)
-        hit = _PERSISTENT.get(module)
-        if hit is None or hit[0] != key:
-            hit = (key, expand_int4_to_fp8(module.qweight, module.w_zero))
-            _PERSISTENT[module] = hit
-        return hit[1]
+        return _persistent_weight(module.qweight, module.w_zero)
     return _POOL.expand(module.qweight, module.w_zero)
 
 
@@ -143,38 +138,141 @@ def gemm_blockwise(q, s_kmajor, w8, w_scale, bias, out_dtype, recipe: Optional[s
 
 
 # ---------------------------------------------------------------------------------- forward
-def quantize_for_fp8(module, x2: torch.Tensor, bits: int, fmt: str, per_block: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Transform + quantize tokens (M, K) with the fused kernel; rotations it can't fuse go first."""
-    smooth = getattr(module, "smooth", None)
-    if smooth is not None:
-        state = getattr(module, "state", None)
-        t = 0 if state is None or state.step_index is None else state.step_index
-        smooth = smooth[min(t, smooth.shape[0] - 1)]
-    r = module.rotation_block or None
-    block = module.scale_block if per_block else None
+_HADAMARD: dict = {}
+_NOTED: set = set()
+
+
+def _hadamard(r: int, device) -> torch.Tensor:
+    key = (r, str(device))
+    if key not in _HADAMARD:
+        _HADAMARD[key] = hadamard_matrix(r, torch.float32, device)
+    return _HADAMARD[key]
+
+
+def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
+    """The step's activation bits: the shared override in ``bits`` (CPU int32, −1 = none) or the layer's."""
+    b = int(bits.reshape(-1)[0]) if bits.numel() else -1
+    return default_bits if b < 0 else b
+
+
+def act_format_for(bits: int, a8_fp8: bool, layer_name: str) -> str:
+    """"int" (int-grid codes, exact in e4m3 for ≤ 5 bits) or "fp8" (e4m3 values) for ``bits``."""
+    if bits <= 5:
+        return "int"
+    if not (a8_fp8 and bits == 8) and (layer_name, bits) not in _NOTED:
+        _NOTED.add((layer_name, bits))
+        log.info("layer %s: A%d int-grid codes are not exact in e4m3: using FP8 e4m3 activations "
+                 "(s = amax/448)", layer_name or "?", bits)
+    return "fp8"
+
+
+def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torch.Tensor],
+                    rotation_block: int, scale_block: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transform + quantize tokens (M, K) with the fused kernel; rotations it can't fuse go first.
+
+    Returns codes (M, K) fp8 and scales (M, G) fp32 — for per-block scales a transposed view of a
+    contiguous (G, M) buffer, the layout blockwise ``_scaled_mm`` wants.
+    """
+    r = rotation_block or None
     h = None
-    if r and not fusable_rotation(module.in_features, r, block):
-        x2 = module.transform_input(x2.float())   # large / odd rotation (and smooth): torch first
-        smooth = None
+    if r and not fusable_rotation(x2.shape[1], r, scale_block):
+        xf = x2.float()                            # large / odd rotation (and smooth): torch first
+        if smooth is not None:
+            xf = xf / smooth
+        x2, smooth = hadamard_rotate(xf, r), None
     elif r:
-        h = module.hadamard_block(x2.device)
-    return act_quant(x2, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=block,
-                     scales_k_major=per_block)
+        h = _hadamard(r, x2.device)
+    return act_quant(x2, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=scale_block,
+                     scales_k_major=scale_block is not None)
 
 
-def fp8_forward(module, x: torch.Tensor, bits: int, fmt: str, per_block: bool) -> torch.Tensor:
-    """y = x̂ Ŵᵀ + b through ``_scaled_mm``; output in x's dtype (bf16 GEMM output for fp32 x)."""
+def _persistent_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
+    """One FP8 copy per packed weight tensor, rebuilt when the weight or zero point is written to."""
+    ver = (qweight.data_ptr(), qweight._version, w_zero._version)
+    key = id(qweight)
+    hit = _PERSISTENT.get(key)
+    if hit is None or hit[0] != ver:
+        if hit is None:                           # drop the copy when the packed weight dies
+            weakref.finalize(qweight, _PERSISTENT.pop, key, None)
+        hit = (ver, expand_int4_to_fp8(qweight, w_zero))
+        _PERSISTENT[key] = hit
+    return hit[1]
+
+
+_PERSISTENT: dict = {}     # id(qweight) → ((data_ptr, versions), FP8 copy); entries die with the weight
+
+
+@torch.library.custom_op("dvdquant::w4_linear_fp8", mutates_args=())
+def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
+                  bias: Optional[torch.Tensor], smooth: Optional[torch.Tensor], bits: torch.Tensor,
+                  default_bits: int, rotation_block: int, a8_fp8: bool, per_block: bool, scale_block: int,
+                  persistent: bool, layer_name: str) -> torch.Tensor:
+    """One W4 linear on the FP8 path: x2 (M, K) bf16/fp16/fp32 → (M, N) bf16/fp16.
+
+    A custom op so that ``torch.compile`` traces a quantized model without graph breaks: the op
+    is opaque to dynamo/inductor (they fuse the glue *around* it), and the step's bit-width is
+    read from the CPU tensor ``bits`` inside it, so δ-GBS switching never triggers a recompile.
+    The weight expansion into the shared per-shape buffer happens inside too, so no compiled
+    graph ever holds a pooled buffer across two layers.
+    """
+    b = resolve_bits(bits, default_bits)
+    w_scale = w_scale.float()                     # (N, 1) fp32 Δ, also if the model was cast with .to()
+    out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    n = qweight.shape[0]
+    w8 = _persistent_weight(qweight, w_zero) if persistent else _POOL.expand(qweight, w_zero)   # (N, K) fp8
+    bias_o = None if bias is None else bias.to(out_dtype)
+    if b >= 16:                          # no activation quantization: bf16 GEMM on the dequantized weight
+        xf = x2.float() if smooth is None else x2.float() / smooth
+        if rotation_block:
+            xf = hadamard_rotate(xf, rotation_block)
+        w = (w8.float() * w_scale.reshape(n, 1)).to(out_dtype)
+        return torch.nn.functional.linear(xf.to(out_dtype), w, bias_o)
+    fmt = act_format_for(b, a8_fp8, layer_name)
+    blk = scale_block if per_block else None
+    q, s = quantize_tokens(x2, b, fmt, smooth, rotation_block, blk)                          # (M, K), (M, G)
+    if check_finite_enabled() and not bool(torch.isfinite(s).all()):
+        raise NonFiniteError(f"layer {layer_name or '?'}: input activations hold NaN/Inf")
+    if per_block:
+        return gemm_blockwise(q, s, w8, w_scale, bias_o, out_dtype)
+    return gemm_rowwise(q, s, w8, w_scale, bias_o, out_dtype)
+
+
+@w4_linear_fp8.register_fake
+def _w4_linear_fp8_fake(x2, qweight, w_zero, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8,
+                        per_block, scale_block, persistent, layer_name):
+    out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return x2.new_empty((x2.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+def _selected_smooth(module) -> Optional[torch.Tensor]:
+    smooth = getattr(module, "smooth", None)
+    if smooth is None:
+        return None
+    state = getattr(module, "state", None)
+    t = 0 if state is None or state.step_index is None else state.step_index
+    return smooth[min(t, smooth.shape[0] - 1)]
+
+
+def _bits_tensor(module, bits: Optional[int]) -> torch.Tensor:
+    if bits is not None:
+        return torch.full((1,), int(bits), dtype=torch.int32)
+    state = getattr(module, "state", None)
+    bt = getattr(state, "bits_tensor", None)
+    return bt if bt is not None else torch.full((1,), -1, dtype=torch.int32)
+
+
+def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Optional[str] = None,
+                per_block: bool = False) -> torch.Tensor:
+    """y = x̂ Ŵᵀ + b through ``_scaled_mm``; output in x's dtype (bf16 GEMM output for fp32 x).
+
+    ``bits`` None: the op reads the step's bits from the model's RuntimeState (the compiled path);
+    an int forces them. ``fmt`` is implied by the bits (kept for callers that pass it).
+    """
     shape = x.shape
     x2 = x.reshape(-1, module.in_features)                                   # (M, K)
-    q, s = quantize_for_fp8(module, x2, bits, fmt, per_block)                # (M, K) fp8, (M, G)
-    if check_finite_enabled() and not bool(torch.isfinite(s).all()):
-        raise NonFiniteError(f"layer {module.layer_name or '?'}: input activations hold NaN/Inf")
-    w8 = fp8_weight(module)                                                  # (N, K) fp8
-    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    bias = None if module.bias is None else module.bias.to(out_dtype)
-    if per_block:
-        y = gemm_blockwise(q, s, w8, module.w_scale, bias, out_dtype)
-    else:
-        y = gemm_rowwise(q, s, w8, module.w_scale, bias, out_dtype)
+    y = w4_linear_fp8(x2, module.qweight, module.w_zero, module.w_scale, module.bias, _selected_smooth(module),
+                      _bits_tensor(module, bits), int(module.a_bits), int(module.rotation_block or 0),
+                      getattr(module, "a8_format", "int") == "fp8_e4m3", bool(per_block),
+                      int(module.scale_block), getattr(module, "fp8_weight_cache", "expand") == "persistent",
+                      str(module.layer_name or ""))
     return y.to(x.dtype).reshape(*shape[:-1], module.out_features)

@@ -205,9 +205,74 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr,
         tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
 
 
+@triton.jit
+def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr,
+                         M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
+                         BLOCK_M: tl.constexpr, TILE: tl.constexpr, PER_BLOCK: tl.constexpr,
+                         FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """Rotated bf16/fp16 tokens, written as a matmul: grid (cdiv(M, BLOCK_M),).
+
+    Each K-tile is ``tl.dot(x_tile, S)`` with S the (TILE, TILE) block-diagonal ±1 tile, both
+    operands loaded straight from global memory so that Triton's software pipeliner stages them
+    in shared memory (cp.async) and feeds the tensor cores from there (wgmma on sm90) — the
+    standard GEMM dataflow, with no register → shared-memory layout conversion of the operands.
+    ±1 times a bf16/fp16 value is exact, sums are fp32; ``· inv_sqrt_r`` once afterwards.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < M
+    kk = tl.arange(0, TILE)
+    rows64 = rows.to(tl.int64)
+    x_ptrs = x_ptr + rows64[:, None] * stride_xm + kk[None, :]           # (BLOCK_M, TILE)
+    q_ptrs = q_ptr + rows64[:, None] * stride_qm + kk[None, :]
+    h_ptrs = h_ptr + kk[:, None] * TILE + kk[None, :]                    # (TILE, TILE), L2-resident
+    if PER_BLOCK:                       # one pass: every tile is its own scale group
+        for k0 in range(0, K, TILE):
+            a = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+            h = tl.load(h_ptrs)
+            if IEEE_DOT:
+                xr = tl.dot(a.to(tl.float32), h, input_precision="ieee")
+            else:
+                xr = tl.dot(a, h)
+            xr = xr * inv_sqrt_r
+            s = _scale_of(_abs_max(xr), qmax, inv_qmax, SCALE_BY_RECIP)
+            c = _quantize(xr, s, qmax, FP8_FMT)
+            tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
+            tl.store(s_ptr + rows * stride_sm + (k0 // TILE) * stride_sg, s, mask=mask_m)
+    else:                               # two passes: row amax, then quantize (re-read mostly from L2)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, TILE):
+            a = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+            h = tl.load(h_ptrs)
+            if IEEE_DOT:
+                xr = tl.dot(a.to(tl.float32), h, input_precision="ieee")
+            else:
+                xr = tl.dot(a, h)
+            amax = tl.maximum(amax, _abs_max(xr * inv_sqrt_r))
+        s = _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
+        for k0 in range(0, K, TILE):
+            a = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+            h = tl.load(h_ptrs)
+            if IEEE_DOT:
+                xr = tl.dot(a.to(tl.float32), h, input_precision="ieee")
+            else:
+                xr = tl.dot(a, h)
+            c = _quantize(xr * inv_sqrt_r, s, qmax, FP8_FMT)
+            tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
+
+
 # ---------------------------------------------------------------------------------- launcher
 # Launch parameters (tuned on an H100, see docs/KERNELS.md).
 DEFAULT_CONFIG = {"block_m": 64, "num_warps": 8, "num_stages": 3, "hoist_h": True, "block_k": 256}
+# Launch parameters of the matmul-form rotated kernel (``act_quant_rot_kernel``; swept by
+# benchmarks/tune_act_quant.py, see docs/results/speed.md).
+ROT_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 3}
+
+
+def inv_sqrt_r(r: int) -> float:
+    """fp32(1/√R): the factor both kernels and the reference apply once after the ±1 dot."""
+    return float(torch.tensor(1.0 / r ** 0.5, dtype=torch.float32))
 
 
 def _is_pow2(n: int) -> bool:
@@ -242,7 +307,7 @@ def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device)
 
 def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[torch.Tensor] = None,
               h_block: Optional[torch.Tensor] = None, block: Optional[int] = None,
-              scales_k_major: bool = False, config: Optional[dict] = None
+              scales_k_major: bool = False, config: Optional[dict] = None, kernel: str = "auto"
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize tokens ``x`` (M, K) bf16/fp16/fp32 to FP8 codes (M, K) and fp32 scales (M, G).
 
@@ -253,9 +318,16 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     ``scales_k_major``: return the (M, G) scales as a transposed view of a contiguous (G, M)
     buffer, the layout ``_scaled_mm``'s 1×128 blockwise scaling wants.
     ``config``: launch parameters overriding :data:`DEFAULT_CONFIG` (block_m, num_warps,
-    num_stages, hoist_h, block_k for the unrotated case).
+    num_stages, hoist_h, block_k for the unrotated case) or, for the matmul-form kernel,
+    :data:`ROT_CONFIG`.
+    ``kernel``: ``"auto"``/``"legacy"`` run :func:`act_quant_kernel` (±1 tile hoisted into
+    registers); ``"mm"`` runs a fused rotation of bf16/fp16 tokens without ``smooth`` through the
+    matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23× *slower* on an H200
+    (docs/results/speed.md) and is kept as a selectable, tested variant for other chips.
+    Both compute the same function (same ±1 dot, same 1/√R factor, same quantizer).
     """
-    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    if kernel not in ("auto", "mm", "legacy"):
+        raise ConfigError(f"unknown act_quant kernel {kernel!r}")
     if x.dim() != 2:
         raise ConfigError(f"act_quant expects 2-D tokens (M, K), got shape {tuple(x.shape)}")
     if fmt not in ("int", "fp8"):
@@ -264,6 +336,11 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         raise ConfigError(f"int-grid codes of {bits} bits are not all exact in FP8 e4m3 (need 2..5)")
     m, k = x.shape
     r = None if h_block is None else h_block.shape[0]
+    mm_ok = r is not None and smooth is None and x.dtype in (torch.bfloat16, torch.float16)
+    if kernel == "mm" and not mm_ok:
+        raise ConfigError("the matmul-form kernel needs a fused rotation of bf16/fp16 tokens without smooth")
+    use_mm = mm_ok and kernel == "mm"   # "auto" keeps the register-hoisted kernel: faster on the H200 (speed.md)
+    cfg = dict(ROT_CONFIG if use_mm else DEFAULT_CONFIG, **(config or {}))
     if not fusable_rotation(k, r, block):
         raise ConfigError(f"rotation of order {r} cannot be fused for K={k}, block={block}: rotate first")
     if block is not None and (not _is_pow2(block) or k % block):
@@ -276,6 +353,17 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         else torch.empty(m, g, dtype=torch.float32, device=x.device)
     if m == 0:
         return codes, scales
+    if use_mm:
+        ieee = interpreting()           # bf16 tl.dot is broken in Triton 3.9's interpreter
+        h = _hadamard_tile(h_block, tile, torch.float32 if ieee else x.dtype, x.device)
+        qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
+        inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)
+        act_quant_rot_kernel[(triton.cdiv(m, cfg["block_m"]),)](
+            x, h, codes, scales, m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1),
+            qmax, inv_qmax, inv_sqrt_r(r),
+            BLOCK_M=cfg["block_m"], TILE=tile, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
+            SCALE_BY_RECIP=x.is_cuda, IEEE_DOT=ieee, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return codes, scales
     rot_mode = 0 if interpreting() else (1 if x.dtype == torch.bfloat16 and smooth is None else 3)
     h = None
     if r:
@@ -287,7 +375,7 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     act_quant_kernel[grid](
         x, sm if sm is not None else x, h if h is not None else x, codes, scales,
         m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1), qmax, inv_qmax,
-        (1.0 / r ** 0.5) if r else 1.0,
+        inv_sqrt_r(r) if r else 1.0,
         BLOCK_M=cfg["block_m"], BLOCK_K=tile, HAS_SMOOTH=sm is not None, ROTATE=h is not None,
         ROT_MODE=rot_mode, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
         SCALE_BY_RECIP=x.is_cuda, HOIST_H=cfg["hoist_h"], num_warps=cfg["num_warps"],
@@ -299,7 +387,13 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
 def act_quant_reference(x: torch.Tensor, *, bits: int, fmt: str = "int",
                         smooth: Optional[torch.Tensor] = None, h_block: Optional[torch.Tensor] = None,
                         block: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch reference of :func:`act_quant` (same contract as ``QuantLinear``'s simulated path)."""
+    """The torch reference of :func:`act_quant` (same contract as ``QuantLinear``'s simulated path).
+
+    The rotation is spelled the way the kernels compute it (±1 block, then ``· fp32(1/√R)``), so
+    reference and kernel define the same function; they can still differ where the fp32 sum of
+    a 128-term ±x dot product is inexact (wide dynamic range inside one block) and the two
+    summation orders round differently — a value on a rounding boundary then moves one code.
+    """
     from ..numerics.hadamard import rotate_last_dim
     from .emulated import quantize_rows
 
@@ -307,7 +401,10 @@ def act_quant_reference(x: torch.Tensor, *, bits: int, fmt: str = "int",
     if smooth is not None:
         xf = xf / smooth.float()
     if h_block is not None:
-        xf = rotate_last_dim(xf, h_block.float())
+        # the kernels' definition: exact ±1 products summed in fp32, then one multiply by fp32(1/√R)
+        # (equal to x·H up to rounding; only the summation order can still differ from a kernel's)
+        r = h_block.shape[0]
+        xf = rotate_last_dim(xf, torch.sign(h_block.float())) * inv_sqrt_r(r)
     m, k = xf.shape
     b = block or k
     codes, scale = quantize_rows(xf.reshape(m * (k // b), b), bits, fmt)

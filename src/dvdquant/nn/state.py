@@ -14,14 +14,30 @@ import torch
 
 @dataclass
 class RuntimeState:
-    """Mutable per-model state read by quantized layers at forward time."""
+    """Mutable per-model state read by quantized layers at forward time.
+
+    ``bits_tensor`` mirrors ``a_bits`` in a 1-element CPU int32 tensor (−1 for None). The FP8
+    kernels read the bit-width from it *inside* their custom op, so a ``torch.compile``d model
+    switches A4 ↔ A8 between steps (δ-GBS) without a guard on a Python int, i.e. without
+    recompiling; reading a CPU tensor costs no device synchronisation.
+    """
 
     a_bits: Optional[int] = None      # overrides every layer's configured activation bits when set
     step_index: Optional[int] = None  # current denoising step (None outside a sampling loop)
     history: list = field(default_factory=list)  # (step_index, a_bits) actually used, for reports
+    bits_tensor: torch.Tensor = field(default_factory=lambda: torch.full((1,), -1, dtype=torch.int32),
+                                      repr=False, compare=False)
     # context parallelism (dvdquant.distributed.enable_context_parallel): the ranks that share one
     # sequence; statistics taken over tokens (ARQ's per-channel Λ_t) are reduced over it
     process_group: Optional[object] = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name, value) -> None:
+        object.__setattr__(self, name, value)
+        if name == "a_bits" and "bits_tensor" in self.__dict__:
+            self.bits_tensor.fill_(-1 if value is None else int(value))
+
+    def __post_init__(self) -> None:
+        self.bits_tensor.fill_(-1 if self.a_bits is None else int(self.a_bits))
 
     def reset(self) -> None:
         self.a_bits = None
