@@ -174,9 +174,14 @@ def numerics(which: str, device, backend: str) -> dict:
             if exact is not None:
                 res[f"{name}_single_vs_emulated"] = rel(single, exact)   # the one-device tolerance
             res[f"{name}_backend"] = be
+            res[f"{name}_single_repeat_vs_single"] = rel(forward(m, lat, kw), single)   # run-to-run determinism
             enable_context_parallel(m)
             res[f"{name}_cp_vs_single"] = rel(forward(m, lat, kw), single)
             res[f"{name}_vs_bf16"] = rel(single, ref)
+            if cfg.auto_scale == "per_channel":         # the same without the all-reduce of Λ_t
+                group, state.process_group = state.process_group, None
+                res[f"{name}_cp_no_reduce_vs_single"] = rel(forward(m, lat, kw), single)
+                state.process_group = group
         guarded(res, name, one)
     # sharded quantization vs one process, on this device type
 
@@ -256,7 +261,8 @@ def _with_attention(model, mode, fn):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="wan14b", choices=["wan14b", "wan-small", "tiny"])
+    ap.add_argument("--model", default="wan14b", choices=["wan14b", "wan-small", "tiny", "none"],
+                    help="model of the speed part ('none' skips it)")
     ap.add_argument("--check-model", default=None, help="model of the numerics part (default: wan-small on GPU, "
                     "tiny on CPU; 'none' skips it)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -288,13 +294,14 @@ def main():
         if rank == 0:
             print(json.dumps(out["numerics"]), flush=True)
     reset_peak(device)
-    out["speed"] = speed(args.model, device, backend, args.steps, args.full_ref)
+    if args.model != "none":
+        out["speed"] = speed(args.model, device, backend, args.steps, args.full_ref)
     out["total_s"] = round(time.perf_counter() - t0, 1)
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
     (path / f"cp_rank{rank}.json").write_text(json.dumps(out, indent=2))
     dist.barrier()
-    if rank == 0:
+    if rank == 0 and "speed" in out:
         s = out["speed"]
         print(f"{s['model']} ({s['tokens']} tokens), {world} ranks, {out['cp']}, {out['device']}")
         cols = ["bf16"] + [k[:-6] for k in s if k.endswith("_cp_ms") and not k.startswith("bf16")]
@@ -302,6 +309,7 @@ def main():
         print("|" + "---|" * (len(cols) + 1))
         print("| ms, median of %d | " % args.steps + " | ".join(f"{s.get(c + '_cp_ms', float('nan')):.1f}" for c in cols) + " |")
         print("| peak GB, rank 0 | " + " | ".join(str(s.get(c + "_cp_peak_gb")) for c in cols) + " |")
+    if rank == 0:
         print(json.dumps(out, indent=1), flush=True)
     dist.destroy_process_group()
 
