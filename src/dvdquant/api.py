@@ -23,6 +23,7 @@ from . import baselines  # noqa: F401  (registers the baseline methods)
 from .algorithms import GBSController, StepIndexHook, get_method
 from .errors import DVDQuantError
 from .models.adapters import select_linears
+from .nn import attention as qattn
 from .nn.quant_linear import QuantLinear
 from .nn.state import STATE_ATTR, RuntimeState, get_state
 
@@ -116,6 +117,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     state.reset()
     setattr(model, STATE_ATTR, state)
     setattr(model, CONFIG_ATTR, config)
+    qattn.apply_config(model, config)             # DVDQuantConfig.attention: 8-bit attention (opt out: "none")
     report = QuantReport(method.name, type(model).__name__, layers, time.perf_counter() - t0,
                          stats.passes if stats is not None else 0)
     log.info("quantized %d layers of %s with %s in %.2f s", len(layers), report.model_class, method.name,

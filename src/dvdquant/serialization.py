@@ -30,6 +30,7 @@ from . import __version__
 from .api import CONFIG_ATTR, _set_submodule, quantized_layers
 from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError
+from .nn import attention as qattn
 from .nn.quant_linear import QuantLinear
 from .nn.state import STATE_ATTR, RuntimeState, get_state
 
@@ -176,4 +177,5 @@ def load(path, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
     model.to(device)
     setattr(model, STATE_ATTR, state)
     setattr(model, CONFIG_ATTR, config_from_dict(meta["config"]))
+    qattn.apply_config(model, getattr(model, CONFIG_ATTR))   # reinstall 8-bit attention from the saved config
     return model

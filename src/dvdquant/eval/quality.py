@@ -133,6 +133,8 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
                lambda b: dvdquant_config(b, auto_scale="none"), only_bits=LOW_BITS, ablates="auto-scaling"),
     MethodSpec("dvdquant-no-gbs", "DVD-Quant − δ-GBS (static A4)", "ablation", _no_gbs,
                only_bits=("W4A6",), ablates="δ-GBS"),
+    MethodSpec("dvdquant-no-qattn", "DVD-Quant − 8-bit attention", "ablation",
+               lambda b: dvdquant_config(b, attention="none"), only_bits=("W4A8",), ablates="8-bit attention"),
 )}
 
 

@@ -1,0 +1,174 @@
+"""8-bit attention kernel vs cuDNN and flash bf16 SDPA at video-DiT shapes, side by side in one process.
+
+    PYTHONPATH=src python3 benchmarks/bench_attention.py --out attention_bench.json [--quick]
+
+1. A launch-configuration sweep of the kernel (block sizes, warps, stages; INT8 and FP8 Q·Kᵀ)
+   at L = 32768, 24 heads × 128.
+2. For every shape: cuDNN SDPA, flash SDPA (both bf16, on (B, H, L, D)-contiguous inputs, their
+   best case), the kernel alone (K/V already quantized), the K/V quantize pass, and the whole
+   call from bf16 Q/K/V in the model layout (B, L, H, D); TFLOP/s = 4·B·H·Lq·Lk·D / time; accuracy
+   (cos, rel. L2) of the kernel against cuDNN on DiT-like random inputs.
+Timing: CUDA events, warm-up, the median of ``--reps`` runs (METHOD.md). Benchmarks write files;
+nothing here is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dvdquant.kernels.attention_triton import _attn_fwd_kernel, quant_attention, quantize_kv
+from dvdquant.kernels.attention_ref import LOG2E, QMAX
+
+log = logging.getLogger("bench_attention")
+SHAPES = [  # (B, H, L, D): Wan 2.1 14B 480p (32,760 tokens, 40 heads), 24-head L = 32k..68k, head_dim 64
+    (1, 24, 32768, 128), (1, 40, 32760, 128), (1, 24, 49152, 128), (1, 24, 67320, 128), (1, 40, 67320, 128),
+    (1, 48, 32768, 64),
+]
+
+
+def timed(fn, reps: int, warmup: int = 2) -> float:
+    """Median seconds of ``reps`` runs, each between two CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times)
+
+
+def metrics(o, r):
+    o, r = o.float().flatten(), r.float().flatten()
+    return round(float(torch.nn.functional.cosine_similarity(o, r, dim=0)), 6), round(float((o - r).norm() / r.norm()), 5)
+
+
+def inputs(B, H, L, D, seed=0):
+    """DiT-like: K with a shared per-channel offset, V with a channel mean; model layout (B, L, H, D)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, L, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = torch.randn(B, L, H, D, device="cuda", generator=g, dtype=torch.bfloat16) + \
+        (torch.randn(1, 1, H, D, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    v = torch.randn(B, L, H, D, device="cuda", generator=g, dtype=torch.bfloat16) + \
+        torch.randn(1, 1, H, D, device="cuda", generator=g).to(torch.bfloat16)
+    return q, k, v
+
+
+def kernel_only(q, kv, fmt, bm, bn, warps, stages):
+    """The attention kernel on already-quantized K/V (what a fused QKV-producing kernel would leave)."""
+    B, Lq, H, D = q.shape
+    out = torch.empty_like(q)
+    lkp = kv.k8.shape[2]
+    c = LOG2E / math.sqrt(D)
+    grid = (triton_cdiv(Lq, bm), B * H)
+
+    def run():
+        _attn_fwd_kernel[grid](q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, kv.v_scale, out, out,
+                               Lq, kv.lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
+                               out.stride(1), out.stride(2), 0, 0, c, D=D, BLOCK_M=bm, BLOCK_N=bn,
+                               QK_INT8=fmt == "int8", QMAX_QK=QMAX[fmt], HAS_BIAS=False, RAGGED=kv.lk % bn != 0,
+                               RETURN_LSE=False, EXACT_FP8=False, num_warps=warps, num_stages=stages)
+    return run
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def sweep(reps: int, quick: bool) -> list:
+    B, H, L, D = 1, 24, 32768, 128
+    q, k, v = inputs(B, H, L, D)
+    flops = 4 * B * H * L * L * D
+    rows = []
+    grid = [(128, bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+    if quick:
+        grid = [(128, 64, 8, 3), (128, 128, 8, 3)]
+    for fmt in ("int8", "fp8"):
+        for bm, bn, w, s in grid:
+            kv = quantize_kv(k, v, fmt, bn)
+            try:
+                t = timed(kernel_only(q, kv, fmt, bm, bn, w, s), reps)
+                rows.append(dict(fmt=fmt, bm=bm, bn=bn, warps=w, stages=s, ms=round(t * 1e3, 3),
+                                 tflops=round(flops / t / 1e12, 1)))
+            except Exception as e:  # noqa: BLE001 — out of shared memory / registers: record and go on
+                rows.append(dict(fmt=fmt, bm=bm, bn=bn, warps=w, stages=s, error=str(e)[:120]))
+            log.info("sweep %s", rows[-1])
+    return rows
+
+
+def compare(shapes, best: dict, reps: int) -> list:
+    rows = []
+    for B, H, L, D in shapes:
+        q, k, v = inputs(B, H, L, D)
+        flops = 4 * B * H * L * L * D
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        row = dict(B=B, H=H, L=L, D=D)
+        ref = None
+        for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel(be):
+                    f = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+                    t = timed(f, reps)
+                    if ref is None:
+                        ref = f().transpose(1, 2)
+                row[f"{name}_ms"], row[f"{name}_tflops"] = round(t * 1e3, 3), round(flops / t / 1e12, 1)
+            except RuntimeError as e:
+                row[f"{name}_error"] = str(e)[:120]
+        base = row.get("cudnn_ms") or row.get("flash_ms")
+        for fmt, cfg in best.items():
+            bm, bn, w, s = cfg
+            kv = quantize_kv(k, v, fmt, bn)
+            tk = timed(kernel_only(q, kv, fmt, bm, bn, w, s), reps)
+            tq = timed(lambda: quantize_kv(k, v, fmt, bn), reps)
+            tt = timed(lambda: quant_attention(q, k, v, qk_format=fmt, block_n=bn, block_m=bm, num_warps=w,
+                                               num_stages=s), reps)
+            out = quant_attention(q, k, v, qk_format=fmt, block_n=bn, block_m=bm, num_warps=w, num_stages=s)
+            cos, rel = metrics(out, ref) if ref is not None else (None, None)
+            row[fmt] = dict(config=dict(bm=bm, bn=bn, warps=w, stages=s), kernel_ms=round(tk * 1e3, 3),
+                            kernel_tflops=round(flops / tk / 1e12, 1), quant_kv_ms=round(tq * 1e3, 3),
+                            total_ms=round(tt * 1e3, 3), total_tflops=round(flops / tt / 1e12, 1),
+                            speedup_kernel_vs_cudnn=round(base / (tk * 1e3), 3) if base else None,
+                            speedup_total_vs_cudnn=round(base / (tt * 1e3), 3) if base else None,
+                            cos_vs_cudnn=cos, rel_l2_vs_cudnn=rel)
+        log.info("compare %s", json.dumps(row))
+        rows.append(row)
+        del q, k, v, qt, kt, vt, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="attention_bench.json")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="two sweep configs, first two shapes")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    sw = sweep(args.reps, args.quick)
+    best = {}
+    for fmt in ("int8", "fp8"):
+        ok = [r for r in sw if r["fmt"] == fmt and "ms" in r]
+        if ok:
+            b = min(ok, key=lambda r: r["ms"])
+            best[fmt] = (b["bm"], b["bn"], b["warps"], b["stages"])
+    rows = compare(SHAPES[:2] if args.quick else SHAPES, best, args.reps)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  triton=__import__("triton").__version__, sweep=sw, best=best, shapes=rows)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""8-bit attention, the reference: exactly the numerics of the Triton kernel, in plain torch.
+
+Why this file exists: the quantized attention kernel (:mod:`.attention_triton`) only runs on
+GPUs (or, slowly, in Triton's interpreter). This module computes the *same* quantized
+attention with ordinary torch ops on any device, so that (1) CI checks the kernel against it
+on tiny shapes, (2) CPU runs of a quantized model (tests, the demo, quality tables) see the
+accuracy of the GPU kernel rather than of bf16 SDPA, and (3) the numerics are written down
+once, readably. See ``docs/ATTENTION.md`` for the derivation.
+
+Layout: diffusers' dispatch layout, ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D).
+Internally everything is (B, H, L, D).
+
+The scheme (SageAttention-style, data-free: every scale comes from the current tensors):
+
+1. **K smoothing**: K' = K − mean_L(K) per (batch, head, channel). Every score of a query row
+   moves by the same q·mean(K), so the softmax, and the output, do not change — but K' has
+   no large shared offset, so its 8-bit grid is much finer.
+2. **Q per token, K per block of ``block_n`` keys**, INT8 (``qk_format="int8"``, s = amax/127,
+   round half to even) or FP8 e4m3 (``"fp8"``, s = amax/448). Per-token Q costs nothing in
+   the kernel: the per-row scale folds into the multiply that already applies the softmax
+   scale. Per-block K (one scalar per key tile) likewise.
+3. **Online softmax over key tiles of ``block_n``** (FlashAttention), in the log2 domain:
+   s = (q8·k8ᵀ) · sq_i · sk_j · scale · log2(e); m = running row max; p = 2^(s − m).
+   The row sum l accumulates the fp32 p.
+4. **P in FP8**: p ∈ [0, 1], quantized as e4m3(448·p) (a static scale: the row max maps to
+   448, e4m3's largest value). Because of the online softmax, p is relative to the running
+   max at the tile where it is computed: the reference must loop over key tiles in the same
+   order as the kernel to round the same values.
+5. **V smoothing + per-channel FP8**: V' = V − mean_L(V); v8 = e4m3(V' · 448/amax_L|V'|) per
+   (batch, head, channel). Since Σ_j p_j / l = 1, out = (Σ_j p_j v'_j)/l + mean(V) exactly,
+   and centring V shrinks both V's and P's rounding errors in absolute terms.
+6. **Accumulation**: Q·Kᵀ codes sum exactly (int32, or fp32 for e4m3 codes); P·V of one tile
+   in fp32, added to an fp32 accumulator (two-level accumulation, as on the tensor cores).
+   out = acc · (amax_V'/448)/448 / l + mean(V); lse = (m + log2 l)·ln 2 + scale·q·mean(K)
+   (natural log, of the true scores: smoothing shifted each row by q·mean(K)).
+
+Masks: an additive *key* bias (B, 1 or H, Lk) in natural-log units (−inf = masked), i.e. a
+key-padding mask; masks that vary along queries are not handled here (callers fall back to
+SDPA). Keys past Lk in the last tile are masked. A row with every key masked outputs mean(V)
+instead of NaN (l = 0 would divide by zero: the kernel and the reference both clamp l).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+QMAX = {"int8": 127.0, "fp8": 448.0}
+P_SCALE = 448.0          # p ∈ [0, 1] → e4m3(448·p)
+TINY = 1e-30             # amax floor: an all-zero row/block gets codes 0, not NaN
+L_FLOOR = 1e-30          # row sum floor: fully masked rows give mean(V), not NaN
+QK_FORMATS = tuple(QMAX)
+E4M3 = torch.float8_e4m3fn
+
+
+@dataclass
+class QuantKV:
+    """K and V prepared for the kernel (shared by the reference and the Triton launcher).
+
+    ``k8``: (B, H, Lkp, D) codes (int8 or e4m3), Lkp = Lk rounded up to ``block_n`` (zeros
+    past Lk); ``k_scale``: (B, H, Lkp/block_n) fp32; ``v8t``: (B, H, D, Lkp) e4m3 codes of
+    V' stored transposed (keys contiguous: the K-major B operand FP8 tensor cores want);
+    ``v_scale``: (B, H, D) fp32 = amax_L|V'|/448; ``v_mean``, ``k_mean``: (B, H, D) fp32.
+    """
+
+    k8: torch.Tensor
+    k_scale: torch.Tensor
+    v8t: torch.Tensor
+    v_scale: torch.Tensor
+    v_mean: torch.Tensor
+    k_mean: torch.Tensor
+    lk: int
+    block_n: int
+
+
+def round_codes(y: torch.Tensor, qk_format: str) -> torch.Tensor:
+    """fp32 ``y`` (already divided by its scale) → codes as fp32-valued grid points."""
+    if qk_format == "int8":
+        return torch.round(y).clamp_(-127.0, 127.0)
+    return y.clamp(-448.0, 448.0).to(E4M3).float()
+
+
+def kv_stats(k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K mean, V mean and V's per-channel inverse scale 448/amax_L|V − mean|, each (B, H, D) fp32.
+
+    ``k``, ``v``: (B, Lk, H, D). amax|V − m| = max(max V − m, m − min V) (exact: fp32
+    rounding is monotonic), so V is read for min/max/mean without a centred copy.
+    """
+    k_mean = torch.mean(k, dim=1, dtype=torch.float32)            # (B, H, D)
+    v_mean = torch.mean(v, dim=1, dtype=torch.float32)
+    v_amax = torch.maximum(v.amax(dim=1).float() - v_mean, v_mean - v.amin(dim=1).float())
+    v_inv = 448.0 / v_amax.clamp_min(TINY)                        # (B, H, D)
+    return k_mean, v_mean, v_inv
+
+
+def quantize_kv_reference(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8",
+                          block_n: int = 64) -> QuantKV:
+    """Smooth and quantize K (per block of ``block_n`` keys) and V (per channel); see module doc."""
+    B, Lk, H, D = k.shape
+    nb = -(-Lk // block_n)
+    lkp = nb * block_n
+    k_mean, v_mean, v_inv = kv_stats(k, v)
+    kc = k.float().permute(0, 2, 1, 3) - k_mean[:, :, None, :]    # (B, H, Lk, D) centred
+    kc = torch.nn.functional.pad(kc, (0, 0, 0, lkp - Lk))         # zeros past Lk
+    blocks = kc.view(B, H, nb, block_n, D)
+    amax = blocks.abs().amax(dim=(3, 4)).clamp_min(TINY)          # (B, H, nb)
+    qmax = QMAX[qk_format]
+    k8 = round_codes(blocks * (qmax / amax)[..., None, None], qk_format).view(B, H, lkp, D)
+    vc = v.float().permute(0, 2, 1, 3) - v_mean[:, :, None, :]     # (B, H, Lk, D)
+    v8 = (vc * v_inv[:, :, None, :]).clamp(-448.0, 448.0).to(E4M3)
+    v8t = torch.nn.functional.pad(v8.float(), (0, 0, 0, lkp - Lk)).transpose(2, 3).to(E4M3)
+    k8 = k8.to(torch.int8) if qk_format == "int8" else k8.to(E4M3)
+    return QuantKV(k8, amax / qmax, v8t.contiguous(), 1.0 / v_inv, v_mean, k_mean, Lk, block_n)
+
+
+def quantize_q_reference(q: torch.Tensor, qk_format: str = "int8") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token codes (B, H, Lq, D) fp32-valued and scales (B, H, Lq) of ``q`` (B, Lq, H, D)."""
+    qf = q.float().permute(0, 2, 1, 3)
+    amax = qf.abs().amax(dim=-1).clamp_min(TINY)                  # (B, H, Lq)
+    qmax = QMAX[qk_format]
+    return round_codes(qf * (qmax / amax)[..., None], qk_format), amax / qmax
+
+
+def _mask_4d(attn_mask: torch.Tensor, B: int, H: int, Lk: int) -> Optional[torch.Tensor]:
+    """``attn_mask`` viewed as (1|B, 1|H, 1, Lk), or None if it is not a key-padding mask."""
+    m = attn_mask
+    if m.ndim == 2 and m.shape[0] == B and B > 1:
+        m = m[:, None, None, :]                                   # (B, Lk): diffusers' 2-D form
+    while m.ndim < 4:
+        m = m.unsqueeze(0)
+    if m.ndim != 4 or m.shape[2] != 1 or m.shape[3] != Lk or m.shape[1] not in (1, H) or m.shape[0] not in (1, B):
+        return None
+    return m
+
+
+def is_key_padding_mask(attn_mask: Optional[torch.Tensor], B: int, H: int, Lk: int) -> bool:
+    """True for None or a bool/float mask that is the same for every query (what the kernel takes)."""
+    if attn_mask is None:
+        return True
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        return False
+    return _mask_4d(attn_mask, B, H, Lk) is not None
+
+
+def key_bias(attn_mask: Optional[torch.Tensor], B: int, H: int, Lk: int) -> Optional[torch.Tensor]:
+    """A key-padding mask as an additive fp32 bias (B, 1 or H, Lk) in natural-log units.
+
+    Accepts bool (True = attend) or float (additive) masks of shape (Lk,), (B, Lk),
+    (B, 1, Lk), (B, 1|H, 1, Lk) or anything broadcastable with every query dim of size 1.
+    Raises ValueError for masks that vary along queries.
+    """
+    if attn_mask is None:
+        return None
+    m = _mask_4d(attn_mask, B, H, Lk)
+    if m is None:
+        raise ValueError(f"mask of shape {tuple(attn_mask.shape)} is not a key-padding mask for "
+                         f"B={B}, H={H}, Lk={Lk}")
+    if m.dtype == torch.bool:
+        bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+    else:
+        bias = m.float()
+    return bias[:, :, 0, :].expand(B, bias.shape[1], Lk)
+
+
+def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                              qk_format: str = "int8", block_n: int = 64, return_lse: bool = False,
+                              max_chunk: int = 1 << 24):
+    """8-bit attention in plain torch: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D).
+
+    Returns ``out`` (B, Lq, H, D) in ``q.dtype`` and, if ``return_lse``, ``lse`` (B, Lq, H) fp32.
+    Batches are processed in chunks of at most ``max_chunk`` score elements (memory bound).
+    """
+    if qk_format not in QMAX:
+        raise ValueError(f"qk_format must be one of {QK_FORMATS}, got {qk_format!r}")
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
+    kv = quantize_kv_reference(k, v, qk_format, block_n)
+    q8, sq = quantize_q_reference(q, qk_format)                   # (B, H, Lq, D), (B, H, Lq)
+    bias = key_bias(attn_mask, B, H, Lk)
+    lkp = kv.k8.shape[2]
+    if bias is not None:                                           # (B, 1|H, Lkp) log2 units, −inf past Lk
+        bias = torch.nn.functional.pad(bias * LOG2E, (0, lkp - Lk), value=float("-inf"))
+    per = max(1, max_chunk // max(H * Lq * lkp, 1))
+    outs, lses = [], []
+    for b0 in range(0, B, per):
+        sl = slice(b0, min(B, b0 + per))
+        o, lse = _attend(q8[sl], sq[sl] * c, kv.k8[sl].float(), kv.k_scale[sl], kv.v8t[sl].float(),
+                         None if bias is None else bias[sl], Lk, block_n)
+        outs.append(o * (kv.v_scale[sl] / P_SCALE)[:, :, None, :] + kv.v_mean[sl][:, :, None, :])
+        lses.append(lse)
+    out = torch.cat(outs).permute(0, 2, 1, 3).to(q.dtype)
+    if not return_lse:
+        return out
+    # the scores were computed against K − mean(K): add back q·mean(K)·scale, so lse is that of the
+    # true scores (ring attention merges chunks whose K means differ)
+    shift = torch.einsum("bqhd,bhd->bhq", q.float(), kv.k_mean) * (c / LOG2E)
+    return out, (torch.cat(lses) + shift).permute(0, 2, 1).contiguous()
+
+
+def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
+    """The online softmax of the kernel, vectorised over key tiles.
+
+    The kernel visits key tiles j = 0, 1, … keeping a running max m_j (cummax of tile maxima)
+    and rescales its accumulators by 2^(m_{j−1} − m_j) at each step; the product of those
+    factors from tile j to the end is 2^(m_j − m_last). So P of tile j is 2^(s − m_j) — the
+    values the kernel rounds to e4m3 — and enters the sums with weight 2^(m_j − m_last). The
+    codes are identical to the kernel's; sums differ only in fp32 rounding order.
+    Returns acc/l (B, H, Lq, D) in V-code units and lse (B, H, Lq).
+    """
+    B, H, Lq, _ = q8.shape
+    lkp = k8.shape[2]
+    nb = lkp // block_n
+    col = k_scale.repeat_interleave(block_n, dim=-1)[:, :, None, :]           # (B, H, 1, Lkp)
+    s = (q8 @ k8.transpose(-1, -2)).mul_(rowfac[..., None]).mul_(col)      # (B, H, Lq, Lkp) log2 scores
+    if bias is not None:
+        s += bias[:, :, None, :]
+    elif lk < lkp:
+        s[..., lk:] = float("-inf")
+    s = s.view(B, H, Lq, nb, block_n)
+    m_run = torch.cummax(s.amax(dim=-1), dim=-1).values                    # (B, H, Lq, nb) running max
+    dead = m_run == float("-inf")                                           # no unmasked key yet
+    m_use = m_run.masked_fill(dead, 0.0)
+    p = s.sub_(m_use[..., None]).exp2_()                                    # P of each tile, as the kernel has it
+    m_last = m_use[..., -1:]
+    w = torch.exp2(m_use - m_last).masked_fill_(dead, 0.0)                   # (B, H, Lq, nb)
+    l = (p.sum(dim=-1) * w).sum(dim=-1)                                     # (B, H, Lq)
+    p8 = p.mul_(P_SCALE).to(E4M3).float().mul_(w[..., None])                # e4m3(448 p) · weight
+    acc = p8.view(B, H, Lq, lkp) @ v8t.transpose(-1, -2)                   # (B, H, Lq, D)
+    lc = l.clamp_min(L_FLOOR)
+    lse = (m_run[..., -1] + torch.log2(lc)) * LN2
+    return acc / lc[..., None], lse
+
+
+__all__ = ["QuantKV", "quant_attention_reference", "quantize_kv_reference", "quantize_q_reference", "kv_stats",
+           "key_bias", "is_key_padding_mask", "QK_FORMATS", "LOG2E", "P_SCALE"]

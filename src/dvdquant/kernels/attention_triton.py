@@ -1,0 +1,243 @@
+"""8-bit attention, the Triton kernel: INT8 (or FP8) Q·Kᵀ, FP8 P·V, fp32 online softmax.
+
+Why this file exists: at video sizes attention is 46–76 % of a denoising step (DESIGN §3),
+so quantizing only the linear layers cannot make a step 2× faster. Hopper's FP8/INT8 tensor
+cores run twice the bf16 rate; this kernel puts both attention matmuls on them.
+
+The numerics are those of :mod:`.attention_ref` (read its docstring first); this file only
+decides *where* each step happens:
+
+* ``_quant_kv_kernel`` — one pass over K and V (grid: key tiles × batch·heads). Per tile of
+  ``BLOCK_N`` keys it centres K by its mean, takes the tile's amax, writes int8/e4m3 codes
+  and one fp32 scale; it centres V, scales it per channel into e4m3 and writes it
+  *transposed* (D, Lkp), so P·V's B operand is K-major as FP8 wgmma requires. Means and
+  V's per-channel amax come from :func:`.attention_ref.kv_stats` (three torch reductions).
+* ``_attn_fwd_kernel`` — grid: query tiles × batch·heads. Q is read in the model's layout
+  (B, Lq, H, D) once per program and quantized per token in registers (no extra pass).
+  Then the FlashAttention loop over key tiles: ``tl.dot`` of codes (int32 or fp32
+  accumulator) → one multiply by (sq_i · sk_j · scale · log2 e) → running max, exp2, row
+  sum → P as e4m3(448·p) → ``tl.dot`` with the V tile into a fresh fp32 accumulator, added
+  to the running one. Full tiles run unmasked; a ragged last tile and key-padding masks
+  (an additive per-key bias) are handled by constexpr branches. The epilogue rescales by
+  V's channel scales, divides by l, adds mean(V) and stores (B, Lq, H, D) directly.
+
+Tolerance against the reference (same ``block_n``): the same codes except where fp32
+results differ in the last bit (``exp2`` approximations, fused multiply-adds, summation
+order in the tensor cores) and push a value across an 8-bit rounding boundary; measured on
+CPU (interpreter) and H100 in ``tests/test_attention*.py`` and ``docs/results/attention.md``.
+
+In Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) fp32 → e4m3 casts that carry
+into the next binade are mis-rounded (Triton 3.9), so there the kernel first rounds to the
+e4m3 grid with exact fp32 arithmetic (``EXACT_FP8``); on GPUs the hardware cast (round to
+nearest even, saturating) gives the same values faster.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_ref import LOG2E, QMAX, QuantKV, key_bias, kv_stats
+
+DEFAULT_BLOCK_M = 128
+DEFAULT_BLOCK_N = 128
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _e4m3_rne(y):
+    """Round fp32 ``y`` (|y| ≤ 448) to the nearest e4m3 value, ties to even, in exact fp32 arithmetic:
+    add and subtract 1.5·2^(e+20), whose ulp is e4m3's ulp 2^(e−3) at y's exponent e (e ≥ −6)."""
+    bits = y.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    c = (((e + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return (y + c) - c
+
+
+@triton.jit
+def _to_e4m3(y, EXACT_FP8: tl.constexpr):
+    if EXACT_FP8:
+        y = _e4m3_rne(y)
+    return y.to(tl.float8e4nv)
+
+
+@triton.jit
+def _codes(x, inv, QK_INT8: tl.constexpr, EXACT_FP8: tl.constexpr):
+    """x · inv (inv = qmax/amax, broadcast) → int8 codes (round half to even) or e4m3 codes."""
+    y = x * inv
+    if QK_INT8:
+        r = (y + 12582912.0) - 12582912.0              # 1.5·2^23: exact round-half-even for |y| < 2^22
+        c = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+    else:
+        c = _to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), EXACT_FP8)
+    return c
+
+
+@triton.jit
+def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
+                     Lk, Lkp, H, skb, skl, skh, svb, svl, svh,
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, QMAX_QK: tl.constexpr,
+                     EXACT_FP8: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    valid = (offs_n < Lk)[:, None]
+    # K tile (BLOCK_N, D), centred; rows past Lk are zero and do not move the amax
+    k = tl.load(K + b.to(tl.int64) * skb + offs_n[:, None].to(tl.int64) * skl + h * skh + offs_d[None, :],
+                mask=valid, other=0.0).to(tl.float32)
+    k = tl.where(valid, k - tl.load(KM + bh * D + offs_d)[None, :], 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(k), axis=1), axis=0), 1e-30)   # = attention_ref.TINY
+    k8 = _codes(k, QMAX_QK / amax, QK_INT8, EXACT_FP8)
+    tl.store(K8 + bh.to(tl.int64) * Lkp * D + offs_n[:, None] * D + offs_d[None, :], k8)
+    tl.store(KS + bh * (Lkp // BLOCK_N) + pid_n, amax / QMAX_QK)
+    # V tile: centred, per-channel e4m3, stored transposed (D, Lkp)
+    v = tl.load(V + b.to(tl.int64) * svb + offs_n[:, None].to(tl.int64) * svl + h * svh + offs_d[None, :],
+                mask=valid, other=0.0).to(tl.float32)
+    v = (v - tl.load(VM + bh * D + offs_d)[None, :]) * tl.load(VINV + bh * D + offs_d)[None, :]
+    v8 = _to_e4m3(tl.where(valid, tl.minimum(tl.maximum(v, -448.0), 448.0), 0.0), EXACT_FP8)
+    tl.store(V8T + bh.to(tl.int64) * D * Lkp + offs_d[:, None] * Lkp + offs_n[None, :], tl.trans(v8))
+
+
+@triton.jit
+def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
+               EXACT_FP8: tl.constexpr):
+    """One key tile of the online softmax; returns the updated (m_i, l_i, acc)."""
+    k = tl.load(k_ptr + n0 * D)                                   # (D, BLOCK_N) codes of Kᵀ
+    if QK_INT8:
+        t = tl.dot(q8, k, out_dtype=tl.int32).to(tl.float32)     # exact integer sums
+    else:
+        t = tl.dot(q8, k)
+    s = t * (rowfac * tl.load(KS + n0 // BLOCK_N))[:, None]       # log2-domain scores
+    if HAS_BIAS:
+        s += tl.load(BIAS + n0 + tl.arange(0, BLOCK_N))[None, :]   # −inf past Lk and on masked keys
+    elif RAGGED:
+        s = tl.where((n0 + tl.arange(0, BLOCK_N) < Lk)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if HAS_BIAS:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)      # fully masked so far: p = 0, not NaN
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    pv = tl.dot(_to_e4m3(p * 448.0, EXACT_FP8), tl.load(v_ptr + n0))  # (BLOCK_M, D) fp32, fresh accumulator
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
+                     Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, qk_scale,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
+                     QMAX_QK: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
+                     RETURN_LSE: tl.constexpr, EXACT_FP8: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = (offs_m < Lq)[:, None]
+    # Q tile (BLOCK_M, D) from the model layout, quantized per token in registers
+    q = tl.load(Q + b.to(tl.int64) * sqb + offs_m[:, None].to(tl.int64) * sql + h * sqh + offs_d[None, :],
+                mask=row_ok, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)
+    q8 = _codes(q, (QMAX_QK / amax)[:, None], QK_INT8, EXACT_FP8)
+    rowfac = (amax / QMAX_QK) * qk_scale                          # sq_i · scale · log2 e
+    shift = tl.zeros([BLOCK_M], tl.float32)
+    if RETURN_LSE:   # scores are taken against K − mean(K): lse adds q·mean(K)·scale back (fp32 q)
+        shift = tl.sum(q * tl.load(KM + bh * D + offs_d)[None, :], axis=1) * (qk_scale * 0.6931471805599453)
+    base_k = K8 + bh.to(tl.int64) * Lkp * D
+    base_v = V8T + bh.to(tl.int64) * D * Lkp
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptr = base_k + offs_d[:, None] + offs_n[None, :] * D        # Kᵀ tile (D, BLOCK_N) at key 0
+    v_ptr = base_v + offs_n[:, None] + offs_d[None, :] * Lkp      # V tile (BLOCK_N, D) of Vᵀ at key 0
+    ks = KS + bh * (Lkp // BLOCK_N)
+    bias = BIAS + b.to(tl.int64) * sbb + h * sbh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    n_full = Lk // BLOCK_N * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n0, Lk,
+                                   D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8)
+    if RAGGED:
+        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n_full, Lk,
+                                   D, BLOCK_N, QK_INT8, HAS_BIAS, True, EXACT_FP8)
+    l_c = tl.maximum(l_i, 1e-30)
+    vs = tl.load(VS + bh * D + offs_d) * (1.0 / 448.0)
+    out = acc * vs[None, :] / l_c[:, None] + tl.load(VM + bh * D + offs_d)[None, :]
+    tl.store(O + b.to(tl.int64) * sob + offs_m[:, None].to(tl.int64) * sol + h * soh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok)
+    if RETURN_LSE:
+        lse = (m_i + tl.log2(l_c)) * 0.6931471805599453 + shift
+        tl.store(LSE + (b * Lq + offs_m) * H + h, lse, mask=offs_m < Lq)
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N) -> QuantKV:
+    """Triton version of :func:`.attention_ref.quantize_kv_reference` (same outputs)."""
+    B, Lk, H, D = k.shape
+    nb = triton.cdiv(Lk, block_n)
+    lkp = nb * block_n
+    k_mean, v_mean, v_inv = kv_stats(k, v)
+    dev = k.device
+    k8 = torch.empty(B, H, lkp, D, device=dev, dtype=torch.int8 if qk_format == "int8" else torch.float8_e4m3fn)
+    ks = torch.empty(B, H, nb, device=dev, dtype=torch.float32)
+    v8t = torch.empty(B, H, D, lkp, device=dev, dtype=torch.float8_e4m3fn)
+    _quant_kv_kernel[(nb, B * H)](
+        k, v, k_mean, v_mean, v_inv, k8, ks, v8t, Lk, lkp, H,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        D=D, BLOCK_N=block_n, QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format], EXACT_FP8=interpreting(),
+        num_warps=4)
+    return QuantKV(k8, ks, v8t, 1.0 / v_inv, v_mean, k_mean, Lk, block_n)
+
+
+def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                    scale: Optional[float] = None, qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N,
+                    block_m: int = DEFAULT_BLOCK_M, num_warps: int = 8, num_stages: int = 3,
+                    return_lse: bool = False):
+    """8-bit attention: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D) → ``out`` (B, Lq, H, D) [, lse (B, Lq, H)].
+
+    Thin launcher: checks, allocates, runs the K/V pass and the attention kernel. ``attn_mask``:
+    a key-padding mask (see :func:`.attention_ref.key_bias`). Last dims must be contiguous.
+    """
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if qk_format not in QMAX:
+        raise ValueError(f"qk_format must be one of {tuple(QMAX)}, got {qk_format!r}")
+    if D not in (64, 128) or k.shape != (B, Lk, H, D) or v.shape != k.shape:
+        raise ValueError(f"unsupported shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    kv = quantize_kv(k, v, qk_format, block_n)
+    lkp = kv.k8.shape[2]
+    bias = key_bias(attn_mask, B, H, Lk)
+    if bias is not None:                                          # (B, 1|H, Lkp), log2 units, −inf past Lk
+        padded = torch.full((B, bias.shape[1], lkp), float("-inf"), device=q.device)
+        padded[..., :Lk] = bias * LOG2E
+        bias, sbb, sbh = padded, padded.stride(0), (padded.stride(1) if padded.shape[1] > 1 else 0)
+    else:
+        bias, sbb, sbh = kv.v_scale, 0, 0                         # unused pointer
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Lq, H, device=q.device, dtype=torch.float32) if return_lse else out
+    c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
+    grid = (triton.cdiv(Lq, block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, bias, out, lse,
+        Lq, Lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        sbb, sbh, c,
+        D=D, BLOCK_M=block_m, BLOCK_N=block_n, QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format],
+        HAS_BIAS=attn_mask is not None, RAGGED=Lk % block_n != 0, RETURN_LSE=return_lse,
+        EXACT_FP8=interpreting(), num_warps=num_warps, num_stages=num_stages)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["quant_attention", "quantize_kv", "DEFAULT_BLOCK_M", "DEFAULT_BLOCK_N"]
