@@ -62,7 +62,10 @@ def _model_config(model: nn.Module) -> Optional[dict]:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None
-    return json.loads(json.dumps(dict(cfg), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    # diffusers' private keys (``_use_default_values``: a set, listed in hash order) would make the
+    # header differ between processes; they are not part of the architecture
+    public = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+    return json.loads(json.dumps(public, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
 def save(model: nn.Module, path, extra: Optional[dict] = None) -> Path:

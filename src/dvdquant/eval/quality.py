@@ -105,7 +105,7 @@ def _no_gbs(b: BitSpec) -> DVDQuantConfig:
 class MethodSpec:
     key: str
     label: str
-    family: str                                   # "baseline", "dvdquant" or "ablation"
+    family: str                                   # "baseline", "dvdquant", "ablation" or "variant"
     build: Callable[[BitSpec], object]            # bit-width -> config
     calibrated: bool = False                      # needs calibration=fn(model)
     only_bits: Optional[tuple] = None             # restrict to these bit-width keys
@@ -134,7 +134,10 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
     MethodSpec("dvdquant-no-gbs", "DVD-Quant − δ-GBS (static A4)", "ablation", _no_gbs,
                only_bits=("W4A6",), ablates="δ-GBS"),
     MethodSpec("dvdquant-no-qattn", "DVD-Quant − 8-bit attention", "ablation",
-               lambda b: dvdquant_config(b, attention="none"), only_bits=("W4A8",), ablates="8-bit attention"),
+               lambda b: dvdquant_config(b, attention="none"), only_bits=("W4A8", "W4A4"),
+               ablates="8-bit attention"),
+    MethodSpec("dvdquant-dynsmooth", "DVD-Quant + dynamic smoothing", "variant",
+               lambda b: dvdquant_config(b, smoothing="dynamic"), only_bits=LOW_BITS),
 )}
 
 

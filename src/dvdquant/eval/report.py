@@ -93,6 +93,14 @@ def acceptance(results: dict) -> dict:
             ok, detail = within(r, 1.0)
             add(f"{b}: DVD-Quant within 1 point of FP adherence on every factor", ok, detail)
 
+    with_attn, no_attn = idx.get(("dvdquant", "W4A8")), idx.get(("dvdquant-no-qattn", "W4A8"))
+    if with_attn is not None and no_attn is not None and with_attn["config"]["fields"].get("attention", "none") != "none":
+        gaps = {k: _adh(with_attn)[k] - _adh(no_attn)[k] for k in list(FACTOR_NAMES) + ["all"]}
+        add("W4A8: with 8-bit attention within 1 point of W4A8 without it (issue #6)",
+            all(v >= -1.0 - EPS for v in gaps.values()),
+            "adherence with − without (points): " + ", ".join(f"{k} {_sg(v)}" for k, v in gaps.items())
+            + f"; PSNR {with_attn['metrics']['psnr_db']:.2f} vs {no_attn['metrics']['psnr_db']:.2f} dB")
+
     losses = []
     for key, ref_bits in (("dvdquant-no-bgr", "W4A4"), ("dvdquant-no-rotation", "W4A4"),
                           ("dvdquant-no-autoscale", "W4A4"), ("dvdquant-no-gbs", "W4A6")):
