@@ -47,6 +47,7 @@ from typing import Optional, Tuple
 
 import torch
 
+DEFAULT_BLOCK_N = 128   # keys per tile = per K scale block; the kernel's default too
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 QMAX = {"int8": 127.0, "fp8": 448.0}
@@ -98,7 +99,7 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
 
 
 def quantize_kv_reference(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8",
-                          block_n: int = 64) -> QuantKV:
+                          block_n: int = DEFAULT_BLOCK_N) -> QuantKV:
     """Smooth and quantize K (per block of ``block_n`` keys) and V (per channel); see module doc."""
     B, Lk, H, D = k.shape
     nb = -(-Lk // block_n)
@@ -168,7 +169,7 @@ def key_bias(attn_mask: Optional[torch.Tensor], B: int, H: int, Lk: int) -> Opti
 
 def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                              qk_format: str = "int8", block_n: int = 64, return_lse: bool = False,
+                              qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N, return_lse: bool = False,
                               max_chunk: int = 1 << 24):
     """8-bit attention in plain torch: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D).
 

@@ -41,10 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_ref import LOG2E, QMAX, QuantKV, key_bias, kv_stats
+from .attention_ref import DEFAULT_BLOCK_N, LOG2E, QMAX, QuantKV, key_bias, kv_stats
 
 DEFAULT_BLOCK_M = 128
-DEFAULT_BLOCK_N = 128
 
 
 def interpreting() -> bool:
