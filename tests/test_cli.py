@@ -70,6 +70,7 @@ def test_bad_prompt_word_lists_the_vocabulary(tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["quantize", "--a-bits", "3"], "a_bits"),
     (["quantize", "--w-bits", "9"], "w_bits"),
+    (["quantize", "--method", "minmax", "--attention", "fp8"], "--attention applies to --method dvdquant only"),
     (["quantize", "--model", "no/such/dir"], "neither 'embedded' nor a diffusers model directory"),
     (["generate", "--model", "missing.safetensors", "--prompt", PROMPT], "missing.safetensors"),
 ])

@@ -29,13 +29,19 @@ def _config_from_args(args):
     kw = dict(w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size)
     if args.method == "dvdquant" and args.delta is not None:
         kw["gbs"] = cfgmod.GBSConfig(delta=args.delta)
+    if args.method == "dvdquant":
+        kw["attention"] = args.attention
+    elif args.attention != "int8":
+        raise DVDQuantError(f"--attention applies to --method dvdquant only (got --method {args.method})")
     return cls(**kw)
 
 
 def cmd_demo(args) -> int:
     from .pipeline.demo import run_demo
     from .pipeline.demo import DEMO_PROMPTS
+    from .config import DVDQuantConfig
     result = run_demo(args.out, steps=args.steps, seed=args.seed, prompts=tuple(args.prompt or DEMO_PROMPTS),
+                      config=DVDQuantConfig(w_bits=4, a_bits=4, attention=args.attention),
                       progress=not args.quiet)
     from .pipeline.demo import format_report
     print(format_report(result), end="")
@@ -128,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="dvdquant_demo", help="output folder (default: %(default)s)")
     d.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--attention", choices=["int8", "fp8", "none"], default="int8",
+                   help="8-bit attention of the quantized model, or none (default: %(default)s)")
     d.add_argument("--prompt", action="append", help="caption to generate (repeatable; default: 4 built-in "
                    "prompts covering shapes, colours, motions and backgrounds)")
     d.set_defaults(func=cmd_demo)
@@ -139,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, default=4, help="activation bits: 4, 6, 8 or 16 (default: %(default)s)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     q.add_argument("--delta", type=float, default=None, help="enable δ-GBS with this threshold (dvdquant only)")
+    q.add_argument("--attention", choices=["int8", "fp8", "none"], default="int8",
+                   help="8-bit attention installed with DVD-Quant: INT8 Q·Kᵀ + FP8 P·V, FP8 both, or none "
+                   "(keep SDPA) (default: %(default)s)")
     q.add_argument("--out", required=True, help="output folder for quantized.safetensors and report.json")
     q.add_argument("--device", default="cpu")
     q.add_argument("--nproc", type=int, default=1, help="quantize with N processes, layers split between them "

@@ -63,7 +63,8 @@ def run_demo(out_dir="dvdquant_demo", steps: int = 20, seed: int = 0, config: DV
     labels = [f"{tag} #{i + 1}" for i in range(len(prompts)) for tag in ("FP", "W4A4")]
     frame_grid_png(rows, out / "frames.png", row_labels=labels, scale=2)
     result = {
-        "prompts": list(prompts), "steps": steps, "seed": seed, "method": "DVD-Quant W4A4 (BGR + ARQ), simulated",
+        "prompts": list(prompts), "steps": steps, "seed": seed, "method": "DVD-Quant W4A4 (BGR + ARQ), simulated"
+        + (f", {config.attention} attention" if config.attention != "none" else ""),
         "layers_quantized": len(report.layers), "quantize_seconds": round(report.seconds, 3),
         "mean_weight_rel_error": round(report.mean_w_err, 5),
         "mean_weight_rel_error_minmax": round(report.mean_w_err_minmax, 5),
