@@ -128,6 +128,23 @@ def _enable_without_accelerator(model: nn.Module, cp_config, plan: dict) -> None
     apply_context_parallel(model, cp_config, plan)
 
 
+def _ensure_logger_warning_once() -> None:
+    """diffusers' context-parallel hooks call ``logger.warning_once``, which only exists once
+    ``transformers`` has patched ``logging.Logger`` (diffusers 0.42.1 does not define it): without
+    transformers installed, a benign warning path then crashes. Add a once-per-message warning."""
+    if hasattr(logging.Logger, "warning_once"):
+        return
+    seen: set = set()
+
+    def warning_once(self, msg, *args, **kwargs):
+        if (self.name, msg) not in seen:
+            seen.add((self.name, msg))
+            self.warning(msg, *args, **kwargs)
+
+    logging.Logger.warning_once = warning_once
+    log.debug("added logging.Logger.warning_once for diffusers' context-parallel hooks")
+
+
 def enable_context_parallel(model: nn.Module, cp_config=None, *, ulysses_degree: Optional[int] = None,
                             ring_degree: Optional[int] = None, cp_plan: Optional[dict] = None):
     """Run ``model`` (a diffusers transformer, quantized or not) context-parallel over all ranks.
@@ -137,6 +154,7 @@ def enable_context_parallel(model: nn.Module, cp_config=None, *, ulysses_degree:
     weights and inputs on every rank. Returns the ``ContextParallelConfig`` in use.
     """
     _require_initialized()
+    _ensure_logger_warning_once()
     if not hasattr(model, "enable_parallelism"):
         raise DVDQuantError(f"{type(model).__name__} is not a diffusers model (no enable_parallelism)")
     plan = cp_plan if cp_plan is not None else getattr(model, "_cp_plan", None)
