@@ -18,6 +18,16 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _short(name: str) -> str:
     return name.replace("blocks.", "b").replace(".attn1.", ".sa.").replace(".attn2.", ".ca.") \
         .replace(".ffn.net.0.proj", ".ffn.up").replace(".ffn.net.2", ".ffn.down").replace("to_out.0", "out")
@@ -48,12 +58,7 @@ def sqnr_plot(results: dict, layers: dict, path, bits: str = "W4A4") -> Path:
     ax2.set_xlabel("denoising step")
     ax2.set_ylabel("SQNR (dB), all layers")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def gbs_plot(results: dict, path) -> Path:
@@ -85,12 +90,7 @@ def gbs_plot(results: dict, path) -> Path:
     ax2.set_xlabel("denoising step")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def ascii_label(label: str) -> str:

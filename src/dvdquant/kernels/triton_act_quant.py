@@ -206,6 +206,18 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr,
 
 
 @triton.jit
+def _rot_tile(x_ptrs, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT: tl.constexpr):
+    """(BLOCK_M, TILE) tokens times the (TILE, TILE) ±1 tile, fp32, then · 1/√R once."""
+    a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+    h = tl.load(h_ptrs)
+    if IEEE_DOT:
+        xr = tl.dot(a.to(tl.float32), h, input_precision="ieee")
+    else:
+        xr = tl.dot(a, h)
+    return xr * inv_sqrt_r
+
+
+@triton.jit
 def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr,
                          M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
                          BLOCK_M: tl.constexpr, TILE: tl.constexpr, PER_BLOCK: tl.constexpr,
@@ -228,13 +240,7 @@ def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr,
     h_ptrs = h_ptr + kk[:, None] * TILE + kk[None, :]                    # (TILE, TILE), L2-resident
     if PER_BLOCK:                       # one pass: every tile is its own scale group
         for k0 in range(0, K, TILE):
-            a = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
-            h = tl.load(h_ptrs)
-            if IEEE_DOT:
-                xr = tl.dot(a.to(tl.float32), h, input_precision="ieee")
-            else:
-                xr = tl.dot(a, h)
-            xr = xr * inv_sqrt_r
+            xr = _rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT)
             s = _scale_of(_abs_max(xr), qmax, inv_qmax, SCALE_BY_RECIP)
             c = _quantize(xr, s, qmax, FP8_FMT)
             tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
@@ -242,22 +248,10 @@ def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr,
     else:                               # two passes: row amax, then quantize (re-read mostly from L2)
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, TILE):
-            a = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
-            h = tl.load(h_ptrs)
-            if IEEE_DOT:
-                xr = tl.dot(a.to(tl.float32), h, input_precision="ieee")
-            else:
-                xr = tl.dot(a, h)
-            amax = tl.maximum(amax, _abs_max(xr * inv_sqrt_r))
+            amax = tl.maximum(amax, _abs_max(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT)))
         s = _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
         for k0 in range(0, K, TILE):
-            a = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
-            h = tl.load(h_ptrs)
-            if IEEE_DOT:
-                xr = tl.dot(a.to(tl.float32), h, input_precision="ieee")
-            else:
-                xr = tl.dot(a, h)
-            c = _quantize(xr * inv_sqrt_r, s, qmax, FP8_FMT)
+            c = _quantize(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT), s, qmax, FP8_FMT)
             tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
         tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
 
