@@ -87,14 +87,17 @@ def _checks() -> dict:
         x = data(37, k, dtype)
         smooth = torch.rand(k, generator=g) + 0.5 if smooth_on else None
         h = hadamard_matrix(r)
-        c, s = act_quant(x, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=block)
         cr, sr = act_quant_reference(x, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=block)
-        dist = _step_distance(c, cr) if fmt == "fp8" else (c.float() - cr.float()).abs()
-        srel = float(((s - sr).abs() / sr).max())
-        frac = float((dist > 0).float().mean())
-        ok = int(dist.max()) <= 1 and frac <= 1e-3 and srel <= 2e-6
-        res[f"rotated-{dtype}-{fmt}{bits}-R{r}-block{block}-smooth{smooth_on}"] = [
-            ok, f"max_step={int(dist.max())} frac={frac:.2e} scale_rel={srel:.1e}"]
+        # the matmul-form kernel takes bf16/fp16 tokens without smooth, R = 128 (its tile)
+        kernels = ("auto", "mm") if dtype == torch.bfloat16 and not smooth_on and r == 128 else ("auto",)
+        for kern in kernels:
+            c, s = act_quant(x, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=block, kernel=kern)
+            dist = _step_distance(c, cr) if fmt == "fp8" else (c.float() - cr.float()).abs()
+            srel = float(((s - sr).abs() / sr).max())
+            frac = float((dist > 0).float().mean())
+            ok = int(dist.max()) <= 1 and frac <= 1e-3 and srel <= 2e-6
+            res[f"rotated-{kern}-{dtype}-{fmt}{bits}-R{r}-block{block}-smooth{smooth_on}"] = [
+                ok, f"max_step={int(dist.max())} frac={frac:.2e} scale_rel={srel:.1e}"]
 
     # 3. NaN / Inf rows get an inf scale; other rows unaffected
     x = data(20, 256, torch.float32)
