@@ -35,15 +35,9 @@ PROMPTS = ["a red circle moving left on a striped background", "a blue square mo
            "a green triangle moving right on a checkered background", "a yellow cross bouncing on a gradient background"]
 
 
-def _no_attention() -> dict:
-    """Keep attention in SDPA: this script checks the linear layers' fp8 path alone."""
-    import dvdquant
-    return {"attention": "none"} if "attention" in dvdquant.DVDQuantConfig.__dataclass_fields__ else {}
-
-
 def configs():
     import dvdquant
-    na = _no_attention()
+    na = {"attention": "none"}    # keep attention in SDPA: this script checks the linear layers' fp8 path alone
     return {
         "W4A4-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128, auto_scale="none", **na),
         "W4A8e4m3-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=8, a8_format="fp8_e4m3", rotation_block=128,
@@ -55,12 +49,22 @@ def configs():
     }
 
 
+def _timed_generation(model, backend: str, steps: int):
+    """(samples, seconds) of the fixed prompts with every QuantLinear on ``backend``."""
+    import dvdquant
+    from dvdquant.pipeline import generate
+    dvdquant.set_backend(model.transformer, backend)
+    hooks = dvdquant.step_hooks(model.transformer, steps)
+    t0 = time.perf_counter()
+    out = generate(model, PROMPTS, seed=0, steps=steps, hooks=hooks, progress=False)
+    return out, time.perf_counter() - t0
+
+
 def run_config(name, cfg, steps: int, record_steps, device: str = "cuda") -> dict:
     import dvdquant
     from dvdquant.eval.video_metrics import psnr
     from dvdquant.kernels import plan_forward
     from dvdquant.models.embedded import load_embedded
-    from dvdquant.pipeline.generate import generate
 
     model = load_embedded(device=device, dtype=torch.bfloat16)
     dvdquant.quantize_(model.transformer, cfg)
@@ -74,11 +78,7 @@ def run_config(name, cfg, steps: int, record_steps, device: str = "cuda") -> dic
             recorded.setdefault(mod.layer_name, []).append((state.step_index, mod.current_a_bits(),
                                                              args[0].detach().clone()))
     handles = [m.register_forward_pre_hook(pre_hook) for _, m in layers]
-    dvdquant.set_backend(model.transformer, "emulated")
-    hooks = dvdquant.step_hooks(model.transformer, steps)
-    t0 = time.perf_counter()
-    emu = generate(model, PROMPTS, seed=0, steps=steps, hooks=hooks, progress=False)
-    t_emu = time.perf_counter() - t0
+    emu, t_emu = _timed_generation(model, "emulated", steps)
     schedule = [b for _, b in state.history]
     for h in handles:
         h.remove()
@@ -100,11 +100,7 @@ def run_config(name, cfg, steps: int, record_steps, device: str = "cuda") -> dic
                                 "K": m.in_features, "N": m.out_features}
     state.reset()
     # 3. fp8 generation, same seed and noise
-    dvdquant.set_backend(model.transformer, "fp8")
-    hooks = dvdquant.step_hooks(model.transformer, steps)
-    t0 = time.perf_counter()
-    f8 = generate(model, PROMPTS, seed=0, steps=steps, hooks=hooks, progress=False)
-    t_f8 = time.perf_counter() - t0
+    f8, t_f8 = _timed_generation(model, "fp8", steps)
     schedule_f8 = [b for _, b in state.history]
     p = psnr(emu.videos, f8.videos)
     lat_rel = float((f8.latents - emu.latents).norm() / emu.latents.norm())

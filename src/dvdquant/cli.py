@@ -37,13 +37,11 @@ def _config_from_args(args):
 
 
 def cmd_demo(args) -> int:
-    from .pipeline.demo import run_demo
-    from .pipeline.demo import DEMO_PROMPTS
     from .config import DVDQuantConfig
+    from .pipeline.demo import DEMO_PROMPTS, format_report, run_demo
     result = run_demo(args.out, steps=args.steps, seed=args.seed, prompts=tuple(args.prompt or DEMO_PROMPTS),
                       config=DVDQuantConfig(w_bits=4, a_bits=4, attention=args.attention),
                       progress=not args.quiet)
-    from .pipeline.demo import format_report
     print(format_report(result), end="")
     print(f"wrote {args.out}/side_by_side.mp4, side_by_side.gif, frames.png, report.txt, report.json")
     return 0

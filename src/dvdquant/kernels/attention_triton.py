@@ -80,6 +80,13 @@ def _codes(x, inv, QK_INT8: tl.constexpr, EXACT_FP8: tl.constexpr):
 
 
 @triton.jit
+def _load_tokens(ptr, b, h, offs_l, offs_d, s_b, s_l, s_h, mask):
+    """(len(offs_l), D) fp32 tile of head ``h`` from a (B, L, H, D) tensor with unit D stride; 0 where masked."""
+    return tl.load(ptr + b.to(tl.int64) * s_b + offs_l[:, None].to(tl.int64) * s_l + h * s_h + offs_d[None, :],
+                   mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
                      Lk, Lkp, H, skb, skl, skh, svb, svl, svh,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, QMAX_QK: tl.constexpr,
@@ -91,8 +98,7 @@ def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
     offs_d = tl.arange(0, D)
     valid = (offs_n < Lk)[:, None]
     # K tile (BLOCK_N, D), centred; rows past Lk are zero and do not move the amax
-    k = tl.load(K + b.to(tl.int64) * skb + offs_n[:, None].to(tl.int64) * skl + h * skh + offs_d[None, :],
-                mask=valid, other=0.0).to(tl.float32)
+    k = _load_tokens(K, b, h, offs_n, offs_d, skb, skl, skh, valid)
     k = tl.where(valid, k - tl.load(KM + bh * D + offs_d)[None, :], 0.0)
     amax = tl.maximum(tl.max(tl.max(tl.abs(k), axis=1), axis=0), 1e-30)   # = attention_ref.TINY
     k8 = _codes(k, QMAX_QK / amax, QK_INT8, EXACT_FP8)
@@ -147,8 +153,7 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
     offs_d = tl.arange(0, D)
     row_ok = (offs_m < Lq)[:, None]
     # Q tile (BLOCK_M, D) from the model layout, quantized per token in registers
-    q = tl.load(Q + b.to(tl.int64) * sqb + offs_m[:, None].to(tl.int64) * sql + h * sqh + offs_d[None, :],
-                mask=row_ok, other=0.0).to(tl.float32)
+    q = _load_tokens(Q, b, h, offs_m, offs_d, sqb, sql, sqh, row_ok)
     amax = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)
     q8 = _codes(q, (QMAX_QK / amax)[:, None], QK_INT8, EXACT_FP8)
     rowfac = (amax / QMAX_QK) * qk_scale                          # sq_i · scale · log2 e
