@@ -34,7 +34,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dvdquant.errors import DVDQuantError
+
 log = logging.getLogger("bench_cp")
+CP = {"kind": "ulysses"}          # --cp: "ulysses" or "ring" (set in main)
+
+
+def enable_cp(model):
+    """diffusers context parallelism over every rank, Ulysses or ring (``--cp``)."""
+    from dvdquant.distributed import enable_context_parallel
+    if CP["kind"] == "ring":
+        return enable_context_parallel(model, ring_degree=dist.get_world_size())
+    return enable_context_parallel(model)
 
 
 # ------------------------------------------------------------------------------------ models
@@ -60,6 +71,8 @@ def build(which: str, device, seed: int = 0):
             model = WanTransformer3DModel(**cfg).eval()
     finally:
         torch.set_default_dtype(old)
+    if CP["kind"] == "ring" and torch.device(device).type == "cuda":
+        model.set_attention_backend("_native_cudnn")     # ring merges chunks by their lse: SDPA "native" gives none
     g = torch.Generator().manual_seed(seed + 1)
     lat = torch.randn(*lat_shape, generator=g).to(device, torch.bfloat16)
     kw = dict(timestep=torch.tensor([500], device=device),
@@ -136,7 +149,7 @@ def guarded(res: dict, key: str, fn):
     """Run one measurement; a failure is recorded under ``key + '_error'`` and the run goes on."""
     try:
         return fn()
-    except (RuntimeError, ValueError, NotImplementedError, AssertionError, ImportError) as e:
+    except (RuntimeError, ValueError, NotImplementedError, AssertionError, ImportError, DVDQuantError) as e:
         log.error("%s failed: %s", key, e)
         res[key + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         return None
@@ -145,13 +158,16 @@ def guarded(res: dict, key: str, fn):
 # ------------------------------------------------------------------------------------ part 1
 def numerics(which: str, device, backend: str) -> dict:
     import dvdquant
-    from dvdquant.distributed import disable_context_parallel, enable_context_parallel, quantize_sharded
+    from dvdquant.distributed import disable_context_parallel, quantize_sharded
     res = {"model": which}
     m, lat, kw = build(which, device)
     ref = forward(m, lat, kw)
-    enable_context_parallel(m)
-    res["bf16_cp_vs_single"] = rel(forward(m, lat, kw), ref)
-    disable_context_parallel(m)
+
+    def bf16_cp():                                   # ring on CPU: no lse-returning bf16 backend → recorded error
+        enable_cp(m)
+        res["bf16_cp_vs_single"] = rel(forward(m, lat, kw), ref)
+        disable_context_parallel(m)
+    guarded(res, "bf16_cp", bf16_cp)
     del m
     variants = {"w4a4_fp8": (fast_config(), backend, None), "w4a8_fp8": (fast_config(), backend, 8),
                 "w4a4_per_channel": (dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, attention="none"), "emulated", None)}
@@ -175,7 +191,7 @@ def numerics(which: str, device, backend: str) -> dict:
                 res[f"{name}_single_vs_emulated"] = rel(single, exact)   # the one-device tolerance
             res[f"{name}_backend"] = be
             res[f"{name}_single_repeat_vs_single"] = rel(forward(m, lat, kw), single)   # run-to-run determinism
-            enable_context_parallel(m)
+            enable_cp(m)
             res[f"{name}_cp_vs_single"] = rel(forward(m, lat, kw), single)
             res[f"{name}_vs_bf16"] = rel(single, ref)
             if cfg.auto_scale == "per_channel":         # the same without the all-reduce of Λ_t
@@ -202,13 +218,13 @@ def numerics(which: str, device, backend: str) -> dict:
 # ------------------------------------------------------------------------------------ part 2
 def speed(which: str, device, backend: str, steps: int, full_ref: bool) -> dict:
     import dvdquant
-    from dvdquant.distributed import disable_context_parallel, enable_context_parallel, quantize_sharded
+    from dvdquant.distributed import disable_context_parallel, quantize_sharded
     m, lat, kw = build(which, device)
     res = {"model": which, "tokens": lat[0, 0].numel() // 4,
            "params_b": round(sum(p.numel() for p in m.parameters()) / 1e9, 2), "bf16_weight_gb": weight_gb(m)}
     step = lambda: forward(m, lat, kw)                                 # noqa: E731
     ref = step() if full_ref else None
-    enable_context_parallel(m)
+    enable_cp(m)
     reset_peak(device)
     res["bf16_cp_ms"] = time_ms(step, device, steps)
     res["bf16_cp_peak_gb"] = peak_gb(device)
@@ -232,7 +248,7 @@ def speed(which: str, device, backend: str, steps: int, full_ref: bool) -> dict:
         for name, bits, attn in variants:
             state.a_bits = bits
             refs[name] = guarded(res, name + "_single", lambda: _with_attention(m, attn, step))
-    enable_context_parallel(m)
+    enable_cp(m)
     for name, bits, attn in variants:
         state.a_bits = bits
 
@@ -268,8 +284,12 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--full-ref", action="store_true", help="also compare CP with one device at full size")
+    ap.add_argument("--cp", default="ulysses", choices=["ulysses", "ring"],
+                    help="context parallelism: Ulysses (all-to-all over heads) or ring (K/V passed around; "
+                    "bf16 rows then use cuDNN SDPA, which returns the log-sum-exp the ring merge needs)")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
+    CP["kind"] = args.cp
     logging.basicConfig(level=logging.WARNING)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if args.device == "cuda":
@@ -285,7 +305,7 @@ def main():
     import diffusers
     out = {"rank": rank, "world": world, "torch": torch.__version__, "diffusers": diffusers.__version__,
            "device": torch.cuda.get_device_name(device) if args.device == "cuda" else "cpu",
-           "cp": f"ulysses {world}", "backend": backend}
+           "cp": f"{args.cp} {world}", "backend": backend}
     check = args.check_model or ("wan-small" if args.device == "cuda" else "tiny")
     t0 = time.perf_counter()
     if check != "none":

@@ -122,6 +122,42 @@ def linear_weight_bytes(m) -> int:
     return tot
 
 
+def attention_variants(m, state, variant, res, save, args):
+    """The quantized model with 8-bit attention: W4A4/W4A8 eager, W4A4 with fp16 exponentials (if the
+    kernel has them), and W4A4 + torch.compile. A failure is recorded and ends the attention rows."""
+    from dvdquant.kernels import attention_triton as at
+    rows = [("w4a4_attn8", 4, False, None), ("w4a8_attn8", 8, False, None)]
+    if hasattr(at, "FAST_EXP"):
+        rows.append(("w4a4_attn8_fastexp", 4, False, True))
+    if not args.no_compile:
+        rows.append(("w4a4_attn8_compile", 4, True, None))
+    for name, bits, comp, fast in rows:
+        state.a_bits = bits
+        old_fast = getattr(at, "FAST_EXP", None)
+        if fast is not None:
+            at.FAST_EXP = fast
+        try:
+            if comp:
+                torch._dynamo.reset()
+                _set_target(torch.compile(m))
+            variant(name, bits == 4 and not comp)
+        except Exception as e:  # noqa: BLE001 - record, go on
+            res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[-400:]}"
+            save(f"{name}_error")
+            break
+        finally:
+            _set_target(m)
+            if fast is not None:
+                at.FAST_EXP = old_fast
+
+
+_TARGET: list = []
+
+
+def _set_target(t) -> None:
+    _TARGET[:] = [t]
+
+
 def install_attention(m, mode: str) -> dict:
     """dvdquant's 8-bit attention if that module exists in this tree, else why not."""
     try:
@@ -175,10 +211,10 @@ def main() -> None:
     res["bf16_weight_gb"] = round(weight_bytes(m) / 1e9, 2)
     res["bf16_linear_weight_gb"] = round(sum(mod.weight.numel() * 2 for mod in m.modules()
                                               if isinstance(mod, torch.nn.Linear)) / 1e9, 2)
-    target = m
+    _set_target(m)
 
     def step():
-        return target(lat, return_dict=False, **kw)[0]
+        return _TARGET[0](lat, return_dict=False, **kw)[0]
 
     def variant(name: str, profile_it: bool):
         torch.cuda.empty_cache()
@@ -194,9 +230,9 @@ def main() -> None:
     with torch.inference_mode():
         variant("bf16", True)
         if not args.no_compile:
-            target = torch.compile(m)
+            _set_target(torch.compile(m))
             variant("bf16_compile", False)
-            target = m
+            _set_target(m)
             torch._dynamo.reset()
     # ---- quantize (data-free): BGR + rotation folding, on the GPU where the weights are
     na = {"attention": "none"} if "attention" in dvdquant.DVDQuantConfig.__dataclass_fields__ else {}
@@ -223,7 +259,7 @@ def main() -> None:
             variant(f"w4a{bits}", bits == 4)
         if not args.no_compile:
             import torch._dynamo.utils as dutils
-            target = torch.compile(m)
+            _set_target(torch.compile(m))
             state.a_bits = 4
             variant("w4a4_compile", True)
             frames = dict(dutils.counters["stats"])
@@ -239,21 +275,15 @@ def main() -> None:
                 "allocated_gb_before": round(mem0 / 1e9, 3),
                 "allocated_gb_after": round(torch.cuda.memory_allocated() / 1e9, 3)}
             save("gbs_switch")
-            target = m
+            _set_target(m)
             torch._dynamo.reset()
         if args.attention == "dvdquant":          # the same quantized model with 8-bit attention
             res["attention"] = install_attention(m, args.attention_mode)
             save("attention_install")
             if res["attention"]["available"]:
-                for bits in (4, 8):
-                    state.a_bits = bits
-                    try:
-                        variant(f"w4a{bits}_attn8", bits == 4)
-                    except Exception as e:  # noqa: BLE001 - another helper's kernel: record, go on
-                        res[f"w4a{bits}_attn8_error"] = f"{type(e).__name__}: {str(e)[-400:]}"
-                        save(f"w4a{bits}_attn8_error")
-                        break
-    for k in ("w4a4", "w4a8", "w4a4_compile", "w4a8_compile", "bf16_compile", "w4a4_attn8", "w4a8_attn8"):
+                attention_variants(m, state, variant, res, save, args)
+    for k in ("w4a4", "w4a8", "w4a4_compile", "w4a8_compile", "bf16_compile", "w4a4_attn8", "w4a8_attn8",
+              "w4a4_attn8_fastexp", "w4a4_attn8_compile"):
         if f"{k}_ms" in res:
             res[f"{k}_speedup_vs_bf16"] = round(res["bf16_ms"] / res[f"{k}_ms"], 3)
             if "bf16_compile_ms" in res:

@@ -93,9 +93,34 @@ def test_reference_lse_and_fully_masked_rows():
 
 
 # ----------------------------------------------------------------------------- Triton interpreter
-def _interpreter_checks() -> dict:
-    from dvdquant.kernels.attention_triton import quant_attention, quantize_kv
+def _stats_checks(kv_stats_triton) -> dict:
+    """Fixed-order K/V statistics: ≈ torch's, and bit-identical for a head whatever the other heads and
+    the layout (the context-parallel invariance: Ulysses hands each rank a subset of heads)."""
+    from dvdquant.kernels import attention_triton
+    from dvdquant.kernels.attention_ref import kv_stats
     res = {}
+    old = attention_triton.STATS_CHUNK
+    attention_triton.STATS_CHUNK = 128                            # several chunks on a tiny shape
+    try:
+        for Lk in (300, 5):
+            _, k, v = qkv(2, 4, Lk, 4, 64, seed=3)
+            k = k * 3.0 + 0.5                                     # an offset for the means to find
+            got = kv_stats_triton(k, v)
+            close = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, kv_stats(k, v)))
+            halves = [kv_stats_triton(k[:, :, h:h + 2].contiguous(), v[:, :, h:h + 2].contiguous()) for h in (0, 2)]
+            split = all(torch.equal(torch.cat([a[:, :2], b[:, :2]], 1), g) for a, b, g in zip(*halves, got))
+            kt = k.transpose(1, 2).contiguous().transpose(1, 2)   # (B, Lk, H, D) view of a (B, H, Lk, D) tensor
+            vt = v.transpose(1, 2).contiguous().transpose(1, 2)
+            layout = all(torch.equal(a, b) for a, b in zip(kv_stats_triton(kt, vt), got))
+            res[f"stats-Lk{Lk}"] = [bool(close and split and layout), f"close={close} split={split} layout={layout}"]
+    finally:
+        attention_triton.STATS_CHUNK = old
+    return res
+
+
+def _interpreter_checks() -> dict:
+    from dvdquant.kernels.attention_triton import kv_stats_triton, quant_attention, quantize_kv
+    res = _stats_checks(kv_stats_triton)
     cases = [(1, 70, 45, 2, 64, None), (2, 33, 100, 2, 128, "bool"), (1, 64, 64, 1, 64, "additive"),
              (1, 40, 9, 2, 64, None)]
     for i, (B, Lq, Lk, H, D, mk) in enumerate(cases):
@@ -108,7 +133,8 @@ def _interpreter_checks() -> dict:
             mask = torch.zeros(B, H, 1, Lk)
             mask[..., 50:] = -10000.0
         for fmt in ("int8", "fp8"):
-            a, r = quantize_kv(k, v, fmt, 32), quantize_kv_reference(k, v, fmt, 32)
+            a = quantize_kv(k, v, fmt, 32)
+            r = quantize_kv_reference(k, v, fmt, 32, stats=kv_stats_triton(k, v))
             codes = torch.equal(a.k8.view(torch.uint8), r.k8.view(torch.uint8)) and \
                 torch.equal(a.v8t.view(torch.uint8), r.v8t.view(torch.uint8))
             o, lse = quant_attention(q, k, v, attn_mask=mask, qk_format=fmt, block_n=32, block_m=32, return_lse=True)
@@ -117,6 +143,13 @@ def _interpreter_checks() -> dict:
             dl = float((lse - lse2).abs().max())
             res[f"{B}x{Lq}x{Lk}x{H}x{D}-{mk}-{fmt}"] = [bool(codes and rel < 1e-4 and dl < 1e-4),
                                                         f"codes={codes} rel={rel:.1e} lse={dl:.1e}"]
+        if i < 2:                                                 # the fp16-exponential variant
+            o = quant_attention(q, k, v, attn_mask=mask, block_n=32, block_m=32, fast_exp=True)
+            o2 = quant_attention_reference(q, k, v, attn_mask=mask, block_n=32, fast_exp=True)
+            o3 = quant_attention_reference(q, k, v, attn_mask=mask, block_n=32)
+            rel, rel32 = float((o - o2).norm() / o2.norm()), float((o2 - o3).norm() / o3.norm())
+            res[f"{B}x{Lq}x{Lk}x{H}x{D}-{mk}-fast_exp"] = [rel < 1e-4 and rel32 < 5e-3,
+                                                          f"rel={rel:.1e} vs fp32 exp {rel32:.1e}"]
     return res
 
 
@@ -134,7 +167,7 @@ def interp():
 
 def test_triton_kernel_matches_reference_in_interpreter(interp):
     bad = {k: v for k, v in interp.items() if not v[0]}
-    assert len(interp) == 8 and not bad, bad
+    assert len(interp) == 12 and not bad, bad
 
 
 # ----------------------------------------------------------------------------- path selection

@@ -99,12 +99,16 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
 
 
 def quantize_kv_reference(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8",
-                          block_n: int = DEFAULT_BLOCK_N) -> QuantKV:
-    """Smooth and quantize K (per block of ``block_n`` keys) and V (per channel); see module doc."""
+                          block_n: int = DEFAULT_BLOCK_N, stats: Optional[tuple] = None) -> QuantKV:
+    """Smooth and quantize K (per block of ``block_n`` keys) and V (per channel); see module doc.
+
+    ``stats``: (k_mean, v_mean, v_inv) to use instead of :func:`kv_stats` (tests feed the kernel's
+    fixed-order statistics here to compare codes bit for bit).
+    """
     B, Lk, H, D = k.shape
     nb = -(-Lk // block_n)
     lkp = nb * block_n
-    k_mean, v_mean, v_inv = kv_stats(k, v)
+    k_mean, v_mean, v_inv = kv_stats(k, v) if stats is None else stats
     kc = k.float().permute(0, 2, 1, 3) - k_mean[:, :, None, :]    # (B, H, Lk, D) centred
     kc = torch.nn.functional.pad(kc, (0, 0, 0, lkp - Lk))         # zeros past Lk
     blocks = kc.view(B, H, nb, block_n, D)
@@ -170,11 +174,13 @@ def key_bias(attn_mask: Optional[torch.Tensor], B: int, H: int, Lk: int) -> Opti
 def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                               qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N, return_lse: bool = False,
-                              max_chunk: int = 1 << 24):
+                              max_chunk: int = 1 << 24, fast_exp: bool = False):
     """8-bit attention in plain torch: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D).
 
     Returns ``out`` (B, Lq, H, D) in ``q.dtype`` and, if ``return_lse``, ``lse`` (B, Lq, H) fp32.
     Batches are processed in chunks of at most ``max_chunk`` score elements (memory bound).
+    ``fast_exp``: P = fp16(2^fp16(s − m)), the kernel's ``ex2.approx.f16x2`` variant (up to the
+    hardware approximation's last bit; P is rounded to e4m3 right after, which is 128× coarser).
     """
     if qk_format not in QMAX:
         raise ValueError(f"qk_format must be one of {QK_FORMATS}, got {qk_format!r}")
@@ -192,7 +198,7 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for b0 in range(0, B, per):
         sl = slice(b0, min(B, b0 + per))
         o, lse = _attend(q8[sl], sq[sl] * c, kv.k8[sl].float(), kv.k_scale[sl], kv.v8t[sl].float(),
-                         None if bias is None else bias[sl], Lk, block_n)
+                         None if bias is None else bias[sl], Lk, block_n, fast_exp)
         outs.append(o * (kv.v_scale[sl] / P_SCALE)[:, :, None, :] + kv.v_mean[sl][:, :, None, :])
         lses.append(lse)
     out = torch.cat(outs).permute(0, 2, 1, 3).to(q.dtype)
@@ -204,7 +210,7 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, (torch.cat(lses) + shift).permute(0, 2, 1).contiguous()
 
 
-def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
+def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, fast_exp: bool = False):
     """The online softmax of the kernel, vectorised over key tiles.
 
     The kernel visits key tiles j = 0, 1, … keeping a running max m_j (cummax of tile maxima)
@@ -227,7 +233,11 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
     m_run = torch.cummax(s.amax(dim=-1), dim=-1).values                    # (B, H, Lq, nb) running max
     dead = m_run == float("-inf")                                           # no unmasked key yet
     m_use = m_run.masked_fill(dead, 0.0)
-    p = s.sub_(m_use[..., None]).exp2_()                                    # P of each tile, as the kernel has it
+    s = s.sub_(m_use[..., None])
+    if fast_exp:                                                            # the kernel's ex2.approx.f16x2
+        p = s.half().float().exp2_().half().float()
+    else:
+        p = s.exp2_()                                                       # P of each tile, as the kernel has it
     m_last = m_use[..., -1:]
     w = torch.exp2(m_use - m_last).masked_fill_(dead, 0.0)                   # (B, H, Lq, nb)
     l = (p.sum(dim=-1) * w).sum(dim=-1)                                     # (B, H, Lq)

@@ -11,7 +11,15 @@ decides *where* each step happens:
   ``BLOCK_N`` keys it centres K by its mean, takes the tile's amax, writes int8/e4m3 codes
   and one fp32 scale; it centres V, scales it per channel into e4m3 and writes it
   *transposed* (D, Lkp), so P·V's B operand is K-major as FP8 wgmma requires. Means and
-  V's per-channel amax come from :func:`.attention_ref.kv_stats` (three torch reductions).
+  V's per-channel amax come from ``kv_stats_triton`` (below).
+* ``_kv_stats_partial_kernel`` + ``_kv_stats_final_kernel`` — K mean, V mean and V's
+  per-channel amax|V − mean| in one read of K and V, summed in a *fixed order*: chunks of
+  ``STATS_CHUNK`` keys (a constant, not a function of the launch), each summed tile by tile,
+  then the chunk partials added in chunk order by one program per (batch, head). A head's
+  statistics are therefore the same bits whatever else is in the call — how many heads, which
+  layout. torch's reductions choose their split from the whole tensor's shape, so with them the
+  same head got a different last bit when context parallelism (Ulysses) gave each GPU half the
+  heads, and the 8-bit codes downstream moved (``docs/results/multigpu.md``).
 * ``_attn_fwd_kernel`` — grid: query tiles × batch·heads. Q is read in the model's layout
   (B, Lq, H, D) once per program and quantized per token in registers (no extra pass).
   Then the FlashAttention loop over key tiles: ``tl.dot`` of codes (int32 or fp32
@@ -41,9 +49,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_ref import DEFAULT_BLOCK_N, LOG2E, QMAX, QuantKV, key_bias, kv_stats
+from .attention_ref import DEFAULT_BLOCK_N, LOG2E, QMAX, QuantKV, key_bias
 
 DEFAULT_BLOCK_M = 128
+FAST_EXP = False         # default of quant_attention(fast_exp=None): fp16 exponentials (see _exp2_f16)
+STATS_CHUNK = 2048       # keys per partial sum of kv_stats_triton (fixed: part of the numerics)
+STATS_TILE = 64          # keys per tile inside a chunk
 
 
 def interpreting() -> bool:
@@ -65,6 +76,18 @@ def _to_e4m3(y, EXACT_FP8: tl.constexpr):
     if EXACT_FP8:
         y = _e4m3_rne(y)
     return y.to(tl.float8e4nv)
+
+
+@triton.jit
+def _exp2_f16(x, EXACT_FP8: tl.constexpr):
+    """2^x with x rounded to fp16 and the result in fp16 — ``ex2.approx.f16x2``: two exponentials per
+    MUFU instruction instead of one (the softmax's exp is as costly as the FP8 matmuls on Hopper).
+    The interpreter (no inline PTX) computes the same rounding of the argument exactly."""
+    h = x.to(tl.float16)
+    if EXACT_FP8:
+        return tl.math.exp2(h.to(tl.float32)).to(tl.float16)
+    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [h], dtype=tl.float16, is_pure=True,
+                                     pack=2)
 
 
 @triton.jit
@@ -115,7 +138,7 @@ def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
 @triton.jit
 def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
                D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
-               EXACT_FP8: tl.constexpr):
+               EXACT_FP8: tl.constexpr, FAST_EXP: tl.constexpr):
     """One key tile of the online softmax; returns the updated (m_i, l_i, acc)."""
     k = tl.load(k_ptr + n0 * D)                                   # (D, BLOCK_N) codes of Kᵀ
     if QK_INT8:
@@ -132,7 +155,10 @@ def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)      # fully masked so far: p = 0, not NaN
     else:
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
+    if FAST_EXP:
+        p = _exp2_f16(s - m_use[:, None], EXACT_FP8).to(tl.float32)
+    else:
+        p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     pv = tl.dot(_to_e4m3(p * 448.0, EXACT_FP8), tl.load(v_ptr + n0))  # (BLOCK_M, D) fp32, fresh accumulator
@@ -145,7 +171,8 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
                      Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, qk_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
                      QMAX_QK: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
-                     RETURN_LSE: tl.constexpr, EXACT_FP8: tl.constexpr):
+                     RETURN_LSE: tl.constexpr, EXACT_FP8: tl.constexpr, FAST_EXP: tl.constexpr,
+                     WARP_SPEC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -171,12 +198,17 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     n_full = Lk // BLOCK_N * BLOCK_N
-    for n0 in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n0, Lk,
-                                   D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8)
+    if WARP_SPEC:   # Triton's automatic warp specialization (producer/consumer warps); compiled only if asked
+        for n0 in tl.range(0, n_full, BLOCK_N, warp_specialize=True):
+            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n0, Lk,
+                                       D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8, FAST_EXP)
+    else:
+        for n0 in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n0, Lk,
+                                       D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8, FAST_EXP)
     if RAGGED:
         m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n_full, Lk,
-                                   D, BLOCK_N, QK_INT8, HAS_BIAS, True, EXACT_FP8)
+                                   D, BLOCK_N, QK_INT8, HAS_BIAS, True, EXACT_FP8, FAST_EXP)
     l_c = tl.maximum(l_i, 1e-30)
     vs = tl.load(VS + bh * D + offs_d) * (1.0 / 448.0)
     out = acc * vs[None, :] / l_c[:, None] + tl.load(VM + bh * D + offs_d)[None, :]
@@ -187,12 +219,79 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
         tl.store(LSE + (b * Lq + offs_m) * H + h, lse, mask=offs_m < Lq)
 
 
+@triton.jit
+def _kv_stats_partial_kernel(K, V, PART, Lk, H, skb, skl, skh, svb, svl, svh,
+                             D: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr):
+    """Partials of one chunk of keys for one (batch, head): PART[bh, chunk] = (Σk, Σv, max v, min v), each (D,)."""
+    pid_c = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_chunks = tl.num_programs(0)
+    b, h = bh // H, bh % H
+    offs_d = tl.arange(0, D)
+    k_sum = tl.zeros([D], tl.float32)
+    v_sum = tl.zeros([D], tl.float32)
+    v_max = tl.full([D], float("-inf"), tl.float32)
+    v_min = tl.full([D], float("inf"), tl.float32)
+    for t0 in range(0, CHUNK, TILE):                              # fixed order: tile by tile
+        offs_n = pid_c * CHUNK + t0 + tl.arange(0, TILE)
+        valid = (offs_n < Lk)[:, None]
+        k = _load_tokens(K, b, h, offs_n, offs_d, skb, skl, skh, valid)   # (TILE, D), 0 past Lk
+        v = _load_tokens(V, b, h, offs_n, offs_d, svb, svl, svh, valid)
+        k_sum += tl.sum(k, axis=0)
+        v_sum += tl.sum(v, axis=0)
+        v_max = tl.maximum(v_max, tl.max(tl.where(valid, v, float("-inf")), axis=0))
+        v_min = tl.minimum(v_min, tl.min(tl.where(valid, v, float("inf")), axis=0))
+    base = PART + (bh.to(tl.int64) * n_chunks + pid_c) * 4 * D + offs_d
+    tl.store(base, k_sum)
+    tl.store(base + D, v_sum)
+    tl.store(base + 2 * D, v_max)
+    tl.store(base + 3 * D, v_min)
+
+
+@triton.jit
+def _kv_stats_final_kernel(PART, KM, VM, VINV, n_keys, n_chunks, D: tl.constexpr):
+    """One (batch, head): add the chunk partials in chunk order → k_mean, v_mean, 448/amax|V − v_mean|."""
+    bh = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    k_sum = tl.zeros([D], tl.float32)
+    v_sum = tl.zeros([D], tl.float32)
+    v_max = tl.full([D], float("-inf"), tl.float32)
+    v_min = tl.full([D], float("inf"), tl.float32)
+    for c in range(0, n_chunks):
+        base = PART + (bh.to(tl.int64) * n_chunks + c) * 4 * D + offs_d
+        k_sum += tl.load(base)
+        v_sum += tl.load(base + D)
+        v_max = tl.maximum(v_max, tl.load(base + 2 * D))
+        v_min = tl.minimum(v_min, tl.load(base + 3 * D))
+    k_mean = tl.math.div_rn(k_sum, n_keys)                       # n_keys: fp32 Lk (a float argument)
+    v_mean = tl.math.div_rn(v_sum, n_keys)
+    v_amax = tl.maximum(tl.maximum(v_max - v_mean, v_mean - v_min), 1e-30)   # = attention_ref.TINY
+    tl.store(KM + bh * D + offs_d, k_mean)
+    tl.store(VM + bh * D + offs_d, v_mean)
+    tl.store(VINV + bh * D + offs_d, tl.math.div_rn(tl.full([D], 448.0, tl.float32), v_amax))
+
+
+def kv_stats_triton(k: torch.Tensor, v: torch.Tensor):
+    """:func:`.attention_ref.kv_stats` in a fixed summation order (see module doc): ``k``/``v`` (B, Lk, H, D)
+    with unit D stride → k_mean, v_mean, v_inv, each (B, H, D) fp32. A head's result does not depend on
+    the other heads in the call or on the strides (context-parallel invariant)."""
+    B, Lk, H, D = k.shape
+    n_chunks = triton.cdiv(Lk, STATS_CHUNK)
+    part = torch.empty(B * H, n_chunks, 4, D, device=k.device, dtype=torch.float32)
+    _kv_stats_partial_kernel[(n_chunks, B * H)](
+        k, v, part, Lk, H, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        D=D, CHUNK=STATS_CHUNK, TILE=STATS_TILE, num_warps=4)
+    k_mean, v_mean, v_inv = (torch.empty(B, H, D, device=k.device, dtype=torch.float32) for _ in range(3))
+    _kv_stats_final_kernel[(B * H,)](part, k_mean, v_mean, v_inv, float(Lk), n_chunks, D=D, num_warps=1)
+    return k_mean, v_mean, v_inv
+
+
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N) -> QuantKV:
     """Triton version of :func:`.attention_ref.quantize_kv_reference` (same outputs)."""
     B, Lk, H, D = k.shape
     nb = triton.cdiv(Lk, block_n)
     lkp = nb * block_n
-    k_mean, v_mean, v_inv = kv_stats(k, v)
+    k_mean, v_mean, v_inv = kv_stats_triton(k, v)
     dev = k.device
     k8 = torch.empty(B, H, lkp, D, device=dev, dtype=torch.int8 if qk_format == "int8" else torch.float8_e4m3fn)
     ks = torch.empty(B, H, nb, device=dev, dtype=torch.float32)
@@ -208,11 +307,13 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None, qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N,
                     block_m: int = DEFAULT_BLOCK_M, num_warps: int = 8, num_stages: int = 3,
-                    return_lse: bool = False):
+                    return_lse: bool = False, fast_exp: Optional[bool] = None, warp_specialize: bool = False):
     """8-bit attention: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D) → ``out`` (B, Lq, H, D) [, lse (B, Lq, H)].
 
     Thin launcher: checks, allocates, runs the K/V pass and the attention kernel. ``attn_mask``:
     a key-padding mask (see :func:`.attention_ref.key_bias`). Last dims must be contiguous.
+    ``fast_exp`` None: the module's ``FAST_EXP``. ``warp_specialize``: Triton's automatic warp
+    specialization of the key loop (benchmarks only; needs a Triton that supports it on this GPU).
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -240,8 +341,9 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
         sbb, sbh, c,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format],
         HAS_BIAS=attn_mask is not None, RAGGED=Lk % block_n != 0, RETURN_LSE=return_lse,
-        EXACT_FP8=interpreting(), num_warps=num_warps, num_stages=num_stages)
+        EXACT_FP8=interpreting(), FAST_EXP=FAST_EXP if fast_exp is None else bool(fast_exp), WARP_SPEC=warp_specialize, num_warps=num_warps,
+        num_stages=num_stages)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["quant_attention", "quantize_kv", "DEFAULT_BLOCK_M", "DEFAULT_BLOCK_N"]
+__all__ = ["quant_attention", "quantize_kv", "kv_stats_triton", "DEFAULT_BLOCK_M", "DEFAULT_BLOCK_N"]

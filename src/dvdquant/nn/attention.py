@@ -164,12 +164,67 @@ def _cp_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_cau
     return run_quantized(plan, query, key, value, attn_mask, scale, qk_format, return_lse)
 
 
+def _ring_degree(parallel_config) -> int:
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    return int(getattr(cp, "ring_degree", 1) or 1)
+
+
+def sdpa_with_lse(query, key, value, attn_mask=None, scale=None, is_causal=False, enable_gqa=False,
+                  max_chunk: int = 1 << 26):
+    """Exact softmax attention in plain torch (fp32 math) that also returns the log-sum-exp.
+
+    Dispatch layout: ``query`` (B, Lq, H, D), ``key``/``value`` (B, Lk, Hkv, D) → out (B, Lq, H, D)
+    in ``query.dtype``, lse (B, Lq, H) fp32 (natural log). For the SDPA fallbacks under ring attention
+    only (rare shapes); queries are processed in chunks of at most ``max_chunk`` score elements.
+    """
+    B, Lq, H, D = query.shape
+    Lk = key.shape[1]
+    q, k, v = (t.float().permute(0, 2, 1, 3) for t in (query, key, value))      # (B, H, L, D)
+    if enable_gqa and k.shape[1] != H:
+        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    c = scale if scale is not None else D ** -0.5
+    bias = None
+    if attn_mask is not None:
+        bias = attn_mask if attn_mask.dtype != torch.bool else \
+            torch.zeros(attn_mask.shape, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+        bias = bias.float()
+    outs, lses = [], []
+    step = max(1, max_chunk // max(B * H * Lk, 1))
+    for q0 in range(0, Lq, step):
+        s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, q0:q0 + step], k) * c      # (B, H, chunk, Lk)
+        if bias is not None:
+            s = s + (bias if bias.shape[-2] == 1 else bias[..., q0:q0 + step, :])
+        if is_causal:
+            rows = torch.arange(q0, q0 + s.shape[2], device=s.device)[:, None]
+            s = s.masked_fill(torch.arange(Lk, device=s.device)[None, :] > rows, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)                                          # (B, H, chunk)
+        outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(s - lse[..., None]).nan_to_num_(0.0), v))
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).permute(0, 2, 1, 3).to(query.dtype)
+    return out, torch.cat(lses, dim=2).permute(0, 2, 1)
+
+
+def _cp_sdpa_lse_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """Ring attention's per-chunk op for SDPA fallbacks: exact attention with its lse."""
+    if dropout_p > 0.0:
+        raise NotImplementedError("dvdquant's SDPA fallback under ring attention is inference-only (no dropout)")
+    out, lse = sdpa_with_lse(query, key, value, attn_mask, scale, is_causal, enable_gqa)
+    return (out, lse) if return_lse else out
+
+
 def _make_backend(mode: str, path: str, native):
     def dvdquant_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                            enable_gqa=False, return_lse=False, _parallel_config=None):
         plan = plan_attention(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, path)
         if plan.path == "sdpa":
             _log_once(f"falling back to SDPA: {plan.reason}")
+            if _parallel_config is not None and _ring_degree(_parallel_config) > 1:
+                # ring attention merges chunk results by their lse, which diffusers' native SDPA cannot return
+                from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+                return _templated_context_parallel_attention(
+                    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                    forward_op=_cp_sdpa_lse_op, backward_op=_cp_backward_op, _parallel_config=_parallel_config)
             return native(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
                           _parallel_config=_parallel_config)
