@@ -123,19 +123,12 @@ def linear_weight_bytes(m) -> int:
 
 
 def attention_variants(m, state, variant, res, save, args):
-    """The quantized model with 8-bit attention: W4A4/W4A8 eager, W4A4 with fp16 exponentials (if the
-    kernel has them), and W4A4 + torch.compile. A failure is recorded and ends the attention rows."""
-    from dvdquant.kernels import attention_triton as at
-    rows = [("w4a4_attn8", 4, False, None), ("w4a8_attn8", 8, False, None)]
-    if hasattr(at, "FAST_EXP"):
-        rows.append(("w4a4_attn8_fastexp", 4, False, True))
-    if not args.no_compile:
-        rows.append(("w4a4_attn8_compile", 4, True, None))
-    for name, bits, comp, fast in rows:
+    """The quantized model with 8-bit attention: W4A4/W4A8 eager and W4A4 + torch.compile. A failure is
+    recorded and ends the attention rows."""
+    rows = [("w4a4_attn8", 4, False), ("w4a8_attn8", 8, False)] + ([] if args.no_compile else
+                                                                   [("w4a4_attn8_compile", 4, True)])
+    for name, bits, comp in rows:
         state.a_bits = bits
-        old_fast = getattr(at, "FAST_EXP", None)
-        if fast is not None:
-            at.FAST_EXP = fast
         try:
             if comp:
                 torch._dynamo.reset()
@@ -147,8 +140,6 @@ def attention_variants(m, state, variant, res, save, args):
             break
         finally:
             _set_target(m)
-            if fast is not None:
-                at.FAST_EXP = old_fast
 
 
 _TARGET: list = []
@@ -283,7 +274,7 @@ def main() -> None:
             if res["attention"]["available"]:
                 attention_variants(m, state, variant, res, save, args)
     for k in ("w4a4", "w4a8", "w4a4_compile", "w4a8_compile", "bf16_compile", "w4a4_attn8", "w4a8_attn8",
-              "w4a4_attn8_fastexp", "w4a4_attn8_compile"):
+              "w4a4_attn8_compile"):
         if f"{k}_ms" in res:
             res[f"{k}_speedup_vs_bf16"] = round(res["bf16_ms"] / res[f"{k}_ms"], 3)
             if "bf16_compile_ms" in res:

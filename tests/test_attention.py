@@ -143,13 +143,6 @@ def _interpreter_checks() -> dict:
             dl = float((lse - lse2).abs().max())
             res[f"{B}x{Lq}x{Lk}x{H}x{D}-{mk}-{fmt}"] = [bool(codes and rel < 1e-4 and dl < 1e-4),
                                                         f"codes={codes} rel={rel:.1e} lse={dl:.1e}"]
-        if i < 2:                                                 # the fp16-exponential variant
-            o = quant_attention(q, k, v, attn_mask=mask, block_n=32, block_m=32, fast_exp=True)
-            o2 = quant_attention_reference(q, k, v, attn_mask=mask, block_n=32, fast_exp=True)
-            o3 = quant_attention_reference(q, k, v, attn_mask=mask, block_n=32)
-            rel, rel32 = float((o - o2).norm() / o2.norm()), float((o2 - o3).norm() / o3.norm())
-            res[f"{B}x{Lq}x{Lk}x{H}x{D}-{mk}-fast_exp"] = [rel < 1e-4 and rel32 < 5e-3,
-                                                          f"rel={rel:.1e} vs fp32 exp {rel32:.1e}"]
     return res
 
 
@@ -167,7 +160,7 @@ def interp():
 
 def test_triton_kernel_matches_reference_in_interpreter(interp):
     bad = {k: v for k, v in interp.items() if not v[0]}
-    assert len(interp) == 12 and not bad, bad
+    assert len(interp) == 10 and not bad, bad
 
 
 # ----------------------------------------------------------------------------- path selection

@@ -102,14 +102,3 @@ def test_head_split_and_layout_invariance(fmt):
     qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))   # (B, H, L, D) storage
     assert torch.equal(quant_attention(qt, kt, vt, qk_format=fmt), full)
 
-
-def test_fast_exp_variant():
-    """fp16 exponentials (ex2.approx.f16x2): vs the reference's model of them, and still within the
-    accuracy budget against SDPA."""
-    from dvdquant.kernels.attention_ref import quant_attention_reference
-    from dvdquant.kernels.attention_triton import quant_attention
-    q, k, v = _cuda(*qkv(1, 3000, 3000, 4, 128, seed=9))
-    out = quant_attention(q, k, v, fast_exp=True)
-    assert metrics(out, quant_attention_reference(q, k, v, fast_exp=True))[1] <= 2e-3
-    cos, rel = metrics(out, sdpa(q, k, v))
-    assert cos >= 0.999 and rel <= 0.02, (cos, rel)

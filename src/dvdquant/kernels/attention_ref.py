@@ -174,14 +174,11 @@ def key_bias(attn_mask: Optional[torch.Tensor], B: int, H: int, Lk: int) -> Opti
 def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                               qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N, return_lse: bool = False,
-                              max_chunk: int = 1 << 24, fast_exp: bool = False):
+                              max_chunk: int = 1 << 24):
     """8-bit attention in plain torch: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D).
 
     Returns ``out`` (B, Lq, H, D) in ``q.dtype`` and, if ``return_lse``, ``lse`` (B, Lq, H) fp32.
-    Batches are processed in chunks of at most ``max_chunk`` score elements (memory bound).
-    ``fast_exp``: P = fp16(2^fp16(s − m)), the kernel's ``ex2.approx.f16x2`` variant (up to the
-    hardware approximation's last bit; P is rounded to e4m3 right after, which is 128× coarser).
-    """
+    Batches are processed in chunks of at most ``max_chunk`` score elements (memory bound).    """
     if qk_format not in QMAX:
         raise ValueError(f"qk_format must be one of {QK_FORMATS}, got {qk_format!r}")
     B, Lq, H, D = q.shape
@@ -198,7 +195,7 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for b0 in range(0, B, per):
         sl = slice(b0, min(B, b0 + per))
         o, lse = _attend(q8[sl], sq[sl] * c, kv.k8[sl].float(), kv.k_scale[sl], kv.v8t[sl].float(),
-                         None if bias is None else bias[sl], Lk, block_n, fast_exp)
+                         None if bias is None else bias[sl], Lk, block_n)
         outs.append(o * (kv.v_scale[sl] / P_SCALE)[:, :, None, :] + kv.v_mean[sl][:, :, None, :])
         lses.append(lse)
     out = torch.cat(outs).permute(0, 2, 1, 3).to(q.dtype)
@@ -210,7 +207,7 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, (torch.cat(lses) + shift).permute(0, 2, 1).contiguous()
 
 
-def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, fast_exp: bool = False):
+def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
     """The online softmax of the kernel, vectorised over key tiles.
 
     The kernel visits key tiles j = 0, 1, … keeping a running max m_j (cummax of tile maxima)
@@ -233,11 +230,7 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, fast_exp:
     m_run = torch.cummax(s.amax(dim=-1), dim=-1).values                    # (B, H, Lq, nb) running max
     dead = m_run == float("-inf")                                           # no unmasked key yet
     m_use = m_run.masked_fill(dead, 0.0)
-    s = s.sub_(m_use[..., None])
-    if fast_exp:                                                            # the kernel's ex2.approx.f16x2
-        p = s.half().float().exp2_().half().float()
-    else:
-        p = s.exp2_()                                                       # P of each tile, as the kernel has it
+    p = s.sub_(m_use[..., None]).exp2_()                                    # P of each tile, as the kernel has it
     m_last = m_use[..., -1:]
     w = torch.exp2(m_use - m_last).masked_fill_(dead, 0.0)                   # (B, H, Lq, nb)
     l = (p.sum(dim=-1) * w).sum(dim=-1)                                     # (B, H, Lq)

@@ -52,7 +52,6 @@ import triton.language as tl
 from .attention_ref import DEFAULT_BLOCK_N, LOG2E, QMAX, QuantKV, key_bias
 
 DEFAULT_BLOCK_M = 128
-FAST_EXP = False         # default of quant_attention(fast_exp=None): fp16 exponentials (see _exp2_f16)
 STATS_CHUNK = 2048       # keys per partial sum of kv_stats_triton (fixed: part of the numerics)
 STATS_TILE = 64          # keys per tile inside a chunk
 
@@ -76,18 +75,6 @@ def _to_e4m3(y, EXACT_FP8: tl.constexpr):
     if EXACT_FP8:
         y = _e4m3_rne(y)
     return y.to(tl.float8e4nv)
-
-
-@triton.jit
-def _exp2_f16(x, EXACT_FP8: tl.constexpr):
-    """2^x with x rounded to fp16 and the result in fp16 — ``ex2.approx.f16x2``: two exponentials per
-    MUFU instruction instead of one (the softmax's exp is as costly as the FP8 matmuls on Hopper).
-    The interpreter (no inline PTX) computes the same rounding of the argument exactly."""
-    h = x.to(tl.float16)
-    if EXACT_FP8:
-        return tl.math.exp2(h.to(tl.float32)).to(tl.float16)
-    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [h], dtype=tl.float16, is_pure=True,
-                                     pack=2)
 
 
 @triton.jit
@@ -138,7 +125,7 @@ def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
 @triton.jit
 def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
                D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
-               EXACT_FP8: tl.constexpr, FAST_EXP: tl.constexpr):
+               EXACT_FP8: tl.constexpr):
     """One key tile of the online softmax; returns the updated (m_i, l_i, acc)."""
     k = tl.load(k_ptr + n0 * D)                                   # (D, BLOCK_N) codes of Kᵀ
     if QK_INT8:
@@ -155,10 +142,7 @@ def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)      # fully masked so far: p = 0, not NaN
     else:
         m_use = m_new
-    if FAST_EXP:
-        p = _exp2_f16(s - m_use[:, None], EXACT_FP8).to(tl.float32)
-    else:
-        p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     pv = tl.dot(_to_e4m3(p * 448.0, EXACT_FP8), tl.load(v_ptr + n0))  # (BLOCK_M, D) fp32, fresh accumulator
@@ -171,8 +155,7 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
                      Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, qk_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
                      QMAX_QK: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
-                     RETURN_LSE: tl.constexpr, EXACT_FP8: tl.constexpr, FAST_EXP: tl.constexpr,
-                     WARP_SPEC: tl.constexpr):
+                     RETURN_LSE: tl.constexpr, EXACT_FP8: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -198,17 +181,12 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     n_full = Lk // BLOCK_N * BLOCK_N
-    if WARP_SPEC:   # Triton's automatic warp specialization (producer/consumer warps); compiled only if asked
-        for n0 in tl.range(0, n_full, BLOCK_N, warp_specialize=True):
-            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n0, Lk,
-                                       D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8, FAST_EXP)
-    else:
-        for n0 in range(0, n_full, BLOCK_N):
-            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n0, Lk,
-                                       D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8, FAST_EXP)
+    for n0 in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n0, Lk,
+                                   D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8)
     if RAGGED:
         m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n_full, Lk,
-                                   D, BLOCK_N, QK_INT8, HAS_BIAS, True, EXACT_FP8, FAST_EXP)
+                                   D, BLOCK_N, QK_INT8, HAS_BIAS, True, EXACT_FP8)
     l_c = tl.maximum(l_i, 1e-30)
     vs = tl.load(VS + bh * D + offs_d) * (1.0 / 448.0)
     out = acc * vs[None, :] / l_c[:, None] + tl.load(VM + bh * D + offs_d)[None, :]
@@ -307,14 +285,11 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None, qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N,
                     block_m: int = DEFAULT_BLOCK_M, num_warps: int = 8, num_stages: int = 3,
-                    return_lse: bool = False, fast_exp: Optional[bool] = None, warp_specialize: bool = False):
+                    return_lse: bool = False):
     """8-bit attention: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D) → ``out`` (B, Lq, H, D) [, lse (B, Lq, H)].
 
     Thin launcher: checks, allocates, runs the K/V pass and the attention kernel. ``attn_mask``:
-    a key-padding mask (see :func:`.attention_ref.key_bias`). Last dims must be contiguous.
-    ``fast_exp`` None: the module's ``FAST_EXP``. ``warp_specialize``: Triton's automatic warp
-    specialization of the key loop (benchmarks only; needs a Triton that supports it on this GPU).
-    """
+    a key-padding mask (see :func:`.attention_ref.key_bias`). Last dims must be contiguous.    """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     if qk_format not in QMAX:
@@ -341,8 +316,7 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
         sbb, sbh, c,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format],
         HAS_BIAS=attn_mask is not None, RAGGED=Lk % block_n != 0, RETURN_LSE=return_lse,
-        EXACT_FP8=interpreting(), FAST_EXP=FAST_EXP if fast_exp is None else bool(fast_exp), WARP_SPEC=warp_specialize, num_warps=num_warps,
-        num_stages=num_stages)
+        EXACT_FP8=interpreting(), num_warps=num_warps, num_stages=num_stages)
     return (out, lse) if return_lse else out
 
 
