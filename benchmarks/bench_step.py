@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "dvdquant"])
     ap.add_argument("--attention-mode", default="int8", help="dvdquant attention mode (int8 / fp8)")
+    ap.add_argument("--attention-only", action="store_true",
+                    help="with --attention dvdquant: of the quantized rows, only those with 8-bit attention")
     ap.add_argument("--rotation-block", type=int, default=128)
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"])
     args = ap.parse_args()
@@ -245,10 +247,10 @@ def main() -> None:
     dvdquant.set_backend(m, "fp8")
     state = dvdquant.get_state(m)
     with torch.inference_mode():
-        for bits in (4, 8):
+        for bits in () if args.attention_only else (4, 8):
             state.a_bits = bits
             variant(f"w4a{bits}", bits == 4)
-        if not args.no_compile:
+        if not args.no_compile and not args.attention_only:
             import torch._dynamo.utils as dutils
             _set_target(torch.compile(m))
             state.a_bits = 4

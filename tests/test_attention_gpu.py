@@ -102,3 +102,13 @@ def test_head_split_and_layout_invariance(fmt):
     qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))   # (B, H, L, D) storage
     assert torch.equal(quant_attention(qt, kt, vt, qk_format=fmt), full)
 
+
+
+def test_under_torch_compile_same_bits():
+    """torch.compile (Inductor launches the Triton kernels itself, float arguments as fp64) gives the
+    eager call's bits."""
+    from dvdquant.kernels.attention_triton import quant_attention
+    q, k, v = _cuda(*qkv(1, 1000, 1000, 2, 128, seed=11))
+    eager = quant_attention(q, k, v)
+    compiled = torch.compile(lambda a, b, c: quant_attention(a, b, c), fullgraph=True)(q, k, v)
+    assert torch.equal(compiled, eager)

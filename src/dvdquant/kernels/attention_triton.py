@@ -166,6 +166,9 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
     q = _load_tokens(Q, b, h, offs_m, offs_d, sqb, sql, sqh, row_ok)
     amax = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)
     q8 = _codes(q, (QMAX_QK / amax)[:, None], QK_INT8, EXACT_FP8)
+    # a float argument is fp32 when the kernel is launched directly but fp64 when torch.compile (Inductor)
+    # launches it: round it to fp32 here so that every score is computed in fp32 either way
+    qk_scale = (tl.zeros_like(amax) + qk_scale).to(tl.float32)
     rowfac = (amax / QMAX_QK) * qk_scale                          # sq_i · scale · log2 e
     shift = tl.zeros([BLOCK_M], tl.float32)
     if RETURN_LSE:   # scores are taken against K − mean(K): lse adds q·mean(K)·scale back (fp32 q)
@@ -241,8 +244,9 @@ def _kv_stats_final_kernel(PART, KM, VM, VINV, n_keys, n_chunks, D: tl.constexpr
         v_sum += tl.load(base + D)
         v_max = tl.maximum(v_max, tl.load(base + 2 * D))
         v_min = tl.minimum(v_min, tl.load(base + 3 * D))
-    k_mean = tl.math.div_rn(k_sum, n_keys)                       # n_keys: fp32 Lk (a float argument)
-    v_mean = tl.math.div_rn(v_sum, n_keys)
+    n = (tl.zeros([D], tl.int32) + n_keys).to(tl.float32)       # Lk, as an fp32 block
+    k_mean = tl.math.div_rn(k_sum, n)
+    v_mean = tl.math.div_rn(v_sum, n)
     v_amax = tl.maximum(tl.maximum(v_max - v_mean, v_mean - v_min), 1e-30)   # = attention_ref.TINY
     tl.store(KM + bh * D + offs_d, k_mean)
     tl.store(VM + bh * D + offs_d, v_mean)
@@ -260,7 +264,7 @@ def kv_stats_triton(k: torch.Tensor, v: torch.Tensor):
         k, v, part, Lk, H, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=D, CHUNK=STATS_CHUNK, TILE=STATS_TILE, num_warps=4)
     k_mean, v_mean, v_inv = (torch.empty(B, H, D, device=k.device, dtype=torch.float32) for _ in range(3))
-    _kv_stats_final_kernel[(B * H,)](part, k_mean, v_mean, v_inv, float(Lk), n_chunks, D=D, num_warps=1)
+    _kv_stats_final_kernel[(B * H,)](part, k_mean, v_mean, v_inv, Lk, n_chunks, D=D, num_warps=1)
     return k_mean, v_mean, v_inv
 
 
