@@ -57,6 +57,10 @@ def build(which: str, device, seed: int = 0):
     elif which == "wan-small":
         cfg = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=4)
         lat_shape, text = (1, 16, 9, 30, 52), (1, 512, 4096)                 # 3,510 tokens
+    elif which == "tiny64":                                                 # head_dim 64: the 8-bit attention runs
+        cfg = dict(num_attention_heads=4, attention_head_dim=64, in_channels=4, out_channels=4, text_dim=32,
+                   freq_dim=32, ffn_dim=512, num_layers=2, rope_max_seq_len=32)
+        lat_shape, text = (1, 4, 4, 16, 16), (1, 300, 32)                     # 256 video tokens, 300 text
     elif which == "tiny":
         cfg = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, text_dim=32,
                    freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=32)
@@ -185,7 +189,7 @@ def numerics(which: str, device, backend: str) -> dict:
             if cfg.attention == "none":                 # linear layers alone: the exact path is emulated
                 dvdquant.set_backend(m, "emulated")
                 exact = forward(m, lat, kw)
-                dvdquant.set_backend(m, be)
+            dvdquant.set_backend(m, be)                 # every variant on its own backend (attention rows too)
             single = forward(m, lat, kw)
             if exact is not None:
                 res[f"{name}_single_vs_emulated"] = rel(single, exact)   # the one-device tolerance
@@ -277,7 +281,7 @@ def _with_attention(model, mode, fn):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="wan14b", choices=["wan14b", "wan-small", "tiny", "none"],
+    ap.add_argument("--model", default="wan14b", choices=["wan14b", "wan-small", "tiny", "tiny64", "none"],
                     help="model of the speed part ('none' skips it)")
     ap.add_argument("--check-model", default=None, help="model of the numerics part (default: wan-small on GPU, "
                     "tiny on CPU; 'none' skips it)")
