@@ -8,8 +8,8 @@ The numerics are those of :mod:`.attention_ref` (read its docstring first); this
 decides *where* each step happens:
 
 * ``_quant_kv_kernel`` — one pass over K and V (grid: key tiles × batch·heads). Per tile of
-  ``BLOCK_N`` keys it centres K by its mean, takes the tile's amax, writes int8/e4m3 codes
-  and one fp32 scale; it centres V, scales it per channel into e4m3 and writes it
+  ``BLOCK_N`` keys it centres K by its mean, takes each key's amax, writes int8/e4m3 codes
+  and one fp32 scale per key; it centres V, scales it per channel into e4m3 and writes it
   *transposed* (D, Lkp), so P·V's B operand is K-major as FP8 wgmma requires. Means and
   V's per-channel amax come from ``kv_stats_triton`` (below).
 * ``_kv_stats_partial_kernel`` + ``_kv_stats_final_kernel`` — K mean, V mean and V's
@@ -110,10 +110,10 @@ def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
     # K tile (BLOCK_N, D), centred; rows past Lk are zero and do not move the amax
     k = _load_tokens(K, b, h, offs_n, offs_d, skb, skl, skh, valid)
     k = tl.where(valid, k - tl.load(KM + bh * D + offs_d)[None, :], 0.0)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(k), axis=1), axis=0), 1e-30)   # = attention_ref.TINY
-    k8 = _codes(k, QMAX_QK / amax, QK_INT8, EXACT_FP8)
+    amax = tl.maximum(tl.max(tl.abs(k), axis=1), 1e-30)           # (BLOCK_N,) per key; = attention_ref.TINY
+    k8 = _codes(k, (QMAX_QK / amax)[:, None], QK_INT8, EXACT_FP8)
     tl.store(K8 + bh.to(tl.int64) * Lkp * D + offs_n[:, None] * D + offs_d[None, :], k8)
-    tl.store(KS + bh * (Lkp // BLOCK_N) + pid_n, amax / QMAX_QK)
+    tl.store(KS + bh.to(tl.int64) * Lkp + offs_n, amax / QMAX_QK)
     # V tile: centred, per-channel e4m3, stored transposed (D, Lkp)
     v = tl.load(V + b.to(tl.int64) * svb + offs_n[:, None].to(tl.int64) * svl + h * svh + offs_d[None, :],
                 mask=valid, other=0.0).to(tl.float32)
@@ -132,7 +132,7 @@ def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
         t = tl.dot(q8, k, out_dtype=tl.int32).to(tl.float32)     # exact integer sums
     else:
         t = tl.dot(q8, k)
-    s = t * (rowfac * tl.load(KS + n0 // BLOCK_N))[:, None]       # log2-domain scores
+    s = t * rowfac[:, None] * tl.load(KS + n0 + tl.arange(0, BLOCK_N))[None, :]   # log2-domain scores
     if HAS_BIAS:
         s += tl.load(BIAS + n0 + tl.arange(0, BLOCK_N))[None, :]   # −inf past Lk and on masked keys
     elif RAGGED:
@@ -178,7 +178,7 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
     offs_n = tl.arange(0, BLOCK_N)
     k_ptr = base_k + offs_d[:, None] + offs_n[None, :] * D        # Kᵀ tile (D, BLOCK_N) at key 0
     v_ptr = base_v + offs_n[:, None] + offs_d[None, :] * Lkp      # V tile (BLOCK_N, D) of Vᵀ at key 0
-    ks = KS + bh * (Lkp // BLOCK_N)
+    ks = KS + bh.to(tl.int64) * Lkp                               # per-key K scales of this head
     bias = BIAS + b.to(tl.int64) * sbb + h * sbh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -276,7 +276,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block
     k_mean, v_mean, v_inv = kv_stats_triton(k, v)
     dev = k.device
     k8 = torch.empty(B, H, lkp, D, device=dev, dtype=torch.int8 if qk_format == "int8" else torch.float8_e4m3fn)
-    ks = torch.empty(B, H, nb, device=dev, dtype=torch.float32)
+    ks = torch.empty(B, H, lkp, device=dev, dtype=torch.float32)             # per-key K scales
     v8t = torch.empty(B, H, D, lkp, device=dev, dtype=torch.float8_e4m3fn)
     _quant_kv_kernel[(nb, B * H)](
         k, v, k_mean, v_mean, v_inv, k8, ks, v8t, Lk, lkp, H,
