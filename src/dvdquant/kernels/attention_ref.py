@@ -221,7 +221,7 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
     lkp = k8.shape[2]
     nb = lkp // block_n
     col = k_scale[:, :, None, :]                                            # (B, H, 1, Lkp) per-key scales
-    s = (q8 @ k8.transpose(-1, -2)).mul_(rowfac[..., None]).mul_(col)      # (B, H, Lq, Lkp) log2 scores
+    s = (q8 @ k8.transpose(-1, -2)).mul_(col).mul_(rowfac[..., None])      # (B, H, Lq, Lkp) log2 scores
     if bias is not None:
         s += bias[:, :, None, :]
     elif lk < lkp:

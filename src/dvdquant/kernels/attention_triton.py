@@ -126,23 +126,31 @@ def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
 def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
                D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
                EXACT_FP8: tl.constexpr):
-    """One key tile of the online softmax; returns the updated (m_i, l_i, acc)."""
+    """One key tile of the online softmax; returns the updated (m_i, l_i, acc).
+
+    Scores are t·sk_j (column factor) times rowfac_i (row factor). Without a bias the row factor
+    goes into the exponent's fused multiply-add, 2^(sk·rowfac − m), and the tile max is taken on
+    t·sk_j and then scaled (rowfac > 0, and rounding is monotonic: the same m) — as many
+    operations per score as with one scale per tile.
+    """
+    ks = tl.load(KS + n0 + tl.arange(0, BLOCK_N))                 # per-key K scales, issued before the dot
     k = tl.load(k_ptr + n0 * D)                                   # (D, BLOCK_N) codes of Kᵀ
     if QK_INT8:
         t = tl.dot(q8, k, out_dtype=tl.int32).to(tl.float32)     # exact integer sums
     else:
         t = tl.dot(q8, k)
-    s = t * rowfac[:, None] * tl.load(KS + n0 + tl.arange(0, BLOCK_N))[None, :]   # log2-domain scores
+    sk = t * ks[None, :]
     if HAS_BIAS:
-        s += tl.load(BIAS + n0 + tl.arange(0, BLOCK_N))[None, :]   # −inf past Lk and on masked keys
-    elif RAGGED:
-        s = tl.where((n0 + tl.arange(0, BLOCK_N) < Lk)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    if HAS_BIAS:
+        s = sk * rowfac[:, None] + tl.load(BIAS + n0 + tl.arange(0, BLOCK_N))[None, :]   # −inf past Lk / masked
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)      # fully masked so far: p = 0, not NaN
+        p = tl.math.exp2(s - m_use[:, None])
     else:
+        if RAGGED:
+            sk = tl.where((n0 + tl.arange(0, BLOCK_N) < Lk)[None, :], sk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sk, axis=1) * rowfac)
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
+        p = tl.math.exp2(sk * rowfac[:, None] - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     pv = tl.dot(_to_e4m3(p * 448.0, EXACT_FP8), tl.load(v_ptr + n0))  # (BLOCK_M, D) fp32, fresh accumulator
