@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
+from bench_attention import inputs, timed     # DiT-like Q/K/V; median of CUDA-event timings (same directory)
 from dvdquant.kernels import attention_triton as at
 from dvdquant.kernels.attention_ref import kv_stats
 
@@ -29,26 +29,7 @@ SHAPES = {"wan14b": (1, 32760, 40, 128), "hunyuan": (1, 67320, 24, 128)}
 
 
 def timed_ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return round(statistics.median(ts), 3)
-
-
-def dit_like(B, L, H, D, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, device="cuda", generator=g)   # noqa: E731
-    q = r(B, L, H, D).to(torch.bfloat16)
-    k = (r(B, L, H, D) + r(1, 1, H, D) * 3).to(torch.bfloat16)
-    v = (r(B, L, H, D) + r(1, 1, H, D)).to(torch.bfloat16)
-    return q, k, v
+    return round(timed(fn, reps) * 1e3, 3)
 
 
 def ulysses_halves(t):
@@ -58,7 +39,8 @@ def ulysses_halves(t):
 
 
 def one_shape(name, shape) -> dict:
-    q, k, v = dit_like(*shape)
+    B, L, H, D = shape
+    q, k, v = inputs(B, H, L, D)
     res = {"shape_BLHD": list(shape)}
     stats_fns = {"torch": kv_stats, "fixed_order": at.kv_stats_triton}
     orig = at.kv_stats_triton
