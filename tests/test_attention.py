@@ -6,6 +6,7 @@ GPU checks (kernel vs SDPA at real sizes, captured inputs) are in ``tests/test_a
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import subprocess
@@ -161,6 +162,25 @@ def interp():
 def test_triton_kernel_matches_reference_in_interpreter(interp):
     bad = {k: v for k, v in interp.items() if not v[0]}
     assert len(interp) == 10 and not bad, bad
+
+
+def test_sdpa_with_lse_matches_sdpa_and_logsumexp():
+    """The ring-attention fallback: exact attention and its lse, chunked over queries, masks, causal."""
+    from dvdquant.nn.attention import sdpa_with_lse
+    q, k, v = qkv(2, 37, 29, 3, 32, seed=21)
+    keep = torch.ones(2, 1, 1, 29, dtype=torch.bool)
+    keep[1, ..., 20:] = False
+    for mask, causal in ((None, False), (keep, False), (None, True)):
+        out, lse = sdpa_with_lse(q, k, v, attn_mask=mask, is_causal=causal, max_chunk=2 * 3 * 29 * 5)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal)
+        s = qt @ kt.transpose(-1, -2) / math.sqrt(32)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        if causal:
+            s = s.masked_fill(torch.ones(37, 29, dtype=torch.bool).triu(1), float("-inf"))
+        assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+        assert torch.allclose(lse, torch.logsumexp(s, -1).transpose(1, 2), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- path selection

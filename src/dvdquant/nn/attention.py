@@ -219,22 +219,19 @@ def _make_backend(mode: str, path: str, native):
         plan = plan_attention(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, path)
         if plan.path == "sdpa":
             _log_once(f"falling back to SDPA: {plan.reason}")
-            if _parallel_config is not None and _ring_degree(_parallel_config) > 1:
-                # ring attention merges chunk results by their lse, which diffusers' native SDPA cannot return
-                from diffusers.models.attention_dispatch import _templated_context_parallel_attention
-                return _templated_context_parallel_attention(
-                    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
-                    forward_op=_cp_sdpa_lse_op, backward_op=_cp_backward_op, _parallel_config=_parallel_config)
-            return native(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
-                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
-                          _parallel_config=_parallel_config)
-        if _parallel_config is None:
+            if _parallel_config is None or _ring_degree(_parallel_config) == 1:
+                return native(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
+                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse,
+                              _parallel_config=_parallel_config)
+            forward_op = _cp_sdpa_lse_op      # ring merges chunks by their lse, which native SDPA cannot return
+        elif _parallel_config is None:
             return run_quantized(plan, query, key, value, attn_mask, scale, mode, return_lse)
+        else:
+            forward_op = partial(_cp_forward_op, qk_format=mode, plan=plan)
         from diffusers.models.attention_dispatch import _templated_context_parallel_attention
         return _templated_context_parallel_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
-            forward_op=partial(_cp_forward_op, qk_format=mode, plan=plan), backward_op=_cp_backward_op,
-            _parallel_config=_parallel_config)
+            forward_op=forward_op, backward_op=_cp_backward_op, _parallel_config=_parallel_config)
 
     dvdquant_attention.__name__ = backend_value(mode, path)
     return dvdquant_attention
