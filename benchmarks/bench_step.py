@@ -176,6 +176,8 @@ def main() -> None:
     ap.add_argument("--attention-only", action="store_true",
                     help="with --attention dvdquant: of the quantized rows, only those with 8-bit attention")
     ap.add_argument("--rotation-block", type=int, default=128)
+    ap.add_argument("--quantize-modulation", default="default", choices=["default", "on", "off"],
+                    help="AdaLN modulation layers: the config's default, or force weight-only W4 on / bf16 off")
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -229,6 +231,8 @@ def main() -> None:
             torch._dynamo.reset()
     # ---- quantize (data-free): BGR + rotation folding, on the GPU where the weights are
     na = {"attention": "none"} if "attention" in dvdquant.DVDQuantConfig.__dataclass_fields__ else {}
+    if args.quantize_modulation != "default":                       # AdaLN modulation layers, weight-only
+        na["quantize_modulation"] = args.quantize_modulation == "on"
     cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, a8_format="fp8_e4m3", rotation_block=args.rotation_block,
                                   auto_scale=args.auto_scale, **na)     # attention: installed below, per variant
     res["quant_config"] = config_to_dict(cfg)
