@@ -5,8 +5,8 @@ process that imports diffusers costs seconds:
 
 1. ``dvdquant quantize --method quarot --nproc 2`` (rotation folding + RTN) run as the two ranks of a torchrun-style launch (env://),
    writing a checkpoint from rank 0 — compared here with the one-process CLI;
-2. ``quantize_sharded(dst=None)`` (every rank assembles the whole model) — both ranks' models
-   compared with one-process ``quantize_``;
+2. ``quantize_sharded(dst=None)`` (every rank assembles the whole model, incl. the weight-only
+   modulation layer) — both ranks' models compared with one-process ``quantize_``;
 3. diffusers context parallelism (Ulysses, degree 2) of the unquantized and the quantized model
    (ARQ per-channel auto-scaling, simulated and emulated backends, δ-GBS over a few steps), each
    rank against its own one-process reference; plus the same without the per-channel
@@ -32,6 +32,7 @@ from tiny_models import tiny_wan
 
 WORLD = 2
 FAST_BGR = BGRConfig(shrink_steps=6, max_iters=10)   # full BGR on every layer, fewer search steps (speed)
+SHARD_CFG = DVDQuantConfig(bgr=FAST_BGR, quantize_modulation=True)   # incl. a weight-only (A16) layer
 
 
 def _seeded_wan():
@@ -87,7 +88,7 @@ def _worker(rank: int, world: int, tmp: str, port: int) -> None:
     try:
         # --- 2. library: every rank assembles the whole quantized model
         model, inputs = _seeded_wan()
-        rep = quantize_sharded(model, DVDQuantConfig(bgr=FAST_BGR), dst=None)
+        rep = quantize_sharded(model, SHARD_CFG, dst=None)
         res["sharded_state"] = {k: v.clone() for k, v in model.state_dict().items()}
         res["sharded_report_layers"] = [l.name for l in rep.layers]
         # --- 3. context parallelism: single-process reference first, then the same model CP
@@ -167,7 +168,8 @@ def test_cli_sharded_checkpoint_identical(two_ranks, tmp_path):
 def test_sharded_every_rank_assembles(two_ranks):
     _, res = two_ranks
     model, _ = _seeded_wan()
-    report = dvdquant.quantize_(model, DVDQuantConfig(bgr=FAST_BGR))
+    report = dvdquant.quantize_(model, SHARD_CFG)
+    assert report.layers[0].name == "condition_embedder.time_proj" and report.layers[0].a_bits == 16
     ref = model.state_dict()
     for r in res:
         assert r["sharded_state"].keys() == ref.keys()

@@ -141,3 +141,34 @@ def test_compiled_fp8_block_switches_bits_without_recompiling():
             print(f"compiled vs eager A{bits}: rel {rel:.2e}")
             assert rel < 1e-2
     assert dict(dutils.counters["stats"]) == frames
+
+
+def test_weight_only_layer_keeps_a16_eager_compiled_and_in_the_op():
+    """A weight-only (a_bits=16) modulation-shaped layer on the fp8 backend: δ-GBS overrides change
+    nothing, eager and compiled (inductor) agree with the emulated A16 path, no recompilation,
+    no weight copy kept; the FP8 op called directly also runs A16 (bf16 GEMM) for it."""
+    import torch._dynamo.utils as dutils
+    from dvdquant.kernels.emulated import emulated_forward
+    from dvdquant.kernels.fp8 import fp8_forward
+    torch._dynamo.reset()
+    m = _layer(3072, 18432, a_bits=16)                             # HunyuanVideo norm1.linear shape
+    x = torch.randn(2, 3072, device=DEV, dtype=torch.bfloat16)
+    ref = emulated_forward(m, x)
+    compiled = torch.compile(m, fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        frames, mem = dict(dutils.counters["stats"]), torch.cuda.memory_allocated()
+        for bits in (4, 8, None, 4):
+            m.state.a_bits = bits
+            assert m.current_a_bits() == 16
+            assert torch.equal(m(x), ref)
+            rel = float((compiled(x).float() - ref.float()).norm() / ref.float().norm())
+            assert rel < 1e-3, (bits, rel)
+            op = fp8_forward(m, x)                                 # bits from the state: still A16
+            rel_op = float((op.float() - ref.float()).norm() / ref.float().norm())
+            print(f"weight-only A16 with override {bits}: compiled rel {rel:.2e}, fp8 op rel {rel_op:.2e}")
+            assert rel_op < 1e-2, (bits, rel_op)
+    assert dict(dutils.counters["stats"]) == frames
+    from dvdquant.kernels.fp8 import release_weight_buffers
+    release_weight_buffers()                                       # the op's pooled FP8 buffer
+    assert torch.cuda.memory_allocated() < mem + 8e6               # a bf16 weight copy would be 113 MB

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import baselines  # noqa: F401  (registers the baseline methods)
 from .algorithms import GBSController, StepIndexHook, get_method
 from .errors import DVDQuantError
-from .models.adapters import select_linears
+from .models.adapters import select_linears, weight_only_layers
 from .nn import attention as qattn
 from .nn.quant_linear import QuantLinear
 from .nn.state import STATE_ATTR, RuntimeState, get_state
@@ -78,12 +78,34 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _per_layer(model: nn.Module, config, names) -> dict:
+    """name → config for ``names``: ``config.weight_only()`` for the modulation layers, else ``config``."""
+    weight_only = weight_only_layers(model, names)
+    wo_config = config.weight_only() if weight_only else None
+    if weight_only:
+        log.info("%d modulation layers quantized weight-only (W%dA16, %s)", len(weight_only), wo_config.w_bits,
+                 get_method(wo_config).name)
+    return {n: wo_config if n in weight_only else config for n in names}
+
+
+def layer_configs(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> dict:
+    """What ``quantize_(model, config, filter_fn)`` would do, layer by layer: {name: per-layer config}.
+
+    Module order; weight-only (modulation) layers get ``config.weight_only()``. Looks only at
+    names and types, so it works on a model built on the ``meta`` device.
+    """
+    targets = select_linears(model, config.skip, config.quantize_modulation, filter_fn)
+    return _per_layer(model, config, [n for n, _ in targets])
+
+
 def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
               calibration: Optional[Callable[[nn.Module], None]] = None, progress: bool = False) -> QuantReport:
     """Quantize ``model``'s Linear layers in place with the method registered for ``config``.
 
     ``calibration(model)`` runs forward passes; only baselines that need activation statistics
-    use it (SmoothQuant, ViDiT-Q-style). Returns a per-layer :class:`QuantReport`.
+    use it (SmoothQuant, ViDiT-Q-style). Modulation layers (the adapter's, see
+    :func:`~dvdquant.models.adapters.weight_only_layers`) are quantized weight-only with
+    ``config.weight_only()``. Returns a per-layer :class:`QuantReport`.
     """
     if not isinstance(model, nn.Module):
         raise DVDQuantError(f"quantize_ expects a torch.nn.Module, got {type(model).__name__}")
@@ -91,6 +113,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
         raise DVDQuantError(f"{type(model).__name__} is already quantized by dvdquant")
     method = get_method(config)
     targets = select_linears(model, config.skip, config.quantize_modulation, filter_fn)
+    configs = _per_layer(model, config, [n for n, _ in targets])
     state = RuntimeState()
     t0 = time.perf_counter()
     stats = None
@@ -99,21 +122,22 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
         # (``step_hooks(model)``) set the step index that per-step statistics are keyed by.
         setattr(model, STATE_ATTR, state)
         try:
-            stats = method.collect(model, targets, calibration, state, config)
+            stats = method.collect(model, [t for t in targets if configs[t[0]] is config], calibration, state,
+                                   config)
         finally:
             delattr(model, STATE_ATTR)
     layers = []
     with torch.no_grad():
-        names = [n for n, _ in targets]
         pending = dict(targets)
         del targets                               # drop references: each FP weight is freed once replaced
-        for name in tqdm(names, desc=f"quantize {method.name}", disable=not progress, leave=False):
+        for name, cfg in tqdm(configs.items(), desc=f"quantize {method.name}", disable=not progress, leave=False):
             linear = pending.pop(name)
-            qmod, info = method.quantize_layer(name, linear, config, stats)
+            meth = method if cfg is config else get_method(cfg)
+            qmod, info = meth.quantize_layer(name, linear, cfg, stats if cfg is config else None)
             qmod.state, qmod.layer_name = state, name
             _set_submodule(model, name, qmod)
-            layers.append(LayerReport(name, linear.in_features, linear.out_features, method.name,
-                                      config.w_bits, config.a_bits, info.w_err_minmax, info.w_err, info.extras))
+            layers.append(LayerReport(name, linear.in_features, linear.out_features, meth.name,
+                                      cfg.w_bits, cfg.a_bits, info.w_err_minmax, info.w_err, info.extras))
     state.reset()
     setattr(model, STATE_ATTR, state)
     setattr(model, CONFIG_ATTR, config)

@@ -6,10 +6,16 @@ one-line message, so a bad value never reaches the numerics.
 
 Bit-width vocabulary: ``w_bits`` ∈ 2..8 (integer weight grid), ``a_bits`` ∈ {4, 6, 8, 16}
 (16 = activations left in floating point).
+
+Weight-only layers: AdaLN / modulation Linears (``quantize_modulation``) read one timestep
+embedding per sample, so quantizing their activations saves nothing and only adds error.
+``quantize_`` quantizes them with ``config.weight_only()``: W{w_bits}A16, the method's weight
+quantizer (BGR for DVD-Quant, RTN for the baselines), no rotation, no auto-scaling, no
+smoothing, never switched by δ-GBS.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
 from .errors import ConfigError
@@ -43,10 +49,19 @@ class _Common:
     symmetric: bool = False               # weight grid symmetric (z = 2^(b-1)) or asymmetric
     a8_format: HighBitFormat = "int"      # 8-bit activations: int8 grid or FP8 e4m3 (Hopper path)
     skip: tuple = ()                      # extra module names (substring or regex) left in high precision
-    quantize_modulation: bool = False     # also quantize AdaLN / modulation Linear layers
+    quantize_modulation: bool = False     # also quantize AdaLN / modulation Linears (weight-only, W{w_bits}A16)
 
     def __post_init__(self):
         _check_common(self)
+
+    def weight_only(self):
+        """The config for weight-only (modulation) layers: the baselines' weight quantizer, RTN, at A16.
+
+        SmoothQuant / QuaRot / ViDiT-Q transform weights only to help the *activation* quantizer
+        (smoothing, rotation, balance); with A16 there is none, so plain MinMax/RTN weights remain.
+        """
+        return MinMaxConfig(w_bits=self.w_bits, a_bits=16, group_size=self.group_size, symmetric=self.symmetric,
+                            a8_format=self.a8_format, skip=self.skip, quantize_modulation=self.quantize_modulation)
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,14 @@ class DVDQuantConfig(_Common):
             raise ConfigError(f"rotation_block must be None or ≥ 1, got {self.rotation_block}")
         if self.scale_block < 1:
             raise ConfigError(f"scale_block must be ≥ 1, got {self.scale_block}")
+        if self.gbs is not None and self.a_bits == 16:
+            raise ConfigError("a_bits=16 means weight-only layers, which δ-GBS never switches: set gbs=None "
+                              "or a_bits to gbs.low_bits")
+
+    def weight_only(self) -> "DVDQuantConfig":
+        """W{w_bits}A16 with BGR weights (as configured): no rotation, auto-scaling, smoothing or δ-GBS."""
+        return replace(self, a_bits=16, rotation=False, rotation_block=None, auto_scale="none", gbs=None,
+                       smoothing="none")
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,8 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
                ablates="8-bit attention"),
     MethodSpec("dvdquant-dynsmooth", "DVD-Quant + dynamic smoothing", "variant",
                lambda b: dvdquant_config(b, smoothing="dynamic"), only_bits=LOW_BITS),
+    MethodSpec("dvdquant-modulation", "DVD-Quant + W4A16 modulation", "variant",
+               lambda b: dvdquant_config(b, quantize_modulation=True), only_bits=("W4A8", "W4A4")),
 )}
 
 

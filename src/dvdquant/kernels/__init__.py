@@ -16,6 +16,10 @@ at every call: δ-GBS changes ``module.current_a_bits()`` between steps and the 
 (A4 → int-grid codes, A8 → FP8 codes) with no recompilation (both kernel variants are
 compiled once) and no extra weight copy.
 
+Weight-only layers (``module.a_bits == 16``, e.g. AdaLN modulation: one token per sample) always
+take the emulated path — the dequantized weight is rebuilt per call, no weight copy is kept —
+in eager and compiled models alike; their plan does not depend on the step's bits.
+
 This package duck-types the module (never imports ``dvdquant.nn`` or diffusers).
 """
 from __future__ import annotations
@@ -72,8 +76,8 @@ def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple
     backend = module.backend
     if backend not in BACKENDS:
         raise ConfigError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "emulated":
-        return Plan("emulated")
+    if backend == "emulated" or module.a_bits >= 16:
+        return Plan("emulated")                  # weight-only layers: their own path, not a fallback
     cap = capability if capability is not None else device_capability(device)
     if cap is None or cap < (8, 9):
         why = "" if backend == "auto" else "fp8 backend needs an FP8-capable CUDA device (sm89+)"

@@ -150,7 +150,13 @@ def _hadamard(r: int, device) -> torch.Tensor:
 
 
 def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
-    """The step's activation bits: the shared override in ``bits`` (CPU int32, −1 = none) or the layer's."""
+    """The step's activation bits: the shared override in ``bits`` (CPU int32, −1 = none) or the layer's.
+
+    A weight-only layer (``default_bits`` ≥ 16) keeps its A16 whatever the override says (δ-GBS
+    switches activation quantizers, and it has none).
+    """
+    if default_bits >= 16:
+        return default_bits
     b = int(bits.reshape(-1)[0]) if bits.numel() else -1
     return default_bits if b < 0 else b
 

@@ -2,9 +2,11 @@
 
 An adapter lists regexes (``re.search`` on the module's qualified name) for the layers that are
 quantized (attention projections and MLPs inside the transformer blocks) and for the AdaLN /
-modulation layers (kept in high precision unless ``quantize_modulation=True``). Everything
-else — patch, timestep and text embedders, the final projection and norm — stays in high
-precision. Algorithms never look at the model type; they only receive the selected layers.
+modulation layers (quantized *weight-only*, W4A16, when ``quantize_modulation=True``; kept in
+high precision otherwise). Everything else — patch, timestep and text embedders, the final
+projection and norm — stays in high precision. Algorithms never look at the model type; they
+receive the selected layers and, from :func:`weight_only_layers`, which of them are modulation
+layers (their input is one timestep embedding per sample: nothing to gain from quantizing it).
 """
 from __future__ import annotations
 
@@ -30,14 +32,17 @@ class ModelAdapter:
 
 ADAPTERS: dict[str, ModelAdapter] = {a.class_name: a for a in (
     ModelAdapter("WanTransformer3DModel", (r"^blocks\.\d+\.(attn1|attn2|ffn)\.",),
-                 notes="Wan 2.1/2.2: self-attn, cross-attn (incl. image add_k/v), FFN per block"),
+                 modulation=(r"^condition_embedder\.time_proj$",),
+                 notes="Wan 2.1/2.2: self-attn, cross-attn (incl. image add_k/v), FFN per block; "
+                       "time_proj (dim → 6·dim) feeds every block's AdaLN"),
     ModelAdapter("HunyuanVideoTransformer3DModel",
                  (r"^(transformer_blocks|single_transformer_blocks)\.\d+\.",),
                  modulation=(r"\.norm1(_context)?\.linear$", r"^single_transformer_blocks\.\d+\.norm\.linear$"),
                  notes="dual-stream and single-stream blocks; token refiner (text side) kept high"),
     ModelAdapter("CogVideoXTransformer3DModel", (r"^transformer_blocks\.\d+\.(attn1|ff)\.",),
                  modulation=(r"^transformer_blocks\.\d+\.norm[12]\.linear$",)),
-    ModelAdapter("LTXVideoTransformer3DModel", (r"^transformer_blocks\.\d+\.(attn1|attn2|ff)\.",)),
+    ModelAdapter("LTXVideoTransformer3DModel", (r"^transformer_blocks\.\d+\.(attn1|attn2|ff)\.",),
+                 modulation=(r"^time_embed\.linear$",)),
     ModelAdapter("MochiTransformer3DModel", (r"^transformer_blocks\.\d+\.(attn1|ff)\.",),
                  modulation=(r"^transformer_blocks\.\d+\.norm1(_context)?\.linear(_1)?$",)),
 )}
@@ -79,3 +84,15 @@ def select_linears(model: nn.Module, skip: tuple = (), quantize_modulation: bool
     if not chosen:
         raise DVDQuantError(f"no Linear layer of {kind} is left to quantize after `skip`={skip!r}")
     return chosen
+
+
+def weight_only_layers(model: nn.Module, names) -> set:
+    """The subset of ``names`` (selected layers) that the model's adapter lists as modulation layers.
+
+    ``quantize_`` quantizes these weight-only, whichever way they were selected (adapter,
+    ``filter_fn``, or a shard of the layers); a model without an adapter has none.
+    """
+    adapter = adapter_for(model)
+    if adapter is None:
+        return set()
+    return {n for n in names if _matches(n, adapter.modulation)}

@@ -22,7 +22,8 @@ in what they put into it:
   or float). Per layer
   and step that is O(N·K·log K) work beside the GEMM's O(M·N·K); it costs master-weight memory.
 * activations are then quantized per token to ``a_bits`` (the shared :class:`RuntimeState`
-  may override it per step: δ-GBS).
+  may override it per step: δ-GBS). ``a_bits=16`` makes the layer *weight-only* (W·A16, e.g.
+  AdaLN modulation layers): its activations stay in floating point whatever the override says.
 
 ``forward`` here is the *simulated* path: fp32 fake quantization that computes exactly what
 the integer pipeline computes (x̂ = s·x_q, Ŵ = Δ·(q − z), y = x̂ Ŵᵀ + b). Faster execution
@@ -152,6 +153,13 @@ class QuantLinear(nn.Module):
 
     # ---------------------------------------------------------------- activation side
     def current_a_bits(self) -> int:
+        """This call's activation bits: the RuntimeState override (δ-GBS), except for weight-only layers.
+
+        A layer configured with ``a_bits=16`` is weight-only and never switched; it does not read
+        the state at all, so a compiled model installs no guard on it for such layers.
+        """
+        if self.a_bits >= 16:
+            return self.a_bits
         if self.state is not None and self.state.a_bits is not None:
             return self.state.a_bits
         return self.a_bits
