@@ -53,8 +53,9 @@ def test_quantize_a_diffusers_directory(tmp_path):
     model, inputs = tiny_wan()
     model.save_pretrained(tmp_path / "wan")
     assert main(["quantize", "--model", str(tmp_path / "wan"), "--method", "quarot", "--a-bits", "8",
-                 "--out", str(tmp_path / "q"), "--quiet"]) == 0
+                 "--quantize-modulation", "--out", str(tmp_path / "q"), "--quiet"]) == 0
     loaded = serialization.load(tmp_path / "q" / "quantized.safetensors")
+    assert loaded.condition_embedder.time_proj.a_bits == 16                  # weight-only modulation layer
     with torch.no_grad():
         assert torch.isfinite(loaded(**inputs).sample).all()
 

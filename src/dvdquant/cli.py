@@ -26,7 +26,8 @@ METHOD_CONFIGS = {"dvdquant": "DVDQuantConfig", "minmax": "MinMaxConfig", "smoot
 def _config_from_args(args):
     from . import config as cfgmod
     cls = getattr(cfgmod, METHOD_CONFIGS[args.method])
-    kw = dict(w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size)
+    kw = dict(w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size,
+              quantize_modulation=args.quantize_modulation)
     if args.method == "dvdquant" and args.delta is not None:
         kw["gbs"] = cfgmod.GBSConfig(delta=args.delta)
     if args.method == "dvdquant":
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, default=4, help="activation bits: 4, 6, 8 or 16 (default: %(default)s)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     q.add_argument("--delta", type=float, default=None, help="enable δ-GBS with this threshold (dvdquant only)")
+    q.add_argument("--quantize-modulation", action="store_true",
+                   help="also quantize AdaLN modulation layers, weight-only (W4A16): HunyuanVideo weights "
+                        "0.47x -> 0.27x bf16")
     q.add_argument("--attention", choices=["int8", "fp8", "none"], default="int8",
                    help="8-bit attention installed with DVD-Quant: INT8 Q·Kᵀ + FP8 P·V, FP8 both, or none "
                    "(keep SDPA) (default: %(default)s)")
