@@ -90,6 +90,13 @@ def _codes(x, inv, QK_INT8: tl.constexpr, EXACT_FP8: tl.constexpr):
 
 
 @triton.jit
+def _quant_rows(x, QMAX_QK: tl.constexpr, QK_INT8: tl.constexpr, EXACT_FP8: tl.constexpr):
+    """Per-row (per-token) 8-bit codes of a (rows, D) fp32 tile and each row's amax (floored at TINY)."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-30)           # = attention_ref.TINY
+    return _codes(x, (QMAX_QK / amax)[:, None], QK_INT8, EXACT_FP8), amax
+
+
+@triton.jit
 def _load_tokens(ptr, b, h, offs_l, offs_d, s_b, s_l, s_h, mask):
     """(len(offs_l), D) fp32 tile of head ``h`` from a (B, L, H, D) tensor with unit D stride; 0 where masked."""
     return tl.load(ptr + b.to(tl.int64) * s_b + offs_l[:, None].to(tl.int64) * s_l + h * s_h + offs_d[None, :],
@@ -110,8 +117,7 @@ def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
     # K tile (BLOCK_N, D), centred; rows past Lk are zero and do not move the amax
     k = _load_tokens(K, b, h, offs_n, offs_d, skb, skl, skh, valid)
     k = tl.where(valid, k - tl.load(KM + bh * D + offs_d)[None, :], 0.0)
-    amax = tl.maximum(tl.max(tl.abs(k), axis=1), 1e-30)           # (BLOCK_N,) per key; = attention_ref.TINY
-    k8 = _codes(k, (QMAX_QK / amax)[:, None], QK_INT8, EXACT_FP8)
+    k8, amax = _quant_rows(k, QMAX_QK, QK_INT8, EXACT_FP8)        # per key
     tl.store(K8 + bh.to(tl.int64) * Lkp * D + offs_n[:, None] * D + offs_d[None, :], k8)
     tl.store(KS + bh.to(tl.int64) * Lkp + offs_n, amax / QMAX_QK)
     # V tile: centred, per-channel e4m3, stored transposed (D, Lkp)
@@ -172,8 +178,7 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
     row_ok = (offs_m < Lq)[:, None]
     # Q tile (BLOCK_M, D) from the model layout, quantized per token in registers
     q = _load_tokens(Q, b, h, offs_m, offs_d, sqb, sql, sqh, row_ok)
-    amax = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)
-    q8 = _codes(q, (QMAX_QK / amax)[:, None], QK_INT8, EXACT_FP8)
+    q8, amax = _quant_rows(q, QMAX_QK, QK_INT8, EXACT_FP8)        # per token
     # a float argument is fp32 when the kernel is launched directly but fp64 when torch.compile (Inductor)
     # launches it: round it to fp32 here so that every score is computed in fp32 either way
     qk_scale = (tl.zeros_like(amax) + qk_scale).to(tl.float32)
