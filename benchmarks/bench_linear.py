@@ -8,8 +8,8 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
 * ``bf16``      — ``F.linear`` (cuBLAS), the baseline;
 * ``fp8_gemm``  — ``_scaled_mm`` row-wise alone on ready FP8 operands (the ceiling);
 * ``act_a4`` / ``act_a8`` / ``act_a4_blk`` — the fused activation kernel (Hadamard-128
-  rotation, matmul form; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot``
-  without rotation, ``act_a4_legacy`` the previous register-hoisted rotated kernel;
+  rotation; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot`` without rotation,
+  ``act_a4_mm`` the matmul-form rotated kernel (``kernel="mm"``);
 * ``expand``    — packed int4 → FP8 weight expansion into a reused buffer;
 * ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM;
   ``a4_persist`` — the same with a persistent FP8 weight (no expansion);
@@ -37,7 +37,7 @@ SHAPES = [("hunyuan", 3072, 3072), ("hunyuan", 3072, 12288), ("hunyuan", 12288, 
           ("wan14b", 5120, 5120), ("wan14b", 5120, 13824), ("wan14b", 13824, 5120)]
 
 
-def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None) -> dict:
+def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: bool = True) -> dict:
     from triton.testing import do_bench
 
     from dvdquant.kernels.expand import expand_int4_to_fp8
@@ -57,7 +57,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None) -> dict:
     buf = torch.empty(n, k, device=dev, dtype=torch.float8_e4m3fn)
 
     act4 = lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=cfg)          # noqa: E731
-    act4_legacy = lambda: act_quant(x, bits=4, fmt="int", h_block=h, kernel="legacy")  # noqa: E731
+    act4_mm = lambda: act_quant(x, bits=4, fmt="int", h_block=h, kernel="mm")      # noqa: E731
     act8 = lambda: act_quant(x, bits=8, fmt="fp8", h_block=h, config=cfg)          # noqa: E731
     act4b = lambda: act_quant(x, bits=4, h_block=h, block=128, scales_k_major=True, config=cfg)  # noqa: E731
     expand = lambda: expand_int4_to_fp8(packed, zero, out=buf)                     # noqa: E731
@@ -68,7 +68,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None) -> dict:
     r["fp8_gemm"] = t(lambda: gemm_rowwise(q4, s4, w8, w_scale, bias, torch.bfloat16))
     r["act_a4"], r["act_a8"], r["act_a4_blk"] = t(act4), t(act8), t(act4b)
     r["act_a4_norot"] = t(lambda: act_quant(x, bits=4))
-    r["act_a4_legacy"] = t(act4_legacy)
+    r["act_a4_mm"] = t(act4_mm)
     r["expand"] = t(expand)
 
     def full(act, do_expand=True):
@@ -79,7 +79,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None) -> dict:
         return run
     r["a4"], r["a8"], r["a4_persist"] = t(full(act4)), t(full(act8)), t(full(act4, False))
     qb, sb = act4b()
-    for name, fn in BLOCKWISE_GEMMS.items():
+    for name, fn in (BLOCKWISE_GEMMS.items() if blockwise else ()):
         try:
             fn(qb, sb, w8, w_scale, bias, torch.bfloat16)
             torch.cuda.synchronize()
@@ -102,7 +102,7 @@ def markdown(rows: list, device: str) -> str:
     blk = sorted({k[len("speedup_a4_blk_"):] for r in rows for k in r if k.startswith("speedup_a4_blk_")})
     head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "A4 ×", "A8 ×", "A4 persist ×"] + \
         [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A8 ms", "act blk ms", "act norot ms",
-                                           "act A4 legacy ms", "expand ms", "GEMM ms"]
+                                           "act A4 mm ms", "expand ms", "GEMM ms"]
     out = [f"Device: {device}. Speedups are bf16 time / path time (>1 = faster), medians of do_bench.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -110,7 +110,7 @@ def markdown(rows: list, device: str) -> str:
                  f"{r['speedup_fp8_gemm']:.2f}", f"{r['speedup_a4']:.2f}", f"{r['speedup_a8']:.2f}",
                  f"{r['speedup_a4_persist']:.2f}"]
         cells += [f"{r.get('speedup_a4_blk_' + b, float('nan')):.2f}" for b in blk]
-        cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a8", "act_a4_blk", "act_a4_norot", "act_a4_legacy", "expand",
+        cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a8", "act_a4_blk", "act_a4_norot", "act_a4_mm", "expand",
                                                 "fp8_gemm")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep in ms")
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 16k only")
+    ap.add_argument("--no-blockwise", action="store_true", help="skip the per-block (1x128) GEMM recipes")
     ap.add_argument("--act-config", default=None,
                     help="JSON launch config of the rotated act_quant kernel (see tune_act_quant.py)")
     args = ap.parse_args()
@@ -135,7 +136,8 @@ def main() -> None:
     t0 = time.time()
     for model, k, n in shapes:
         for m in ms:
-            r = bench_shape(k, n, m, args.rep, json.loads(args.act_config) if args.act_config else None)
+            r = bench_shape(k, n, m, args.rep, json.loads(args.act_config) if args.act_config else None,
+                            blockwise=not args.no_blockwise)
             r["model"] = model
             rows.append(r)
             print(f"{model} {k}->{n} M={m}: bf16 {r['bf16']:.3f} ms, fp8 gemm x{r['speedup_fp8_gemm']:.2f}, "

@@ -108,6 +108,27 @@ def _checks() -> dict:
     res["nan-inf-scale"] = [bool(torch.isinf(s[4]).all() and torch.isinf(s[7]).all()
                                  and torch.equal(s[:3], sr)), ""]
 
+    # 3b. the device flag records the smallest id of a layer that saw NaN/Inf, and nothing else
+    from dvdquant.kernels.finite import CLEAN
+    h128 = hadamard_matrix(128)
+    xb = x.to(torch.bfloat16)
+    for name, kw, inp in (("tok", {}, x), ("blk", {"block": 128}, x), ("rot", {"h_block": h128}, x),
+                          ("mm", {"h_block": h128, "kernel": "mm"}, xb),
+                          ("mm-blk", {"h_block": h128, "kernel": "mm", "block": 128}, xb)):
+        flag = torch.full((1,), CLEAN, dtype=torch.int32)
+        act_quant(inp[:3], bits=4, nonfinite_flag=flag, flag_id=7, **kw)          # clean rows
+        clean = int(flag) == CLEAN
+        act_quant(inp, bits=4, nonfinite_flag=flag, flag_id=9, **kw)
+        act_quant(inp, bits=4, nonfinite_flag=flag, flag_id=11, **kw)
+        res[f"nonfinite-flag-{name}"] = [clean and int(flag) == 9, f"flag={int(flag)}"]
+    # the ±1 tile is cached per block tensor (no host copy per call) and rebuilt after an in-place write
+    from dvdquant.kernels.triton_act_quant import _hadamard_tile
+    ha = hadamard_matrix(64)
+    t1, t2 = _hadamard_tile(ha, 128, torch.float32, "cpu"), _hadamard_tile(ha, 128, torch.float32, "cpu")
+    ha.mul_(-1.0)
+    t3 = _hadamard_tile(ha, 128, torch.float32, "cpu")
+    res["tile-cache"] = [t1 is t2 and t3 is not t1 and torch.equal(t3, -t1), ""]
+
     # 4. int4 → fp8 expansion: exact, ragged shapes, pooled buffer reused
     pool = ExpansionPool()
     for n, k in ((48, 96), (33, 300), (64, 512)):
@@ -160,6 +181,22 @@ def _fp8_forward_checks() -> dict:
             ref = quantize_activations(m, x2, bits, fmt).dequantize() @ dequantized_weight(m).t() + m.bias.float()
             rel = float((y.reshape(-1, n) - ref).norm() / ref.norm())
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}"] = [rel < 1e-2, f"rel={rel:.2e}"]
+    # NaN input on the FP8 path: no error in the layer (no sync), raised once at the step's end
+    from dvdquant import NonFiniteError, raise_if_nonfinite
+    m.layer_name = "blocks.3.ff"
+    xn = x.clone()
+    xn[0, 2, 5] = float("nan")
+    fp8mod.fp8_forward(m, xn, 4, "int", per_block=False)
+    try:
+        raise_if_nonfinite()
+        res["nonfinite-raised-at-step-end"] = [False, "no error"]
+    except NonFiniteError as e:
+        again = None
+        try:
+            raise_if_nonfinite()                  # the flag was reset
+        except NonFiniteError as e2:
+            again = e2
+        res["nonfinite-raised-at-step-end"] = ["blocks.3.ff" in str(e) and again is None, str(e)[:120]]
     m.fp8_weight_cache = "persistent"
     w1 = fp8mod.fp8_weight(m)
     res["persistent-cache-hit"] = [fp8mod.fp8_weight(m) is w1, ""]
@@ -252,6 +289,12 @@ def test_fused_rotation_within_one_step(results):
 
 def test_nan_rows_get_inf_scales(results):
     assert results["nan-inf-scale"][0]
+
+
+def test_nonfinite_flag_without_sync(results):
+    bad = {k: v for k, v in results.items() if k.startswith(("nonfinite-", "tile-cache")) and not v[0]}
+    assert len([k for k in results if k.startswith("nonfinite-flag-")]) == 5 and not bad, bad
+    assert "nonfinite-raised-at-step-end" in results and "tile-cache" in results
 
 
 def test_expansion_is_exact(results):

@@ -11,6 +11,7 @@ from .api import LayerReport, QuantReport, quantize_, quantized_layers, set_back
 from .config import (BGRConfig, DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig,
                      ViDiTQConfig)
 from .errors import CheckpointError, ConfigError, DVDQuantError, NonFiniteError
+from .kernels.finite import raise_if_nonfinite
 from .nn import QuantLinear, RuntimeState, get_state
 from .serialization import load, read_metadata, save
 
@@ -18,4 +19,4 @@ from .serialization import load, read_metadata, save
 __all__ = ["quantize_", "quantized_layers", "set_backend", "step_hooks", "LayerReport", "QuantReport",
            "BGRConfig", "DVDQuantConfig", "GBSConfig", "MinMaxConfig", "QuaRotConfig", "SmoothQuantConfig",
            "ViDiTQConfig", "CheckpointError", "ConfigError", "DVDQuantError", "NonFiniteError", "QuantLinear",
-           "RuntimeState", "get_state", "load", "read_metadata", "save", "__version__"]
+           "RuntimeState", "get_state", "load", "raise_if_nonfinite", "read_metadata", "save", "__version__"]

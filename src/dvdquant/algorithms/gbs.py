@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from ..config import GBSConfig
+from ..kernels.finite import raise_if_nonfinite
 from ..nn.state import RuntimeState
 
 
@@ -37,7 +38,7 @@ class StepIndexHook:
         self.state.step_index = step_index
 
     def end_step(self, step_index: int, timestep=None, model_output=None) -> None:
-        pass
+        raise_if_nonfinite()          # NaN/Inf seen by an FP8 layer during this step (one sync)
 
     def reset(self) -> None:
         self.state.step_index = None
@@ -80,6 +81,7 @@ class GBSController:
         self.schedule.append(bits)
 
     def end_step(self, step_index: int, timestep=None, model_output: Optional[torch.Tensor] = None) -> None:
+        raise_if_nonfinite()          # NaN/Inf seen by an FP8 layer during this step (one sync)
         if model_output is None:
             return
         out = model_output.detach().float()

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import ConfigError
 from .emulated import emulated_forward
+from .finite import finite_check_mode, first_nonfinite_layer, raise_if_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -136,4 +137,4 @@ def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["BACKENDS", "Plan", "plan_forward", "quant_linear_forward", "emulated_forward",
-           "device_capability"]
+           "device_capability", "finite_check_mode", "first_nonfinite_layer", "raise_if_nonfinite"]

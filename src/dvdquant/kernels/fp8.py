@@ -34,13 +34,13 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from typing import Optional
 
 import torch
 
 from ..errors import NonFiniteError
+from .finite import device_flag, finite_check_mode, layer_id
 from ..numerics.hadamard import hadamard_matrix, hadamard_rotate
 from .expand import ExpansionPool, expand_int4_to_fp8
 from .triton_act_quant import act_quant, fusable_rotation
@@ -49,11 +49,6 @@ log = logging.getLogger(__name__)
 
 _POOL = ExpansionPool()
 _BLOCKWISE_RECIPE: dict = {}           # device → recipe that worked ("1x128" / "128x128")
-
-
-def check_finite_enabled() -> bool:
-    """NaN/Inf detection syncs once per layer; ``DVDQUANT_SKIP_FINITE_CHECK=1`` turns it off."""
-    return os.environ.get("DVDQUANT_SKIP_FINITE_CHECK", "0") in ("", "0")
 
 
 # ---------------------------------------------------------------------------------- weights
@@ -173,11 +168,13 @@ def act_format_for(bits: int, a8_fp8: bool, layer_name: str) -> str:
 
 
 def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torch.Tensor],
-                    rotation_block: int, scale_block: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                    rotation_block: int, scale_block: Optional[int], nonfinite_flag: Optional[torch.Tensor] = None,
+                    flag_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Transform + quantize tokens (M, K) with the fused kernel; rotations it can't fuse go first.
 
     Returns codes (M, K) fp8 and scales (M, G) fp32 — for per-block scales a transposed view of a
-    contiguous (G, M) buffer, the layout blockwise ``_scaled_mm`` wants.
+    contiguous (G, M) buffer, the layout blockwise ``_scaled_mm`` wants. ``nonfinite_flag`` /
+    ``flag_id``: NaN/Inf recording on the device (:mod:`.finite`).
     """
     r = rotation_block or None
     h = None
@@ -189,7 +186,7 @@ def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torc
     elif r:
         h = _hadamard(r, x2.device)
     return act_quant(x2, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=scale_block,
-                     scales_k_major=scale_block is not None)
+                     scales_k_major=scale_block is not None, nonfinite_flag=nonfinite_flag, flag_id=flag_id)
 
 
 def _persistent_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
@@ -235,8 +232,11 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
         return torch.nn.functional.linear(xf.to(out_dtype), w, bias_o)
     fmt = act_format_for(b, a8_fp8, layer_name)
     blk = scale_block if per_block else None
-    q, s = quantize_tokens(x2, b, fmt, smooth, rotation_block, blk)                          # (M, K), (M, G)
-    if check_finite_enabled() and not bool(torch.isfinite(s).all()):
+    mode = finite_check_mode()             # "step": recorded on the device, read once per step
+    flag = device_flag(x2.device) if mode == "step" else None
+    q, s = quantize_tokens(x2, b, fmt, smooth, rotation_block, blk, flag,
+                           layer_id(layer_name) if flag is not None else 0)                # (M, K), (M, G)
+    if mode == "layer" and not bool(torch.isfinite(s).all()):   # one sync per layer
         raise NonFiniteError(f"layer {layer_name or '?'}: input activations hold NaN/Inf")
     if per_block:
         return gemm_blockwise(q, s, w8, w_scale, bias_o, out_dtype)

@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from functools import lru_cache
 from typing import Optional
 
@@ -165,15 +166,32 @@ def _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP: tl.constexpr):
 
 
 @triton.jit
-def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr,
+def _bad_rows(s, mask_m):
+    """1 where a row's scale is +inf (its input held NaN/Inf), else 0; (BLOCK_M,) int32."""
+    return tl.where(mask_m & (s == float("inf")), 1, 0)
+
+
+@triton.jit
+def _flag_nonfinite(flag_ptr, flag_id, bad):
+    """Record ``flag_id`` in the device flag (atomic min) if any row of this program was bad."""
+    tl.atomic_min(flag_ptr, flag_id, mask=tl.max(bad, axis=0) > 0)
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
                      M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, PER_BLOCK: tl.constexpr,
-                     FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, HOIST_H: tl.constexpr):
-    """Grid: (cdiv(M, BLOCK_M),). Each program quantizes BLOCK_M whole rows."""
+                     FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, HOIST_H: tl.constexpr,
+                     HAS_FLAG: tl.constexpr):
+    """Grid: (cdiv(M, BLOCK_M),). Each program quantizes BLOCK_M whole rows.
+
+    ``HAS_FLAG``: rows whose scale came out +inf (NaN/Inf input) write ``flag_id`` into the
+    device flag at ``flag_ptr`` (atomic min; see :mod:`dvdquant.kernels.finite`)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows < M
+    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     h = None
     if ROTATE and HOIST_H:
         hk = tl.arange(0, BLOCK_K)
@@ -183,6 +201,7 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr,
             x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                   BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
             s = _scale_of(_abs_max(x), qmax, inv_qmax, SCALE_BY_RECIP)
+            bad = tl.maximum(bad, _bad_rows(s, mask_m))
             c = _quantize(x, s, qmax, FP8_FMT)
             cols = k0 + tl.arange(0, BLOCK_K)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], c.to(q_ptr.dtype.element_ty),
@@ -195,6 +214,7 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr,
                                   BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
             amax = tl.maximum(amax, _abs_max(x))
         s = _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
+        bad = _bad_rows(s, mask_m)
         for k0 in range(0, K, BLOCK_K):
             x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                   BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
@@ -203,6 +223,8 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr,
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], c.to(q_ptr.dtype.element_ty),
                      mask=mask_m[:, None] & (cols[None, :] < K))
         tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
+    if HAS_FLAG:
+        _flag_nonfinite(flag_ptr, flag_id, bad)
 
 
 @triton.jit
@@ -218,10 +240,11 @@ def _rot_tile(x_ptrs, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
-def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr,
+def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
                          M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
                          BLOCK_M: tl.constexpr, TILE: tl.constexpr, PER_BLOCK: tl.constexpr,
-                         FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, IEEE_DOT: tl.constexpr):
+                         FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, IEEE_DOT: tl.constexpr,
+                         HAS_FLAG: tl.constexpr):
     """Rotated bf16/fp16 tokens, written as a matmul: grid (cdiv(M, BLOCK_M),).
 
     Each K-tile is ``tl.dot(x_tile, S)`` with S the (TILE, TILE) block-diagonal ±1 tile, both
@@ -238,10 +261,12 @@ def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr,
     x_ptrs = x_ptr + rows64[:, None] * stride_xm + kk[None, :]           # (BLOCK_M, TILE)
     q_ptrs = q_ptr + rows64[:, None] * stride_qm + kk[None, :]
     h_ptrs = h_ptr + kk[:, None] * TILE + kk[None, :]                    # (TILE, TILE), L2-resident
+    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if PER_BLOCK:                       # one pass: every tile is its own scale group
         for k0 in range(0, K, TILE):
             xr = _rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT)
             s = _scale_of(_abs_max(xr), qmax, inv_qmax, SCALE_BY_RECIP)
+            bad = tl.maximum(bad, _bad_rows(s, mask_m))
             c = _quantize(xr, s, qmax, FP8_FMT)
             tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
             tl.store(s_ptr + rows * stride_sm + (k0 // TILE) * stride_sg, s, mask=mask_m)
@@ -250,10 +275,13 @@ def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr,
         for k0 in range(0, K, TILE):
             amax = tl.maximum(amax, _abs_max(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT)))
         s = _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
+        bad = _bad_rows(s, mask_m)
         for k0 in range(0, K, TILE):
             c = _quantize(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT), s, qmax, FP8_FMT)
             tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
         tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
+    if HAS_FLAG:
+        _flag_nonfinite(flag_ptr, flag_id, bad)
 
 
 # ---------------------------------------------------------------------------------- launcher
@@ -290,18 +318,35 @@ def _signed_tile(h_bytes: bytes, r: int, tile: int, dtype: torch.dtype, device: 
     return torch.block_diag(*([sign] * (tile // r))).to(dtype=dtype, device=device).contiguous()
 
 
+_TILES: dict = {}   # (id(h_block), version, tile, dtype, device) → (weakref to h_block, ±1 tile)
+
+
 def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """blockdiag(±1 pattern of ``h_block``) of order ``tile``, cached per device and dtype."""
+    """blockdiag(±1 pattern of ``h_block``) of order ``tile``, cached per block tensor, dtype, device.
+
+    The sign pattern is read on the host, which for a CUDA ``h_block`` is a device→host copy, i.e.
+    a synchronisation; it happens once per (tensor, in-place version), not once per call, so the
+    hot path never blocks the CPU (a sync per layer cost ~0.24 ms per call on an H200).
+    """
+    key = (id(h_block), h_block._version, tile, dtype, str(device))
+    hit = _TILES.get(key)
+    if hit is not None and hit[0]() is h_block:
+        return hit[1]
     r = h_block.shape[0]
     hc = h_block.detach().float().cpu().contiguous()
     if not torch.allclose(hc.abs() * r ** 0.5, torch.ones_like(hc), atol=1e-5):
         raise ConfigError("the fused rotation needs a normalised ±1/√R Hadamard block")
-    return _signed_tile(hc.numpy().tobytes(), r, tile, dtype, str(device))
+    out = _signed_tile(hc.numpy().tobytes(), r, tile, dtype, str(device))
+    if len(_TILES) > 64:                # blocks are few (one per order and device); bound it anyway
+        _TILES.clear()
+    _TILES[key] = (weakref.ref(h_block), out)
+    return out
 
 
 def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[torch.Tensor] = None,
               h_block: Optional[torch.Tensor] = None, block: Optional[int] = None,
-              scales_k_major: bool = False, config: Optional[dict] = None, kernel: str = "auto"
+              scales_k_major: bool = False, config: Optional[dict] = None, kernel: str = "auto",
+              nonfinite_flag: Optional[torch.Tensor] = None, flag_id: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize tokens ``x`` (M, K) bf16/fp16/fp32 to FP8 codes (M, K) and fp32 scales (M, G).
 
@@ -319,6 +364,9 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23× *slower* on an H200
     (docs/results/speed.md) and is kept as a selectable, tested variant for other chips.
     Both compute the same function (same ±1 dot, same 1/√R factor, same quantizer).
+    ``nonfinite_flag``: a (1,) int32 device tensor; if any row's input held NaN/Inf (scale +inf)
+    the kernel writes ``min(flag, flag_id)`` into it — detection without a host sync
+    (:mod:`dvdquant.kernels.finite`).
     """
     if kernel not in ("auto", "mm", "legacy"):
         raise ConfigError(f"unknown act_quant kernel {kernel!r}")
@@ -347,16 +395,21 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         else torch.empty(m, g, dtype=torch.float32, device=x.device)
     if m == 0:
         return codes, scales
+    has_flag = nonfinite_flag is not None
+    if has_flag and (nonfinite_flag.dtype != torch.int32 or nonfinite_flag.numel() != 1
+                     or nonfinite_flag.device != x.device):
+        raise ConfigError("nonfinite_flag must be a 1-element int32 tensor on the tokens' device")
+    flag = nonfinite_flag if has_flag else scales
     if use_mm:
         ieee = interpreting()           # bf16 tl.dot is broken in Triton 3.9's interpreter
         h = _hadamard_tile(h_block, tile, torch.float32 if ieee else x.dtype, x.device)
         qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
         inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)
         act_quant_rot_kernel[(triton.cdiv(m, cfg["block_m"]),)](
-            x, h, codes, scales, m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1),
+            x, h, codes, scales, flag, int(flag_id), m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1),
             qmax, inv_qmax, inv_sqrt_r(r),
             BLOCK_M=cfg["block_m"], TILE=tile, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
-            SCALE_BY_RECIP=x.is_cuda, IEEE_DOT=ieee, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            SCALE_BY_RECIP=x.is_cuda, IEEE_DOT=ieee, HAS_FLAG=has_flag, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return codes, scales
     rot_mode = 0 if interpreting() else (1 if x.dtype == torch.bfloat16 and smooth is None else 3)
     h = None
@@ -367,12 +420,12 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)   # fp32 1/qmax, as CUDA torch
     grid = (triton.cdiv(m, cfg["block_m"]),)
     act_quant_kernel[grid](
-        x, sm if sm is not None else x, h if h is not None else x, codes, scales,
+        x, sm if sm is not None else x, h if h is not None else x, codes, scales, flag, int(flag_id),
         m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1), qmax, inv_qmax,
         inv_sqrt_r(r) if r else 1.0,
         BLOCK_M=cfg["block_m"], BLOCK_K=tile, HAS_SMOOTH=sm is not None, ROTATE=h is not None,
         ROT_MODE=rot_mode, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
-        SCALE_BY_RECIP=x.is_cuda, HOIST_H=cfg["hoist_h"], num_warps=cfg["num_warps"],
+        SCALE_BY_RECIP=x.is_cuda, HOIST_H=cfg["hoist_h"], HAS_FLAG=has_flag, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return codes, scales
 
