@@ -85,20 +85,32 @@ def triton_cdiv(a, b):
     return (a + b - 1) // b
 
 
-def sweep(reps: int, quick: bool) -> list:
-    B, H, L, D = 1, 24, 32768, 128
+# launch configs (block_m, block_n, warps, stages) swept for head_dim 64 (CogVideoX: 48 heads, LTX: 32)
+D64_GRID = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+            (128, 128, 4, 3), (128, 64, 8, 4), (128, 128, 8, 4), (64, 64, 4, 4), (128, 32, 4, 3)]
+
+
+def sweep(reps: int, quick: bool, shape=(1, 24, 32768, 128), grid=None, formats=("int8", "fp8")) -> list:
+    B, H, L, D = shape
     q, k, v = inputs(B, H, L, D)
     flops = 4 * B * H * L * L * D
     rows = []
     # 128×128 tiles, 8 warps, 3–4 stages won the full sweep (docs/results/attention.md); the fp16-exponential
     # (ex2.approx.f16x2) and Triton warp-specialization variants tried in session 3 gained nothing (±1 %)
-    grid = [(128, bn, w, s) for bn, w, s in ((128, 8, 3), (128, 8, 4), (64, 8, 3))]
+    if grid is None:
+        grid = [(128, bn, w, s) for bn, w, s in ((128, 8, 3), (128, 8, 4), (64, 8, 3))]
     if quick:
         grid = grid[:1]
-    for fmt in ("int8", "fp8"):
+    if D == 64:                                 # the reference point of the sweep: cuDNN at this shape
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            t = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), reps)
+        rows.append(dict(fmt="cudnn", B=B, H=H, L=L, D=D, ms=round(t * 1e3, 3), tflops=round(flops / t / 1e12, 1)))
+        qt = kt = vt = None
+    for fmt in formats:
         for bm, bn, w, s in grid:
             kv = quantize_kv(k, v, fmt, bn)
-            cfg = dict(fmt=fmt, bm=bm, bn=bn, warps=w, stages=s)
+            cfg = dict(fmt=fmt, bm=bm, bn=bn, warps=w, stages=s, D=D)
             try:
                 t = timed(kernel_only(q, kv, fmt, bm, bn, w, s), reps)
                 rows.append(dict(cfg, ms=round(t * 1e3, 3), tflops=round(flops / t / 1e12, 1)))
@@ -108,7 +120,7 @@ def sweep(reps: int, quick: bool) -> list:
     return rows
 
 
-def compare(shapes, best: dict, reps: int) -> list:
+def compare(shapes, best: dict, reps: int, best_d64: dict = None) -> list:
     rows = []
     for B, H, L, D in shapes:
         q, k, v = inputs(B, H, L, D)
@@ -127,7 +139,7 @@ def compare(shapes, best: dict, reps: int) -> list:
             except RuntimeError as e:
                 row[f"{name}_error"] = str(e)[:120]
         base = row.get("cudnn_ms") or row.get("flash_ms")
-        for fmt, cfg in best.items():
+        for fmt, cfg in (best_d64 if D == 64 and best_d64 else best).items():
             bm, bn, w, s = cfg
             kv = quantize_kv(k, v, fmt, bn)
             tk = timed(kernel_only(q, kv, fmt, bm, bn, w, s), reps)
@@ -150,23 +162,38 @@ def compare(shapes, best: dict, reps: int) -> list:
     return rows
 
 
+def _best(rows: list) -> dict:
+    """Fastest config per format among the sweep rows that ran."""
+    best = {}
+    for fmt in ("int8", "fp8"):
+        ok = [r for r in rows if r["fmt"] == fmt and "ms" in r]
+        if ok:
+            b = min(ok, key=lambda r: r["ms"])
+            best[fmt] = (b["bm"], b["bn"], b["warps"], b["stages"])
+    return best
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="attention_bench.json")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="two sweep configs, first two shapes")
+    ap.add_argument("--sweep-d64", action="store_true",
+                    help="also sweep launch configs at head_dim 64 (1 x 48 heads x 17,776 tokens: CogVideoX-5B)")
+    ap.add_argument("--d64-only", action="store_true", help="only the head_dim-64 sweep and shapes")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-    sw = sweep(args.reps, args.quick)
-    best = {}
-    for fmt in ("int8", "fp8"):
-        ok = [r for r in sw if r["fmt"] == fmt and "ms" in r]
-        if ok:
-            b = min(ok, key=lambda r: r["ms"])
-            best[fmt] = (b["bm"], b["bn"], b["warps"], b["stages"])
-    rows = compare(SHAPES[:2] if args.quick else SHAPES, best, args.reps)
+    sw = [] if args.d64_only else sweep(args.reps, args.quick)
+    best, best_d64, sw64 = _best(sw), None, []
+    if args.sweep_d64 or args.d64_only:
+        sw64 = sweep(args.reps, False, shape=(1, 48, 17776, 64), grid=D64_GRID, formats=("int8",))
+        best_d64 = _best(sw64)
+    shapes = [s for s in SHAPES if s[3] == 64] + [(1, 48, 17776, 64), (1, 32, 6144, 64)] if args.d64_only \
+        else (SHAPES[:2] if args.quick else SHAPES)
+    rows = compare(shapes, best or best_d64, args.reps, best_d64)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  triton=__import__("triton").__version__, sweep=sw, best=best, shapes=rows)
+                  triton=__import__("triton").__version__, sweep=sw, best=best, sweep_d64=sw64,
+                  best_d64=best_d64, shapes=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     log.info("wrote %s", args.out)

@@ -123,6 +123,23 @@ def test_plan_falls_back(kwargs, bits, reason):
     assert plan.path == "emulated" and reason in plan.reason
 
 
+@pytest.mark.parametrize("kwargs,path", [
+    (dict(), "int4_gemv"),                          # packed per-channel int4, no input transform
+    (dict(group_size=64), "emulated"),              # group-wise Δ: the GEMV has one Δ per row
+    (dict(rotation_block=64), "emulated"),          # an online rotation before the matmul
+    (dict(w_bits=8), "emulated"),
+])
+def test_plan_weight_only(kwargs, path):
+    m = make_layer(k=256, a_bits=16, **kwargs)
+    for backend in ("fp8", "auto"):
+        m.backend = backend
+        for bits in (None, 4, 8):                   # δ-GBS overrides never change a weight-only plan
+            assert plan_forward(m, "cuda", bits, capability=H100).path == path
+    assert plan_forward(m, "cpu", None).path == "emulated"          # no CUDA: emulated, silently
+    m.backend = "emulated"
+    assert plan_forward(m, "cuda", None, capability=H100).path == "emulated"
+
+
 def test_plan_fp8_choices():
     m = make_layer(k=256, n=96, rotation_block=128, auto_scale="per_block", scale_block=128)
     m.backend = "fp8"

@@ -144,8 +144,8 @@ def test_compiled_fp8_block_switches_bits_without_recompiling():
 
 
 def test_weight_only_layer_keeps_a16_eager_compiled_and_in_the_op():
-    """A weight-only (a_bits=16) modulation-shaped layer on the fp8 backend: δ-GBS overrides change
-    nothing, eager and compiled (inductor) agree with the emulated A16 path, no recompilation,
+    """A weight-only (a_bits=16) modulation-shaped layer on the fp8 backend (int4 GEMV path): δ-GBS
+    overrides change nothing, eager and compiled (inductor) agree with the emulated A16 path, no recompilation,
     no weight copy kept; the FP8 op called directly also runs A16 (bf16 GEMM) for it."""
     import torch._dynamo.utils as dutils
     from dvdquant.kernels.emulated import emulated_forward
@@ -161,7 +161,8 @@ def test_weight_only_layer_keeps_a16_eager_compiled_and_in_the_op():
         for bits in (4, 8, None, 4):
             m.state.a_bits = bits
             assert m.current_a_bits() == 16
-            assert torch.equal(m(x), ref)
+            rel_e = float((m(x).float() - ref.float()).norm() / ref.float().norm())   # int4 GEMV path
+            assert rel_e < 1e-3, (bits, rel_e)
             rel = float((compiled(x).float() - ref.float()).norm() / ref.float().norm())
             assert rel < 1e-3, (bits, rel)
             op = fp8_forward(m, x)                                 # bits from the state: still A16

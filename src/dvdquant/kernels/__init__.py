@@ -16,9 +16,11 @@ at every call: δ-GBS changes ``module.current_a_bits()`` between steps and the 
 (A4 → int-grid codes, A8 → FP8 codes) with no recompilation (both kernel variants are
 compiled once) and no extra weight copy.
 
-Weight-only layers (``module.a_bits == 16``, e.g. AdaLN modulation: one token per sample) always
-take the emulated path — the dequantized weight is rebuilt per call, no weight copy is kept —
-in eager and compiled models alike; their plan does not depend on the step's bits.
+Weight-only layers (``module.a_bits == 16``, e.g. AdaLN modulation: one token per sample) run the
+int4 GEMV (:mod:`.weight_only`, path ``"int4_gemv"``) on CUDA with Triton when their weights are
+packed per-channel int4 and no input transform is configured, else the emulated path (the
+dequantized weight rebuilt per call); no weight copy is kept either way, in eager and compiled
+models alike, and their plan does not depend on the step's bits.
 
 This package duck-types the module (never imports ``dvdquant.nn`` or diffusers).
 """
@@ -42,7 +44,7 @@ _LOGGED: set = set()
 
 @dataclass(frozen=True)
 class Plan:
-    """How one forward call runs: ``path`` is "emulated" or "fp8"; ``reason`` explains a fallback."""
+    """How one forward call runs: ``path`` is "emulated", "fp8" or "int4_gemv"; ``reason`` explains a fallback."""
 
     path: str
     reason: str = ""
@@ -70,6 +72,9 @@ def device_capability(device) -> Optional[Tuple[int, int]]:
 def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple[int, int]] = None) -> Plan:
     """Decide the execution path of one call. ``capability`` overrides the device's (for tests).
 
+    Paths: ``"emulated"``, ``"fp8"`` (W4A4/A8 on FP8 tensor cores), ``"int4_gemv"`` (weight-only
+    layers on CUDA: :mod:`.weight_only`).
+
     ``bits=None`` gives the bit-independent plan a compiled model uses: the FP8 op then picks
     the activation format from the step's bits at run time (A ≥ 16 runs a bf16 GEMM on the
     dequantized weight inside the op instead of the emulated fallback).
@@ -77,9 +82,11 @@ def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple
     backend = module.backend
     if backend not in BACKENDS:
         raise ConfigError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "emulated" or module.a_bits >= 16:
-        return Plan("emulated")                  # weight-only layers: their own path, not a fallback
+    if backend == "emulated":
+        return Plan("emulated")
     cap = capability if capability is not None else device_capability(device)
+    if module.a_bits >= 16:
+        return _weight_only_plan(module, cap)      # weight-only layers: their own path, not a fallback
     if cap is None or cap < (8, 9):
         why = "" if backend == "auto" else "fp8 backend needs an FP8-capable CUDA device (sm89+)"
         return Plan("emulated", why)
@@ -110,6 +117,16 @@ def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple
     return Plan("fp8", fmt="fp8", per_block=per_block, note=note)
 
 
+def _weight_only_plan(module, cap: Optional[Tuple[int, int]]) -> Plan:
+    """A16 layers: the int4 GEMV where it computes the emulated function, else emulated (silently)."""
+    k = module.in_features
+    gemv_ok = (cap is not None and module.w_bits == 4 and module.packed
+               and module.group_size in (None, k) and not module.rotation_block
+               and getattr(module, "smooth", None) is None and getattr(module, "act_balance", None) is None
+               and module.auto_scale != "per_channel" and k % 2 == 0 and _triton_available())
+    return Plan("int4_gemv" if gemv_ok else "emulated")
+
+
 def _log_once(module, msg: str) -> None:
     key = (getattr(module, "layer_name", "") or id(module), msg)
     if key not in _LOGGED:
@@ -131,6 +148,9 @@ def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
         _log_once(module, f"falling back to emulated: {plan.reason}")
     if plan.path == "emulated":
         return emulated_forward(module, x)
+    if plan.path == "int4_gemv":
+        from .weight_only import weight_only_forward  # imports triton: only on CUDA
+        return weight_only_forward(module, x)
     from .fp8 import fp8_forward  # imports triton: only on the FP8 path
 
     return fp8_forward(module, x, None, None, plan.per_block)
