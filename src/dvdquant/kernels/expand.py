@@ -33,10 +33,21 @@ from ..errors import ConfigError
 
 
 @triton.jit
-def _e4m3_byte(code, z):
-    """Bit pattern (int32 in [0, 255]) of the e4m3 value code − z, an integer in [−15, 15] (exact)."""
-    w = code.to(tl.float32) - z
-    return w.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+def _e4m3_byte(code, zi):
+    """Bit pattern (int32 in [0, 255]) of the e4m3 value v = code − zi, an integer in [−15, 15].
+
+    Integer arithmetic only (|v| has ≤ 4 significant bits, so it is exact in e4m3's 3-bit
+    mantissa): exponent e = ⌊log2 |v|⌋ ∈ 0..3 (field e + 7), mantissa (|v| − 2^e)·2^(3−e), sign
+    bit 0x80; v = 0 → +0. Computing it instead of bitcasting an fp32 → e4m3 cast keeps the
+    kernel identical on the GPU and in the CPU interpreter (a bitcast-then-widen version passed
+    the interpreter and produced wrong bytes on the H200).
+    """
+    v = code - zi
+    a = tl.abs(v)
+    e = (a >= 2).to(tl.int32) + (a >= 4).to(tl.int32) + (a >= 8).to(tl.int32)
+    bits = ((e + 7) << 3) | ((a - (1 << e)) << (3 - e))
+    bits = tl.where(a == 0, 0, bits)
+    return bits | tl.where(v < 0, 0x80, 0)
 
 
 @triton.jit
@@ -56,14 +67,14 @@ def expand_int4_kernel(p_ptr, z_ptr, out_ptr, N, KH, stride_pn, stride_on,
     cols = pid_k * BLOCK_KH + tl.arange(0, BLOCK_KH)                    # packed-byte index j
     mask = (rows[:, None] < N) & (cols[None, :] < KH)
     byte = tl.load(p_ptr + rows[:, None] * stride_pn + cols[None, :], mask=mask, other=0).to(tl.int32)
-    z = tl.load(z_ptr + rows, mask=rows < N, other=0.0)[:, None]        # (BLOCK_N, 1) fp32
-    pair = _e4m3_byte(byte & 0xF, z) | (_e4m3_byte((byte >> 4) & 0xF, z) << 8)
+    zi = tl.load(z_ptr + rows, mask=rows < N, other=0.0).to(tl.int32)[:, None]   # (BLOCK_N, 1) integer z
+    pair = _e4m3_byte(byte & 0xF, zi) | (_e4m3_byte((byte >> 4) & 0xF, zi) << 8)
     tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], pair.to(tl.int16), mask=mask)
 
 
 def expand_int4_to_fp8(packed: torch.Tensor, zero: torch.Tensor, out: torch.Tensor = None,
                        block_n: int = 32, block_kh: int = 256, num_warps: int = 4) -> torch.Tensor:
-    """Packed uint8 (N, K/2) and zero (N, 1) → float8_e4m3fn (N, K) holding q − z."""
+    """Packed uint8 (N, K/2) and integer-valued zero (N, 1) in [0, 15] → float8_e4m3fn (N, K) holding q − z."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ConfigError(f"packed int4 weights must be 2-D uint8, got {packed.dtype} {tuple(packed.shape)}")
     n, kh = packed.shape

@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 MAX_M = 16                     # rows of x per call; larger M is a GEMM, not a GEMV
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-TILE_BUDGET = 8192             # BLOCK_M·BLOCK_N·BLOCK_K fp32 products per K step (64 regs/thread at 4 warps)
 _LOGGED_CONFIGS: set = set()
 
 
@@ -96,13 +95,16 @@ def int4_gemv_kernel(x_ptr, p_ptr, z_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
 
 
 def default_config(m: int) -> dict:
-    """Launch config for M rows: 32 weight rows per program (576 programs for N = 18432, several
-    resident per SM), 4 warps, and the widest K step whose (M, N, K) product tile stays within
-    ``TILE_BUDGET``: M = 1 → 256 codes = 128 bytes per row (4 KB per program per step, two
-    128-bit loads per thread); M = 2 → 128 codes; … M = 16 → 16 codes."""
+    """Launch config for M rows, from the sweep of benchmarks/bench_int4_gemv.py (H200, session 4):
+    16 weight rows per program (1,152 programs for N = 18432), one pipeline stage, and a K step
+    that keeps the (M, N, K) fp32 product tile at 128 values per thread — M ≤ 2: 512 codes
+    (256 bytes per row per step) with 2·M warps; M ≤ 4: 256 codes, 4 warps; … M = 16: 64 codes.
+    The sweep's winners at M = 1 / 2 were (16, 512, 2, 1) and (16, 512, 4, 1), 1.4–2.9× faster
+    than the first guess (32, 256 / 128, 4)."""
     block_m = triton.next_power_of_2(max(m, 1))
-    block_k = max(16, min(256, TILE_BUDGET // (block_m * 32)))
-    return {"block_n": 32, "block_k": block_k, "num_warps": 4}
+    if block_m <= 2:
+        return {"block_n": 16, "block_k": 512, "num_warps": 2 * block_m, "num_stages": 1}
+    return {"block_n": 16, "block_k": max(16, 1024 // block_m), "num_warps": 4, "num_stages": 1}
 
 
 def _check_pow2(name: str, v: int, lo: int) -> None:
@@ -139,8 +141,8 @@ def int4_linear_small_m(x2: torch.Tensor, packed: torch.Tensor, zero: torch.Tens
 
     ``out_dtype`` defaults to x2's dtype for bf16/fp16 inputs and bf16 for fp32 inputs.
     ``block_n`` (weight rows per program), ``block_k`` (codes per K step) and ``num_warps``
-    override :func:`default_config`; ``num_stages`` (Triton's software pipelining of the K loop)
-    defaults to Triton's. benchmarks/bench_int4_gemv.py sweeps all four.
+    and ``num_stages`` (Triton's software pipelining of the K loop) override :func:`default_config`;
+    benchmarks/bench_int4_gemv.py sweeps all four.
     """
     out_dtype = _validate(x2, packed, zero, w_scale, bias, out_dtype)
     m, n, kb = x2.shape[0], packed.shape[0], packed.shape[1]
@@ -148,6 +150,7 @@ def int4_linear_small_m(x2: torch.Tensor, packed: torch.Tensor, zero: torch.Tens
     block_n = block_n or cfg["block_n"]
     block_k = block_k or cfg["block_k"]
     num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
     _check_pow2("block_n", block_n, 1)
     _check_pow2("block_k", block_k, 16)
     _check_pow2("num_warps", num_warps, 1)
@@ -166,8 +169,7 @@ def int4_linear_small_m(x2: torch.Tensor, packed: torch.Tensor, zero: torch.Tens
     grid = (triton.cdiv(n, block_n),)
     int4_gemv_kernel[grid](x2, packed, z, s, b, y, m, n, 2 * kb, x2.stride(0), packed.stride(0), y.stride(0),
                            HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(max(m, 1)),
-                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-                           **({} if num_stages is None else {"num_stages": num_stages}))
+                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
