@@ -23,6 +23,7 @@ same stream. Do not share one pool across concurrent streams.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Dict, Tuple
 
 import torch
@@ -33,33 +34,17 @@ from ..errors import ConfigError
 
 
 @triton.jit
-def _e4m3_byte(code, zi):
-    """Bit pattern (int32 in [0, 255]) of the e4m3 value v = code − zi, an integer in [−15, 15].
-
-    Integer arithmetic only (|v| has ≤ 4 significant bits, so it is exact in e4m3's 3-bit
-    mantissa): exponent e = ⌊log2 |v|⌋ ∈ 0..3 (field e + 7), mantissa (|v| − 2^e)·2^(3−e), sign
-    bit 0x80; v = 0 → +0. Computing it instead of bitcasting an fp32 → e4m3 cast keeps the
-    kernel identical on the GPU and in the CPU interpreter (a bitcast-then-widen version passed
-    the interpreter and produced wrong bytes on the H200).
-    """
-    v = code - zi
-    a = tl.abs(v)
-    e = (a >= 2).to(tl.int32) + (a >= 4).to(tl.int32) + (a >= 8).to(tl.int32)
-    bits = ((e + 7) << 3) | ((a - (1 << e)) << (3 - e))
-    bits = tl.where(a == 0, 0, bits)
-    return bits | tl.where(v < 0, 0x80, 0)
-
-
-@triton.jit
-def expand_int4_kernel(p_ptr, z_ptr, out_ptr, N, KH, stride_pn, stride_on,
+def expand_int4_kernel(p_ptr, z_ptr, lut_ptr, out_ptr, N, KH, stride_pn, stride_on,
                        BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
     """Grid (cdiv(N, BLOCK_N), cdiv(K/2, BLOCK_KH)); one packed byte in, two FP8 bytes out.
 
     ``out_ptr`` is the (N, K) FP8 output viewed as int16 (N, K/2): byte j of row n (codes 2j in
     the low nibble, 2j+1 in the high one) becomes the int16 whose low byte (lower address on a
-    little-endian GPU) is e4m3(q[2j] − z[n]) and whose high byte is e4m3(q[2j+1] − z[n]). Both
-    sides are contiguous along the row, so loads and stores vectorise (one 16-bit store per byte
-    read instead of two 1-byte stores at a gathered address).
+    little-endian GPU) is e4m3(q[2j] − z[n]) and whose high byte is e4m3(q[2j+1] − z[n]). That
+    pair depends only on (z, byte): it is read from ``lut_ptr``, a (16, 256) int16 table built
+    by torch's own casts (:func:`_pair_table`), so the kernel does no float or bit arithmetic at
+    all and is exact by construction. Loads and stores are contiguous along the row; the 8 KB
+    table stays in L1.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -68,13 +53,29 @@ def expand_int4_kernel(p_ptr, z_ptr, out_ptr, N, KH, stride_pn, stride_on,
     mask = (rows[:, None] < N) & (cols[None, :] < KH)
     byte = tl.load(p_ptr + rows[:, None] * stride_pn + cols[None, :], mask=mask, other=0).to(tl.int32)
     zi = tl.load(z_ptr + rows, mask=rows < N, other=0.0).to(tl.int32)[:, None]   # (BLOCK_N, 1) integer z
-    pair = _e4m3_byte(byte & 0xF, zi) | (_e4m3_byte((byte >> 4) & 0xF, zi) << 8)
-    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], pair.to(tl.int16), mask=mask)
+    pair = tl.load(lut_ptr + zi * 256 + byte, mask=mask, other=0)        # (BLOCK_N, BLOCK_KH) int16
+    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], pair, mask=mask)
+
+
+@lru_cache(maxsize=8)
+def _pair_table(device: str) -> torch.Tensor:
+    """(16, 256) int16: entry [z, b] holds the two e4m3 bytes of (b & 15) − z (low) and (b >> 4) − z
+    (high), for every zero point z ∈ [0, 15] and packed byte b — made with torch's fp32 → e4m3 cast."""
+    b = torch.arange(256, dtype=torch.int32)
+    z = torch.arange(16, dtype=torch.float32)[:, None]
+    lo = ((b & 15).float()[None, :] - z).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    hi = ((b >> 4).float()[None, :] - z).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    pair = lo | (hi << 8)                                               # 0 … 65535
+    return torch.where(pair >= 32768, pair - 65536, pair).to(torch.int16).to(device)
 
 
 def expand_int4_to_fp8(packed: torch.Tensor, zero: torch.Tensor, out: torch.Tensor = None,
                        block_n: int = 32, block_kh: int = 256, num_warps: int = 4) -> torch.Tensor:
-    """Packed uint8 (N, K/2) and integer-valued zero (N, 1) in [0, 15] → float8_e4m3fn (N, K) holding q − z."""
+    """Packed uint8 (N, K/2) and integer zero points (N, 1) in [0, 15] → float8_e4m3fn (N, K) holding q − z.
+
+    The zero points are those BGR/MinMax produce (``round`` then ``clamp(0, 15)``); other values
+    are outside the lookup table and not checked here (that would cost a device sync per call).
+    """
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ConfigError(f"packed int4 weights must be 2-D uint8, got {packed.dtype} {tuple(packed.shape)}")
     n, kh = packed.shape
@@ -91,8 +92,8 @@ def expand_int4_to_fp8(packed: torch.Tensor, zero: torch.Tensor, out: torch.Tens
     z = zero.reshape(n).to(torch.float32).contiguous()
     out16 = out.view(torch.int16)                                        # (N, K/2): two codes per element
     grid = (triton.cdiv(n, block_n), triton.cdiv(kh, block_kh))
-    expand_int4_kernel[grid](packed, z, out16, n, kh, packed.stride(0), out16.stride(0),
-                             BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=num_warps)
+    expand_int4_kernel[grid](packed, z, _pair_table(str(packed.device)), out16, n, kh, packed.stride(0),
+                             out16.stride(0), BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=num_warps)
     return out
 
 
