@@ -189,9 +189,14 @@ def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torc
                      scales_k_major=scale_block is not None, nonfinite_flag=nonfinite_flag, flag_id=flag_id)
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place version counter; −1 for inference tensors, which have none."""
+    return -1 if t.is_inference() else t._version
+
+
 def _persistent_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
     """One FP8 copy per packed weight tensor, rebuilt when the weight or zero point is written to."""
-    ver = (qweight.data_ptr(), qweight._version, w_zero._version)
+    ver = (qweight.data_ptr(), _version(qweight), _version(w_zero))
     key = id(qweight)
     hit = _PERSISTENT.get(key)
     if hit is None or hit[0] != ver:

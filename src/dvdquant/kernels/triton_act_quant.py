@@ -328,7 +328,10 @@ def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device)
     a synchronisation; it happens once per (tensor, in-place version), not once per call, so the
     hot path never blocks the CPU (a sync per layer cost ~0.24 ms per call on an H200).
     """
-    key = (id(h_block), h_block._version, tile, dtype, str(device))
+    # inference tensors (made under torch.inference_mode) have no version counter: -1, i.e. an
+    # in-place write to such a block is not noticed (blocks are built once and never written)
+    version = -1 if h_block.is_inference() else h_block._version
+    key = (id(h_block), version, tile, dtype, str(device))
     hit = _TILES.get(key)
     if hit is not None and hit[0]() is h_block:
         return hit[1]
