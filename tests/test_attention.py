@@ -72,9 +72,10 @@ def test_reference_key_padding_masks(kind):
 
 def test_k_smoothing_is_free():
     """Adding one vector to every key moves each score row by a constant: SDPA and the quantized
-    attention (which subtracts mean(K) first) are unchanged, to fp32 rounding."""
+    attention (which subtracts mean(K) first) are unchanged up to fp32 rounding (which can flip a rare
+    8-bit code: ~1e-3 for some shifts, 8e-7 for this seeded one)."""
     q, k, v = qkv(1, 64, 64, 2, 64, seed=2)
-    shift = torch.randn(1, 1, 2, 64) * 50
+    shift = torch.randn(1, 1, 2, 64, generator=torch.Generator().manual_seed(7)) * 50   # seeded: no test-order effects
     a = quant_attention_reference(q, k, v)
     b = quant_attention_reference(q, k + shift, v)
     assert metrics(a, b)[1] < 1e-3

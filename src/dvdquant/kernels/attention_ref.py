@@ -49,6 +49,13 @@ from typing import Optional, Tuple
 import torch
 
 DEFAULT_BLOCK_N = 128   # keys per tile = per K scale block; the kernel's default too
+BLOCK_N_BY_HEAD_DIM = {64: 64, 128: 128}   # key tile per head_dim: the H200 launch sweep's winners (attention.md)
+
+
+def block_n_for(head_dim: int) -> int:
+    """Keys per tile for ``head_dim``: the tiling of the online softmax (P is quantized per tile
+    against the running max, so the reference and the kernel must tile alike)."""
+    return BLOCK_N_BY_HEAD_DIM.get(head_dim, DEFAULT_BLOCK_N)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 QMAX = {"int8": 127.0, "fp8": 448.0}
@@ -173,17 +180,18 @@ def key_bias(attn_mask: Optional[torch.Tensor], B: int, H: int, Lk: int) -> Opti
 
 def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                              qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N, return_lse: bool = False,
+                              qk_format: str = "int8", block_n: Optional[int] = None, return_lse: bool = False,
                               max_chunk: int = 1 << 24):
     """8-bit attention in plain torch: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D).
 
     Returns ``out`` (B, Lq, H, D) in ``q.dtype`` and, if ``return_lse``, ``lse`` (B, Lq, H) fp32.
-    Batches are processed in chunks of at most ``max_chunk`` score elements (memory bound).    """
+    ``block_n`` None: the head_dim's key tile (:func:`block_n_for`), as the kernel. Batches are processed in chunks of at most ``max_chunk`` score elements (memory bound).    """
     if qk_format not in QMAX:
         raise ValueError(f"qk_format must be one of {QK_FORMATS}, got {qk_format!r}")
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
+    block_n = block_n or block_n_for(D)
     kv = quantize_kv_reference(k, v, qk_format, block_n)
     q8, sq = quantize_q_reference(q, qk_format)                   # (B, H, Lq, D), (B, H, Lq)
     bias = key_bias(attn_mask, B, H, Lk)

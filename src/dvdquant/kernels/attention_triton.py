@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_ref import DEFAULT_BLOCK_N, LOG2E, QMAX, QuantKV, key_bias
+from .attention_ref import DEFAULT_BLOCK_N, LOG2E, QMAX, QuantKV, block_n_for, key_bias
 
 DEFAULT_BLOCK_M = 128
 STATS_CHUNK = 2048       # keys per partial sum of kv_stats_triton (fixed: part of the numerics)
@@ -299,20 +299,34 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block
     return QuantKV(k8, ks, v8t, 1.0 / v_inv, v_mean, k_mean, Lk, block_n)
 
 
+# Launch configs per head_dim (block_m, num_warps, num_stages; block_n from attention_ref.block_n_for),
+# from the H200 sweeps of benchmarks/bench_attention.py: 128×128 tiles / 8 warps at D = 128; at D = 64
+# 128×64 tiles with 4 warps were 1.25× faster than the D = 128 config (docs/results/attention.md).
+LAUNCH_BY_HEAD_DIM = {128: dict(block_m=DEFAULT_BLOCK_M, num_warps=8, num_stages=3),
+                      64: dict(block_m=128, num_warps=4, num_stages=3)}
+
+
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                    scale: Optional[float] = None, qk_format: str = "int8", block_n: int = DEFAULT_BLOCK_N,
-                    block_m: int = DEFAULT_BLOCK_M, num_warps: int = 8, num_stages: int = 3,
+                    scale: Optional[float] = None, qk_format: str = "int8", block_n: Optional[int] = None,
+                    block_m: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                     return_lse: bool = False):
     """8-bit attention: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D) → ``out`` (B, Lq, H, D) [, lse (B, Lq, H)].
 
     Thin launcher: checks, allocates, runs the K/V pass and the attention kernel. ``attn_mask``:
-    a key-padding mask (see :func:`.attention_ref.key_bias`). Last dims must be contiguous.    """
+    a key-padding mask (see :func:`.attention_ref.key_bias`). Last dims must be contiguous.
+    ``block_n`` / ``block_m`` / ``num_warps`` / ``num_stages``: None takes the head_dim's tuned
+    config (:data:`LAUNCH_BY_HEAD_DIM`, :func:`.attention_ref.block_n_for`).
+    """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     if qk_format not in QMAX:
         raise ValueError(f"qk_format must be one of {tuple(QMAX)}, got {qk_format!r}")
     if D not in (64, 128) or k.shape != (B, Lk, H, D) or v.shape != k.shape:
         raise ValueError(f"unsupported shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    cfg = LAUNCH_BY_HEAD_DIM[D]
+    block_n = block_n or block_n_for(D)
+    block_m, num_warps, num_stages = (block_m or cfg["block_m"], num_warps or cfg["num_warps"],
+                                      num_stages or cfg["num_stages"])
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kv = quantize_kv(k, v, qk_format, block_n)
     lkp = kv.k8.shape[2]

@@ -51,7 +51,6 @@ ATTN_ATTR = "_dvdquant_attention"           # on the model: the installed mode (
 PREV_ATTR = "_dvdquant_prev_backend"         # on a processor: the backend it had before
 PATHS = ("auto", "triton", "emulated")
 MODES = ("none",) + QK_FORMATS
-BLOCK_N = 128                                 # key tile = K scale block; reference and kernel share it
 # Cross-attention to fewer keys than this stays on SDPA: its FLOPs are negligible (12–512 text tokens
 # against 32k+ video keys), and averaging so few keys leaves P·V's e4m3 rounding visible (measured on
 # the embedded model: 2.7–3.0 % rel. L2 at 12 keys vs 1.0–1.3 % for its 512-key self-attention).
@@ -129,9 +128,9 @@ def run_quantized(plan: AttnPlan, query, key, value, attn_mask, scale, qk_format
     if plan.path == "triton":
         from ..kernels.attention_triton import quant_attention  # imports triton: only on this path
         return quant_attention(query, key, value, attn_mask=attn_mask, scale=scale, qk_format=qk_format,
-                               block_n=BLOCK_N, return_lse=return_lse)
+                               return_lse=return_lse)          # tiles: the head_dim's tuned config
     return quant_attention_reference(query, key, value, attn_mask=attn_mask, scale=scale, qk_format=qk_format,
-                                     block_n=BLOCK_N, return_lse=return_lse)
+                                     return_lse=return_lse)    # same key tile as the kernel (block_n_for)
 
 
 # ----------------------------------------------------------------------------- diffusers backend
@@ -408,4 +407,4 @@ def apply_config(model: nn.Module, config) -> Optional[dict]:
 
 __all__ = ["AttnPlan", "plan_attention", "install_quantized_attention", "remove_quantized_attention",
            "quantized_attention_mode", "register_backends", "capture_attention_inputs", "backend_value", "apply_config",
-           "CogVideoXQuantAttnProcessor", "MODES", "BLOCK_N"]
+           "CogVideoXQuantAttnProcessor", "MODES"]
