@@ -70,11 +70,12 @@ def test_weight_only_ignores_gbs_override(hunyuan_q):
             state.a_bits = bits
             assert m.current_a_bits() == 16 and other.current_a_bits() == (bits or 4)
             assert torch.equal(m(x), ref)
-            # fp8 backend: weight-only layers take their own (emulated, A16) path, eager and compiled
+            # fp8 backend: weight-only layers take their own A16 path (the int4 GEMV on CUDA, emulated
+            # on this CPU), eager and compiled, whatever the step's bits
             m.backend = "fp8"
             for b in (None, bits):
                 plan = plan_forward(m, "cuda", b, capability=(9, 0))
-                assert plan.path == "emulated" and plan.reason == ""
+                assert plan.path == "int4_gemv" and plan.reason == ""
             assert torch.equal(m(x), ref)
             m.backend = "simulated"
     finally:
