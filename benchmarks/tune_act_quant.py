@@ -11,7 +11,10 @@ Times ``act_quant`` on bf16 tokens at M = 32768, Hadamard-128 rotation fused, pe
 * ``norot``  — the legacy kernel without rotation (what the rotation costs on top);
 * ``floor``  — a bf16 → fp8 ``copy_`` of the same tensor (read 2 B, write 1 B per element).
 
-Writes ``act_tune.json`` (every row; the best mm config first under "best").
+``--kernel legacy`` sweeps the default (register-hoisted) kernel instead, block_m down to 16, on the
+per-token cases K = 3072 … 15360 (the K-heavy MLP down-projection inputs included).
+Writes ``act_tune_<kernel>.json`` (every row; the best config overall under "best", the best for
+each case under "best_per_case").
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 M = 32768
 CASES = [(3072, None), (5120, None), (15360, None), (3072, 128)]
+# --kernel legacy: the default register-hoisted kernel, per-token cases incl. the K-heavy MLP inputs
+LEGACY_CASES = [(3072, None), (5120, None), (12288, None), (13824, None), (15360, None), (3072, 128)]
 
 
 def main() -> None:
@@ -38,15 +43,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--rep", type=int, default=25)
+    ap.add_argument("--kernel", default="mm", choices=["mm", "legacy"],
+                    help="which rotated kernel's launch configs to sweep (legacy = the default kernel)")
+    ap.add_argument("--m", type=int, default=M)
     args = ap.parse_args()
+    cases = LEGACY_CASES if args.kernel == "legacy" else CASES
+    m_tokens = args.m
     os.makedirs(args.out, exist_ok=True)
     t = lambda fn: do_bench(fn, warmup=5, rep=args.rep, return_mode="median")  # noqa: E731
     h = hadamard_matrix(128, device="cuda")
-    xs = {k: torch.randn(M, k, device="cuda", dtype=torch.bfloat16) for k in {c[0] for c in CASES}}
+    xs = {k: torch.randn(m_tokens, k, device="cuda", dtype=torch.bfloat16) for k in {c[0] for c in cases}}
     name = lambda k, b: f"K{k}-{'blk' + str(b) if b else 'tok'}"  # noqa: E731
     ref = {}
-    for k, b in CASES:
-        y = torch.empty(M, k, device="cuda", dtype=torch.float8_e4m3fn)
+    for k, b in cases:
+        y = torch.empty(m_tokens, k, device="cuda", dtype=torch.float8_e4m3fn)
         ref[name(k, b)] = {
             "floor_copy": t(lambda: y.copy_(xs[k])),
             "legacy": t(lambda: act_quant(xs[k], bits=4, h_block=h, block=b, scales_k_major=b is not None,
@@ -55,13 +65,14 @@ def main() -> None:
         }
         print(name(k, b), {kk: round(v, 3) for kk, v in ref[name(k, b)].items()}, flush=True)
     rows = []
-    for bm, nw, ns in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+    block_ms = (16, 32, 64, 128) if args.kernel == "legacy" else (32, 64, 128)
+    for bm, nw, ns in itertools.product(block_ms, (4, 8), (2, 3, 4)):
         cfg = dict(block_m=bm, num_warps=nw, num_stages=ns)
         row = {"config": cfg, "ms": {}}
         try:
-            for k, b in CASES:
+            for k, b in cases:
                 fn = lambda: act_quant(xs[k], bits=4, h_block=h, block=b, scales_k_major=b is not None,  # noqa: E731
-                                       config=cfg, kernel="mm")
+                                       config=cfg, kernel=args.kernel)
                 fn()
                 row["ms"][name(k, b)] = t(fn)
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped, and said so
@@ -70,11 +81,16 @@ def main() -> None:
         rows.append(row)
         print(cfg, {kk: round(v, 3) for kk, v in row["ms"].items()}, row.get("error", ""), flush=True)
     rows.sort(key=lambda r: r["total"])
-    with open(os.path.join(args.out, "act_tune.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "M": M, "reference_ms": ref, "best": rows[0]["config"],
-                   "rows": rows}, f, indent=1)
+    per_case = {name(k, b): min((r for r in rows if name(k, b) in r["ms"]), key=lambda r: r["ms"][name(k, b)])
+                for k, b in cases}
+    best_per_case = {c: {"config": r["config"], "ms": r["ms"][c]} for c, r in per_case.items()}
+    with open(os.path.join(args.out, f"act_tune_{args.kernel}.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "M": m_tokens, "kernel": args.kernel, "reference_ms": ref,
+                   "best": rows[0]["config"], "best_per_case": best_per_case, "rows": rows}, f, indent=1)
+    for c, v in best_per_case.items():
+        print("BEST-PER-CASE", c, json.dumps(v))
     best = rows[0]
-    print("| case | floor copy ms | no-rot ms | legacy rot ms | mm rot ms (best cfg) | mm / legacy |")
+    print(f"| case | floor copy ms | no-rot ms | legacy rot ms | {args.kernel} rot ms (best cfg) | {args.kernel} / legacy |")
     print("|---|---|---|---|---|---|")
     for c, v in best["ms"].items():
         r = ref[c]
