@@ -17,15 +17,11 @@ Tolerances: kernel and reference both accumulate in fp32 but in different orders
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
+from interpreter import main, run_checks
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _bf16_ulp_ok(y: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -147,21 +143,10 @@ def _layout_checks(g: torch.Generator) -> dict:
     return res
 
 
-def _run_in_subprocess() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = os.path.join(os.path.dirname(HERE), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"interpreter checks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    return _run_in_subprocess()
+    return run_checks(__file__)
 
 
 def test_fp32_output_matches_reference(results):
@@ -231,6 +216,4 @@ def test_gpu_hunyuan_modulation_shape(m):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported below
-    print(json.dumps(_checks()))
+    main(_checks)

@@ -15,14 +15,10 @@ Tolerances:
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
+from interpreter import main, run_checks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _step_distance(a, b):
@@ -263,21 +259,10 @@ def _compile_checks() -> dict:
     return res
 
 
-def _run_in_subprocess() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = os.path.join(os.path.dirname(HERE), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"interpreter checks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    return _run_in_subprocess()
+    return run_checks(__file__)
 
 
 def test_quantize_only_is_bit_exact(results):
@@ -316,6 +301,4 @@ def test_compiled_fp8_block_one_graph_no_recompile(results):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported below
-    print(json.dumps(_checks()))
+    main(_checks)
