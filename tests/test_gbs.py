@@ -1,4 +1,5 @@
 """δ-GBS: the bit schedule on synthetic trajectories, and the shared RuntimeState."""
+import pytest
 import torch
 
 from dvdquant.algorithms.gbs import GBSController, StepIndexHook
@@ -95,3 +96,37 @@ def test_indicator_is_validated():
     from dvdquant.errors import ConfigError
     with pytest.raises(ConfigError, match="indicator"):
         GBSConfig(indicator="l2")
+
+
+def test_step_hooks_raise_on_the_nonfinite_flag():
+    """The FP8 path records NaN/Inf inputs in a device flag instead of syncing per layer; both step
+    hooks read it once per step, raise naming the layer, and reset it (dvdquant.kernels.finite)."""
+    from dvdquant import NonFiniteError
+    from dvdquant.kernels import finite
+
+    state = RuntimeState()
+    for hook in (StepIndexHook(state), GBSController(state, GBSConfig(), total_steps=4)):
+        hook.begin_step(0)
+        finite.device_flag("cpu").fill_(finite.layer_id("blocks.1.ffn.net.2"))
+        with pytest.raises(NonFiniteError, match="blocks.1.ffn.net.2"):
+            hook.end_step(0, None, torch.ones(3))
+        hook.begin_step(1)
+        hook.end_step(1, None, torch.ones(3))          # the flag was reset: no error
+        assert finite.first_nonfinite_layer("cpu") is None
+
+
+def test_finite_check_mode_from_environment(monkeypatch):
+    from dvdquant import ConfigError
+    from dvdquant.kernels.finite import finite_check_mode
+
+    monkeypatch.delenv("DVDQUANT_SKIP_FINITE_CHECK", raising=False)
+    monkeypatch.delenv("DVDQUANT_FINITE_CHECK", raising=False)
+    assert finite_check_mode() == "step"
+    monkeypatch.setenv("DVDQUANT_FINITE_CHECK", "layer")
+    assert finite_check_mode() == "layer"
+    monkeypatch.setenv("DVDQUANT_SKIP_FINITE_CHECK", "1")
+    assert finite_check_mode() == "off"
+    monkeypatch.delenv("DVDQUANT_SKIP_FINITE_CHECK")
+    monkeypatch.setenv("DVDQUANT_FINITE_CHECK", "sometimes")
+    with pytest.raises(ConfigError, match="DVDQUANT_FINITE_CHECK"):
+        finite_check_mode()

@@ -139,6 +139,10 @@ def _checks() -> dict:
         b1 = pool.expand(p, z).data_ptr()
         b2 = pool.expand(p, z).data_ptr()
         res[f"expand-{n}x{k}"] = [bool(ok and b1 == b2), ""]
+    # every packed byte under every zero point 0..15: the whole (z, byte) → int16 table, exhaustively
+    p_all, z_all = torch.arange(256, dtype=torch.uint8).repeat(16, 1), torch.arange(16.0).reshape(16, 1)
+    ok = torch.equal(expand_int4_to_fp8(p_all, z_all).view(torch.uint8), expand_reference(p_all, z_all).view(torch.uint8))
+    res["expand-all-bytes-all-zero-points"] = [bool(ok), ""]
 
     res.update(_fp8_forward_checks())
     return res
@@ -287,7 +291,7 @@ def test_nonfinite_flag_without_sync(results):
 
 def test_expansion_is_exact(results):
     bad = {k: v for k, v in results.items() if k.startswith("expand-") and not v[0]}
-    assert len([k for k in results if k.startswith("expand-")]) == 3 and not bad, bad
+    assert len([k for k in results if k.startswith("expand-")]) == 4 and not bad, bad
 
 
 def test_fp8_forward_matches_emulated_on_cpu(results):

@@ -61,6 +61,18 @@ def test_corrupted_tensor_rejected(saved):
         dvdquant.load(path)
 
 
+def test_zero_points_off_the_grid_rejected(tmp_path):
+    """A well-formed file (valid SHA-256) whose zero points are not grid integers is refused at load:
+    the FP8 expansion table and the int4 GEMV assume z ∈ {0, …, 15}."""
+    model, _ = TINY_MODELS["wan"]()
+    dvdquant.quantize_(model, DVDQuantConfig())
+    with torch.no_grad():
+        model.get_submodule("blocks.0.attn1.to_q").w_zero[0] = 16.0
+    path = dvdquant.save(model, tmp_path / "bad_zero.safetensors")
+    with pytest.raises(CheckpointError, match="blocks.0.attn1.to_q has zero points outside the integers 0..15"):
+        dvdquant.load(path)
+
+
 def test_truncated_rejected(saved):
     _, _, path, _ = saved
     data = path.read_bytes()

@@ -129,6 +129,21 @@ def _read_tensors(path: Path, meta: dict) -> dict:
     return tensors
 
 
+def _check_zero_points(tensors: dict, meta: dict, path: Path) -> None:
+    """Zero points must be the integers 0 … 2^b − 1 that the weight quantizers produce: the FP8
+    expansion table and the int4 GEMV rely on it (a checked, well-formed file could still carry
+    other values if it was written by something else)."""
+    for name, lm in meta["layers"].items():
+        z = tensors.get(f"{name}.w_zero")
+        if z is None:
+            continue
+        qmax = 2 ** int(lm["w_bits"]) - 1
+        zf = z.float()
+        if not bool(((zf >= 0) & (zf <= qmax) & (zf == zf.round())).all()):
+            raise CheckpointError(f"checkpoint {path}: layer {name} has zero points outside the integers "
+                                  f"0..{qmax} of its {lm['w_bits']}-bit grid")
+
+
 def _build_model(meta: dict, device) -> nn.Module:
     import importlib
     if meta.get("model_config") is None:
@@ -173,6 +188,7 @@ def load(path, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
         q.state, q.layer_name = state, name
         _set_submodule(model, name, q)
         del old
+    _check_zero_points(tensors, meta, path)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
