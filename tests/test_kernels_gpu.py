@@ -86,6 +86,29 @@ def test_int4_codes_exact_through_scaled_mm():
     assert float((y.double() - ref).abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("m,n,k", [(4096, 3072, 3072), (1000, 5120, 13824), (333, 272, 256)])
+def test_w4_gemm_unpacking_in_the_mainloop_matches_scaled_mm(m, n, k):
+    """The Triton GEMM that unpacks int4 in its mainloop (kernels/w4_gemm.py) vs expansion + cuBLAS:
+    exact integer sums in both, so fp32 outputs agree to the epilogue's rounding; also A8 codes."""
+    from dvdquant.kernels.expand import expand_int4_to_fp8
+    from dvdquant.kernels.fp8 import gemm_rowwise
+    from dvdquant.kernels.triton_act_quant import act_quant
+    from dvdquant.kernels.w4_gemm import w4_fp8_gemm
+    p = torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8)
+    z = torch.randint(0, 16, (n, 1), device=DEV).float()
+    ws = torch.rand(n, 1, device=DEV) * 0.01 + 1e-3
+    bias = torch.randn(n, device=DEV)
+    x = _data(m, k, torch.bfloat16)
+    for bits, fmt in ((4, "int"), (8, "fp8")):
+        q, s = act_quant(x, bits=bits, fmt=fmt)
+        cfg = {"block_k": 128} if k % 128 == 0 else {"block_k": 64}
+        y = w4_fp8_gemm(q, s, p, z, ws, bias, out_dtype=torch.float32, config=cfg)
+        ref = gemm_rowwise(q, s, expand_int4_to_fp8(p, z), ws, bias, torch.float32)
+        rel = float((y - ref).norm() / ref.norm())
+        print(f"w4 gemm {m}x{k}->{n} A{bits}: rel {rel:.1e}")
+        assert rel < 1e-5, (bits, rel)
+
+
 def _layer(k, n, **kw):
     from dvdquant.nn import QuantLinear, RuntimeState
     from dvdquant.numerics import grids

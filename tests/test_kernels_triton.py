@@ -144,7 +144,38 @@ def _checks() -> dict:
     ok = torch.equal(expand_int4_to_fp8(p_all, z_all).view(torch.uint8), expand_reference(p_all, z_all).view(torch.uint8))
     res["expand-all-bytes-all-zero-points"] = [bool(ok), ""]
 
+    res.update(_w4_gemm_checks(g))
     res.update(_fp8_forward_checks())
+    return res
+
+
+def _w4_gemm_checks(g) -> dict:
+    """The GEMM that unpacks int4 in its mainloop vs expansion + row-wise ``_scaled_mm`` (both on CPU):
+    the same exact sums, so equal up to the fp32 epilogue's rounding; A4 codes and e4m3 A8 values; ragged
+    M and N (masks), bias on and off, several K steps."""
+    import torch
+
+    from dvdquant.kernels.expand import expand_int4_to_fp8
+    from dvdquant.kernels.fp8 import gemm_rowwise
+    from dvdquant.kernels.triton_act_quant import act_quant
+    from dvdquant.kernels.w4_gemm import w4_fp8_gemm
+    from dvdquant.numerics.packing import pack_int4
+
+    res = {}
+    cfg = {"block_m": 16, "block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 1}
+    for m, n, k, bits, fmt, has_bias in ((37, 48, 96, 4, "int", True), (16, 80, 64, 8, "fp8", False),
+                                         (5, 32, 128, 4, "int", False)):
+        x = torch.randn(m, k, generator=g) * (torch.rand(k, generator=g) * 3 + 0.1)
+        q, s = act_quant(x, bits=bits, fmt=fmt)
+        p = pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+        z = torch.randint(0, 16, (n, 1), generator=g).float()
+        ws = torch.rand(n, 1, generator=g) * 0.01 + 1e-3
+        b = torch.randn(n, generator=g) if has_bias else None
+        # fp32 outputs: the interpreter truncates fp32 → bf16 casts (the GPU rounds), see test_int4_gemv.py
+        y = w4_fp8_gemm(q, s, p, z, ws, b, out_dtype=torch.float32, config=cfg)
+        ref = gemm_rowwise(q, s, expand_int4_to_fp8(p, z), ws, b, torch.float32)
+        rel = float((y - ref).norm() / ref.norm())
+        res[f"w4gemm-M{m}-N{n}-K{k}-A{bits}"] = [rel <= 1e-6, f"rel={rel:.1e}"]
     return res
 
 
@@ -287,6 +318,11 @@ def test_nonfinite_flag_without_sync(results):
     bad = {k: v for k, v in results.items() if k.startswith(("nonfinite-", "tile-cache")) and not v[0]}
     assert len([k for k in results if k.startswith("nonfinite-flag-")]) == 5 and not bad, bad
     assert "nonfinite-raised-at-step-end" in results and "tile-cache" in results
+
+
+def test_w4_gemm_unpacking_in_the_mainloop(results):
+    bad = {k: v for k, v in results.items() if k.startswith("w4gemm-") and not v[0]}
+    assert len([k for k in results if k.startswith("w4gemm-")]) == 3 and not bad, bad
 
 
 def test_expansion_is_exact(results):
