@@ -51,7 +51,7 @@ def bench(k: int, n: int, m: int, rep: int) -> dict:
     r = {"K": k, "N": n, "M": m, "bf16": t(lambda: F.linear(x, w, bias)),
          "cublas_ready": t(lambda: gemm_rowwise(q, s, w8, ws, bias, torch.bfloat16)),
          "expand_cublas": t(lambda: gemm_rowwise(q, s, expand_int4_to_fp8(p, z, out=buf), ws, bias, torch.bfloat16))}
-    ref = gemm_rowwise(q, s, w8, ws, bias.float(), torch.float32)
+    ref = gemm_rowwise(q, s, w8, ws, None, torch.float32) + bias.float()   # CUDA _scaled_mm: no bias with fp32 out
     r["fused"] = []
     for cfg in CONFIGS:
         try:
