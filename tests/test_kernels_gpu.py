@@ -89,7 +89,7 @@ def test_int4_codes_exact_through_scaled_mm():
 @pytest.mark.parametrize("m,n,k", [(4096, 3072, 3072), (1000, 5120, 13824), (333, 272, 256)])
 def test_w4_gemm_unpacking_in_the_mainloop_matches_scaled_mm(m, n, k):
     """The Triton GEMM that unpacks int4 in its mainloop (kernels/w4_gemm.py) vs expansion + cuBLAS:
-    exact integer sums in both, so fp32 outputs agree to the epilogue's rounding; also A8 codes."""
+    exact integer sums in both for A4, so fp32 outputs agree to the epilogue's rounding; A8 within 1e-2."""
     from dvdquant.kernels.expand import expand_int4_to_fp8
     from dvdquant.kernels.fp8 import gemm_rowwise
     from dvdquant.kernels.triton_act_quant import act_quant
@@ -106,7 +106,9 @@ def test_w4_gemm_unpacking_in_the_mainloop_matches_scaled_mm(m, n, k):
         ref = gemm_rowwise(q, s, expand_int4_to_fp8(p, z), ws, None, torch.float32) + bias  # no fp32-out bias on CUDA
         rel = float((y - ref).norm() / ref.norm())
         print(f"w4 gemm {m}x{k}->{n} A{bits}: rel {rel:.1e}")
-        assert rel < 1e-5, (bits, rel)
+        # A4: integer sums, exact in both. A8 (e4m3 values): Triton's fp8 dot accumulates like cuBLAS'
+        # fast accumulation (reduced-precision partial sums), so ~1e-3 apart (measured 2.6e-4 – 2.3e-3, H200)
+        assert rel < (1e-5 if bits == 4 else 1e-2), (bits, rel)
 
 
 def _layer(k, n, **kw):

@@ -7,15 +7,19 @@ weight tile is loaded as (BLOCK_N, BLOCK_K/2) bytes, split into nibbles, q − z
 registers, and fed to an FP8 ``tl.dot`` — no expanded copy at all, half the weight bytes read. The
 price is ALU work per weight element in every output tile's mainloop (amortised over BLOCK_M rows)
 and Triton's GEMM instead of cuBLAS'. ``benchmarks/bench_w4_gemm.py`` measures both designs side by
-side; the default path stays expansion + cuBLAS unless the numbers say otherwise.
+side. Measured on an H200 at M = 16k (docs/results/speed.md §0): this kernel takes 1.95–2.24× the time
+of expansion + cuBLAS (0.70–0.78× bf16), so the FP8 path keeps the expansion; this module stays as
+the tested, measured alternative (and the starting point should a faster mainloop appear).
 
 Computes the same function as :func:`.fp8.gemm_rowwise` on the expanded weight::
 
     y[m, n] = s[m] · Δ[n] · Σ_k c[m, k] · (q[n, k] − z[n])  (+ b[n])
 
 with fp8 codes c (M, K) (int-grid A4 codes or e4m3 A8 values), per-token scales s (M, 1), packed
-int4 q (N, K/2) (low nibble = even k), integer zero points z (N, 1) and steps Δ (N, 1). The products
-are exact in the fp32 accumulator for A4 (as in cuBLAS with ``use_fast_accum=False``); the epilogue
+int4 q (N, K/2) (low nibble = even k), integer zero points z (N, 1) and steps Δ (N, 1). For A4 the
+sums are integers below 2^22, exact in the tensor cores' accumulator (as in cuBLAS with
+``use_fast_accum=False``); for A8 e4m3 values Triton's fp8 ``tl.dot`` accumulates like cuBLAS' fast
+accumulation (reduced-precision partial sums: 3e-4 – 2e-3 rel. apart on the H200). The epilogue
 multiplies by s·Δ in fp32 and rounds once to the output dtype.
 
 Under ``TRITON_INTERPRET=1`` (CI) the dot runs in IEEE fp32 on the same e4m3-valued operands (fp8
