@@ -40,10 +40,10 @@ from typing import Optional
 import torch
 
 from ..errors import NonFiniteError
-from .finite import device_flag, finite_check_mode, layer_id
 from ..numerics.hadamard import hadamard_matrix, hadamard_rotate
 from .expand import ExpansionPool, expand_int4_to_fp8
-from .triton_act_quant import act_quant, fusable_rotation
+from .finite import device_flag, finite_check_mode, layer_id
+from .triton_act_quant import act_quant, fusable_rotation, tensor_version
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +189,9 @@ def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torc
                      scales_k_major=scale_block is not None, nonfinite_flag=nonfinite_flag, flag_id=flag_id)
 
 
-def _version(t: torch.Tensor) -> int:
-    """In-place version counter; −1 for inference tensors, which have none."""
-    return -1 if t.is_inference() else t._version
-
-
 def _persistent_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
     """One FP8 copy per packed weight tensor, rebuilt when the weight or zero point is written to."""
-    ver = (qweight.data_ptr(), _version(qweight), _version(w_zero))
+    ver = (qweight.data_ptr(), tensor_version(qweight), tensor_version(w_zero))
     key = id(qweight)
     hit = _PERSISTENT.get(key)
     if hit is None or hit[0] != ver:

@@ -321,6 +321,12 @@ def _signed_tile(h_bytes: bytes, r: int, tile: int, dtype: torch.dtype, device: 
 _TILES: dict = {}   # (id(h_block), version, tile, dtype, device) → (weakref to h_block, ±1 tile)
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """In-place version counter of ``t`` (for caches keyed on a tensor); −1 for inference tensors
+    (made under ``torch.inference_mode``), which have none."""
+    return -1 if t.is_inference() else t._version
+
+
 def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device) -> torch.Tensor:
     """blockdiag(±1 pattern of ``h_block``) of order ``tile``, cached per block tensor, dtype, device.
 
@@ -328,10 +334,8 @@ def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device)
     a synchronisation; it happens once per (tensor, in-place version), not once per call, so the
     hot path never blocks the CPU (a sync per layer cost ~0.24 ms per call on an H200).
     """
-    # inference tensors (made under torch.inference_mode) have no version counter: -1, i.e. an
-    # in-place write to such a block is not noticed (blocks are built once and never written)
-    version = -1 if h_block.is_inference() else h_block._version
-    key = (id(h_block), version, tile, dtype, str(device))
+    # an in-place write to an inference-mode block is not noticed (blocks are built once, never written)
+    key = (id(h_block), tensor_version(h_block), tile, dtype, str(device))
     hit = _TILES.get(key)
     if hit is not None and hit[0]() is h_block:
         return hit[1]
