@@ -177,7 +177,7 @@ def _flag_nonfinite(flag_ptr, flag_id, bad):
     tl.atomic_min(flag_ptr, flag_id, mask=tl.max(bad, axis=0) > 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["flag_id"])   # layer ids vary per call: no recompile for id 1 or 16·k
 def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
                      M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
@@ -239,7 +239,7 @@ def _rot_tile(x_ptrs, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT: tl.constexpr):
     return xr * inv_sqrt_r
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["flag_id"])
 def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
                          M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
                          BLOCK_M: tl.constexpr, TILE: tl.constexpr, PER_BLOCK: tl.constexpr,
