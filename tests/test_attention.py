@@ -5,21 +5,18 @@ GPU checks (kernel vs SDPA at real sizes, captured inputs) are in ``tests/test_a
 """
 from __future__ import annotations
 
-import json
 import math
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreter import main, run_checks
 
 from dvdquant.kernels.attention_ref import (key_bias, quant_attention_reference, quantize_kv_reference)
 from dvdquant.nn.attention import (backend_value, install_quantized_attention, plan_attention,
                                    quantized_attention_mode, register_backends, remove_quantized_attention)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def sdpa(q, k, v, mask=None):
@@ -145,24 +142,23 @@ def _interpreter_checks() -> dict:
             dl = float((lse - lse2).abs().max())
             res[f"{B}x{Lq}x{Lk}x{H}x{D}-{mk}-{fmt}"] = [bool(codes and rel < 1e-4 and dl < 1e-4),
                                                         f"codes={codes} rel={rel:.1e} lse={dl:.1e}"]
+    for D in (64, 128):              # the default launch config of each head_dim, reference tiled alike
+        q, k, v = qkv(1, 130, 150, 1, D, seed=20 + D)
+        o, o2 = quant_attention(q, k, v), quant_attention_reference(q, k, v)
+        rel = float((o - o2).norm() / o2.norm())
+        res[f"default-tiles-D{D}"] = [rel < 1e-4, f"rel={rel:.1e}"]
     return res
 
 
 @pytest.fixture(scope="module")
 def interp():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.path.join(os.path.dirname(HERE), "src") + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"interpreter checks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_checks(__file__)
 
 
 def test_triton_kernel_matches_reference_in_interpreter(interp):
     bad = {k: v for k, v in interp.items() if not v[0]}
-    assert len(interp) == 10 and not bad, bad
+    assert len(interp) == 12 and not bad, bad
 
 
 def test_sdpa_with_lse_matches_sdpa_and_logsumexp():
@@ -319,6 +315,4 @@ def test_config_quantize_and_load_hooks(tmp_path):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"
-    print(json.dumps(_interpreter_checks()))
+    main(_interpreter_checks)
