@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from interpreter import main, run_checks
+from interpreter import checks_fixture, main
 
 from dvdquant.kernels.attention_ref import (key_bias, quant_attention_reference, quantize_kv_reference)
 from dvdquant.nn.attention import (backend_value, install_quantized_attention, plan_attention,
@@ -150,10 +150,7 @@ def _interpreter_checks() -> dict:
     return res
 
 
-@pytest.fixture(scope="module")
-def interp():
-    pytest.importorskip("triton")
-    return run_checks(__file__)
+interp = checks_fixture(__file__)
 
 
 def test_triton_kernel_matches_reference_in_interpreter(interp):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 
 import pytest
-from interpreter import main, run_checks
+from interpreter import checks_fixture, main
 import torch
 
 
@@ -143,10 +143,7 @@ def _layout_checks(g: torch.Generator) -> dict:
     return res
 
 
-@pytest.fixture(scope="module")
-def results():
-    pytest.importorskip("triton")
-    return run_checks(__file__)
+results = checks_fixture(__file__)
 
 
 def test_fp32_output_matches_reference(results):

@@ -16,8 +16,7 @@ Tolerances:
 from __future__ import annotations
 
 
-import pytest
-from interpreter import main, run_checks
+from interpreter import checks_fixture, main
 
 
 
@@ -294,10 +293,7 @@ def _compile_checks() -> dict:
     return res
 
 
-@pytest.fixture(scope="module")
-def results():
-    pytest.importorskip("triton")
-    return run_checks(__file__)
+results = checks_fixture(__file__)
 
 
 def test_quantize_only_is_bit_exact(results):
