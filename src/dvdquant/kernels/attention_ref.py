@@ -48,14 +48,8 @@ from typing import Optional, Tuple
 
 import torch
 
-DEFAULT_BLOCK_N = 128   # keys per tile = per K scale block; the kernel's default too
+DEFAULT_BLOCK_N = 128   # keys per tile of the online softmax (K scales are per key)
 BLOCK_N_BY_HEAD_DIM = {64: 64, 128: 128}   # key tile per head_dim: the H200 launch sweep's winners (attention.md)
-
-
-def block_n_for(head_dim: int) -> int:
-    """Keys per tile for ``head_dim``: the tiling of the online softmax (P is quantized per tile
-    against the running max, so the reference and the kernel must tile alike)."""
-    return BLOCK_N_BY_HEAD_DIM.get(head_dim, DEFAULT_BLOCK_N)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 QMAX = {"int8": 127.0, "fp8": 448.0}
@@ -64,6 +58,12 @@ TINY = 1e-30             # amax floor: an all-zero row/block gets codes 0, not N
 L_FLOOR = 1e-30          # row sum floor: fully masked rows give mean(V), not NaN
 QK_FORMATS = tuple(QMAX)
 E4M3 = torch.float8_e4m3fn
+
+
+def block_n_for(head_dim: int) -> int:
+    """Keys per tile for ``head_dim``: the tiling of the online softmax (P is quantized per tile
+    against the running max, so the reference and the kernel must tile alike)."""
+    return BLOCK_N_BY_HEAD_DIM.get(head_dim, DEFAULT_BLOCK_N)
 
 
 @dataclass
@@ -185,7 +185,9 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """8-bit attention in plain torch: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D).
 
     Returns ``out`` (B, Lq, H, D) in ``q.dtype`` and, if ``return_lse``, ``lse`` (B, Lq, H) fp32.
-    ``block_n`` None: the head_dim's key tile (:func:`block_n_for`), as the kernel. Batches are processed in chunks of at most ``max_chunk`` score elements (memory bound).    """
+    ``block_n`` None: the head_dim's key tile (:func:`block_n_for`), as the kernel. Batches are
+    processed in chunks of at most ``max_chunk`` score elements (memory bound).
+    """
     if qk_format not in QMAX:
         raise ValueError(f"qk_format must be one of {QK_FORMATS}, got {qk_format!r}")
     B, Lq, H, D = q.shape
