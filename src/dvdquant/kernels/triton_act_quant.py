@@ -59,13 +59,16 @@ ran out of shared memory on the H100 with the tuned launch config). Other rotati
 (R = 256, non-power-of-two orders such as 12·2^a, or a full rotation of order K) are
 done by the caller with a torch matmul first, then this kernel runs with rotation off.
 
-Two passes over K
------------------
-A per-token scale needs the amax of the whole row before any element can be quantized, and a
-row of 3072–15360 fp32 values does not fit in registers for the 16+ rows a ``tl.dot`` needs.
-So per-token mode makes two passes over the row's tiles: the first computes the amax (and the
-rotation), the second recomputes the rotation and quantizes; the re-read mostly hits L2.
-Per-block mode (scale per 128 channels) is a single pass: each tile is its own scale group.
+Two passes over K, or one
+-------------------------
+A per-token scale needs the amax of the whole row before any element can be quantized. With 16+
+token rows per ``tl.dot`` tile, a row of 3072–15360 values does not fit in registers, so this
+module's kernels make two passes over the row's tiles in per-token mode: the first computes the
+amax (and the rotation), the second recomputes the rotation and quantizes. For K ≥ 12k the
+second read comes mostly from HBM. :mod:`.act_quant_row` avoids it by making the *k-blocks of
+one row* the rows of the dot, which keeps whole rows in registers and reads once; ``act_quant``
+runs it wherever it applies. Per-block mode (scale per 128 channels) is a single pass here:
+each tile is its own scale group.
 """
 from __future__ import annotations
 
@@ -80,6 +83,9 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
+from .act_quant_row import MAX_ROW, act_quant_row, row_kernel_fits
+from .act_quant_row import TILE as ROW_TILE
+from .quant_jit import row_abs_max, bad_rows, flag_nonfinite, quantize_codes, scale_of
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +99,6 @@ def interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------- kernel
-@triton.jit
-def _round_e4m3(y):
-    """Round fp32 ``y`` to the nearest e4m3 value (ties to even); exact fp32 arithmetic."""
-    bits = y.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127                 # unbiased exponent of |y|
-    e = tl.maximum(e, -6)                           # e4m3 subnormals share the ulp 2^-9
-    magic = ((e + 20 + 127) << 23) | 0x400000       # 1.5 · 2^(e+20): its ulp is 2^(e−3)
-    c = magic.to(tl.float32, bitcast=True)
-    r = (y + c) - c
-    return tl.where(r == 0.0, y * 0.0, r)          # keep the sign of zero, as torch's cast does
 
 
 @triton.jit
@@ -137,46 +133,6 @@ def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_x
     return x.to(tl.float32)
 
 
-@triton.jit
-def _abs_max(x):
-    """Row-wise max |x|, with NaN counted as +inf (so bad rows get an inf scale)."""
-    ax = tl.where(x == x, tl.abs(x), float("inf"))
-    return tl.max(ax, axis=1)
-
-
-@triton.jit
-def _quantize(x, s, qmax, FP8_FMT: tl.constexpr):
-    """Codes of x / s (s broadcast per row), on the int grid or the e4m3 grid."""
-    y = tl.math.div_rn(x, s[:, None])
-    if FP8_FMT:
-        return _round_e4m3(y)
-    r = (y + 12582912.0) - 12582912.0
-    return tl.minimum(tl.maximum(r, -qmax), qmax)
-
-
-@triton.jit
-def _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP: tl.constexpr):
-    """amax / qmax as torch computes it: CUDA torch divides by a Python scalar by multiplying
-    with the fp32 reciprocal; CPU torch divides (correctly rounded)."""
-    if SCALE_BY_RECIP:
-        s = amax * inv_qmax
-    else:
-        s = tl.math.div_rn(amax, tl.zeros_like(amax) + qmax)
-    return tl.where(amax > 0, s, 1.0)
-
-
-@triton.jit
-def _bad_rows(s, mask_m):
-    """1 where a row's scale is +inf (its input held NaN/Inf), else 0; (BLOCK_M,) int32."""
-    return tl.where(mask_m & (s == float("inf")), 1, 0)
-
-
-@triton.jit
-def _flag_nonfinite(flag_ptr, flag_id, bad):
-    """Record ``flag_id`` in the device flag (atomic min) if any row of this program was bad."""
-    tl.atomic_min(flag_ptr, flag_id, mask=tl.max(bad, axis=0) > 0)
-
-
 @triton.jit(do_not_specialize=["flag_id"])   # layer ids vary per call: no recompile for id 1 or 16·k
 def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
                      M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
@@ -200,9 +156,9 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
         for k0 in range(0, K, BLOCK_K):
             x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                   BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
-            s = _scale_of(_abs_max(x), qmax, inv_qmax, SCALE_BY_RECIP)
-            bad = tl.maximum(bad, _bad_rows(s, mask_m))
-            c = _quantize(x, s, qmax, FP8_FMT)
+            s = scale_of(row_abs_max(x), qmax, inv_qmax, SCALE_BY_RECIP)
+            bad = tl.maximum(bad, bad_rows(s, mask_m))
+            c = quantize_codes(x, s, qmax, FP8_FMT)
             cols = k0 + tl.arange(0, BLOCK_K)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], c.to(q_ptr.dtype.element_ty),
                      mask=mask_m[:, None] & (cols[None, :] < K))
@@ -212,19 +168,19 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
         for k0 in range(0, K, BLOCK_K):
             x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                   BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
-            amax = tl.maximum(amax, _abs_max(x))
-        s = _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
-        bad = _bad_rows(s, mask_m)
+            amax = tl.maximum(amax, row_abs_max(x))
+        s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
+        bad = bad_rows(s, mask_m)
         for k0 in range(0, K, BLOCK_K):
             x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                   BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
-            c = _quantize(x, s, qmax, FP8_FMT)
+            c = quantize_codes(x, s, qmax, FP8_FMT)
             cols = k0 + tl.arange(0, BLOCK_K)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], c.to(q_ptr.dtype.element_ty),
                      mask=mask_m[:, None] & (cols[None, :] < K))
         tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
     if HAS_FLAG:
-        _flag_nonfinite(flag_ptr, flag_id, bad)
+        flag_nonfinite(flag_ptr, flag_id, bad)
 
 
 @triton.jit
@@ -265,23 +221,23 @@ def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
     if PER_BLOCK:                       # one pass: every tile is its own scale group
         for k0 in range(0, K, TILE):
             xr = _rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT)
-            s = _scale_of(_abs_max(xr), qmax, inv_qmax, SCALE_BY_RECIP)
-            bad = tl.maximum(bad, _bad_rows(s, mask_m))
-            c = _quantize(xr, s, qmax, FP8_FMT)
+            s = scale_of(row_abs_max(xr), qmax, inv_qmax, SCALE_BY_RECIP)
+            bad = tl.maximum(bad, bad_rows(s, mask_m))
+            c = quantize_codes(xr, s, qmax, FP8_FMT)
             tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
             tl.store(s_ptr + rows * stride_sm + (k0 // TILE) * stride_sg, s, mask=mask_m)
     else:                               # two passes: row amax, then quantize (re-read mostly from L2)
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, TILE):
-            amax = tl.maximum(amax, _abs_max(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT)))
-        s = _scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
-        bad = _bad_rows(s, mask_m)
+            amax = tl.maximum(amax, row_abs_max(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT)))
+        s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
+        bad = bad_rows(s, mask_m)
         for k0 in range(0, K, TILE):
-            c = _quantize(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT), s, qmax, FP8_FMT)
+            c = quantize_codes(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT), s, qmax, FP8_FMT)
             tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
         tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
     if HAS_FLAG:
-        _flag_nonfinite(flag_ptr, flag_id, bad)
+        flag_nonfinite(flag_ptr, flag_id, bad)
 
 
 # ---------------------------------------------------------------------------------- launcher
@@ -363,19 +319,23 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     ``block``: channels per scale (per_block scaling; G = K / block), None for per token (G = 1).
     ``scales_k_major``: return the (M, G) scales as a transposed view of a contiguous (G, M)
     buffer, the layout ``_scaled_mm``'s 1×128 blockwise scaling wants.
-    ``config``: launch parameters overriding :data:`DEFAULT_CONFIG` (block_m, num_warps,
-    num_stages, hoist_h, block_k for the unrotated case) or, for the matmul-form kernel,
-    :data:`ROT_CONFIG`.
-    ``kernel``: ``"auto"``/``"legacy"`` run :func:`act_quant_kernel` (±1 tile hoisted into
-    registers); ``"mm"`` runs a fused rotation of bf16/fp16 tokens without ``smooth`` through the
-    matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23× *slower* on an H200
-    (docs/results/speed.md) and is kept as a selectable, tested variant for other chips.
-    Both compute the same function (same ±1 dot, same 1/√R factor, same quantizer).
+    ``config``: launch parameters of the kernel that runs, overriding its defaults:
+    :data:`~.act_quant_row.ROW_CONFIG` (max_elems, num_warps) for the row-resident kernel,
+    :data:`DEFAULT_CONFIG` (block_m, num_warps, num_stages, hoist_h, block_k) for the two-pass
+    one, :data:`ROT_CONFIG` for the matmul-form one.
+    ``kernel``: ``"auto"`` runs the single-pass row-resident kernel (:mod:`.act_quant_row`) where
+    it applies (per-token scales, no smooth, K ≤ 16384, see ``row_kernel_fits``) and the two-pass
+    :func:`act_quant_kernel` otherwise; ``"row"`` forces the former (error where it does not
+    apply), ``"legacy"`` the latter. ``"mm"`` runs a fused rotation of bf16/fp16 tokens without
+    ``smooth`` through the matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23×
+    *slower* than the two-pass kernel on an H200 (docs/results/speed.md) and is kept as a
+    selectable, tested variant. All compute the same function (same ±1 dot, same 1/√R factor,
+    same quantizer from :mod:`.quant_jit`).
     ``nonfinite_flag``: a (1,) int32 device tensor; if any row's input held NaN/Inf (scale +inf)
     the kernel writes ``min(flag, flag_id)`` into it — detection without a host sync
     (:mod:`dvdquant.kernels.finite`).
     """
-    if kernel not in ("auto", "mm", "legacy"):
+    if kernel not in ("auto", "row", "mm", "legacy"):
         raise ConfigError(f"unknown act_quant kernel {kernel!r}")
     if x.dim() != 2:
         raise ConfigError(f"act_quant expects 2-D tokens (M, K), got shape {tuple(x.shape)}")
@@ -388,8 +348,12 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     mm_ok = r is not None and smooth is None and x.dtype in (torch.bfloat16, torch.float16)
     if kernel == "mm" and not mm_ok:
         raise ConfigError("the matmul-form kernel needs a fused rotation of bf16/fp16 tokens without smooth")
-    use_mm = mm_ok and kernel == "mm"   # "auto" keeps the register-hoisted kernel: faster on the H200 (speed.md)
-    cfg = dict(ROT_CONFIG if use_mm else DEFAULT_CONFIG, **(config or {}))
+    use_mm = mm_ok and kernel == "mm"
+    use_row = kernel in ("auto", "row") and row_kernel_fits(x, r, block, smooth)
+    if kernel == "row" and not use_row:
+        raise ConfigError("the row-resident kernel takes per-token scales without smooth, K ≤ "
+                          f"{MAX_ROW} and a fused rotation only of bf16/fp16 tokens with K % 128 == 0")
+    cfg = dict(ROT_CONFIG if use_mm else DEFAULT_CONFIG, **({} if use_row else config or {}))
     if not fusable_rotation(k, r, block):
         raise ConfigError(f"rotation of order {r} cannot be fused for K={k}, block={block}: rotate first")
     if block is not None and (not _is_pow2(block) or k % block):
@@ -407,11 +371,18 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
                      or nonfinite_flag.device != x.device):
         raise ConfigError("nonfinite_flag must be a 1-element int32 tensor on the tokens' device")
     flag = nonfinite_flag if has_flag else scales
+    qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
+    inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)   # fp32 1/qmax, as CUDA torch
+    if use_row:
+        ieee = interpreting()           # bf16 tl.dot is broken in Triton 3.9's interpreter
+        h = None if r is None else _hadamard_tile(h_block, ROW_TILE, torch.float32 if ieee else x.dtype, x.device)
+        act_quant_row(x, codes, scales, qmax=qmax, inv_qmax=inv_qmax, fp8_fmt=fmt == "fp8", h_tile=h,
+                      inv_sqrt_r=inv_sqrt_r(r) if r else 1.0, ieee_dot=ieee, flag=flag, flag_id=flag_id,
+                      has_flag=has_flag, config=config)
+        return codes, scales
     if use_mm:
         ieee = interpreting()           # bf16 tl.dot is broken in Triton 3.9's interpreter
         h = _hadamard_tile(h_block, tile, torch.float32 if ieee else x.dtype, x.device)
-        qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
-        inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)
         act_quant_rot_kernel[(triton.cdiv(m, cfg["block_m"]),)](
             x, h, codes, scales, flag, int(flag_id), m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1),
             qmax, inv_qmax, inv_sqrt_r(r),
@@ -423,8 +394,6 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     if r:
         h = _hadamard_tile(h_block, tile, torch.float32 if rot_mode == 0 else torch.bfloat16, x.device)
     sm = None if smooth is None else smooth.to(device=x.device, dtype=torch.float32).contiguous()
-    qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
-    inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)   # fp32 1/qmax, as CUDA torch
     grid = (triton.cdiv(m, cfg["block_m"]),)
     act_quant_kernel[grid](
         x, sm if sm is not None else x, h if h is not None else x, codes, scales, flag, int(flag_id),
