@@ -14,8 +14,8 @@ Times ``act_quant`` on bf16 tokens at M = 32768, Hadamard-128 rotation fused, pe
 ``--kernel legacy`` sweeps the two-pass (register-hoisted) kernel instead, block_m down to 16, on the
 per-token cases K = 3072 … 15360 (the K-heavy MLP down-projection inputs included); its reference
 "legacy" column is then its ``DEFAULT_CONFIG``.
-``--kernel row`` sweeps the single-pass row-resident kernel (``act_quant_row``: elements per program
-× warps) on the per-token cases; its table compares against the two-pass kernel.
+``--kernel row`` sweeps the single-pass row-resident kernel (``act_quant_row``: elements per row
+group × warps × pipeline stages × persistent programs per SM) on the per-token cases; its table compares against the two-pass kernel.
 Writes ``act_tune_<kernel>.json`` (every row; the best config overall under "best", the best for
 each case under "best_per_case").
 """
@@ -70,7 +70,8 @@ def main() -> None:
         print(name(k, b), {kk: round(v, 3) for kk, v in ref[name(k, b)].items()}, flush=True)
     rows = []
     if args.kernel == "row":
-        configs = [dict(max_elems=e, num_warps=w) for e, w in itertools.product((4096, 8192, 16384, 32768), (4, 8, 16))]
+        configs = [dict(max_elems=e, num_warps=w, num_stages=st, programs_per_sm=p)
+                   for e, w, st, p in itertools.product((8192, 16384), (4, 8), (2, 3), (1, 2))]
     else:
         block_ms = (16, 32, 64, 128) if args.kernel == "legacy" else (32, 64, 128)
         configs = [dict(block_m=bm, num_warps=nw, num_stages=ns)

@@ -42,7 +42,7 @@ from .quant_jit import bad_rows, flag_nonfinite, quantize_codes, row_abs_max, sc
 TILE = 128                 # channels per k-block: the ±1 tile of the rotation (R | 128)
 # Elements of one program's tile (ROWS · NB · TILE) and warps, by the padded row length NB · TILE;
 # the values of the H200 sweep (benchmarks/tune_act_quant.py --kernel row, docs/results/speed.md).
-ROW_CONFIG = {"max_elems": 16384, "num_warps": 8}
+ROW_CONFIG = {"max_elems": 16384, "num_warps": 8, "num_stages": 3, "programs_per_sm": 2}
 MAX_ROW = 16384            # longest padded row (NB · TILE) kept in registers
 
 
@@ -52,36 +52,45 @@ def act_quant_row_kernel(x_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
                          ROWS: tl.constexpr, NB: tl.constexpr, TILE: tl.constexpr, ROTATE: tl.constexpr,
                          IEEE_DOT: tl.constexpr, FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr,
                          HAS_FLAG: tl.constexpr):
-    """Grid: (cdiv(M, ROWS),). Each program quantizes ROWS whole token rows in one pass."""
+    """Persistent grid (≤ #SMs × k programs); program p quantizes the row groups p, p + P, p + 2P, …
+    (ROWS whole token rows each) in one pass. The loop lets the software pipeliner prefetch the
+    next groups' rows (``num_stages``) while the current one is rotated and written."""
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     i = tl.arange(0, ROWS * NB)
-    row = pid * ROWS + i // NB                                   # (ROWS·NB,) token of each tile row
-    blk = i % NB                                                 # (ROWS·NB,) its k-block
+    r_in = i // NB                                               # (ROWS·NB,) token within the group
     kk = tl.arange(0, TILE)
-    cols = blk[:, None] * TILE + kk[None, :]                     # (ROWS·NB, TILE) channel index
-    mask = (row < M)[:, None] & (cols < K)
-    row64 = row.to(tl.int64)
-    x = tl.load(x_ptr + row64[:, None] * stride_xm + cols, mask=mask, other=0.0)
+    cols = (i % NB)[:, None] * TILE + kk[None, :]                # (ROWS·NB, TILE) channel index
+    mask_c = cols < K
+    x_offs = r_in[:, None] * stride_xm + cols                    # relative to the group's first row
+    q_offs = r_in[:, None] * stride_qm + cols
+    t_in = tl.arange(0, ROWS)
     if ROTATE:
-        h = tl.load(h_ptr + kk[:, None] * TILE + kk[None, :])    # (TILE, TILE) ±1, L2-resident
-        if IEEE_DOT:                                             # interpreter: bf16 dot is broken there
-            xr = tl.dot(x.to(tl.float32), h, input_precision="ieee")
-        else:                                                    # ±1 · bf16 exact, fp32 sums
-            xr = tl.dot(x, h)
-        xr = xr * inv_sqrt_r
-    else:
-        xr = x.to(tl.float32)
-    part = row_abs_max(xr)                                       # (ROWS·NB,) per k-block
-    amax = tl.max(tl.reshape(part, (ROWS, NB)), axis=1)          # (ROWS,) per token
-    tok = pid * ROWS + tl.arange(0, ROWS)
-    mask_t = tok < M
-    s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)          # (ROWS,)
-    s_tile = tl.reshape(tl.broadcast_to(s[:, None], (ROWS, NB)), (ROWS * NB,))
-    c = quantize_codes(xr, s_tile, qmax, FP8_FMT)
-    tl.store(q_ptr + row64[:, None] * stride_qm + cols, c.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + tok * stride_sm, s, mask=mask_t)
+        h = tl.load(h_ptr + kk[:, None] * TILE + kk[None, :])    # (TILE, TILE) ±1, loaded once
+    bad = tl.zeros((ROWS,), dtype=tl.int32)
+    for g in range(pid, tl.cdiv(M, ROWS), nprog):
+        row0 = tl.cast(g, tl.int64) * ROWS                       # int64: M·K may exceed 2^31
+        mask = ((row0 + r_in) < M)[:, None] & mask_c
+        x = tl.load(x_ptr + row0 * stride_xm + x_offs, mask=mask, other=0.0)
+        if ROTATE:
+            if IEEE_DOT:                                         # interpreter: bf16 dot is broken there
+                xr = tl.dot(x.to(tl.float32), h, input_precision="ieee")
+            else:                                                # ±1 · bf16 exact, fp32 sums
+                xr = tl.dot(x, h)
+            xr = xr * inv_sqrt_r
+        else:
+            xr = x.to(tl.float32)
+        part = row_abs_max(xr)                                   # (ROWS·NB,) per k-block
+        amax = tl.max(tl.reshape(part, (ROWS, NB)), axis=1)      # (ROWS,) per token
+        mask_t = (row0 + t_in) < M
+        s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)      # (ROWS,)
+        s_tile = tl.reshape(tl.broadcast_to(s[:, None], (ROWS, NB)), (ROWS * NB,))
+        c = quantize_codes(xr, s_tile, qmax, FP8_FMT)
+        tl.store(q_ptr + row0 * stride_qm + q_offs, c.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + (row0 + t_in) * stride_sm, s, mask=mask_t)
+        bad = tl.maximum(bad, bad_rows(s, mask_t))
     if HAS_FLAG:
-        flag_nonfinite(flag_ptr, flag_id, bad_rows(s, mask_t))
+        flag_nonfinite(flag_ptr, flag_id, bad)
 
 
 def padded_blocks(k: int) -> int:
@@ -101,13 +110,19 @@ def row_kernel_fits(x: torch.Tensor, r: Optional[int], block: Optional[int], smo
             and k % TILE == 0)
 
 
-def launch_rows(nb: int, config: Optional[dict] = None) -> tuple[int, int]:
-    """(ROWS, num_warps) for a row of NB padded k-blocks: as many rows as fit ``max_elems``, and
-    at least 16 tile rows in all (``tl.dot``'s minimum M)."""
+def launch_rows(nb: int, config: Optional[dict] = None) -> tuple[int, int, int, int]:
+    """(ROWS, num_warps, num_stages, programs per SM) for a row of NB padded k-blocks: as many rows
+    per group as fit ``max_elems``, and at least 16 tile rows in all (``tl.dot``'s minimum M)."""
     cfg = dict(ROW_CONFIG, **(config or {}))
     rows = max(1, cfg["max_elems"] // (nb * TILE))
     rows = max(rows, triton.cdiv(16, nb))
-    return triton.next_power_of_2(rows), cfg["num_warps"]
+    return triton.next_power_of_2(rows), cfg["num_warps"], cfg["num_stages"], cfg["programs_per_sm"]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2                # interpreter: a small persistent grid, so the tests run the loop
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def act_quant_row(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *, qmax: float, inv_qmax: float,
@@ -120,9 +135,10 @@ def act_quant_row(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
     """
     m, k = x.shape
     nb = padded_blocks(k)
-    rows, warps = launch_rows(nb, config)
-    act_quant_row_kernel[(triton.cdiv(m, rows),)](
+    rows, warps, stages, per_sm = launch_rows(nb, config)
+    grid = (max(1, min(triton.cdiv(m, rows), per_sm * _sm_count(x.device))),)
+    act_quant_row_kernel[grid](
         x, h_tile if h_tile is not None else x, codes, scales, flag, int(flag_id),
         m, k, x.stride(0), codes.stride(0), scales.stride(0), qmax, inv_qmax, inv_sqrt_r,
         ROWS=rows, NB=nb, TILE=TILE, ROTATE=h_tile is not None, IEEE_DOT=ieee_dot, FP8_FMT=fp8_fmt,
-        SCALE_BY_RECIP=x.is_cuda, HAS_FLAG=has_flag, num_warps=warps, num_stages=1)
+        SCALE_BY_RECIP=x.is_cuda, HAS_FLAG=has_flag, num_warps=warps, num_stages=stages)
