@@ -26,7 +26,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from dvdquant.kernels.quant_jit import quantize_codes, scale_of  # noqa: E402
+from dvdquant.kernels.quant_jit import scale_of  # noqa: E402
 
 
 @triton.jit
