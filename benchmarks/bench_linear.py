@@ -7,13 +7,11 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
 
 * ``bf16``      — ``F.linear`` (cuBLAS), the baseline;
 * ``fp8_gemm``  — ``_scaled_mm`` row-wise alone on ready FP8 operands (the ceiling);
-* ``act_a4`` / ``act_a8`` / ``act_a4_blk`` — the fused activation kernel ``act_quant`` as the model
-  runs it (Hadamard-128 rotation; int4 grid / FP8 e4m3 / per-(token,128) scales; per token that
-  is the single-pass row-resident kernel up to K = 16384), ``act_a4_norot`` without rotation,
-  ``act_a4_legacy`` the two-pass kernel (``kernel="legacy"``, the default before session 5);
+* ``act_a4`` / ``act_a8`` / ``act_a4_blk`` — the fused activation kernel (Hadamard-128
+  rotation; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot`` without rotation,
+  ``act_a4_mm`` the matmul-form rotated kernel (``kernel="mm"``);
 * ``expand``    — packed int4 → FP8 weight expansion into a reused buffer;
-* ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM; ``a4_legacy`` the same
-  with the two-pass activation kernel;
+* ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM;
   ``a4_persist`` — the same with a persistent FP8 weight (no expansion);
   ``a4_blk_<recipe>`` — per-block scales through blockwise ``_scaled_mm`` (each recipe that runs).
 
@@ -59,7 +57,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
     buf = torch.empty(n, k, device=dev, dtype=torch.float8_e4m3fn)
 
     act4 = lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=cfg)          # noqa: E731
-    act4_legacy = lambda: act_quant(x, bits=4, fmt="int", h_block=h, kernel="legacy")  # noqa: E731
+    act4_mm = lambda: act_quant(x, bits=4, fmt="int", h_block=h, kernel="mm")      # noqa: E731
     act8 = lambda: act_quant(x, bits=8, fmt="fp8", h_block=h, config=cfg)          # noqa: E731
     act4b = lambda: act_quant(x, bits=4, h_block=h, block=128, scales_k_major=True, config=cfg)  # noqa: E731
     expand = lambda: expand_int4_to_fp8(packed, zero, out=buf)                     # noqa: E731
@@ -70,7 +68,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
     r["fp8_gemm"] = t(lambda: gemm_rowwise(q4, s4, w8, w_scale, bias, torch.bfloat16))
     r["act_a4"], r["act_a8"], r["act_a4_blk"] = t(act4), t(act8), t(act4b)
     r["act_a4_norot"] = t(lambda: act_quant(x, bits=4))
-    r["act_a4_legacy"] = t(act4_legacy)
+    r["act_a4_mm"] = t(act4_mm)
     r["expand"] = t(expand)
 
     def full(act, do_expand=True):
@@ -80,7 +78,6 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
             return gemm_rowwise(q, s, ww, w_scale, bias, torch.bfloat16)
         return run
     r["a4"], r["a8"], r["a4_persist"] = t(full(act4)), t(full(act8)), t(full(act4, False))
-    r["a4_legacy"] = t(full(act4_legacy))
     qb, sb = act4b()
     for name, fn in (BLOCKWISE_GEMMS.items() if blockwise else ()):
         try:
@@ -92,9 +89,9 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
         r[f"gemm_blk_{name}"] = t(lambda: fn(qb, sb, w8, w_scale, bias, torch.bfloat16))
         r[f"a4_blk_{name}"] = t(lambda: fn(*act4b(), expand(), w_scale, bias, torch.bfloat16))
     flops = 2.0 * m * k * n
-    for key in [kk for kk in r if kk in ("bf16", "fp8_gemm", "a4", "a8", "a4_persist", "a4_legacy") or kk.startswith(("a4_blk", "gemm_blk"))]:
+    for key in [kk for kk in r if kk in ("bf16", "fp8_gemm", "a4", "a8", "a4_persist") or kk.startswith(("a4_blk", "gemm_blk"))]:
         r[f"tflops_{key}"] = flops / r[key] / 1e9
-    for key in ("fp8_gemm", "a4", "a8", "a4_persist", "a4_legacy") + tuple(kk for kk in r if kk.startswith("a4_blk_") and "error" not in kk):
+    for key in ("fp8_gemm", "a4", "a8", "a4_persist") + tuple(kk for kk in r if kk.startswith("a4_blk_") and "error" not in kk):
         r[f"speedup_{key}"] = r["bf16"] / r[key]
     del x, w, packed, buf, q4, w8, qb
     torch.cuda.empty_cache()
@@ -103,18 +100,17 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
 
 def markdown(rows: list, device: str) -> str:
     blk = sorted({k[len("speedup_a4_blk_"):] for r in rows for k in r if k.startswith("speedup_a4_blk_")})
-    head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "A4 ×", "A4 two-pass ×", "A8 ×", "A4 persist ×"] + \
+    head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "A4 ×", "A8 ×", "A4 persist ×"] + \
         [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A8 ms", "act blk ms", "act norot ms",
-                                           "act A4 two-pass ms", "expand ms", "GEMM ms"]
+                                           "act A4 mm ms", "expand ms", "GEMM ms"]
     out = [f"Device: {device}. Speedups are bf16 time / path time (>1 = faster), medians of do_bench.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['K']}→{r['N']}", str(r["M"]), f"{r['bf16']:.3f}", f"{r['tflops_bf16']:.0f}",
-                 f"{r['speedup_fp8_gemm']:.2f}", f"{r['speedup_a4']:.2f}", f"{r['speedup_a4_legacy']:.2f}",
-                 f"{r['speedup_a8']:.2f}",
+                 f"{r['speedup_fp8_gemm']:.2f}", f"{r['speedup_a4']:.2f}", f"{r['speedup_a8']:.2f}",
                  f"{r['speedup_a4_persist']:.2f}"]
         cells += [f"{r.get('speedup_a4_blk_' + b, float('nan')):.2f}" for b in blk]
-        cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a8", "act_a4_blk", "act_a4_norot", "act_a4_legacy", "expand",
+        cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a8", "act_a4_blk", "act_a4_norot", "act_a4_mm", "expand",
                                                 "fp8_gemm")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
@@ -128,7 +124,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 16k only")
     ap.add_argument("--no-blockwise", action="store_true", help="skip the per-block (1x128) GEMM recipes")
     ap.add_argument("--act-config", default=None,
-                    help="JSON launch config of the act_quant kernel that runs (see tune_act_quant.py)")
+                    help="JSON launch config of the rotated act_quant kernel (see tune_act_quant.py)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = f"{torch.cuda.get_device_name()} (torch {torch.__version__}, cuda {torch.version.cuda})"

@@ -6,12 +6,14 @@ Times, at M = 16k bf16 tokens and K in (3072, 12288, 15360), per-token int4 code
 
 * ``floor``   — bf16 → fp8 ``copy_`` (read 2 B, write 1 B per element);
 * ``legacy``  — the two-pass kernel (``act_quant(kernel="legacy")``), rotated and not;
-* ``row``     — the row-resident kernel as shipped (``kernel="row"``), rotated and not;
 * ``flat``    — minimal one-pass kernels written here: one token row per program as a 1-D
-  vector (no rotation), and the same row reshaped to (NB, 128) for the ±1 dot (rotation);
+  vector (no rotation), and the same row viewed as (NB, 128) for the ±1 dot (rotation; NB =
+  next power of two of K/128, padding blocks masked);
 
 and prints each compiled kernel's registers and spills, to tell a memory-access problem from
-register pressure.
+register pressure. Session 5 also measured a persistent, software-pipelined row-group version
+(k-blocks of ROWS rows as the dot's rows, 16 launch configs) in the library; it was 1.4–4.2×
+slower than the two-pass kernel on an H100 and was removed (docs/results/speed.md §0b).
 """
 from __future__ import annotations
 
@@ -74,7 +76,6 @@ def _regs(k) -> dict:
 def main() -> None:
     from triton.testing import do_bench
 
-    from dvdquant.kernels import act_quant_row as ar
     from dvdquant.kernels.triton_act_quant import _hadamard_tile, act_quant, act_quant_kernel
     from dvdquant.numerics.hadamard import hadamard_matrix
 
@@ -97,7 +98,6 @@ def main() -> None:
             hb = h if rot else None
             tag = "rot" if rot else "norot"
             r[f"legacy_{tag}"] = t(lambda: act_quant(x, bits=4, h_block=hb, kernel="legacy"))
-            r[f"row_{tag}"] = t(lambda: act_quant(x, bits=4, h_block=hb, kernel="row"))
             for w in (4, 8, 16):
                 def run(w=w, rot=rot):
                     return flat_row_kernel[(args.m,)](x, tile, q, s, k, x.stride(0), q.stride(0), 7.0, 1 / 7.0,
@@ -112,8 +112,8 @@ def main() -> None:
             kern = run1()
             r[f"flat1d_norot_w{w}"] = t(run1)
             r[f"flat1d_norot_w{w}_regs"] = _regs(kern)
-        # registers of the shipped kernels (their compiled variants live in the kernels' caches)
-        for name, jit in (("row", ar.act_quant_row_kernel), ("legacy", act_quant_kernel)):
+        # registers of the shipped kernel (its compiled variants live in the kernel's cache)
+        for name, jit in (("legacy", act_quant_kernel),):
             for dev_cache in getattr(jit, "device_caches", {}).values():
                 cache = dev_cache[0] if isinstance(dev_cache, tuple) else dev_cache
                 r[f"{name}_compiled"] = [_regs(c) for c in list(cache.values())[-4:]]

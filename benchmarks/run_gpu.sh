@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU kernel tests, act-kernel tuning sweep, the per-layer benchmark with the
-# best launch config of the single-pass (row-resident) activation kernel, the int4 GEMV (weight-only layers) and expansion-vs-mainloop
+# best rotated-kernel launch config, the int4 GEMV (weight-only layers) and expansion-vs-mainloop
 # unpack benchmarks, and the fp8-vs-emulated numerics check on the embedded model.
 # Everything lands in $OUT.   bash benchmarks/run_gpu.sh
 set -o pipefail
@@ -11,8 +11,8 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 } 2>&1 | tee "$OUT/pytest_gpu.txt"
 timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q -s -m gpu tests/test_kernels_gpu.py tests/test_int4_gemv.py -p no:cacheprovider --maxfail=8 -rs \
   2>&1 | tee -a "$OUT/pytest_gpu.txt" | grep -E "^(FAILED|ERROR|E  )|passed|failed|^____" | head -40
-timeout ${TUNE_TIMEOUT:-150} python3 benchmarks/tune_act_quant.py --kernel row --out "$OUT" 2>&1 | grep -E "^\||BEST|K[0-9]+-"
-CFG=$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/act_tune_row.json'))['best']))" 2>/dev/null)
+timeout ${TUNE_TIMEOUT:-150} python3 benchmarks/tune_act_quant.py --kernel legacy --out "$OUT" 2>&1 | grep -E "^\||BEST|K[0-9]+-"
+CFG=$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/act_tune_legacy.json'))['best']))" 2>/dev/null)
 echo "rotated act config: ${CFG:-default}"
 timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_linear.py --out "$OUT" --rep ${REP:-30} ${CFG:+--act-config "$CFG"} $BENCH_ARGS \
   2>&1 | grep -v '^|' | cut -c1-220

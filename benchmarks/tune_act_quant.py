@@ -8,14 +8,11 @@ Times ``act_quant`` on bf16 tokens at M = 32768, Hadamard-128 rotation fused, pe
 * ``mm``     — the matmul-form rotated kernel (``act_quant_rot_kernel``), every launch config of
   the sweep (block_m × num_warps × num_stages);
 * ``legacy`` — the register-hoisted kernel with its tuned ``DEFAULT_CONFIG`` (the previous default);
-* ``norot``  — ``act_quant`` without rotation, default kernel choice (what the rotation costs on top);
+* ``norot``  — the legacy kernel without rotation (what the rotation costs on top);
 * ``floor``  — a bf16 → fp8 ``copy_`` of the same tensor (read 2 B, write 1 B per element).
 
-``--kernel legacy`` sweeps the two-pass (register-hoisted) kernel instead, block_m down to 16, on the
-per-token cases K = 3072 … 15360 (the K-heavy MLP down-projection inputs included); its reference
-"legacy" column is then its ``DEFAULT_CONFIG``.
-``--kernel row`` sweeps the single-pass row-resident kernel (``act_quant_row``: elements per row
-group × warps × pipeline stages × persistent programs per SM) on the per-token cases; its table compares against the two-pass kernel.
+``--kernel legacy`` sweeps the default (register-hoisted) kernel instead, block_m down to 16, on the
+per-token cases K = 3072 … 15360 (the K-heavy MLP down-projection inputs included).
 Writes ``act_tune_<kernel>.json`` (every row; the best config overall under "best", the best for
 each case under "best_per_case").
 """
@@ -35,7 +32,6 @@ M = 32768
 CASES = [(3072, None), (5120, None), (15360, None), (3072, 128)]
 # --kernel legacy: the default register-hoisted kernel, per-token cases incl. the K-heavy MLP inputs
 LEGACY_CASES = [(3072, None), (5120, None), (12288, None), (13824, None), (15360, None), (3072, 128)]
-ROW_CASES = [(3072, None), (5120, None), (12288, None), (13824, None), (15360, None)]
 
 
 def main() -> None:
@@ -47,11 +43,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--rep", type=int, default=25)
-    ap.add_argument("--kernel", default="mm", choices=["mm", "legacy", "row"],
-                    help="which rotated kernel's launch configs to sweep")
+    ap.add_argument("--kernel", default="mm", choices=["mm", "legacy"],
+                    help="which rotated kernel's launch configs to sweep (legacy = the default kernel)")
     ap.add_argument("--m", type=int, default=M)
     args = ap.parse_args()
-    cases = {"legacy": LEGACY_CASES, "row": ROW_CASES}.get(args.kernel, CASES)
+    cases = LEGACY_CASES if args.kernel == "legacy" else CASES
     m_tokens = args.m
     os.makedirs(args.out, exist_ok=True)
     t = lambda fn: do_bench(fn, warmup=5, rep=args.rep, return_mode="median")  # noqa: E731
@@ -69,14 +65,9 @@ def main() -> None:
         }
         print(name(k, b), {kk: round(v, 3) for kk, v in ref[name(k, b)].items()}, flush=True)
     rows = []
-    if args.kernel == "row":
-        configs = [dict(max_elems=e, num_warps=w, num_stages=st, programs_per_sm=p)
-                   for e, w, st, p in itertools.product((8192, 16384), (4, 8), (2, 3), (1, 2))]
-    else:
-        block_ms = (16, 32, 64, 128) if args.kernel == "legacy" else (32, 64, 128)
-        configs = [dict(block_m=bm, num_warps=nw, num_stages=ns)
-                   for bm, nw, ns in itertools.product(block_ms, (4, 8), (2, 3, 4))]
-    for cfg in configs:
+    block_ms = (16, 32, 64, 128) if args.kernel == "legacy" else (32, 64, 128)
+    for bm, nw, ns in itertools.product(block_ms, (4, 8), (2, 3, 4)):
+        cfg = dict(block_m=bm, num_warps=nw, num_stages=ns)
         row = {"config": cfg, "ms": {}}
         try:
             for k, b in cases:

@@ -68,13 +68,10 @@ def _checks() -> dict:
         ti, tf = _tie_rows(k)
         x[2] = (ti if fmt == "int" else tf).to(dtype)
         smooth = torch.rand(k, generator=g) + 0.5 if smooth_on else None
+        c, s = act_quant(x, bits=bits, fmt=fmt, smooth=smooth, block=block, scales_k_major=block is not None)
         cr, sr = act_quant_reference(x, bits=bits, fmt=fmt, smooth=smooth, block=block)
-        # per token without smooth: the row-resident kernel ("auto") and the two-pass one
-        for kern in ("auto", "legacy") if block is None and not smooth_on else ("auto",):
-            c, s = act_quant(x, bits=bits, fmt=fmt, smooth=smooth, block=block, scales_k_major=block is not None,
-                             kernel=kern)
-            ok = torch.equal(c.view(torch.uint8), cr.view(torch.uint8)) and torch.equal(s.contiguous(), sr)
-            res[f"exact-{kern}-{dtype}-{fmt}{bits}-block{block}-smooth{smooth_on}-K{k}"] = [ok, ""]
+        ok = torch.equal(c.view(torch.uint8), cr.view(torch.uint8)) and torch.equal(s.contiguous(), sr)
+        res[f"exact-{dtype}-{fmt}{bits}-block{block}-smooth{smooth_on}-K{k}"] = [ok, ""]
 
     # 2. rotation fused: ≤ 1 step on ≤ 0.1 %
     for dtype, (fmt, bits), r, block, smooth_on in [
@@ -86,11 +83,8 @@ def _checks() -> dict:
         smooth = torch.rand(k, generator=g) + 0.5 if smooth_on else None
         h = hadamard_matrix(r)
         cr, sr = act_quant_reference(x, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=block)
-        # the matmul-form kernel takes bf16/fp16 tokens without smooth, R = 128 (its tile); the
-        # row-resident one ("auto" there) bf16/fp16 per-token tokens without smooth
+        # the matmul-form kernel takes bf16/fp16 tokens without smooth, R = 128 (its tile)
         kernels = ("auto", "mm") if dtype == torch.bfloat16 and not smooth_on and r == 128 else ("auto",)
-        if dtype == torch.bfloat16 and not smooth_on and block is None:
-            kernels += ("legacy",)
         for kern in kernels:
             c, s = act_quant(x, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=block, kernel=kern)
             dist = _step_distance(c, cr) if fmt == "fp8" else (c.float() - cr.float()).abs()
@@ -99,20 +93,6 @@ def _checks() -> dict:
             ok = int(dist.max()) <= 1 and frac <= 1e-3 and srel <= 2e-6
             res[f"rotated-{kern}-{dtype}-{fmt}{bits}-R{r}-block{block}-smooth{smooth_on}"] = [
                 ok, f"max_step={int(dist.max())} frac={frac:.2e} scale_rel={srel:.1e}"]
-
-    # 2b. the row-resident kernel on long rows (NB = 128 and padded 96 → 128 blocks, one row per
-    # program), and several rows per program with a ragged last program: same codes as the
-    # two-pass kernel, bit for bit, and within one step of the reference
-    h128 = hadamard_matrix(128)
-    for m, k, fmt, bits in ((3, 16384, "int", 4), (5, 12288, "int", 4), (4, 13824, "fp8", 8), (41, 640, "int", 4)):
-        x = data(m, k, torch.bfloat16)
-        c, s = act_quant(x, bits=bits, fmt=fmt, h_block=h128, kernel="row")
-        cl, sl = act_quant(x, bits=bits, fmt=fmt, h_block=h128, kernel="legacy")
-        cr, sr = act_quant_reference(x, bits=bits, fmt=fmt, h_block=h128)
-        dist = _step_distance(c, cr) if fmt == "fp8" else (c.float() - cr.float()).abs()
-        same = torch.equal(c.view(torch.uint8), cl.view(torch.uint8)) and torch.equal(s, sl)
-        ok = same and int(dist.max()) <= 1 and float((dist > 0).float().mean()) <= 1e-3
-        res[f"row-vs-legacy-M{m}-K{k}-{fmt}{bits}"] = [ok, f"same={same} max_step={int(dist.max())}"]
 
     # 3. NaN / Inf rows get an inf scale; other rows unaffected
     x = data(20, 256, torch.float32)
@@ -125,9 +105,9 @@ def _checks() -> dict:
 
     # 3b. the device flag records the smallest id of a layer that saw NaN/Inf, and nothing else
     from dvdquant.kernels.finite import CLEAN
+    h128 = hadamard_matrix(128)
     xb = x.to(torch.bfloat16)
-    for name, kw, inp in (("tok", {}, x), ("tok-legacy", {"kernel": "legacy"}, x), ("blk", {"block": 128}, x),
-                          ("rot", {"h_block": h128}, x), ("row-rot", {"h_block": h128, "kernel": "row"}, xb),
+    for name, kw, inp in (("tok", {}, x), ("blk", {"block": 128}, x), ("rot", {"h_block": h128}, x),
                           ("mm", {"h_block": h128, "kernel": "mm"}, xb),
                           ("mm-blk", {"h_block": h128, "kernel": "mm", "block": 128}, xb)):
         flag = torch.full((1,), CLEAN, dtype=torch.int32)
@@ -326,21 +306,13 @@ def test_fused_rotation_within_one_step(results):
     assert not bad, bad
 
 
-def test_row_resident_kernel_equals_two_pass_kernel(results):
-    """Single-pass per-token kernel: long rows (padded blocks), several rows per program."""
-    rows = {k: v for k, v in results.items() if k.startswith("row-vs-legacy-")}
-    bad = {k: v for k, v in rows.items() if not v[0]}
-    assert len(rows) == 4 and not bad, bad
-    assert any(k.startswith("exact-legacy-") for k in results) and any(k.startswith("rotated-legacy-") for k in results)
-
-
 def test_nan_rows_get_inf_scales(results):
     assert results["nan-inf-scale"][0]
 
 
 def test_nonfinite_flag_without_sync(results):
     bad = {k: v for k, v in results.items() if k.startswith(("nonfinite-", "tile-cache")) and not v[0]}
-    assert len([k for k in results if k.startswith("nonfinite-flag-")]) == 7 and not bad, bad
+    assert len([k for k in results if k.startswith("nonfinite-flag-")]) == 5 and not bad, bad
     assert "nonfinite-raised-at-step-end" in results and "tile-cache" in results
 
 

@@ -1,9 +1,9 @@
 """Triton device functions shared by the activation-quantization kernels.
 
-Why a module of its own: the two-pass kernels (:mod:`.triton_act_quant`) and the single-pass
-row-resident kernel (:mod:`.act_quant_row`) must quantize identically — same scale, same
-round-half-even trick, same e4m3 rounding, same NaN handling — so they share these functions
-instead of keeping copies. The exactness notes (why ``div_rn``, why the magic-number rounding,
+Why a module of its own: every kernel that quantizes activations — the two kernels of
+:mod:`.triton_act_quant` and the measurement probes in ``benchmarks/`` — must quantize
+identically (same scale, same round-half-even trick, same e4m3 rounding, same NaN handling), so
+they share these functions instead of keeping copies. The exactness notes (why ``div_rn``, why the magic-number rounding,
 why e4m3 rounding is done by hand) are in :mod:`.triton_act_quant`'s docstring.
 """
 from __future__ import annotations

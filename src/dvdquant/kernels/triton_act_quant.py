@@ -59,16 +59,18 @@ ran out of shared memory on the H100 with the tuned launch config). Other rotati
 (R = 256, non-power-of-two orders such as 12·2^a, or a full rotation of order K) are
 done by the caller with a torch matmul first, then this kernel runs with rotation off.
 
-Two passes over K, or one
--------------------------
-A per-token scale needs the amax of the whole row before any element can be quantized. With 16+
-token rows per ``tl.dot`` tile, a row of 3072–15360 values does not fit in registers, so this
-module's kernels make two passes over the row's tiles in per-token mode: the first computes the
-amax (and the rotation), the second recomputes the rotation and quantizes. For K ≥ 12k the
-second read comes mostly from HBM. :mod:`.act_quant_row` avoids it by making the *k-blocks of
-one row* the rows of the dot, which keeps whole rows in registers and reads once; ``act_quant``
-runs it wherever it applies. Per-block mode (scale per 128 channels) is a single pass here:
-each tile is its own scale group.
+Two passes over K
+-----------------
+A per-token scale needs the amax of the whole row before any element can be quantized, and a
+row of 3072–15360 fp32 values does not fit in registers for the 16+ rows a ``tl.dot`` needs.
+So per-token mode makes two passes over the row's tiles: the first computes the amax (and the
+rotation), the second recomputes the rotation and quantizes. At K ≥ 12k the re-read comes
+mostly from HBM, and the kernel runs at the bandwidth of 2 reads + 1 write (≈ 5/3 of a bf16 →
+fp8 copy). Single-pass layouts that keep whole rows in registers were measured on an H100 in
+session 5 (``benchmarks/probe_act_row.py``, docs/results/speed.md §0b) and were *slower*: the
+load → reduce → write chain of a 24 KB row per program is latency-bound, and the rotation as a
+dot over a row's k-blocks costs layout conversions; so this kernel stays.
+Per-block mode (scale per 128 channels) is a single pass: each tile is its own scale group.
 """
 from __future__ import annotations
 
@@ -83,8 +85,6 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from .act_quant_row import MAX_ROW, act_quant_row, row_kernel_fits
-from .act_quant_row import TILE as ROW_TILE
 from .quant_jit import row_abs_max, bad_rows, flag_nonfinite, quantize_codes, scale_of
 
 log = logging.getLogger(__name__)
@@ -319,23 +319,20 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     ``block``: channels per scale (per_block scaling; G = K / block), None for per token (G = 1).
     ``scales_k_major``: return the (M, G) scales as a transposed view of a contiguous (G, M)
     buffer, the layout ``_scaled_mm``'s 1×128 blockwise scaling wants.
-    ``config``: launch parameters of the kernel that runs, overriding its defaults:
-    :data:`~.act_quant_row.ROW_CONFIG` (max_elems, num_warps) for the row-resident kernel,
-    :data:`DEFAULT_CONFIG` (block_m, num_warps, num_stages, hoist_h, block_k) for the two-pass
-    one, :data:`ROT_CONFIG` for the matmul-form one.
-    ``kernel``: ``"auto"`` runs the single-pass row-resident kernel (:mod:`.act_quant_row`) where
-    it applies (per-token scales, no smooth, K ≤ 16384, see ``row_kernel_fits``) and the two-pass
-    :func:`act_quant_kernel` otherwise; ``"row"`` forces the former (error where it does not
-    apply), ``"legacy"`` the latter. ``"mm"`` runs a fused rotation of bf16/fp16 tokens without
-    ``smooth`` through the matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23×
-    *slower* than the two-pass kernel on an H200 (docs/results/speed.md) and is kept as a
-    selectable, tested variant. All compute the same function (same ±1 dot, same 1/√R factor,
-    same quantizer from :mod:`.quant_jit`).
+    ``config``: launch parameters overriding :data:`DEFAULT_CONFIG` (block_m, num_warps,
+    num_stages, hoist_h, block_k for the unrotated case) or, for the matmul-form kernel,
+    :data:`ROT_CONFIG`.
+    ``kernel``: ``"auto"``/``"legacy"`` run :func:`act_quant_kernel` (±1 tile hoisted into
+    registers); ``"mm"`` runs a fused rotation of bf16/fp16 tokens without ``smooth`` through the
+    matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23× *slower* on an H200
+    (docs/results/speed.md) and is kept as a selectable, tested variant for other chips.
+    Both compute the same function (same ±1 dot, same 1/√R factor, same quantizer from
+    :mod:`.quant_jit`).
     ``nonfinite_flag``: a (1,) int32 device tensor; if any row's input held NaN/Inf (scale +inf)
     the kernel writes ``min(flag, flag_id)`` into it — detection without a host sync
     (:mod:`dvdquant.kernels.finite`).
     """
-    if kernel not in ("auto", "row", "mm", "legacy"):
+    if kernel not in ("auto", "mm", "legacy"):
         raise ConfigError(f"unknown act_quant kernel {kernel!r}")
     if x.dim() != 2:
         raise ConfigError(f"act_quant expects 2-D tokens (M, K), got shape {tuple(x.shape)}")
@@ -348,12 +345,8 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     mm_ok = r is not None and smooth is None and x.dtype in (torch.bfloat16, torch.float16)
     if kernel == "mm" and not mm_ok:
         raise ConfigError("the matmul-form kernel needs a fused rotation of bf16/fp16 tokens without smooth")
-    use_mm = mm_ok and kernel == "mm"
-    use_row = kernel in ("auto", "row") and row_kernel_fits(x, r, block, smooth)
-    if kernel == "row" and not use_row:
-        raise ConfigError("the row-resident kernel takes per-token scales without smooth, K ≤ "
-                          f"{MAX_ROW} and a fused rotation only of bf16/fp16 tokens with K % 128 == 0")
-    cfg = dict(ROT_CONFIG if use_mm else DEFAULT_CONFIG, **({} if use_row else config or {}))
+    use_mm = mm_ok and kernel == "mm"   # "auto" keeps the register-hoisted kernel: faster on the H200 (speed.md)
+    cfg = dict(ROT_CONFIG if use_mm else DEFAULT_CONFIG, **(config or {}))
     if not fusable_rotation(k, r, block):
         raise ConfigError(f"rotation of order {r} cannot be fused for K={k}, block={block}: rotate first")
     if block is not None and (not _is_pow2(block) or k % block):
@@ -373,13 +366,6 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     flag = nonfinite_flag if has_flag else scales
     qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
     inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)   # fp32 1/qmax, as CUDA torch
-    if use_row:
-        ieee = interpreting()           # bf16 tl.dot is broken in Triton 3.9's interpreter
-        h = None if r is None else _hadamard_tile(h_block, ROW_TILE, torch.float32 if ieee else x.dtype, x.device)
-        act_quant_row(x, codes, scales, qmax=qmax, inv_qmax=inv_qmax, fp8_fmt=fmt == "fp8", h_tile=h,
-                      inv_sqrt_r=inv_sqrt_r(r) if r else 1.0, ieee_dot=ieee, flag=flag, flag_id=flag_id,
-                      has_flag=has_flag, config=config)
-        return codes, scales
     if use_mm:
         ieee = interpreting()           # bf16 tl.dot is broken in Triton 3.9's interpreter
         h = _hadamard_tile(h_block, tile, torch.float32 if ieee else x.dtype, x.device)
