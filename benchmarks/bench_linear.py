@@ -7,11 +7,14 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
 
 * ``bf16``      — ``F.linear`` (cuBLAS), the baseline;
 * ``fp8_gemm``  — ``_scaled_mm`` row-wise alone on ready FP8 operands (the ceiling);
+  ``fp8_gemm_fast`` the same with ``use_fast_accum=True`` (opt-in ``fast_accum``), and
+  ``fast_rel`` its relative L2 difference from the exact GEMM on these A4 codes;
 * ``act_a4`` / ``act_a8`` / ``act_a4_blk`` — the fused activation kernel (Hadamard-128
   rotation; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot`` without rotation,
   ``act_a4_mm`` the matmul-form rotated kernel (``kernel="mm"``);
 * ``expand``    — packed int4 → FP8 weight expansion into a reused buffer;
-* ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM;
+* ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM; ``a4_fast`` with the
+  fast-accumulation GEMM;
   ``a4_persist`` — the same with a persistent FP8 weight (no expansion);
   ``a4_blk_<recipe>`` — per-block scales through blockwise ``_scaled_mm`` (each recipe that runs).
 
@@ -66,18 +69,24 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
     r = {"K": k, "N": n, "M": m}
     r["bf16"] = t(lambda: F.linear(x, w, bias))
     r["fp8_gemm"] = t(lambda: gemm_rowwise(q4, s4, w8, w_scale, bias, torch.bfloat16))
+    r["fp8_gemm_fast"] = t(lambda: gemm_rowwise(q4, s4, w8, w_scale, bias, torch.bfloat16, True))
+    y_exact = gemm_rowwise(q4, s4, w8, w_scale, None, torch.float32)
+    r["fast_rel"] = float((gemm_rowwise(q4, s4, w8, w_scale, None, torch.float32, True) - y_exact).norm()
+                          / y_exact.norm())
+    del y_exact
     r["act_a4"], r["act_a8"], r["act_a4_blk"] = t(act4), t(act8), t(act4b)
     r["act_a4_norot"] = t(lambda: act_quant(x, bits=4))
     r["act_a4_mm"] = t(act4_mm)
     r["expand"] = t(expand)
 
-    def full(act, do_expand=True):
+    def full(act, do_expand=True, fast=False):
         def run():
             q, s = act()
             ww = expand() if do_expand else w8
-            return gemm_rowwise(q, s, ww, w_scale, bias, torch.bfloat16)
+            return gemm_rowwise(q, s, ww, w_scale, bias, torch.bfloat16, fast)
         return run
     r["a4"], r["a8"], r["a4_persist"] = t(full(act4)), t(full(act8)), t(full(act4, False))
+    r["a4_fast"] = t(full(act4, fast=True))
     qb, sb = act4b()
     for name, fn in (BLOCKWISE_GEMMS.items() if blockwise else ()):
         try:
@@ -89,9 +98,9 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
         r[f"gemm_blk_{name}"] = t(lambda: fn(qb, sb, w8, w_scale, bias, torch.bfloat16))
         r[f"a4_blk_{name}"] = t(lambda: fn(*act4b(), expand(), w_scale, bias, torch.bfloat16))
     flops = 2.0 * m * k * n
-    for key in [kk for kk in r if kk in ("bf16", "fp8_gemm", "a4", "a8", "a4_persist") or kk.startswith(("a4_blk", "gemm_blk"))]:
+    for key in [kk for kk in r if kk in ("bf16", "fp8_gemm", "fp8_gemm_fast", "a4", "a8", "a4_persist", "a4_fast") or kk.startswith(("a4_blk", "gemm_blk"))]:
         r[f"tflops_{key}"] = flops / r[key] / 1e9
-    for key in ("fp8_gemm", "a4", "a8", "a4_persist") + tuple(kk for kk in r if kk.startswith("a4_blk_") and "error" not in kk):
+    for key in ("fp8_gemm", "fp8_gemm_fast", "a4", "a8", "a4_persist", "a4_fast") + tuple(kk for kk in r if kk.startswith("a4_blk_") and "error" not in kk):
         r[f"speedup_{key}"] = r["bf16"] / r[key]
     del x, w, packed, buf, q4, w8, qb
     torch.cuda.empty_cache()
@@ -100,14 +109,15 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
 
 def markdown(rows: list, device: str) -> str:
     blk = sorted({k[len("speedup_a4_blk_"):] for r in rows for k in r if k.startswith("speedup_a4_blk_")})
-    head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "A4 ×", "A8 ×", "A4 persist ×"] + \
+    head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "fast GEMM ×", "A4 ×", "A4 fast ×", "fast rel", "A8 ×", "A4 persist ×"] + \
         [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A8 ms", "act blk ms", "act norot ms",
                                            "act A4 mm ms", "expand ms", "GEMM ms"]
     out = [f"Device: {device}. Speedups are bf16 time / path time (>1 = faster), medians of do_bench.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['K']}→{r['N']}", str(r["M"]), f"{r['bf16']:.3f}", f"{r['tflops_bf16']:.0f}",
-                 f"{r['speedup_fp8_gemm']:.2f}", f"{r['speedup_a4']:.2f}", f"{r['speedup_a8']:.2f}",
+                 f"{r['speedup_fp8_gemm']:.2f}", f"{r['speedup_fp8_gemm_fast']:.2f}", f"{r['speedup_a4']:.2f}",
+                 f"{r['speedup_a4_fast']:.2f}", f"{r['fast_rel']:.1e}", f"{r['speedup_a8']:.2f}",
                  f"{r['speedup_a4_persist']:.2f}"]
         cells += [f"{r.get('speedup_a4_blk_' + b, float('nan')):.2f}" for b in blk]
         cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a8", "act_a4_blk", "act_a4_norot", "act_a4_mm", "expand",

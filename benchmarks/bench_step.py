@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--quantize-modulation", default="default", choices=["default", "on", "off"],
                     help="AdaLN modulation layers: the config's default, or force weight-only W4 on / bf16 off")
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"])
+    ap.add_argument("--fast-accum", action="store_true",
+                    help="quantized variants with cuBLAS fast FP8 accumulation (set_backend(..., fast_accum=True))")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     out = Path(args.out)
@@ -248,7 +250,8 @@ def main() -> None:
     res["quant_linear_weight_gb"] = round(linear_weight_bytes(m) / 1e9, 2)
     res["linear_weight_bytes_ratio"] = round(res["quant_linear_weight_gb"] / res["bf16_linear_weight_gb"], 3)
     save("quantize")
-    dvdquant.set_backend(m, "fp8")
+    dvdquant.set_backend(m, "fp8", fast_accum=args.fast_accum)
+    res["fast_accum"] = args.fast_accum
     state = dvdquant.get_state(m)
     with torch.inference_mode():
         for bits in () if args.attention_only else (4, 8):

@@ -4,7 +4,7 @@
 
 For each configuration (W4A4 / W4A8-e4m3 / per-block / δ-GBS, Hadamard-128 rotation fused in
 the kernel) the embedded model is quantized once and run two ways on the same prompts, seed
-and initial noise:
+and initial noise (``--fast-accum``: the fp8 runs with cuBLAS fast FP8 accumulation):
 
 * **per layer**: the inputs of every QuantLinear are recorded at a few denoising steps of the
   emulated run; each layer is then run on exactly those inputs with ``backend="fp8"`` and
@@ -49,18 +49,18 @@ def configs():
     }
 
 
-def _timed_generation(model, backend: str, steps: int):
+def _timed_generation(model, backend: str, steps: int, fast_accum: bool = False):
     """(samples, seconds) of the fixed prompts with every QuantLinear on ``backend``."""
     import dvdquant
     from dvdquant.pipeline import generate
-    dvdquant.set_backend(model.transformer, backend)
+    dvdquant.set_backend(model.transformer, backend, fast_accum=fast_accum)
     hooks = dvdquant.step_hooks(model.transformer, steps)
     t0 = time.perf_counter()
     out = generate(model, PROMPTS, seed=0, steps=steps, hooks=hooks, progress=False)
     return out, time.perf_counter() - t0
 
 
-def run_config(name, cfg, steps: int, record_steps, device: str = "cuda") -> dict:
+def run_config(name, cfg, steps: int, record_steps, device: str = "cuda", fast_accum: bool = False) -> dict:
     import dvdquant
     from dvdquant.eval.video_metrics import psnr
     from dvdquant.kernels import plan_forward
@@ -93,19 +93,19 @@ def run_config(name, cfg, steps: int, record_steps, device: str = "cuda") -> dic
                 paths.add(plan_forward(m, x.device, bits).path)
                 m.backend = "emulated"
                 ye = m(x).float()
-                m.backend = "fp8"
+                m.backend, m.fp8_fast_accum = "fp8", fast_accum
                 yf = m(x).float()
                 errs.append(float((yf - ye).norm() / ye.norm().clamp_min(1e-30)))
             per_layer[lname] = {"max_rel": max(errs), "mean_rel": sum(errs) / len(errs), "calls": len(errs),
                                 "K": m.in_features, "N": m.out_features}
     state.reset()
     # 3. fp8 generation, same seed and noise
-    f8, t_f8 = _timed_generation(model, "fp8", steps)
+    f8, t_f8 = _timed_generation(model, "fp8", steps, fast_accum)
     schedule_f8 = [b for _, b in state.history]
     p = psnr(emu.videos, f8.videos)
     lat_rel = float((f8.latents - emu.latents).norm() / emu.latents.norm())
     worst = max(per_layer.items(), key=lambda kv: kv[1]["max_rel"])
-    return {"config": name, "layers": len(layers), "paths": sorted(paths), "steps": steps,
+    return {"config": name, "fast_accum": fast_accum, "layers": len(layers), "paths": sorted(paths), "steps": steps,
             "record_steps": list(record_steps), "bits_schedule_emulated": schedule, "bits_schedule_fp8": schedule_f8,
             "max_layer_rel": worst[1]["max_rel"], "worst_layer": worst[0],
             "mean_layer_rel": sum(v["mean_rel"] for v in per_layer.values()) / len(per_layer),
@@ -120,19 +120,26 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run (the fp8 backend falls back to emulated)")
+    ap.add_argument("--fast-accum", action="store_true",
+                    help="fp8 path with cuBLAS fast FP8 accumulation (dvdquant.set_backend(..., fast_accum=True))")
+    ap.add_argument("--configs", default=None, help="comma list of configuration names (default: all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.makedirs(args.out, exist_ok=True)
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "prompts": PROMPTS, "runs": []}
+    wanted = None if args.configs is None else set(args.configs.split(","))
     for name, cfg in configs().items():
+        if wanted is not None and name not in wanted:
+            continue
         r = run_config(name, cfg, args.steps, record_steps=(0, args.steps // 2, args.steps - 1),
-                       device=args.device)
+                       device=args.device, fast_accum=args.fast_accum)
         results["runs"].append(r)
         print(f"{name}: paths {r['paths']}, max layer rel {r['max_layer_rel']:.2e} ({r['worst_layer']}), "
               f"mean {r['mean_layer_rel']:.2e}; clip PSNR min {r['psnr_db_min']} dB; latent rel "
               f"{r['latent_rel_l2']:.2e}; schedules equal: {r['bits_schedule_emulated'] == r['bits_schedule_fp8']}",
               flush=True)
-    with open(os.path.join(args.out, "fp8_numerics.json"), "w") as f:
+    fname = "fp8_numerics_fast_accum.json" if args.fast_accum else "fp8_numerics.json"
+    with open(os.path.join(args.out, fname), "w") as f:
         json.dump(results, f, indent=1)
 
 

@@ -176,6 +176,18 @@ def test_plan_cpu_and_unknown_backend():
         plan_forward(m, "cpu", 4)
 
 
+def test_set_backend_checks_the_name_and_sets_fast_accum():
+    import dvdquant
+    model = nn.Sequential(make_layer(), make_layer())
+    dvdquant.set_backend(model, "fp8", fast_accum=True)
+    assert all(m.backend == "fp8" and m.fp8_fast_accum for m in model)
+    dvdquant.set_backend(model, "emulated")
+    assert all(m.backend == "emulated" and not m.fp8_fast_accum for m in model)
+    with pytest.raises(ConfigError, match="unknown backend"):
+        dvdquant.set_backend(model, "int4-magic")
+    assert all(m.backend == "emulated" for m in model)            # nothing changed
+
+
 def test_forward_fp8_on_cpu_falls_back_once(caplog):
     m = make_layer()
     m.backend = "fp8"

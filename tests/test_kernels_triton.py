@@ -287,6 +287,7 @@ def _compile_checks() -> dict:
             False, 128, False, "opcheck")
     try:
         torch.library.opcheck(fp8mod.w4_linear_fp8, args)
+        torch.library.opcheck(fp8mod.w4_linear_fp8, args + (True,))        # fast_accum
         res["custom-op-opcheck"] = [True, ""]
     except Exception as e:  # noqa: BLE001 - reported as a failed check with its message
         res["custom-op-opcheck"] = [False, f"{type(e).__name__}: {str(e)[:300]}"]

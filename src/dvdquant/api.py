@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from . import baselines  # noqa: F401  (registers the baseline methods)
 from .algorithms import GBSController, StepIndexHook, get_method
-from .errors import DVDQuantError
+from .errors import ConfigError, DVDQuantError
+from .kernels import BACKENDS
 from .models.adapters import select_linears, weight_only_layers
 from .nn import attention as qattn
 from .nn.quant_linear import QuantLinear
@@ -154,10 +155,18 @@ def quantized_layers(model: nn.Module) -> list:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
-def set_backend(model: nn.Module, backend: str) -> None:
-    """Select the execution path of every QuantLinear ("simulated", "emulated", "fp8", "auto")."""
+def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False) -> None:
+    """Select the execution path of every QuantLinear ("simulated", "emulated", "fp8", "auto").
+
+    ``fast_accum``: on the fp8 path, let cuBLAS accumulate the per-token FP8 GEMMs in the tensor
+    cores' reduced-precision accumulator (``use_fast_accum``). Faster (docs/results/speed.md), but
+    the GEMM is then no longer the exact integer GEMM of the emulated path; off by default.
+    """
+    if backend not in ("simulated",) + BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose from {('simulated',) + BACKENDS}")
     for _, m in quantized_layers(model):
         m.backend = backend
+        m.fp8_fast_accum = bool(fast_accum)
 
 
 def step_hooks(model: nn.Module, total_steps: Optional[int] = None) -> list:

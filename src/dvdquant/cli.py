@@ -90,7 +90,7 @@ def cmd_generate(args) -> int:
     from .pipeline.video_io import save_video
     model = load_generation_model(args.model, device=args.device)
     if api.get_state(model.transformer) is not None:
-        api.set_backend(model.transformer, args.backend)
+        api.set_backend(model.transformer, args.backend, fast_accum=args.fast_accum)
     hooks = api.step_hooks(model.transformer, total_steps=args.steps)
     res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, hooks=hooks,
                    progress=not args.quiet)
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=4.0)
     g.add_argument("--backend", default="simulated", choices=["simulated", "emulated", "fp8", "auto"],
                    help="execution path of quantized layers (default: %(default)s)")
+    g.add_argument("--fast-accum", action="store_true",
+                   help="fp8 path: cuBLAS fast FP8 accumulation (faster, not the exact integer GEMM)")
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=cmd_generate)
 

@@ -11,7 +11,12 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
   ``scale_b = Δ`` (1, N). A4 codes (|c| ≤ 7) and W_int (|w| ≤ 15) are exact in e4m3 and
   their products sum exactly in the tensor cores' fp32 accumulator (|sum| ≤ 105·K < 2^24 for
   K ≤ 159k) with ``use_fast_accum=False``, so A4 is the integer GEMM, exactly, up to the
-  final scaling and the bf16 output rounding.
+  final scaling and the bf16 output rounding. ``fast_accum=True`` (opt-in, per layer:
+  ``module.fp8_fast_accum``, set by ``dvdquant.set_backend(..., fast_accum=True)``) lets cuBLAS
+  keep the sums in the tensor cores' reduced-precision accumulator: faster, with a relative
+  error that grows with K and with sums that do not cancel (DESIGN §3: up to 15 % on same-sign
+  data at K = 12288; rotated activations are zero-mean) — measured in docs/results/speed.md.
+  The per-block recipes keep exact accumulation.
 * per-(token, 128-channel) scales (ARQ ``per_block``, G = K/128): ``_scaled_mm``'s blockwise
   scaling. Two recipes, both tried at run time (whichever this torch/cuBLAS accepts wins):
   ``"1x128"`` — scale_a (M, K/128) 1×128, scale_b (K/128, N) 1×128 holding Δ[n] in every
@@ -71,12 +76,16 @@ def release_weight_buffers() -> None:
 
 # ---------------------------------------------------------------------------------- GEMMs
 def gemm_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
-                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    """q (M, K) fp8, s (M, 1) fp32, w8 (N, K) fp8, w_scale (N, 1) fp32 → (M, N) out_dtype."""
+                 bias: Optional[torch.Tensor], out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """q (M, K) fp8, s (M, 1) fp32, w8 (N, K) fp8, w_scale (N, 1) fp32 → (M, N) out_dtype.
+
+    ``fast_accum``: cuBLAS' fast FP8 accumulation (Hopper's tensor-core accumulator, ~14
+    significant bits, no periodic promotion to fp32): faster, no longer the exact integer GEMM
+    (see the module doc and :func:`dvdquant.set_backend`)."""
     n = w8.shape[0]
     return torch._scaled_mm(q, w8.t(),                                  # (M, K) @ (K, N) col-major
                             scale_a=s, scale_b=w_scale.reshape(1, n),  # (M, 1), (1, N)
-                            bias=bias, out_dtype=out_dtype, use_fast_accum=False)
+                            bias=bias, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def _gemm_block_1x128(q, s_kmajor, w8, w_scale, bias, out_dtype):
@@ -209,7 +218,7 @@ _PERSISTENT: dict = {}     # id(qweight) → ((data_ptr, versions), FP8 copy); e
 def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
                   bias: Optional[torch.Tensor], smooth: Optional[torch.Tensor], bits: torch.Tensor,
                   default_bits: int, rotation_block: int, a8_fp8: bool, per_block: bool, scale_block: int,
-                  persistent: bool, layer_name: str) -> torch.Tensor:
+                  persistent: bool, layer_name: str, fast_accum: bool = False) -> torch.Tensor:
     """One W4 linear on the FP8 path: x2 (M, K) bf16/fp16/fp32 → (M, N) bf16/fp16.
 
     A custom op so that ``torch.compile`` traces a quantized model without graph breaks: the op
@@ -240,12 +249,12 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
         raise NonFiniteError(f"layer {layer_name or '?'}: input activations hold NaN/Inf")
     if per_block:
         return gemm_blockwise(q, s, w8, w_scale, bias_o, out_dtype)
-    return gemm_rowwise(q, s, w8, w_scale, bias_o, out_dtype)
+    return gemm_rowwise(q, s, w8, w_scale, bias_o, out_dtype, fast_accum)
 
 
 @w4_linear_fp8.register_fake
 def _w4_linear_fp8_fake(x2, qweight, w_zero, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8,
-                        per_block, scale_block, persistent, layer_name):
+                        per_block, scale_block, persistent, layer_name, fast_accum=False):
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     return x2.new_empty((x2.shape[0], qweight.shape[0]), dtype=out_dtype)
 
@@ -280,5 +289,5 @@ def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Option
                       _bits_tensor(module, bits), int(module.a_bits), int(module.rotation_block or 0),
                       getattr(module, "a8_format", "int") == "fp8_e4m3", bool(per_block),
                       int(module.scale_block), getattr(module, "fp8_weight_cache", "expand") == "persistent",
-                      str(module.layer_name or ""))
+                      str(module.layer_name or ""), bool(getattr(module, "fp8_fast_accum", False)))
     return y.to(x.dtype).reshape(*shape[:-1], module.out_features)

@@ -74,6 +74,7 @@ class QuantLinear(nn.Module):
         self.state: Optional[RuntimeState] = None  # shared, set by quantize_ (not a submodule)
         self.layer_name = ""
         self.backend = "simulated"  # "simulated" | any backend name known to dvdquant.kernels
+        self.fp8_fast_accum = False  # fp8 path: cuBLAS fast (reduced-precision) FP8 accumulation, opt-in
         self._h_cache: dict = {}
 
     # ---------------------------------------------------------------- construction
