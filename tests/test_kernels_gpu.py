@@ -87,29 +87,21 @@ def test_int4_codes_exact_through_scaled_mm():
 
 
 @pytest.mark.parametrize("k", [3072, 15360, 30720])
-@pytest.mark.parametrize("pattern", ["mixed", "same_sign", "extreme"])
-def test_int4_codes_exact_with_fast_accum(k, pattern):
-    """Fast FP8 accumulation on int-grid codes (|a| ≤ 7) × int4 weights (|w| ≤ 15): exact against a
-    float64 integer matmul, also for same-sign data and the largest sums (105·K)? This decides
-    whether ``accum="auto"`` may use it for A4 steps."""
+def test_fast_accum_on_mixed_sign_int_codes_within_bound(k):
+    """Fast FP8 accumulation is *not* exact on int-grid codes: Hopper's accumulator drops low bits
+    once the running sums grow (benchmarks/probe_fast_accum.py: up to 23 % on same-sign data). On
+    zero-mean codes × weights it stays within the issue's per-layer bound; that, and nothing more,
+    is what the opt-in ``fast_accum`` promises."""
     g = torch.Generator(device=DEV).manual_seed(k)
-    if pattern == "mixed":
-        a = torch.randint(-7, 8, (1024, k), device=DEV, generator=g)
-        w = torch.randint(-15, 16, (512, k), device=DEV, generator=g)
-    elif pattern == "same_sign":
-        a = torch.randint(0, 8, (1024, k), device=DEV, generator=g)
-        w = torch.randint(0, 16, (512, k), device=DEV, generator=g)
-    else:                                  # ±7 · ±15 everywhere, incl. the all-same-sign rows/cols
-        a = torch.where(torch.rand(1024, k, device=DEV, generator=g) < 0.9, 7, -7)
-        w = torch.where(torch.rand(512, k, device=DEV, generator=g) < 0.9, 15, -15)
-        a[0], w[0] = 7, 15
+    a = torch.randint(-7, 8, (1024, k), device=DEV, generator=g)
+    w = torch.randint(-15, 16, (512, k), device=DEV, generator=g)
     ref = a.double() @ w.double().t()
     one_a, one_b = torch.ones(1024, 1, device=DEV), torch.ones(1, 512, device=DEV)
     y = torch._scaled_mm(a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn).t(), scale_a=one_a, scale_b=one_b,
                          out_dtype=torch.float32, use_fast_accum=True)
-    err = float((y.double() - ref).abs().max())
-    print(f"fast accum int codes K={k} {pattern}: max abs err {err} (max |sum| {float(ref.abs().max()):.0f})")
-    assert err == 0.0
+    rel = float((y.double() - ref).norm() / ref.norm())
+    print(f"fast accum mixed-sign int codes K={k}: rel L2 {rel:.2e}")
+    assert rel <= 1e-2
 
 
 @pytest.mark.parametrize("k", [3072, 12288, 15360])
