@@ -12,8 +12,9 @@ Times, at M = 16k bf16 tokens and K in (3072, 12288, 15360), per-token int4 code
 
 and prints each compiled kernel's registers and spills, to tell a memory-access problem from
 register pressure. Session 5 also measured a persistent, software-pipelined row-group version
-(k-blocks of ROWS rows as the dot's rows, 16 launch configs) in the library; it was 1.4–4.2×
-slower than the two-pass kernel on an H100 and was removed (docs/results/speed.md §0b).
+(k-blocks of ROWS rows as the dot's rows, 16 launch configs) in the library: with the best
+launch config per case it was 1.6–2.7× slower than the two-pass kernel on an H100, and it was
+removed (docs/results/speed.md §0a).
 """
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ So per-token mode makes two passes over the row's tiles: the first computes the 
 rotation), the second recomputes the rotation and quantizes. At K ≥ 12k the re-read comes
 mostly from HBM, and the kernel runs at the bandwidth of 2 reads + 1 write (≈ 5/3 of a bf16 →
 fp8 copy). Single-pass layouts that keep whole rows in registers were measured on an H100 in
-session 5 (``benchmarks/probe_act_row.py``, docs/results/speed.md §0b) and were *slower*: the
+session 5 (``benchmarks/probe_act_row.py``, docs/results/speed.md §0a) and were *slower*: the
 load → reduce → write chain of a 24 KB row per program is latency-bound, and the rotation as a
 dot over a row's k-blocks costs layout conversions; so this kernel stays.
 Per-block mode (scale per 128 channels) is a single pass: each tile is its own scale group.
