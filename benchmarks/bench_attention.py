@@ -23,7 +23,7 @@ import sys
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dvdquant.kernels.attention_triton import _attn_fwd_kernel, quant_attention, quantize_kv
+from dvdquant.kernels.attention_triton import _attn_fwd_kernel, kv_descriptors, quant_attention, quantize_kv
 from dvdquant.kernels.attention_ref import LOG2E, QMAX
 
 log = logging.getLogger("bench_attention")
@@ -64,21 +64,55 @@ def inputs(B, H, L, D, seed=0):
     return q, k, v
 
 
-def kernel_only(q, kv, fmt, bm, bn, warps, stages):
+def kernel_only(q, kv, fmt, bm, bn, warps, stages, use_tma=False):
     """The attention kernel on already-quantized K/V (what a fused QKV-producing kernel would leave)."""
     B, Lq, H, D = q.shape
     out = torch.empty_like(q)
     lkp = kv.k8.shape[2]
     c = LOG2E / math.sqrt(D)
     grid = (triton_cdiv(Lq, bm), B * H)
+    k_src, v_src = kv_descriptors(kv, bn) if use_tma else (kv.k8, kv.v8t)
 
     def run():
-        _attn_fwd_kernel[grid](q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, kv.v_scale, out, out,
+        _attn_fwd_kernel[grid](q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, kv.v_scale, out, out,
                                Lq, kv.lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
                                out.stride(1), out.stride(2), 0, 0, c, D=D, BLOCK_M=bm, BLOCK_N=bn,
                                QK_INT8=fmt == "int8", QMAX_QK=QMAX[fmt], HAS_BIAS=False, RAGGED=kv.lk % bn != 0,
-                               RETURN_LSE=False, EXACT_FP8=False, num_warps=warps, num_stages=stages)
+                               RETURN_LSE=False, EXACT_FP8=False, USE_TMA=use_tma, num_warps=warps, num_stages=stages)
+        return out
     return run
+
+
+def tma_compare(shapes, reps: int, stages=(3, 4)) -> list:
+    """cuDNN vs the kernel with pointer loads vs the kernel with TMA (tensor-descriptor) K/V loads, INT8
+    Q·Kᵀ, the head_dim's default tiles and warps, at each of ``stages``; outputs compared bit for bit."""
+    from dvdquant.kernels.attention_ref import block_n_for
+    from dvdquant.kernels.attention_triton import LAUNCH_BY_HEAD_DIM
+    rows = []
+    for B, H, L, D in shapes:
+        q, k, v = inputs(B, H, L, D)
+        flops = 4 * B * H * L * L * D
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            tc = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), reps)
+        qt = kt = vt = None
+        cfg, bn = LAUNCH_BY_HEAD_DIM[D], block_n_for(D)
+        kv = quantize_kv(k, v, "int8", bn)
+        row = dict(B=B, H=H, L=L, D=D, cudnn_ms=round(tc * 1e3, 3), cudnn_tflops=round(flops / tc / 1e12, 1))
+        for st in stages:
+            ptr, tma = (kernel_only(q, kv, "int8", cfg["block_m"], bn, cfg["num_warps"], st, use_tma=u)
+                        for u in (False, True))
+            same = torch.equal(ptr().clone(), tma())
+            for name, fn in (("pointer", ptr), ("tma", tma)):
+                t = timed(fn, reps)
+                row[f"{name}_s{st}_ms"] = round(t * 1e3, 3)
+                row[f"{name}_s{st}_x_cudnn"] = round(tc / t, 3)
+            row[f"same_output_s{st}"] = same
+        log.info("tma %s", json.dumps(row))
+        rows.append(row)
+        q = k = v = kv = None
+        torch.cuda.empty_cache()
+    return rows
 
 
 def triton_cdiv(a, b):
@@ -181,8 +215,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-d64", action="store_true",
                     help="also sweep launch configs at head_dim 64 (1 x 48 heads x 17,776 tokens: CogVideoX-5B)")
     ap.add_argument("--d64-only", action="store_true", help="only the head_dim-64 sweep and shapes")
+    ap.add_argument("--tma", action="store_true",
+                    help="only: pointer vs tensor-descriptor (TMA) K/V loads vs cuDNN at the Wan / Hunyuan shapes")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    if args.tma:
+        rows = tma_compare([(1, 40, 32760, 128), (1, 24, 67320, 128), (1, 48, 17776, 64)], args.reps)
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=__import__("triton").__version__, tma=rows), f, indent=1)
+        return 0
     sw = [] if args.d64_only else sweep(args.reps, args.quick)
     best, best_d64, sw64 = _best(sw), None, []
     if args.sweep_d64 or args.d64_only:

@@ -129,10 +129,15 @@ def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
 
 
 @triton.jit
-def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
+def _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, KS, BIAS, n0, Lk, k_row0, v_row0,
                D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
-               EXACT_FP8: tl.constexpr):
+               EXACT_FP8: tl.constexpr, USE_TMA: tl.constexpr):
     """One key tile of the online softmax; returns the updated (m_i, l_i, acc).
+
+    ``USE_TMA``: ``k_src`` / ``v_src`` are tensor descriptors of the (B·H·Lkp, D) codes of K and the
+    (B·H·D, Lkp) codes of Vᵀ, read at rows ``k_row0 + n0`` / ``v_row0`` (TMA on Hopper); else they
+    are pointers to this head's Kᵀ (D, BLOCK_N) and V (BLOCK_N, D) tiles at key 0. Same tiles, same
+    layouts for the MMAs (K's and Vᵀ's rows are the dots' K-major operands), same numbers.
 
     Scores are t·sk_j (column factor) times rowfac_i (row factor). Without a bias the row factor
     goes into the exponent's fused multiply-add, 2^(sk·rowfac − m), and the tile max is taken on
@@ -140,7 +145,10 @@ def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
     operations per score as with one scale per tile.
     """
     ks = tl.load(KS + n0 + tl.arange(0, BLOCK_N))                 # per-key K scales, issued before the dot
-    k = tl.load(k_ptr + n0 * D)                                   # (D, BLOCK_N) codes of Kᵀ
+    if USE_TMA:
+        k = k_src.load([k_row0 + n0, 0]).T                        # (D, BLOCK_N) codes of Kᵀ
+    else:
+        k = tl.load(k_src + n0 * D)                               # (D, BLOCK_N) codes of Kᵀ
     if QK_INT8:
         t = tl.dot(q8, k, out_dtype=tl.int32).to(tl.float32)     # exact integer sums
     else:
@@ -159,7 +167,11 @@ def _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, KS, BIAS, n0, Lk,
         p = tl.math.exp2(sk * rowfac[:, None] - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    pv = tl.dot(_to_e4m3(p * 448.0, EXACT_FP8), tl.load(v_ptr + n0))  # (BLOCK_M, D) fp32, fresh accumulator
+    if USE_TMA:
+        v = v_src.load([v_row0, n0]).T                            # (BLOCK_N, D) codes of V
+    else:
+        v = tl.load(v_src + n0)
+    pv = tl.dot(_to_e4m3(p * 448.0, EXACT_FP8), v)                # (BLOCK_M, D) fp32, fresh accumulator
     acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
 
@@ -169,7 +181,8 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
                      Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, qk_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
                      QMAX_QK: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
-                     RETURN_LSE: tl.constexpr, EXACT_FP8: tl.constexpr):
+                     RETURN_LSE: tl.constexpr, EXACT_FP8: tl.constexpr, USE_TMA: tl.constexpr = False):
+    """Grid: (query tiles, B·H). With ``USE_TMA``, ``K8`` / ``V8T`` are tensor descriptors (see _attn_tile)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -186,11 +199,14 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
     shift = tl.zeros([BLOCK_M], tl.float32)
     if RETURN_LSE:   # scores are taken against K − mean(K): lse adds q·mean(K)·scale back (fp32 q)
         shift = tl.sum(q * tl.load(KM + bh * D + offs_d)[None, :], axis=1) * (qk_scale * 0.6931471805599453)
-    base_k = K8 + bh.to(tl.int64) * Lkp * D
-    base_v = V8T + bh.to(tl.int64) * D * Lkp
-    offs_n = tl.arange(0, BLOCK_N)
-    k_ptr = base_k + offs_d[:, None] + offs_n[None, :] * D        # Kᵀ tile (D, BLOCK_N) at key 0
-    v_ptr = base_v + offs_n[:, None] + offs_d[None, :] * Lkp      # V tile (BLOCK_N, D) of Vᵀ at key 0
+    if USE_TMA:
+        k_src, v_src = K8, V8T
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+        k_src = K8 + bh.to(tl.int64) * Lkp * D + offs_d[:, None] + offs_n[None, :] * D   # Kᵀ tile (D, BLOCK_N), key 0
+        v_src = V8T + bh.to(tl.int64) * D * Lkp + offs_n[:, None] + offs_d[None, :] * Lkp  # V tile (BLOCK_N, D), key 0
+    k_row0 = bh * Lkp                                             # this head's first row in the descriptors
+    v_row0 = bh * D
     ks = KS + bh.to(tl.int64) * Lkp                               # per-key K scales of this head
     bias = BIAS + b.to(tl.int64) * sbb + h * sbh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -198,11 +214,11 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     n_full = Lk // BLOCK_N * BLOCK_N
     for n0 in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n0, Lk,
-                                   D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8)
+        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n0, Lk, k_row0, v_row0,
+                                   D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8, USE_TMA)
     if RAGGED:
-        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_ptr, v_ptr, ks, bias, n_full, Lk,
-                                   D, BLOCK_N, QK_INT8, HAS_BIAS, True, EXACT_FP8)
+        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n_full, Lk, k_row0, v_row0,
+                                   D, BLOCK_N, QK_INT8, HAS_BIAS, True, EXACT_FP8, USE_TMA)
     l_c = tl.maximum(l_i, 1e-30)
     vs = tl.load(VS + bh * D + offs_d) * (1.0 / 448.0)
     out = acc * vs[None, :] / l_c[:, None] + tl.load(VM + bh * D + offs_d)[None, :]
@@ -304,18 +320,32 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block
 # 128×64 tiles with 4 warps were 1.25× faster than the D = 128 config (docs/results/attention.md).
 LAUNCH_BY_HEAD_DIM = {128: dict(block_m=DEFAULT_BLOCK_M, num_warps=8, num_stages=3),
                       64: dict(block_m=128, num_warps=4, num_stages=3)}
+# K/V tiles through tensor descriptors (TMA on Hopper) instead of pointer loads: selectable, tested
+# in the interpreter; off by default until it measures faster (benchmarks/bench_attention.py --tma).
+DEFAULT_USE_TMA = False
+
+
+def kv_descriptors(kv: QuantKV, block_n: int):
+    """Tensor descriptors of the K codes as (B·H·Lkp, D) and the Vᵀ codes as (B·H·D, Lkp), tiles of
+    (block_n, D) and (D, block_n): what ``_attn_fwd_kernel`` reads with ``USE_TMA``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    B, H, lkp, D = kv.k8.shape
+    k2 = kv.k8.view(B * H * lkp, D)
+    v2 = kv.v8t.view(B * H * D, lkp)
+    return TensorDescriptor.from_tensor(k2, [block_n, D]), TensorDescriptor.from_tensor(v2, [D, block_n])
 
 
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None, qk_format: str = "int8", block_n: Optional[int] = None,
                     block_m: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                    return_lse: bool = False):
+                    return_lse: bool = False, use_tma: Optional[bool] = None):
     """8-bit attention: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D) → ``out`` (B, Lq, H, D) [, lse (B, Lq, H)].
 
     Thin launcher: checks, allocates, runs the K/V pass and the attention kernel. ``attn_mask``:
     a key-padding mask (see :func:`.attention_ref.key_bias`). Last dims must be contiguous.
     ``block_n`` / ``block_m`` / ``num_warps`` / ``num_stages``: None takes the head_dim's tuned
-    config (:data:`LAUNCH_BY_HEAD_DIM`, :func:`.attention_ref.block_n_for`).
+    config (:data:`LAUNCH_BY_HEAD_DIM`, :func:`.attention_ref.block_n_for`). ``use_tma``: read the K/V
+    tiles through tensor descriptors (None: :data:`DEFAULT_USE_TMA`); the result is the same either way.
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -341,14 +371,16 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     lse = torch.empty(B, Lq, H, device=q.device, dtype=torch.float32) if return_lse else out
     c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
     grid = (triton.cdiv(Lq, block_m), B * H)
+    tma = DEFAULT_USE_TMA if use_tma is None else use_tma
+    k_src, v_src = kv_descriptors(kv, block_n) if tma else (kv.k8, kv.v8t)
     _attn_fwd_kernel[grid](
-        q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, bias, out, lse,
+        q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, bias, out, lse,
         Lq, Lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sbb, sbh, c,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format],
         HAS_BIAS=attn_mask is not None, RAGGED=Lk % block_n != 0, RETURN_LSE=return_lse,
-        EXACT_FP8=interpreting(), num_warps=num_warps, num_stages=num_stages)
+        EXACT_FP8=interpreting(), USE_TMA=tma, num_warps=num_warps, num_stages=num_stages)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["quant_attention", "quantize_kv", "kv_stats_triton", "DEFAULT_BLOCK_M", "DEFAULT_BLOCK_N"]
+__all__ = ["quant_attention", "quantize_kv", "kv_stats_triton", "kv_descriptors", "DEFAULT_BLOCK_M", "DEFAULT_BLOCK_N"]
