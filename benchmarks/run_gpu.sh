@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU kernel tests, act-kernel tuning sweep, the per-layer benchmark with the
 # best rotated-kernel launch config, the int4 GEMV (weight-only layers) and expansion-vs-mainloop
-# unpack benchmarks, and the fp8-vs-emulated numerics check on the embedded model.
+# unpack benchmarks, the fast-accumulation exactness probe, and the fp8-vs-emulated numerics
+# check on the embedded model.
 # Everything lands in $OUT.   bash benchmarks/run_gpu.sh
 set -o pipefail
 export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
@@ -18,4 +19,5 @@ timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_linear.py --out "$OUT" --
   2>&1 | grep -v '^|' | cut -c1-220
 timeout ${GEMV_TIMEOUT:-120} python3 benchmarks/bench_int4_gemv.py --out "$OUT" --rep 20 --quick 2>&1 | tail -6
 timeout ${W4GEMM_TIMEOUT:-120} python3 benchmarks/bench_w4_gemm.py --out "$OUT" --rep 20 2>&1 | grep -v '^|' | cut -c1-220
+timeout ${PROBE_TIMEOUT:-60} python3 benchmarks/probe_fast_accum.py --out "$OUT" 2>&1 | tail -9 | cut -c1-200
 timeout ${NUM_TIMEOUT:-120} python3 benchmarks/check_fp8_numerics.py --out "$OUT" 2>&1 | tee "$OUT/numerics_log.txt" | tail -8
