@@ -13,10 +13,11 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
   K ≤ 159k) with ``use_fast_accum=False``, so A4 is the integer GEMM, exactly, up to the
   final scaling and the bf16 output rounding. ``fast_accum=True`` (opt-in, per layer:
   ``module.fp8_fast_accum``, set by ``dvdquant.set_backend(..., fast_accum=True)``) lets cuBLAS
-  keep the sums in the tensor cores' reduced-precision accumulator: faster, with a relative
-  error that grows with K and with sums that do not cancel (DESIGN §3: up to 15 % on same-sign
-  data at K = 12288; rotated activations are zero-mean) — measured in docs/results/speed.md.
-  The per-block recipes keep exact accumulation.
+  keep the sums in the tensor cores' reduced-precision accumulator: 1.2–1.3× faster per layer,
+  exact while the running sums stay small, but low bits are dropped once they grow (H100,
+  ``benchmarks/probe_fast_accum.py``: rel. L2 1.2e-4 on mixed-sign int codes at K = 15360, 22 %
+  on same-sign ones; docs/results/speed.md §0a). Rotated activations are zero-mean, which is
+  why it can be worth it. The per-block recipes keep exact accumulation.
 * per-(token, 128-channel) scales (ARQ ``per_block``, G = K/128): ``_scaled_mm``'s blockwise
   scaling. Two recipes, both tried at run time (whichever this torch/cuBLAS accepts wins):
   ``"1x128"`` — scale_a (M, K/128) 1×128, scale_b (K/128, N) 1×128 holding Δ[n] in every

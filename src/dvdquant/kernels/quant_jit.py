@@ -3,8 +3,9 @@
 Why a module of its own: every kernel that quantizes activations — the two kernels of
 :mod:`.triton_act_quant` and the measurement probes in ``benchmarks/`` — must quantize
 identically (same scale, same round-half-even trick, same e4m3 rounding, same NaN handling), so
-they share these functions instead of keeping copies. The exactness notes (why ``div_rn``, why the magic-number rounding,
-why e4m3 rounding is done by hand) are in :mod:`.triton_act_quant`'s docstring.
+they share these functions instead of keeping copies. The exactness notes (why ``div_rn``, why
+the magic-number rounding, why e4m3 rounding is done by hand) are in :mod:`.triton_act_quant`'s
+docstring.
 """
 from __future__ import annotations
 

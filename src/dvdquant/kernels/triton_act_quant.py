@@ -85,7 +85,7 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from .quant_jit import row_abs_max, bad_rows, flag_nonfinite, quantize_codes, scale_of
+from .quant_jit import bad_rows, flag_nonfinite, quantize_codes, row_abs_max, scale_of
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,6 @@ def interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------- kernel
-
-
 @triton.jit
 def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                       BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr,
