@@ -46,6 +46,10 @@ def test_quantize_then_generate_from_checkpoint(tmp_path, capsys):
     assert main(["generate", "--model", str(q / "quantized.safetensors"), "--prompt", PROMPT,
                  "--steps", "2", "--out", str(clip), "--quiet"]) == 0
     assert clip.stat().st_size > 0
+    clip2 = tmp_path / "clip_auto.mp4"             # auto = emulated on a CPU; --fast-accum only matters on fp8
+    assert main(["generate", "--model", str(q / "quantized.safetensors"), "--prompt", PROMPT, "--steps", "2",
+                 "--backend", "auto", "--fast-accum", "--out", str(clip2), "--quiet"]) == 0
+    assert clip2.stat().st_size > 0
 
 
 def test_quantize_a_diffusers_directory(tmp_path):
