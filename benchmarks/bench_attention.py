@@ -83,6 +83,13 @@ def kernel_only(q, kv, fmt, bm, bn, warps, stages, use_tma=False):
     return run
 
 
+def cudnn_seconds(q, k, v, reps: int) -> float:
+    """Median seconds of cuDNN bf16 SDPA on (B, H, L, D)-contiguous copies of model-layout q, k, v."""
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), reps)
+
+
 def tma_compare(shapes, reps: int, stages=(3, 4)) -> list:
     """cuDNN vs the kernel with pointer loads vs the kernel with TMA (tensor-descriptor) K/V loads, INT8
     Q·Kᵀ, the head_dim's default tiles and warps, at each of ``stages``; outputs compared bit for bit."""
@@ -92,10 +99,7 @@ def tma_compare(shapes, reps: int, stages=(3, 4)) -> list:
     for B, H, L, D in shapes:
         q, k, v = inputs(B, H, L, D)
         flops = 4 * B * H * L * L * D
-        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            tc = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), reps)
-        qt = kt = vt = None
+        tc = cudnn_seconds(q, k, v, reps)
         cfg, bn = LAUNCH_BY_HEAD_DIM[D], block_n_for(D)
         kv = quantize_kv(k, v, "int8", bn)
         row = dict(B=B, H=H, L=L, D=D, cudnn_ms=round(tc * 1e3, 3), cudnn_tflops=round(flops / tc / 1e12, 1))
@@ -136,11 +140,8 @@ def sweep(reps: int, quick: bool, shape=(1, 24, 32768, 128), grid=None, formats=
     if quick:
         grid = grid[:1]
     if D == 64:                                 # the reference point of the sweep: cuDNN at this shape
-        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            t = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), reps)
+        t = cudnn_seconds(q, k, v, reps)
         rows.append(dict(fmt="cudnn", B=B, H=H, L=L, D=D, ms=round(t * 1e3, 3), tflops=round(flops / t / 1e12, 1)))
-        qt = kt = vt = None
     for fmt in formats:
         for bm, bn, w, s in grid:
             kv = quantize_kv(k, v, fmt, bn)

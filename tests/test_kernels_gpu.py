@@ -76,30 +76,32 @@ def test_expand_exact():
     assert torch.equal(expand_int4_to_fp8(p, z).view(torch.uint8), expand_reference(p, z).view(torch.uint8))
 
 
+def _int_codes_through_scaled_mm(a: torch.Tensor, w: torch.Tensor, fast_accum: bool):
+    """(fp32 ``_scaled_mm`` of integer codes a (M, K) · w (N, K)ᵀ as e4m3 with unit scales, float64 reference)."""
+    one_a, one_b = torch.ones(a.shape[0], 1, device=DEV), torch.ones(1, w.shape[0], device=DEV)
+    y = torch._scaled_mm(a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn).t(), scale_a=one_a, scale_b=one_b,
+                         out_dtype=torch.float32, use_fast_accum=fast_accum)
+    return y.double(), a.double() @ w.double().t()
+
+
 def test_int4_codes_exact_through_scaled_mm():
     a = torch.randint(-7, 8, (2048, 12288), device=DEV)
     w = torch.randint(-15, 16, (1024, 12288), device=DEV)
-    ref = a.double() @ w.double().t()
-    one_a, one_b = torch.ones(2048, 1, device=DEV), torch.ones(1, 1024, device=DEV)
-    y = torch._scaled_mm(a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn).t(), scale_a=one_a, scale_b=one_b,
-                         out_dtype=torch.float32, use_fast_accum=False)
-    assert float((y.double() - ref).abs().max()) == 0.0
+    y, ref = _int_codes_through_scaled_mm(a, w, fast_accum=False)
+    assert float((y - ref).abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("k", [3072, 15360, 30720])
 def test_fast_accum_on_mixed_sign_int_codes_within_bound(k):
     """Fast FP8 accumulation is *not* exact on int-grid codes: Hopper's accumulator drops low bits
-    once the running sums grow (benchmarks/probe_fast_accum.py: up to 23 % on same-sign data). On
-    zero-mean codes × weights it stays within the issue's per-layer bound; that, and nothing more,
-    is what the opt-in ``fast_accum`` promises."""
+    once the running sums grow (benchmarks/probe_fast_accum.py, H100: 22–49 % rel. L2 on same-sign
+    data at K ≥ 15360). On zero-mean codes × weights it stays within the issue's per-layer bound;
+    that, and nothing more, is what the opt-in ``fast_accum`` promises."""
     g = torch.Generator(device=DEV).manual_seed(k)
     a = torch.randint(-7, 8, (1024, k), device=DEV, generator=g)
     w = torch.randint(-15, 16, (512, k), device=DEV, generator=g)
-    ref = a.double() @ w.double().t()
-    one_a, one_b = torch.ones(1024, 1, device=DEV), torch.ones(1, 512, device=DEV)
-    y = torch._scaled_mm(a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn).t(), scale_a=one_a, scale_b=one_b,
-                         out_dtype=torch.float32, use_fast_accum=True)
-    rel = float((y.double() - ref).norm() / ref.norm())
+    y, ref = _int_codes_through_scaled_mm(a, w, fast_accum=True)
+    rel = float((y - ref).norm() / ref.norm())
     print(f"fast accum mixed-sign int codes K={k}: rel L2 {rel:.2e}")
     assert rel <= 1e-2
 
