@@ -317,3 +317,19 @@ def test_config_quantize_and_load_hooks(tmp_path):
 
 if __name__ == "__main__":
     main(_interpreter_checks)
+
+
+def test_tma_default_only_on_sm90_gpus_at_head_dim_128(monkeypatch):
+    """TMA K/V loads are the default only where they measured faster (sm90+, head_dim 128), never on
+    the CPU, in Triton's interpreter or on sm89 (no tensor-memory accelerator)."""
+    at = pytest.importorskip("dvdquant.kernels.attention_triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cuda = torch.device("cuda")
+    assert not at.default_use_tma(torch.device("cpu"), 128)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert at.default_use_tma(cuda, 128) and not at.default_use_tma(cuda, 64)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert not at.default_use_tma(cuda, 128)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not at.default_use_tma(cuda, 128)

@@ -24,15 +24,19 @@ The scheme (SageAttention-style, data-free: every scale comes from the current t
    s = (q8·k8ᵀ) · sq_i · sk_j · scale · log2(e); m = running row max; p = 2^(s − m).
    The row sum l accumulates the fp32 p.
 4. **P in FP8**: p ∈ [0, 1], quantized as e4m3(448·p) (a static scale: the row max maps to
-   448, e4m3's largest value). Because of the online softmax, p is relative to the running
-   max at the tile where it is computed: the reference must loop over key tiles in the same
-   order as the kernel to round the same values.
+   448, e4m3's largest value). The factor 448 rides in the exponent: p' = 2^(s − (m − log2 448))
+   is 448·p up to fp32 rounding, one multiply per score fewer; l sums p' (448 units). Because
+   of the online softmax, p is relative to the running max at the tile where it is computed:
+   the reference must loop over key tiles in the same order as the kernel to round the same
+   values.
 5. **V smoothing + per-channel FP8**: V' = V − mean_L(V); v8 = e4m3(V' · 448/amax_L|V'|) per
    (batch, head, channel). Since Σ_j p_j / l = 1, out = (Σ_j p_j v'_j)/l + mean(V) exactly,
    and centring V shrinks both V's and P's rounding errors in absolute terms.
-6. **Accumulation**: Q·Kᵀ codes sum exactly (int32, or fp32 for e4m3 codes); P·V of one tile
-   in fp32, added to an fp32 accumulator (two-level accumulation, as on the tensor cores).
-   out = acc · (amax_V'/448)/448 / l + mean(V); lse = (m + log2 l)·ln 2 + scale·q·mean(K)
+6. **Accumulation**: Q·Kᵀ codes sum exactly (int32, or fp32 for e4m3 codes); P·V in fp32,
+   tile by tile into one running accumulator rescaled by the online softmax (the kernel lets
+   the tensor cores add each tile's products into it; session 6 measured the same error
+   against fp32 SDPA as a separate per-tile accumulator, docs/results/attention.md).
+   out = acc · amax_V'/448 / l' + mean(V); lse = (m + log2 l' − log2 448)·ln 2 + scale·q·mean(K)
    (natural log, of the true scores: smoothing shifted each row by q·mean(K)).
 
 Masks: an additive *key* bias (B, 1 or H, Lk) in natural-log units (−inf = masked), i.e. a
@@ -54,6 +58,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 QMAX = {"int8": 127.0, "fp8": 448.0}
 P_SCALE = 448.0          # p ∈ [0, 1] → e4m3(448·p)
+LOG2_P_SCALE = math.log2(P_SCALE)   # 448 enters as an exponent offset: 2^(s − m + log2 448)
 TINY = 1e-30             # amax floor: an all-zero row/block gets codes 0, not NaN
 L_FLOOR = 1e-30          # row sum floor: fully masked rows give mean(V), not NaN
 QK_FORMATS = tuple(QMAX)
@@ -206,7 +211,7 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         sl = slice(b0, min(B, b0 + per))
         o, lse = _attend(q8[sl], sq[sl] * c, kv.k8[sl].float(), kv.k_scale[sl], kv.v8t[sl].float(),
                          None if bias is None else bias[sl], Lk, block_n)
-        outs.append(o * (kv.v_scale[sl] / P_SCALE)[:, :, None, :] + kv.v_mean[sl][:, :, None, :])
+        outs.append(o * kv.v_scale[sl][:, :, None, :] + kv.v_mean[sl][:, :, None, :])
         lses.append(lse)
     out = torch.cat(outs).permute(0, 2, 1, 3).to(q.dtype)
     if not return_lse:
@@ -225,7 +230,7 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
     factors from tile j to the end is 2^(m_j − m_last). So P of tile j is 2^(s − m_j) — the
     values the kernel rounds to e4m3 — and enters the sums with weight 2^(m_j − m_last). The
     codes are identical to the kernel's; sums differ only in fp32 rounding order.
-    Returns acc/l (B, H, Lq, D) in V-code units and lse (B, H, Lq).
+    Returns acc/l (B, H, Lq, D) in V-code units (P and l both in 448 units) and lse (B, H, Lq).
     """
     B, H, Lq, _ = q8.shape
     lkp = k8.shape[2]
@@ -240,16 +245,16 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
     m_run = torch.cummax(s.amax(dim=-1), dim=-1).values                    # (B, H, Lq, nb) running max
     dead = m_run == float("-inf")                                           # no unmasked key yet
     m_use = m_run.masked_fill(dead, 0.0)
-    p = s.sub_(m_use[..., None]).exp2_()                                    # P of each tile, as the kernel has it
+    p = s.sub_((m_use - LOG2_P_SCALE)[..., None]).exp2_()                   # 448·P of each tile, as the kernel has it
     m_last = m_use[..., -1:]
     w = torch.exp2(m_use - m_last).masked_fill_(dead, 0.0)                   # (B, H, Lq, nb)
-    l = (p.sum(dim=-1) * w).sum(dim=-1)                                     # (B, H, Lq)
-    p8 = p.mul_(P_SCALE).to(E4M3).float().mul_(w[..., None])                # e4m3(448 p) · weight
+    l = (p.sum(dim=-1) * w).sum(dim=-1)                                     # (B, H, Lq), 448 units
+    p8 = p.to(E4M3).float().mul_(w[..., None])                              # e4m3(448 p) · weight
     acc = p8.view(B, H, Lq, lkp) @ v8t.transpose(-1, -2)                   # (B, H, Lq, D)
     lc = l.clamp_min(L_FLOOR)
-    lse = (m_run[..., -1] + torch.log2(lc)) * LN2
+    lse = (m_run[..., -1] + torch.log2(lc) - LOG2_P_SCALE) * LN2
     return acc / lc[..., None], lse
 
 
 __all__ = ["QuantKV", "quant_attention_reference", "quantize_kv_reference", "quantize_q_reference", "kv_stats",
-           "key_bias", "is_key_padding_mask", "QK_FORMATS", "LOG2E", "P_SCALE"]
+           "key_bias", "is_key_padding_mask", "QK_FORMATS", "LOG2E", "P_SCALE", "LOG2_P_SCALE"]

@@ -23,11 +23,19 @@ decides *where* each step happens:
 * ``_attn_fwd_kernel`` — grid: query tiles × batch·heads. Q is read in the model's layout
   (B, Lq, H, D) once per program and quantized per token in registers (no extra pass).
   Then the FlashAttention loop over key tiles: ``tl.dot`` of codes (int32 or fp32
-  accumulator) → one multiply by (sq_i · sk_j · scale · log2 e) → running max, exp2, row
-  sum → P as e4m3(448·p) → ``tl.dot`` with the V tile into a fresh fp32 accumulator, added
-  to the running one. Full tiles run unmasked; a ragged last tile and key-padding masks
-  (an additive per-key bias) are handled by constexpr branches. The epilogue rescales by
-  V's channel scales, divides by l, adds mean(V) and stores (B, Lq, H, D) directly.
+  accumulator) → one multiply by (sq_i · sk_j · scale · log2 e) → running max, exp2 with
+  448 folded into the exponent's offset, row sum → P as e4m3(448·p) → ``tl.dot`` with the
+  V tile accumulating into the rescaled running fp32 accumulator. Full tiles run unmasked;
+  a ragged last tile and key-padding masks (an additive per-key bias) are handled by
+  constexpr branches. The epilogue rescales by V's channel scales, divides by l, adds
+  mean(V) and stores (B, Lq, H, D) directly.
+
+Launch (H100, ``benchmarks/probe_attn_variants.py``, session 6): every 128-row config hit
+Triton's 255-register ceiling with spills. 64-row query tiles on one warpgroup (4 warps) use
+the same registers per thread but half the threads, so two programs share an SM and one's
+softmax overlaps the other's MMAs — the overlap FlashAttention-3 schedules by hand. With the
+single accumulator (64 registers fewer) and the folded 448 this is 1.16–1.20× the previous
+128×128 / 8-warp kernel at head_dim 128, 1.07× at 64.
 
 Tolerance against the reference (same ``block_n``): the same codes except where fp32
 results differ in the last bit (``exp2`` approximations, fused multiply-adds, summation
@@ -49,9 +57,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_ref import DEFAULT_BLOCK_N, LOG2E, QMAX, QuantKV, block_n_for, key_bias
+from .attention_ref import DEFAULT_BLOCK_N, LOG2_P_SCALE as _LOG2_P_SCALE, LOG2E, QMAX, QuantKV, block_n_for, key_bias
 
-DEFAULT_BLOCK_M = 128
+DEFAULT_BLOCK_M = 64
+LOG2_P_SCALE = tl.constexpr(_LOG2_P_SCALE)   # e4m3(448·p): 448 as an exponent offset (attention_ref item 4)
 STATS_CHUNK = 2048       # keys per partial sum of kv_stats_triton (fixed: part of the numerics)
 STATS_TILE = 64          # keys per tile inside a chunk
 
@@ -158,21 +167,20 @@ def _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, KS, BIAS, n0, Lk, k_row0
         s = sk * rowfac[:, None] + tl.load(BIAS + n0 + tl.arange(0, BLOCK_N))[None, :]   # −inf past Lk / masked
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)      # fully masked so far: p = 0, not NaN
-        p = tl.math.exp2(s - m_use[:, None])
+        p = tl.math.exp2(s - (m_use - LOG2_P_SCALE)[:, None])      # 448·p
     else:
         if RAGGED:
             sk = tl.where((n0 + tl.arange(0, BLOCK_N) < Lk)[None, :], sk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sk, axis=1) * rowfac)
         m_use = m_new
-        p = tl.math.exp2(sk * rowfac[:, None] - m_use[:, None])
+        p = tl.math.exp2(sk * rowfac[:, None] - (m_use - LOG2_P_SCALE)[:, None])    # 448·p
     alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    l_i = l_i * alpha + tl.sum(p, axis=1)                         # 448 units
     if USE_TMA:
         v = v_src.load([v_row0, n0]).T                            # (BLOCK_N, D) codes of V
     else:
         v = tl.load(v_src + n0)
-    pv = tl.dot(_to_e4m3(p * 448.0, EXACT_FP8), v)                # (BLOCK_M, D) fp32, fresh accumulator
-    acc = acc * alpha[:, None] + pv
+    acc = tl.dot(_to_e4m3(p, EXACT_FP8), v, acc * alpha[:, None])  # (BLOCK_M, D) fp32, running accumulator
     return m_new, l_i, acc
 
 
@@ -220,12 +228,12 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
         m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n_full, Lk, k_row0, v_row0,
                                    D, BLOCK_N, QK_INT8, HAS_BIAS, True, EXACT_FP8, USE_TMA)
     l_c = tl.maximum(l_i, 1e-30)
-    vs = tl.load(VS + bh * D + offs_d) * (1.0 / 448.0)
+    vs = tl.load(VS + bh * D + offs_d)                            # acc and l are both in 448 units
     out = acc * vs[None, :] / l_c[:, None] + tl.load(VM + bh * D + offs_d)[None, :]
     tl.store(O + b.to(tl.int64) * sob + offs_m[:, None].to(tl.int64) * sol + h * soh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok)
     if RETURN_LSE:
-        lse = (m_i + tl.log2(l_c)) * 0.6931471805599453 + shift
+        lse = (m_i + tl.log2(l_c) - LOG2_P_SCALE) * 0.6931471805599453 + shift
         tl.store(LSE + (b * Lq + offs_m) * H + h, lse, mask=offs_m < Lq)
 
 
@@ -316,13 +324,21 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block
 
 
 # Launch configs per head_dim (block_m, num_warps, num_stages; block_n from attention_ref.block_n_for),
-# from the H200 sweeps of benchmarks/bench_attention.py: 128×128 tiles / 8 warps at D = 128; at D = 64
-# 128×64 tiles with 4 warps were 1.25× faster than the D = 128 config (docs/results/attention.md).
-LAUNCH_BY_HEAD_DIM = {128: dict(block_m=DEFAULT_BLOCK_M, num_warps=8, num_stages=3),
-                      64: dict(block_m=128, num_warps=4, num_stages=3)}
-# K/V tiles through tensor descriptors (TMA on Hopper) instead of pointer loads: selectable, tested
-# in the interpreter; off by default until it measures faster (benchmarks/bench_attention.py --tma).
-DEFAULT_USE_TMA = False
+# from the H100 sweeps of benchmarks/probe_attn_variants.py (session 6): 64 query rows on one warpgroup,
+# two programs per SM, at both head_dims (docs/results/attention.md, "Session 6").
+# ``use_tma``: K/V tiles through tensor descriptors (TMA) on sm90+ — at head_dim 128 with these tiles
+# 1.06–1.07× the pointer loads in two of the three H100 runs (equal in the third); at 64, 5 % slower
+# (benchmarks/bench_attention.py --tma). Same output either way.
+LAUNCH_BY_HEAD_DIM = {128: dict(block_m=DEFAULT_BLOCK_M, num_warps=4, num_stages=3, use_tma=True),
+                      64: dict(block_m=DEFAULT_BLOCK_M, num_warps=4, num_stages=3, use_tma=False)}
+
+
+def default_use_tma(device: torch.device, head_dim: int) -> bool:
+    """Whether :func:`quant_attention` reads K/V through TMA by default: where the head_dim's config
+    asks for it and the GPU has a tensor-memory accelerator (sm90+; not in the interpreter)."""
+    if not LAUNCH_BY_HEAD_DIM[head_dim]["use_tma"] or device.type != "cuda" or interpreting():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def kv_descriptors(kv: QuantKV, block_n: int):
@@ -345,7 +361,7 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     a key-padding mask (see :func:`.attention_ref.key_bias`). Last dims must be contiguous.
     ``block_n`` / ``block_m`` / ``num_warps`` / ``num_stages``: None takes the head_dim's tuned
     config (:data:`LAUNCH_BY_HEAD_DIM`, :func:`.attention_ref.block_n_for`). ``use_tma``: read the K/V
-    tiles through tensor descriptors (None: :data:`DEFAULT_USE_TMA`); the result is the same either way.
+    tiles through tensor descriptors (None: :func:`default_use_tma`); the result is the same either way.
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -371,7 +387,7 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     lse = torch.empty(B, Lq, H, device=q.device, dtype=torch.float32) if return_lse else out
     c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
     grid = (triton.cdiv(Lq, block_m), B * H)
-    tma = DEFAULT_USE_TMA if use_tma is None else use_tma
+    tma = default_use_tma(q.device, D) if use_tma is None else use_tma
     k_src, v_src = kv_descriptors(kv, block_n) if tma else (kv.k8, kv.v8t)
     _attn_fwd_kernel[grid](
         q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, bias, out, lse,
