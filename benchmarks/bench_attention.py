@@ -23,7 +23,8 @@ import sys
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dvdquant.kernels.attention_triton import _attn_fwd_kernel, kv_descriptors, quant_attention, quantize_kv
+from dvdquant.kernels.attention_triton import (_attn_fwd_kernel, default_use_tma, kv_descriptors, quant_attention,
+                                               quantize_kv)
 from dvdquant.kernels.attention_ref import LOG2E, QMAX
 
 log = logging.getLogger("bench_attention")
@@ -133,10 +134,10 @@ def sweep(reps: int, quick: bool, shape=(1, 24, 32768, 128), grid=None, formats=
     q, k, v = inputs(B, H, L, D)
     flops = 4 * B * H * L * L * D
     rows = []
-    # 128×128 tiles, 8 warps, 3–4 stages won the full sweep (docs/results/attention.md); the fp16-exponential
-    # (ex2.approx.f16x2) and Triton warp-specialization variants tried in session 3 gained nothing (±1 %)
+    # session 6 (H100, benchmarks/probe_attn_variants.py): 64 query rows on 4 warps (the default) beat every
+    # 128-row config, which spill at 255 registers; the 128-row ones stay in the grid as the comparison
     if grid is None:
-        grid = [(128, bn, w, s) for bn, w, s in ((128, 8, 3), (128, 8, 4), (64, 8, 3))]
+        grid = [(64, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3), (128, 128, 8, 4)]
     if quick:
         grid = grid[:1]
     if D == 64:                                 # the reference point of the sweep: cuDNN at this shape
@@ -177,13 +178,14 @@ def compare(shapes, best: dict, reps: int, best_d64: dict = None) -> list:
         for fmt, cfg in (best_d64 if D == 64 and best_d64 else best).items():
             bm, bn, w, s = cfg
             kv = quantize_kv(k, v, fmt, bn)
-            tk = timed(kernel_only(q, kv, fmt, bm, bn, w, s), reps)
+            tma = default_use_tma(q.device, D)                 # as quant_attention below reads K/V
+            tk = timed(kernel_only(q, kv, fmt, bm, bn, w, s, use_tma=tma), reps)
             tq = timed(lambda: quantize_kv(k, v, fmt, bn), reps)
             kw = dict(qk_format=fmt, block_n=bn, block_m=bm, num_warps=w, num_stages=s)
             tt = timed(lambda: quant_attention(q, k, v, **kw), reps)
             out = quant_attention(q, k, v, **kw)
             cos, rel = metrics(out, ref) if ref is not None else (None, None)
-            row[fmt] = dict(config=dict(bm=bm, bn=bn, warps=w, stages=s),
+            row[fmt] = dict(config=dict(bm=bm, bn=bn, warps=w, stages=s, tma=tma),
                             kernel_ms=round(tk * 1e3, 3),
                             kernel_tflops=round(flops / tk / 1e12, 1), quant_kv_ms=round(tq * 1e3, 3),
                             total_ms=round(tt * 1e3, 3), total_tflops=round(flops / tt / 1e12, 1),

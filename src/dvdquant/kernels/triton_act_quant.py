@@ -90,7 +90,6 @@ from .quant_jit import bad_rows, flag_nonfinite, quantize_codes, row_abs_max, sc
 log = logging.getLogger(__name__)
 
 FP8_MAX = 448.0
-_MAGIC = 12582912.0  # 1.5 · 2^23: (y + M) − M rounds half-to-even to an integer for |y| < 2^22
 
 
 def interpreting() -> bool:
