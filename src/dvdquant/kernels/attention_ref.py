@@ -21,8 +21,8 @@ The scheme (SageAttention-style, data-free: every scale comes from the current t
    K scales replaced one scale per 128-key tile in session 3: the worst rel. L2 on the
    embedded model's inputs fell from 2.0 % to 1.7 %.)
 3. **Online softmax over key tiles of ``block_n``** (FlashAttention), in the log2 domain:
-   s = (q8·k8ᵀ) · sq_i · sk_j · scale · log2(e); m = running row max; p = 2^(s − m).
-   The row sum l accumulates the fp32 p.
+   s = (q8·k8ᵀ) · sq_i · sk_j · scale · log2(e); m = running row max; p = 2^(s − m)
+   (computed as 448·p, item 4). The row sum l accumulates the fp32 values.
 4. **P in FP8**: p ∈ [0, 1], quantized as e4m3(448·p) (a static scale: the row max maps to
    448, e4m3's largest value). The factor 448 rides in the exponent: p' = 2^(s − (m − log2 448))
    is 448·p up to fp32 rounding, one multiply per score fewer; l sums p' (448 units). Because
@@ -227,8 +227,8 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
 
     The kernel visits key tiles j = 0, 1, … keeping a running max m_j (cummax of tile maxima)
     and rescales its accumulators by 2^(m_{j−1} − m_j) at each step; the product of those
-    factors from tile j to the end is 2^(m_j − m_last). So P of tile j is 2^(s − m_j) — the
-    values the kernel rounds to e4m3 — and enters the sums with weight 2^(m_j − m_last). The
+    factors from tile j to the end is 2^(m_j − m_last). So 448·P of tile j is 2^(s − m_j + log2 448)
+    — the values the kernel rounds to e4m3 — and enters the sums with weight 2^(m_j − m_last). The
     codes are identical to the kernel's; sums differ only in fp32 rounding order.
     Returns acc/l (B, H, Lq, D) in V-code units (P and l both in 448 units) and lse (B, H, Lq).
     """
