@@ -44,9 +44,7 @@ import triton.language as tl
 
 from bench_attention import cudnn_seconds, inputs, kernel_only, metrics, timed
 from dvdquant.kernels.attention_ref import LOG2E, block_n_for
-from dvdquant.kernels.attention_triton import LAUNCH_BY_HEAD_DIM, _quant_rows, quantize_kv
-
-LOG2_448 = math.log2(448.0)
+from dvdquant.kernels.attention_triton import LAUNCH_BY_HEAD_DIM, LOG2_P_SCALE, _quant_rows, quantize_kv
 
 
 @triton.jit
@@ -61,7 +59,7 @@ def _softmax_pv(t, n0, rowfac, m_i, l_i, acc, ks_ptr, kc_ptr, v_ptr, BLOCK_N: tl
         sk = t.to(tl.float32) * ks[None, :]
     m_new = tl.maximum(m_i, tl.max(sk, axis=1) * rowfac)
     if FOLD448:
-        p = tl.math.exp2(sk * rowfac[:, None] - (m_new - 8.807354922057604)[:, None])   # 448·p
+        p = tl.math.exp2(sk * rowfac[:, None] - (m_new - LOG2_P_SCALE)[:, None])   # 448·p
     else:
         p = tl.math.exp2(sk * rowfac[:, None] - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
@@ -186,14 +184,15 @@ def main(argv=None) -> int:
         q, k, v = inputs(B, H, L, D)
         launch_lists = args.launches.split(";")
         launches = [parse_launch(x) for x in launch_lists[min(si, len(launch_lists) - 1)].split(",")]
-        cfg = LAUNCH_BY_HEAD_DIM[D]                                # the production kernel's launch
+        prod_cfg = LAUNCH_BY_HEAD_DIM[D]                           # the production kernel's launch
         kvs = {bn: quantize_kv(k, v, "int8", bn) for bn in sorted({la[1] for la in launches} | {block_n_for(D)})}
         kv = kvs[block_n_for(D)]
         with torch.no_grad():       # fp32 truth (memory-efficient SDPA, no L² buffer)
             ref = torch.nn.functional.scaled_dot_product_attention(
                 *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         tc = cudnn_seconds(q, k, v, args.reps)
-        prod = kernel_only(q, kv, "int8", cfg["block_m"], block_n_for(D), cfg["num_warps"], cfg["num_stages"])
+        prod = kernel_only(q, kv, "int8", prod_cfg["block_m"], block_n_for(D), prod_cfg["num_warps"],
+                           prod_cfg["num_stages"])
         tp = timed(prod, args.reps)
         head = dict(shape=shape, cudnn_ms=round(tc * 1e3, 3), prod_ms=round(tp * 1e3, 3),
                     prod_x_cudnn=round(tc / tp, 3), prod_acc=metrics(prod(), ref))
@@ -203,18 +202,18 @@ def main(argv=None) -> int:
         for name in args.variants.split(","):
             flags = variant_flags(name)
             for bm, bn, warps, stages, maxnreg in launches:
-                cfg = dict(shape=shape, variant=name, bm=bm, bn=bn, warps=warps, stages=stages, maxnreg=maxnreg)
+                key = dict(shape=shape, variant=name, bm=bm, bn=bn, warps=warps, stages=stages, maxnreg=maxnreg)
                 try:
                     kvn = kvs[bn]
                     fn, info = probe_call(q, kvn, *round_scales(kvn.k_scale), flags, bm, bn, warps, stages, maxnreg)
                     o = fn().clone()
                     t = timed(fn, args.reps)
                 except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a result too
-                    row = dict(cfg, error=repr(e)[:300])
+                    row = dict(key, error=repr(e)[:300])
                 else:
                     if base_out is None and name == "base" and bn == block_n_for(D):
                         base_out = o
-                    row = dict(cfg, ms=round(t * 1e3, 3),
+                    row = dict(key, ms=round(t * 1e3, 3),
                                x_cudnn=round(tc / t, 3), x_prod=round(tp / t, 3), acc_vs_fp32=metrics(o, ref),
                                same_as_base=bool(base_out is not None and torch.equal(o, base_out)), **info)
                 print(json.dumps(row), flush=True)
