@@ -4,6 +4,8 @@
 
 1. A launch-configuration sweep of the kernel (block sizes, warps, stages; INT8 and FP8 Q·Kᵀ)
    at L = 32768, 24 heads × 128.
+   ``--tma``: pointer vs TMA K/V loads; ``--gluon``: the Gluon kernel (``attention_gluon``) vs the
+   Triton kernel vs cuDNN.
 2. For every shape: cuDNN SDPA, flash SDPA (both bf16, on (B, H, L, D)-contiguous inputs, their
    best case), the kernel alone (K/V already quantized), the K/V quantize pass, and the whole
    call from bf16 Q/K/V in the model layout (B, L, H, D); TFLOP/s = 4·B·H·Lq·Lk·D / time; accuracy
@@ -17,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import statistics
 import sys
 
@@ -116,6 +119,70 @@ def tma_compare(shapes, reps: int, stages=(3, 4)) -> list:
         log.info("tma %s", json.dumps(row))
         rows.append(row)
         q = k = v = kv = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _gluon_variant(var: str) -> dict:
+    """``wg3pr`` → one warpgroup, 3 stages, K scales prefetched, P in registers; ``ws3`` → ping-pong;
+    ``n64``: 64-key tiles (head_dim 128)."""
+    m = re.fullmatch(r"(wg|ws)(\d)(p?)(r?)(n64)?", var)
+    if m is None:
+        raise ValueError(f"bad Gluon variant {var!r}")
+    return dict(ws=m.group(1) == "ws", stages=int(m.group(2)), ks_prefetch=bool(m.group(3)), p_regs=bool(m.group(4)),
+                block_n=64 if m.group(5) else 128)
+
+
+def gluon_compare(shapes, reps: int, variants=("wg2",)) -> list:
+    """cuDNN vs the Triton kernel (its defaults: tiles, TMA where default) vs the Gluon kernel
+    variants ``wg<stages>`` (``attention_gluon``, one warpgroup) and ``ws<stages>`` (``attention_gluon_ws``,
+    ping-pong), kernel alone on the same quantized K/V, INT8 Q·Kᵀ;
+    the whole ``quant_attention`` call per impl; Gluon's output against the Triton kernel's and cuDNN's."""
+    from dvdquant.kernels.attention_gluon import attend_gluon
+    from dvdquant.kernels.attention_ref import block_n_for
+    from dvdquant.kernels.attention_triton import LAUNCH_BY_HEAD_DIM
+    rows = []
+    for B, H, L, D in shapes:
+        q, k, v = inputs(B, H, L, D)
+        flops = 4 * B * H * L * L * D
+        tc = cudnn_seconds(q, k, v, reps)
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+        qt = kt = vt = None
+        cfg, bn = LAUNCH_BY_HEAD_DIM[D], block_n_for(D)
+        kv = quantize_kv(k, v, "int8", bn)
+        c = LOG2E / math.sqrt(D)
+        tri = kernel_only(q, kv, "int8", cfg["block_m"], bn, cfg["num_warps"], cfg["num_stages"],
+                          use_tma=default_use_tma(q.device, D))
+        row = dict(B=B, H=H, L=L, D=D, cudnn_ms=round(tc * 1e3, 3), cudnn_tflops=round(flops / tc / 1e12, 1))
+        t = timed(tri, reps)
+        row.update(triton_ms=round(t * 1e3, 3), triton_x_cudnn=round(tc / t, 3))
+        o_tri = tri().clone()
+        kv64 = quantize_kv(k, v, "int8", 64) if D == 128 and any("n64" in x for x in variants) else None
+        for var in variants:
+            st = var
+            kw = _gluon_variant(var)
+            kvv = kv64 if kw.pop("block_n") == 64 and kv64 is not None else kv
+            fn = lambda: attend_gluon(q, kvv, c, "int8", **kw)[0]  # noqa: E731
+            try:
+                o = fn()
+                t = timed(fn, reps)
+            except Exception as e:  # noqa: BLE001 — e.g. out of shared memory: record and go on
+                row[f"gluon_{st}_error"] = str(e)[:200]
+                continue
+            row[f"gluon_{st}_ms"] = round(t * 1e3, 3)
+            row[f"gluon_{st}_x_cudnn"] = round(tc / t, 3)
+            row[f"gluon_{st}_x_triton"] = round(row["triton_ms"] / (t * 1e3), 3)
+            row[f"gluon_{st}_vs_triton"] = metrics(o, o_tri)
+            row[f"gluon_{st}_vs_cudnn"] = metrics(o, ref)
+        row["triton_vs_cudnn"] = metrics(o_tri, ref)
+        for impl in ("triton", "gluon", "gluon_ws"):
+            t = timed(lambda: quant_attention(q, k, v, impl=impl), reps)
+            row[f"call_{impl}_ms"] = round(t * 1e3, 3)
+        log.info("gluon %s", json.dumps(row))
+        rows.append(row)
+        q = k = v = kv = kv64 = kvv = ref = o_tri = None
         torch.cuda.empty_cache()
     return rows
 
@@ -220,8 +287,19 @@ def main(argv=None) -> int:
     ap.add_argument("--d64-only", action="store_true", help="only the head_dim-64 sweep and shapes")
     ap.add_argument("--tma", action="store_true",
                     help="only: pointer vs tensor-descriptor (TMA) K/V loads vs cuDNN at the Wan / Hunyuan shapes")
+    ap.add_argument("--gluon", action="store_true",
+                    help="only: the Gluon kernel vs the Triton kernel vs cuDNN at the Wan / Hunyuan / head_dim-64 shapes")
+    ap.add_argument("--gluon-variants", default="wg2,ws3",
+                    help="comma-separated Gluon variants for --gluon: wg<stages> (one warpgroup), ws<stages> (ping-pong)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    if args.gluon:
+        rows = gluon_compare([(1, 40, 32760, 128), (1, 24, 67320, 128), (1, 48, 17776, 64)], args.reps,
+                             tuple(args.gluon_variants.split(",")))
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=__import__("triton").__version__, gluon=rows), f, indent=1)
+        return 0
     if args.tma:
         rows = tma_compare([(1, 40, 32760, 128), (1, 24, 67320, 128), (1, 48, 17776, 64)], args.reps)
         with open(args.out, "w") as f:

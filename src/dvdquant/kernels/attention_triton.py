@@ -49,6 +49,7 @@ nearest even, saturating) gives the same values faster.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Optional
@@ -58,6 +59,14 @@ import triton
 import triton.language as tl
 
 from .attention_ref import DEFAULT_BLOCK_N, LOG2_P_SCALE as _LOG2_P_SCALE, LOG2E, QMAX, QuantKV, block_n_for, key_bias
+
+log = logging.getLogger(__name__)
+
+try:   # the Hopper kernel in Gluon (Triton ≥ 3.5); imported here, not inside functions torch.compile traces
+    from . import attention_gluon as _attention_gluon, attention_gluon_ws as _attention_gluon_ws
+except (ImportError, AttributeError) as _exc:   # an older Triton: the Triton kernel everywhere
+    log.debug("Gluon attention kernel unavailable: %s", _exc)
+    _attention_gluon = _attention_gluon_ws = None
 
 DEFAULT_BLOCK_M = 64
 LOG2_P_SCALE = tl.constexpr(_LOG2_P_SCALE)   # e4m3(448·p): 448 as an exponent offset (attention_ref item 4)
@@ -333,6 +342,36 @@ LAUNCH_BY_HEAD_DIM = {128: dict(block_m=DEFAULT_BLOCK_M, num_warps=4, num_stages
                       64: dict(block_m=DEFAULT_BLOCK_M, num_warps=4, num_stages=3, use_tma=False)}
 
 
+# Which kernel quant_attention runs where both can ("auto"): see gluon_available / attention_gluon.py.
+DEFAULT_IMPL = "triton"
+AUTO_GLUON = "gluon"     # what "auto" picks where a Gluon kernel applies
+IMPLS = ("auto", "triton", "gluon", "gluon_ws")
+
+
+def gluon_available() -> bool:
+    """Whether this Triton ships Gluon's Hopper API (``attention_gluon`` imported; Triton ≥ 3.5)."""
+    return _attention_gluon is not None
+
+
+def choose_impl(impl: Optional[str], q: torch.Tensor, lk: int, block_n: int, has_mask: bool) -> str:
+    """``"gluon"`` or ``"triton"`` for this call. ``impl=None`` takes :data:`DEFAULT_IMPL`; ``"auto"`` picks
+    the Gluon kernel where it applies (sm_90, head_dim 64/128, no mask, > 1 key tile, not interpreting);
+    ``"gluon"`` insists and raises where it cannot run."""
+    impl = DEFAULT_IMPL if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton":
+        return "triton"
+    ok = not interpreting() and gluon_available() and _attention_gluon.gluon_supported(q, lk, block_n, has_mask)
+    if impl.startswith("gluon") and not ok:
+        raise ValueError(f"impl={impl!r} needs a Hopper (sm_90) GPU, Triton with Gluon, head_dim 64/128, no mask "
+                         f"and more than {block_n} keys (got device {q.device}, head_dim {q.shape[-1]}, "
+                         f"{lk} keys, mask {has_mask})")
+    if not ok:
+        return "triton"
+    return AUTO_GLUON if impl == "auto" else impl
+
+
 def default_use_tma(device: torch.device, head_dim: int) -> bool:
     """Whether :func:`quant_attention` reads K/V through TMA by default: where the head_dim's config
     asks for it and the GPU has a tensor-memory accelerator (sm90+; not in the interpreter)."""
@@ -354,7 +393,7 @@ def kv_descriptors(kv: QuantKV, block_n: int):
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None, qk_format: str = "int8", block_n: Optional[int] = None,
                     block_m: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                    return_lse: bool = False, use_tma: Optional[bool] = None):
+                    return_lse: bool = False, use_tma: Optional[bool] = None, impl: Optional[str] = None):
     """8-bit attention: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D) → ``out`` (B, Lq, H, D) [, lse (B, Lq, H)].
 
     Thin launcher: checks, allocates, runs the K/V pass and the attention kernel. ``attn_mask``:
@@ -362,6 +401,9 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     ``block_n`` / ``block_m`` / ``num_warps`` / ``num_stages``: None takes the head_dim's tuned
     config (:data:`LAUNCH_BY_HEAD_DIM`, :func:`.attention_ref.block_n_for`). ``use_tma``: read the K/V
     tiles through tensor descriptors (None: :func:`default_use_tma`); the result is the same either way.
+    ``impl``: ``"triton"``, ``"gluon"`` (:mod:`.attention_gluon`, Hopper only) or ``"auto"``; None takes
+    :data:`DEFAULT_IMPL` (:func:`choose_impl`). The Gluon kernel ignores the launch arguments above except
+    ``block_n``.
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -375,6 +417,15 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
                                       num_stages or cfg["num_stages"])
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kv = quantize_kv(k, v, qk_format, block_n)
+    chosen = choose_impl(impl, q, Lk, block_n, attn_mask is not None)
+    if chosen != "triton":
+        c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
+        if chosen == "gluon_ws":
+            out, lse = _attention_gluon.attend_gluon(q, kv, c, qk_format, return_lse,
+                                                     stages=_attention_gluon_ws.WS_STAGES, ws=True)
+        else:
+            out, lse = _attention_gluon.attend_gluon(q, kv, c, qk_format, return_lse)
+        return (out, lse) if return_lse else out
     lkp = kv.k8.shape[2]
     bias = key_bias(attn_mask, B, H, Lk)
     if bias is not None:                                          # (B, 1|H, Lkp), log2 units, −inf past Lk
