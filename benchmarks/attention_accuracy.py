@@ -67,11 +67,15 @@ def main(argv=None) -> int:
     model = load_embedded(device=args.device, dtype=dtype)
     step = _Step()
     per = defaultdict(list)                                      # (step, kind) -> [(cos, rel, cos_bf16, rel_bf16)]
-    paths = set()
+    paths, kernels = set(), set()
 
     def on_call(q, k, v, mask, scale):
         plan = plan_attention(q, k, v, mask)
         paths.add(plan.path)
+        if q.is_cuda and plan.path != "emulated":                 # which 8-bit kernel quant_attention runs
+            from dvdquant.kernels.attention_ref import block_n_for
+            from dvdquant.kernels.attention_triton import choose_impl
+            kernels.add(choose_impl(None, q, k.shape[1], block_n_for(q.shape[-1])))
         truth32 = _sdpa(q, k, v, mask, torch.float32)
         ref = _sdpa(q, k, v, mask, q.dtype)
         kind = "self" if q.shape[1] == k.shape[1] else "cross"
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
     summary = dict(min_cos=min(r["min_cos"] for r in live), max_rel_l2=max(r["max_rel_l2"] for r in live))
     summary["pass"] = summary["min_cos"] >= 0.999 and summary["max_rel_l2"] <= 0.02
     result = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", dtype=str(dtype),
-                  mode=args.mode, paths=sorted(paths), steps=args.steps, prompts=len(prompts), summary=summary,
+                  mode=args.mode, paths=sorted(paths), kernels=sorted(kernels), steps=args.steps, prompts=len(prompts), summary=summary,
                   per_step=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

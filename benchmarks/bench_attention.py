@@ -124,19 +124,16 @@ def tma_compare(shapes, reps: int, stages=(3, 4)) -> list:
 
 
 def _gluon_variant(var: str) -> dict:
-    """``wg3pr`` → one warpgroup, 3 stages, K scales prefetched, P in registers; ``ws3`` → ping-pong;
-    ``n64``: 64-key tiles (head_dim 128)."""
-    m = re.fullmatch(r"(wg|ws)(\d)(p?)(r?)(n64)?", var)
+    """``wg3`` → the Gluon kernel with a 3-slot K/V ring (``attention_gluon``)."""
+    m = re.fullmatch(r"wg(\d)", var)
     if m is None:
-        raise ValueError(f"bad Gluon variant {var!r}")
-    return dict(ws=m.group(1) == "ws", stages=int(m.group(2)), ks_prefetch=bool(m.group(3)), p_regs=bool(m.group(4)),
-                block_n=64 if m.group(5) else 128)
+        raise ValueError(f"bad Gluon variant {var!r} (wg<stages>)")
+    return dict(stages=int(m.group(1)))
 
 
 def gluon_compare(shapes, reps: int, variants=("wg2",)) -> list:
     """cuDNN vs the Triton kernel (its defaults: tiles, TMA where default) vs the Gluon kernel
-    variants ``wg<stages>`` (``attention_gluon``, one warpgroup) and ``ws<stages>`` (``attention_gluon_ws``,
-    ping-pong), kernel alone on the same quantized K/V, INT8 Q·Kᵀ;
+    variants ``wg<stages>`` (``attention_gluon`` with that K/V ring depth), kernel alone on the same quantized K/V, INT8 Q·Kᵀ;
     the whole ``quant_attention`` call per impl; Gluon's output against the Triton kernel's and cuDNN's."""
     from dvdquant.kernels.attention_gluon import attend_gluon
     from dvdquant.kernels.attention_ref import block_n_for
@@ -159,12 +156,10 @@ def gluon_compare(shapes, reps: int, variants=("wg2",)) -> list:
         t = timed(tri, reps)
         row.update(triton_ms=round(t * 1e3, 3), triton_x_cudnn=round(tc / t, 3))
         o_tri = tri().clone()
-        kv64 = quantize_kv(k, v, "int8", 64) if D == 128 and any("n64" in x for x in variants) else None
         for var in variants:
             st = var
             kw = _gluon_variant(var)
-            kvv = kv64 if kw.pop("block_n") == 64 and kv64 is not None else kv
-            fn = lambda: attend_gluon(q, kvv, c, "int8", **kw)[0]  # noqa: E731
+            fn = lambda: attend_gluon(q, kv, c, "int8", **kw)[0]  # noqa: E731
             try:
                 o = fn()
                 t = timed(fn, reps)
@@ -177,12 +172,14 @@ def gluon_compare(shapes, reps: int, variants=("wg2",)) -> list:
             row[f"gluon_{st}_vs_triton"] = metrics(o, o_tri)
             row[f"gluon_{st}_vs_cudnn"] = metrics(o, ref)
         row["triton_vs_cudnn"] = metrics(o_tri, ref)
-        for impl in ("triton", "gluon", "gluon_ws"):
-            t = timed(lambda: quant_attention(q, k, v, impl=impl), reps)
-            row[f"call_{impl}_ms"] = round(t * 1e3, 3)
+        for impl in ("triton", "gluon"):             # the whole call (K/V pass included), INT8 and FP8 Q·Kᵀ
+            for fmt in ("int8", "fp8"):
+                t = timed(lambda: quant_attention(q, k, v, impl=impl, qk_format=fmt), reps)
+                row[f"call_{impl}_{fmt}_ms"] = round(t * 1e3, 3)
+                row[f"call_{impl}_{fmt}_x_cudnn"] = round(tc / t, 3)
         log.info("gluon %s", json.dumps(row))
         rows.append(row)
-        q = k = v = kv = kv64 = kvv = ref = o_tri = None
+        q = k = v = kv = ref = o_tri = None
         torch.cuda.empty_cache()
     return rows
 
@@ -289,8 +286,8 @@ def main(argv=None) -> int:
                     help="only: pointer vs tensor-descriptor (TMA) K/V loads vs cuDNN at the Wan / Hunyuan shapes")
     ap.add_argument("--gluon", action="store_true",
                     help="only: the Gluon kernel vs the Triton kernel vs cuDNN at the Wan / Hunyuan / head_dim-64 shapes")
-    ap.add_argument("--gluon-variants", default="wg2,ws3",
-                    help="comma-separated Gluon variants for --gluon: wg<stages> (one warpgroup), ws<stages> (ping-pong)")
+    ap.add_argument("--gluon-variants", default="wg2,wg3",
+                    help="comma-separated Gluon variants for --gluon: wg<stages> (K/V ring depth)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     if args.gluon:

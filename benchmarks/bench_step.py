@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "dvdquant"])
     ap.add_argument("--attention-mode", default="int8", help="dvdquant attention mode (int8 / fp8)")
+    ap.add_argument("--attention-impl", default=None, choices=["auto", "triton", "gluon"],
+                    help="8-bit attention kernel (quant_attention's impl; default: its DEFAULT_IMPL)")
     ap.add_argument("--attention-only", action="store_true",
                     help="with --attention dvdquant: of the quantized rows, only those with 8-bit attention")
     ap.add_argument("--rotation-block", type=int, default=128)
@@ -183,11 +185,15 @@ def main() -> None:
                     help="quantized variants with cuBLAS fast FP8 accumulation (set_backend(..., fast_accum=True))")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    from dvdquant.kernels import attention_triton
+    if args.attention_impl is not None:
+        attention_triton.DEFAULT_IMPL = args.attention_impl
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step_{args.model}.json"
     res: dict = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "command": " ".join(sys.argv), "reps": args.reps}
+                 "command": " ".join(sys.argv), "reps": args.reps,
+                 "attention_impl": attention_triton.DEFAULT_IMPL}
 
     def save(phase: str):
         res["last_phase"] = phase

@@ -31,7 +31,7 @@ def test_kernel_vs_sdpa_and_reference(fmt, B, Lq, Lk, H, D):
     from dvdquant.kernels.attention_ref import quant_attention_reference
     from dvdquant.kernels.attention_triton import quant_attention
     q, k, v = _cuda(*qkv(B, Lq, Lk, H, D))
-    out = quant_attention(q, k, v, qk_format=fmt)
+    out = quant_attention(q, k, v, qk_format=fmt, impl="triton")
     ref = quant_attention_reference(q, k, v, qk_format=fmt)
     assert metrics(out, ref)[1] <= 2e-3
     cos, rel = metrics(out, sdpa(q, k, v))
@@ -49,8 +49,8 @@ def test_tma_loads_give_the_same_output(fmt, B, Lq, Lk, H, D, masked):
     if masked:
         mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool, device=DEV)
         mask[0, ..., 200:] = False
-    a, la = quant_attention(q, k, v, attn_mask=mask, qk_format=fmt, return_lse=True, use_tma=False)
-    b, lb = quant_attention(q, k, v, attn_mask=mask, qk_format=fmt, return_lse=True, use_tma=True)
+    a, la = quant_attention(q, k, v, attn_mask=mask, qk_format=fmt, return_lse=True, use_tma=False, impl="triton")
+    b, lb = quant_attention(q, k, v, attn_mask=mask, qk_format=fmt, return_lse=True, use_tma=True, impl="triton")
     assert torch.equal(a, b) and torch.equal(la, lb)
 
 
@@ -112,11 +112,13 @@ def test_head_split_and_layout_invariance(fmt):
     from dvdquant.kernels.attention_triton import quant_attention
     B, L, H, D = 1, 5000, 8, 128
     q, k, v = _cuda(*qkv(B, L, L, H, D, seed=7))
-    full = quant_attention(q, k, v, qk_format=fmt)
-    parts = [quant_attention(*(t[:, :, h:h + H // 2] for t in (q, k, v)), qk_format=fmt) for h in (0, H // 2)]
-    assert torch.equal(torch.cat(parts, dim=2), full)
-    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))   # (B, H, L, D) storage
-    assert torch.equal(quant_attention(qt, kt, vt, qk_format=fmt), full)
+    for impl in ("triton", "auto"):   # auto: the Gluon kernel on Hopper
+        full = quant_attention(q, k, v, qk_format=fmt, impl=impl)
+        parts = [quant_attention(*(t[:, :, h:h + H // 2] for t in (q, k, v)), qk_format=fmt, impl=impl)
+                 for h in (0, H // 2)]
+        assert torch.equal(torch.cat(parts, dim=2), full)
+        qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))   # (B, H, L, D) storage
+        assert torch.equal(quant_attention(qt, kt, vt, qk_format=fmt, impl=impl), full)
 
 
 
@@ -125,8 +127,8 @@ def test_under_torch_compile():
     compile options); the result must stay within the kernel-vs-reference tolerance of eager."""
     from dvdquant.kernels.attention_triton import quant_attention
     q, k, v = _cuda(*qkv(1, 1000, 1000, 2, 128, seed=11))
-    eager = quant_attention(q, k, v)
-    compiled = torch.compile(lambda a, b, c: quant_attention(a, b, c), fullgraph=True)(q, k, v)
+    eager = quant_attention(q, k, v, impl="triton")
+    compiled = torch.compile(lambda a, b, c: quant_attention(a, b, c, impl="triton"), fullgraph=True)(q, k, v)
     rel = metrics(compiled, eager)[1]
     print(f"compiled vs eager: identical={torch.equal(compiled, eager)} rel. L2 {rel:.2e}")
     assert rel <= 2e-3

@@ -1,36 +1,37 @@
-"""8-bit attention on Hopper, written in Gluon: the Triton kernel's numerics with FlashAttention-3's
-intra-warpgroup overlap of softmax and tensor-core work.
+"""8-bit attention on Hopper, written in Gluon: the Triton kernel's numerics with the P·V of one key tile
+in flight while the next tile's softmax runs.
 
 Why this file exists: the Triton kernel (:mod:`.attention_triton`) runs its loop strictly in order —
-wait for Q·Kᵀ of tile j, softmax, P·V of tile j, wait — so within a program the tensor cores idle
-during the softmax and the softmax units idle during the MMAs. Its SASS (Triton 3.6, sm_90a) has
-about 700 instructions per key tile and warp, of which 66 are MUFU exponentials; with two programs
-per SM the measured rate (~690 TF/s) is about half of what the issue slots allow: the loop is
-latency-bound. Triton does not keep a wgmma in flight across the softmax (session 6 tried), but
-Gluon — Triton's lower-level dialect, shipped with Triton — exposes the asynchronous ``wgmma`` and
-its waits directly. This kernel issues, for key tile j,
+wait for Q·Kᵀ of tile j, softmax, P·V of tile j, wait. Gluon, Triton's lower-level dialect (shipped with
+Triton ≥ 3.5), exposes the asynchronous ``wgmma``, its waits, TMA and mbarriers directly. This kernel
+issues, for key tile j,
 
     S_j = Q·K_jᵀ (async)  →  O += P_{j−1}·V_{j−1} (async)  →  wait for S_j only
-    →  softmax of S_j (while P_{j−1}·V_{j−1} runs)  →  wait for O  →  O *= α_j
+    →  softmax of S_j  →  wait for O  →  O *= α_j  →  P_j to shared memory  →  refill the freed K/V slot
 
-so the P·V of one tile overlaps the softmax of the next (FlashAttention-3, "intra-warpgroup
-pipelining"), and keeps two programs per SM as the Triton kernel does. K, Vᵀ tiles arrive by TMA
-into a ring of ``STAGES`` shared-memory buffers, each refilled as soon as the MMAs reading it are done.
+K and Vᵀ tiles arrive by TMA into a ring of ``stages`` shared-memory slots (3 at head_dim 128, 2 at 64),
+each refilled as soon as the MMAs reading it are done; two programs (one warpgroup each) share an SM.
+Measured on an H100 (session 7, ``docs/results/attention.md``): 1.02–1.05× the Triton kernel at head_dim
+128 and 1.06–1.10× at 64, kernel alone; ``quant_attention`` therefore runs it by default on sm_90
+(``impl="auto"``). ptxas places the wait for P·V before the softmax's first shuffle, so less overlaps than
+the schedule above promises; the session-7 probes (``benchmarks/probe_attn_gluon.py``) and Nsight Compute
+profile record what else was tried and why the kernel stays latency-bound.
 
-Numerics: those of :mod:`.attention_ref` and of the Triton kernel (same codes, same per-key K scales,
-448 in the exponent, e4m3 P, fp32 running accumulator), with one difference in the order of fp32
-operations: the Triton kernel computes O_j = P_j·V_j + α_j·O_{j−1} (the tensor cores add the product
-to the rescaled accumulator), this kernel O_j = α_{j+1}·(O_{j−1} + P_j·V_j) — the same sum, rounded
-differently in the last bits. Tests compare both against the reference with the Triton kernel's
-tolerance (``tests/test_attention_gluon*.py``).
+Numerics: those of :mod:`.attention_ref` and of the Triton kernel (same codes, same per-key K scales, 448 in
+the exponent, e4m3 P, fp32 running accumulator, key-padding masks as a per-key bias), with one difference
+in the order of fp32 operations: the Triton kernel computes O_j = P_j·V_j + α_j·O_{j−1} (the tensor cores
+add the product to the rescaled accumulator), this kernel O_j = α_{j+1}·(O_{j−1} + P_j·V_j) — the same sum,
+rounded differently in the last bits (on the benchmark shapes and the embedded model the bf16 outputs
+came out identical). Tests compare both against the reference with the Triton kernel's tolerance.
 
-Scope: Hopper (sm_90) only, head_dim 64 or 128, no attention mask, at least two key tiles; the
-launcher in :mod:`.attention_triton` uses this kernel only there (``impl="auto"``) and the Triton
-kernel everywhere else. Gluon kernels do not run in Triton's interpreter; the CPU suite compiles this
-one for sm_90a (ptxas, no GPU needed) and checks registers and spills, and the GPU suite checks its
-outputs against the reference.
+Scope: Hopper (sm_90), head_dim 64 or 128, more than one key tile; ``attention_triton.choose_impl`` falls
+back to the Triton kernel elsewhere. Gluon kernels do not run in Triton's interpreter: the CPU suite
+compiles this one for sm_90a (ptxas, no GPU needed) and checks its shared memory, and the GPU suite checks
+its outputs against the reference (``tests/test_attention_gluon*.py``).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -46,8 +47,10 @@ LOG2_P_SCALE = gl.constexpr(_LOG2_P_SCALE)
 # Triton 3.6 / 3.9 spellings of the same builtins (the GPU image has 3.6, CI 3.9)
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-GLUON_STAGES = 2                         # K/Vᵀ tiles in flight: 2 × 32 KB at head_dim 128 keeps 2 programs per SM
-GLUON_BLOCK_M = 64                       # query rows per program: one warpgroup, two programs per SM
+GLUON_BLOCK_M = 64   # query rows per program: one warpgroup, two programs per SM
+# K/Vᵀ ring depth per head_dim (H100 sweeps, session 7, docs/results/attention.md); 3 × 32 KB slots at
+# head_dim 128 still fit two programs per SM.
+GLUON_LAUNCH_BY_HEAD_DIM = {128: dict(stages=3), 64: dict(stages=2)}
 
 
 @gluon.jit
@@ -64,20 +67,27 @@ def _quant_q_rows(q, QMAX_QK: gl.constexpr, QK_INT8: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_tile(s, ks, rowfac, m_i, l_i, n0, Lk, QK_INT8: gl.constexpr, MASKED: gl.constexpr,
-                  BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+def _softmax_tile(s, ks, rowfac, m_i, l_i, n0, Lk, BIASH, QK_INT8: gl.constexpr, MASKED: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
     """Online-softmax update for one (BLOCK_M, BLOCK_N) score tile in the wgmma accumulator layout.
 
-    Same operations as ``attention_triton._attn_tile`` without a bias: scores t·sk_j·rowfac_i (log2 units),
+    The operations of ``attention_triton._attn_tile``: scores t·sk_j·rowfac_i (log2 units) [+ the key bias],
     running max m, p' = 2^(s − (m − log2 448)) = 448·p, row sum l in 448 units. Returns (m, l, p', α)."""
     t = s.to(gl.float32) if QK_INT8 else s                        # exact integer sums → fp32
     sk = t * ks[None, :]
-    if MASKED:                                                    # the ragged last tile: keys past Lk
-        cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        sk = gl.where((cols < Lk)[None, :], sk, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(sk, axis=1) * rowfac)
-    p = gl.exp2(sk * rowfac[:, None] - (m_new - LOG2_P_SCALE)[:, None])
-    alpha = gl.exp2(m_i - m_new)
+    cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    if HAS_BIAS:                                                  # −inf past Lk and on masked keys
+        sb = sk * rowfac[:, None] + gl.load(BIASH + cols)[None, :]
+        m_new = gl.maximum(m_i, gl.max(sb, axis=1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)     # fully masked so far: p = 0, not NaN
+        p = gl.exp2(sb - (m_use - LOG2_P_SCALE)[:, None])
+    else:
+        if MASKED:                                                # the ragged last tile: keys past Lk
+            sk = gl.where((cols < Lk)[None, :], sk, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sk, axis=1) * rowfac)
+        m_use = m_new
+        p = gl.exp2(sk * rowfac[:, None] - (m_use - LOG2_P_SCALE)[:, None])
+    alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return m_new, l_i, p, alpha
 
@@ -96,46 +106,31 @@ def _issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, n_tiles, k_row0, 
 
 
 @gluon.jit
-def _kv_step(j, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc, KSH, acc, m_i, l_i, rowfac, ks, p_prev,
+def _kv_step(j, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc, KSH, BIASH, acc, m_i, l_i, rowfac,
              n_tiles, Lk, k_row0, v_row0,
-             QK_INT8: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
-             BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-             KS_PREFETCH: gl.constexpr, P_REGS: gl.constexpr):
+             QK_INT8: gl.constexpr, MASKED: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """Key tile j ≥ 1: Q·K_jᵀ and P_{j−1}·V_{j−1} in flight together, softmax of tile j under the latter.
-
-    P_{j−1} is in ``p_smem`` (or, with ``P_REGS``, the register tensor ``p_prev``) on entry, P_j on return.
-    ``ks``: tile j's per-key K scales when ``KS_PREFETCH`` (loaded one tile ahead; tile j+1's are returned),
-    else unused (loaded here)."""
+    P_{j−1} is in ``p_smem`` on entry, P_j on return."""
     slot = j % STAGES
     prev = (j - 1) % STAGES
     n0 = j * BLOCK_N
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    if KS_PREFETCH:
-        ks_next = gl.load(KSH + n0 + BLOCK_N + cols, mask=n0 + BLOCK_N + cols < n_tiles * BLOCK_N, other=1.0)
-    else:
-        ks = gl.load(KSH + n0 + cols)                             # per-key K scales
-        ks_next = ks
+    ks = gl.load(KSH + n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)))   # per-key K scales
     mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
     s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     # fp8 P·V: the sm_90 default of no split-K promotion (as tl.dot)
-    if P_REGS:
-        acc = warpgroup_mma(p_prev, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
-    else:
-        acc = warpgroup_mma(p_smem, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(p_smem, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))          # Q·K_jᵀ done; P·V still running
-    m_i, l_i, p, alpha = _softmax_tile(s, ks, rowfac, m_i, l_i, n0, Lk, QK_INT8, MASKED, BLOCK_N, s_layout)
+    m_i, l_i, p, alpha = _softmax_tile(s, ks, rowfac, m_i, l_i, n0, Lk, BIASH, QK_INT8, MASKED, HAS_BIAS, BLOCK_N,
+                                       s_layout)
     p8 = p.to(gl.float8e4nv)
-    if P_REGS:   # ptxas keeps a wgmma's register operands live until its wait
-        p_new = gl.convert_layout(p8, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))      # P_{j−1}·V_{j−1} done: p_smem, slot free
-    if not P_REGS:
-        _store_p(p_smem, p8)
-        p_new = p_prev
+    _store_p(p_smem, p8)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     # slot `prev` is free now (its V was read by the P·V just waited for): refill it
     _issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, j + STAGES - 1, n_tiles, k_row0, v_row0, STAGES, BLOCK_N)
-    return acc, m_i, l_i, ks_next, p_new
+    return acc, m_i, l_i
 
 
 @gluon.jit
@@ -148,13 +143,15 @@ def _store_p(p_smem, p8):
 
 
 @gluon.jit
-def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, O, LSE,
-                           Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, qk_scale,
+def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, BIAS, O, LSE,
+                           Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, qk_scale,
                            D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                            QK_INT8: gl.constexpr, QMAX_QK: gl.constexpr, RAGGED: gl.constexpr,
-                           RETURN_LSE: gl.constexpr, KS_PREFETCH: gl.constexpr = True, P_REGS: gl.constexpr = False):
+                           RETURN_LSE: gl.constexpr, HAS_BIAS: gl.constexpr):
     """Grid: (query tiles, B·H); one warpgroup (4 warps). ``k_desc``: (B·H·Lkp, D) codes of K, tiles
-    (BLOCK_N, D); ``v_desc``: (B·H·D, Lkp) codes of Vᵀ, tiles (D, BLOCK_N); Lk > BLOCK_N."""
+    (BLOCK_N, D); ``v_desc``: (B·H·D, Lkp) codes of Vᵀ, tiles (D, BLOCK_N); ``BIAS``: with ``HAS_BIAS``, the
+    key bias (B, 1|H, Lkp) in log2 units, −inf past Lk (``attention_triton.quant_attention`` builds it);
+    Lk > BLOCK_N."""
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     b = bh // H
@@ -203,6 +200,7 @@ def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, O, LSE,
 
     # key tile 0: Q·K_0ᵀ and its softmax; the accumulator starts at zero (its α is 0)
     KSH = KS + bh.to(gl.int64) * Lkp                              # per-key K scales of this head
+    BIASH = BIAS + b.to(gl.int64) * sbb + h * sbh                 # this head's key bias (if any)
     ks = gl.load(KSH + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)))
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
@@ -210,35 +208,25 @@ def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, O, LSE,
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-    m_i, l_i, p, alpha = _softmax_tile(s, ks, rowfac, m_i, l_i, 0, Lk, QK_INT8, False, BLOCK_N, s_layout)
-    if P_REGS:
-        p_prev = gl.convert_layout(p.to(gl.float8e4nv), gl.DotOperandLayout(operand_index=0, parent=o_layout,
-                                                                             k_width=4))
-    else:
-        _store_p(p_smem, p.to(gl.float8e4nv))
-        p_prev = 0
-    if KS_PREFETCH:
-        ks = gl.load(KSH + BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)))   # tile 1's
+    m_i, l_i, p, alpha = _softmax_tile(s, ks, rowfac, m_i, l_i, 0, Lk, BIASH, QK_INT8, False, HAS_BIAS, BLOCK_N,
+                                       s_layout)
+    _store_p(p_smem, p.to(gl.float8e4nv))
     acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
 
     # key tiles 1 … n−1 (the ragged last one, if any, after the loop with its mask)
-    n_full = n_tiles - 1 if RAGGED else n_tiles
+    n_full = n_tiles - 1 if RAGGED and not HAS_BIAS else n_tiles    # with a bias, −inf past Lk masks the tile
+
     for j in range(1, n_full):
-        acc, m_i, l_i, ks, p_prev = _kv_step(j, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc, KSH, acc,
-                                             m_i, l_i, rowfac, ks, p_prev, n_tiles, Lk, k_row0, v_row0, QK_INT8,
-                                             False, STAGES, BLOCK_M, BLOCK_N, s_layout, o_layout, KS_PREFETCH,
-                                             P_REGS)
-    if RAGGED:
-        acc, m_i, l_i, ks, p_prev = _kv_step(n_tiles - 1, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc,
-                                             KSH, acc, m_i, l_i, rowfac, ks, p_prev, n_tiles, Lk, k_row0, v_row0,
-                                             QK_INT8, True, STAGES, BLOCK_M, BLOCK_N, s_layout, o_layout,
-                                             KS_PREFETCH, P_REGS)
+        acc, m_i, l_i = _kv_step(j, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc, KSH, BIASH, acc, m_i,
+                                 l_i, rowfac, n_tiles, Lk, k_row0, v_row0, QK_INT8, False, HAS_BIAS, STAGES,
+                                 BLOCK_M, BLOCK_N, s_layout, o_layout)
+    if RAGGED and not HAS_BIAS:
+        acc, m_i, l_i = _kv_step(n_tiles - 1, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc, KSH, BIASH,
+                                 acc, m_i, l_i, rowfac, n_tiles, Lk, k_row0, v_row0, QK_INT8, True, HAS_BIAS,
+                                 STAGES, BLOCK_M, BLOCK_N, s_layout, o_layout)
     # the last tile's P·V
     last = (n_tiles - 1) % STAGES
-    if P_REGS:
-        acc = warpgroup_mma(p_prev, v_smem.index(last).permute((1, 0)), acc, is_async=True)
-    else:
-        acc = warpgroup_mma(p_smem, v_smem.index(last).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(p_smem, v_smem.index(last).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
@@ -258,10 +246,10 @@ def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, O, LSE,
         gl.store(LSE + (b * Lq + offs_ml) * H + h, lse, mask=offs_ml < Lq)
 
 
-def gluon_supported(q: torch.Tensor, lk: int, block_n: int, has_mask: bool) -> bool:
-    """Whether :func:`attend_gluon` handles this call: a Hopper GPU (sm_90), head_dim 64/128, no mask,
-    more than one key tile."""
-    if q.device.type != "cuda" or has_mask or q.shape[-1] not in (64, 128) or lk <= block_n:
+def gluon_supported(q: torch.Tensor, lk: int, block_n: int) -> bool:
+    """Whether :func:`attend_gluon` handles this call: a Hopper GPU (sm_90), head_dim 64/128, more than one
+    key tile (key-padding masks come as a bias, as for the Triton kernel)."""
+    if q.device.type != "cuda" or q.shape[-1] not in (64, 128) or lk <= block_n:
         return False
     return torch.cuda.get_device_capability(q.device) == (9, 0)
 
@@ -280,48 +268,45 @@ def kv_descriptors_gluon(kv: QuantKV, block_n: int):
 
 
 def attend_gluon(q: torch.Tensor, kv: QuantKV, scale: float, qk_format: str, return_lse: bool = False,
-                 block_m: int = GLUON_BLOCK_M, stages: int = GLUON_STAGES, ws: bool = False,
-                 ks_prefetch: bool = True, p_regs: bool = False):
+                 bias: Optional[torch.Tensor] = None, stages: Optional[int] = None):
     """The Gluon kernel on pre-quantized K/V (``attention_triton.quantize_kv``): ``q`` (B, Lq, H, D) → ``out``
     (B, Lq, H, D) and ``lse`` (B, Lq, H) fp32 (an empty tensor unless ``return_lse``). ``scale`` includes log2 e.
 
     A ``torch.library`` custom op, so that ``torch.compile`` treats the launch as one opaque call (Dynamo
-    traces Triton kernels but not Gluon ones). ``ws``: the warp-specialized ping-pong kernel
-    (:mod:`.attention_gluon_ws`; ``block_m`` is then 128 and ``stages`` its ring depth)."""
-    return _attend_gluon_op(q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, kv.lk, kv.block_n,
-                            float(scale), qk_format, return_lse, block_m, stages, ws, ks_prefetch, p_regs)
+    traces Triton kernels but not Gluon ones). ``bias``: the padded key bias (B, 1|H, Lkp), log2 units, as
+    ``attention_triton.quant_attention`` prepares it, or None. ``stages``: None takes the head_dim's
+    :data:`GLUON_LAUNCH_BY_HEAD_DIM` entry."""
+    stages = GLUON_LAUNCH_BY_HEAD_DIM[q.shape[-1]]["stages"] if stages is None else stages
+    return _attend_gluon_op(q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, bias, kv.lk,
+                            kv.block_n, float(scale), qk_format, return_lse, stages)
 
 
 @torch.library.custom_op("dvdquant::attend_gluon", mutates_args=())
 def _attend_gluon_op(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v8t: torch.Tensor,
-                     v_scale: torch.Tensor, v_mean: torch.Tensor, k_mean: torch.Tensor, lk: int, block_n: int,
-                     scale: float, qk_format: str, return_lse: bool, block_m: int, stages: int, ws: bool,
-                     ks_prefetch: bool, p_regs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     v_scale: torch.Tensor, v_mean: torch.Tensor, k_mean: torch.Tensor, bias: Optional[torch.Tensor],
+                     lk: int, block_n: int, scale: float, qk_format: str, return_lse: bool, stages: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     B, Lq, H, D = q.shape
     kv = QuantKV(k8, k_scale, v8t, v_scale, v_mean, k_mean, lk, block_n)
     lkp = k8.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, Lq, H) if return_lse else (0,), device=q.device, dtype=torch.float32)
-    if ws:
-        from .attention_gluon_ws import launch_ws
-        launch_ws(q, kv, scale, qk_format, out, lse if return_lse else None, stages)
-        return out, lse
     k_desc, v_desc = kv_descriptors_gluon(kv, block_n)
-    grid = (triton.cdiv(Lq, block_m), B * H)
+    grid = (triton.cdiv(Lq, GLUON_BLOCK_M), B * H)
+    sbb, sbh = (0, 0) if bias is None else (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0)
     _attn_fwd_gluon_kernel[grid](
-        q, k_desc, k_scale, v_desc, v_scale, v_mean, k_mean, out, lse if return_lse else out,
-        Lq, lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        scale, D=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, QK_INT8=qk_format == "int8",
-        QMAX_QK=QMAX[qk_format], RAGGED=lk % block_n != 0, RETURN_LSE=return_lse, KS_PREFETCH=ks_prefetch,
-        P_REGS=p_regs, num_warps=4)
+        q, k_desc, k_scale, v_desc, v_scale, v_mean, k_mean, v_scale if bias is None else bias, out,
+        lse if return_lse else out, Lq, lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
+        out.stride(1), out.stride(2), sbb, sbh, scale, D=D, BLOCK_M=GLUON_BLOCK_M, BLOCK_N=block_n, STAGES=stages, QK_INT8=qk_format == "int8",
+        QMAX_QK=QMAX[qk_format], RAGGED=lk % block_n != 0, RETURN_LSE=return_lse, HAS_BIAS=bias is not None,
+        num_warps=4)
     return out, lse
 
 
 @_attend_gluon_op.register_fake
-def _(q, k8, k_scale, v8t, v_scale, v_mean, k_mean, lk, block_n, scale, qk_format, return_lse, block_m, stages, ws,
-      ks_prefetch, p_regs):
+def _(q, k8, k_scale, v8t, v_scale, v_mean, k_mean, bias, lk, block_n, scale, qk_format, return_lse, stages):
     B, Lq, H, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Lq, H) if return_lse else (0,), dtype=torch.float32)
 
 
-__all__ = ["attend_gluon", "gluon_supported", "kv_descriptors_gluon", "GLUON_BLOCK_M", "GLUON_STAGES"]
+__all__ = ["attend_gluon", "gluon_supported", "kv_descriptors_gluon", "GLUON_BLOCK_M", "GLUON_LAUNCH_BY_HEAD_DIM"]

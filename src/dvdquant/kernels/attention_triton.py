@@ -63,10 +63,10 @@ from .attention_ref import DEFAULT_BLOCK_N, LOG2_P_SCALE as _LOG2_P_SCALE, LOG2E
 log = logging.getLogger(__name__)
 
 try:   # the Hopper kernel in Gluon (Triton ≥ 3.5); imported here, not inside functions torch.compile traces
-    from . import attention_gluon as _attention_gluon, attention_gluon_ws as _attention_gluon_ws
+    from . import attention_gluon as _attention_gluon
 except (ImportError, AttributeError) as _exc:   # an older Triton: the Triton kernel everywhere
     log.debug("Gluon attention kernel unavailable: %s", _exc)
-    _attention_gluon = _attention_gluon_ws = None
+    _attention_gluon = None
 
 DEFAULT_BLOCK_M = 64
 LOG2_P_SCALE = tl.constexpr(_LOG2_P_SCALE)   # e4m3(448·p): 448 as an exponent offset (attention_ref item 4)
@@ -343,9 +343,8 @@ LAUNCH_BY_HEAD_DIM = {128: dict(block_m=DEFAULT_BLOCK_M, num_warps=4, num_stages
 
 
 # Which kernel quant_attention runs where both can ("auto"): see gluon_available / attention_gluon.py.
-DEFAULT_IMPL = "triton"
-AUTO_GLUON = "gluon"     # what "auto" picks where a Gluon kernel applies
-IMPLS = ("auto", "triton", "gluon", "gluon_ws")
+DEFAULT_IMPL = "auto"
+IMPLS = ("auto", "triton", "gluon")
 
 
 def gluon_available() -> bool:
@@ -353,23 +352,20 @@ def gluon_available() -> bool:
     return _attention_gluon is not None
 
 
-def choose_impl(impl: Optional[str], q: torch.Tensor, lk: int, block_n: int, has_mask: bool) -> str:
+def choose_impl(impl: Optional[str], q: torch.Tensor, lk: int, block_n: int) -> str:
     """``"gluon"`` or ``"triton"`` for this call. ``impl=None`` takes :data:`DEFAULT_IMPL`; ``"auto"`` picks
-    the Gluon kernel where it applies (sm_90, head_dim 64/128, no mask, > 1 key tile, not interpreting);
+    the Gluon kernel where it applies (sm_90, head_dim 64/128, > 1 key tile, not interpreting);
     ``"gluon"`` insists and raises where it cannot run."""
     impl = DEFAULT_IMPL if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton":
         return "triton"
-    ok = not interpreting() and gluon_available() and _attention_gluon.gluon_supported(q, lk, block_n, has_mask)
-    if impl.startswith("gluon") and not ok:
-        raise ValueError(f"impl={impl!r} needs a Hopper (sm_90) GPU, Triton with Gluon, head_dim 64/128, no mask "
-                         f"and more than {block_n} keys (got device {q.device}, head_dim {q.shape[-1]}, "
-                         f"{lk} keys, mask {has_mask})")
-    if not ok:
-        return "triton"
-    return AUTO_GLUON if impl == "auto" else impl
+    ok = not interpreting() and gluon_available() and _attention_gluon.gluon_supported(q, lk, block_n)
+    if impl == "gluon" and not ok:
+        raise ValueError(f"impl={impl!r} needs a Hopper (sm_90) GPU, Triton with Gluon, head_dim 64/128 "
+                         f"and more than {block_n} keys (got device {q.device}, head_dim {q.shape[-1]}, {lk} keys)")
+    return "gluon" if ok else "triton"
 
 
 def default_use_tma(device: torch.device, head_dim: int) -> bool:
@@ -409,6 +405,8 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     Lk = k.shape[1]
     if qk_format not in QMAX:
         raise ValueError(f"qk_format must be one of {tuple(QMAX)}, got {qk_format!r}")
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if D not in (64, 128) or k.shape != (B, Lk, H, D) or v.shape != k.shape:
         raise ValueError(f"unsupported shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     cfg = LAUNCH_BY_HEAD_DIM[D]
@@ -417,22 +415,17 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
                                       num_stages or cfg["num_stages"])
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kv = quantize_kv(k, v, qk_format, block_n)
-    chosen = choose_impl(impl, q, Lk, block_n, attn_mask is not None)
-    if chosen != "triton":
-        c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
-        if chosen == "gluon_ws":
-            out, lse = _attention_gluon.attend_gluon(q, kv, c, qk_format, return_lse,
-                                                     stages=_attention_gluon_ws.WS_STAGES, ws=True)
-        else:
-            out, lse = _attention_gluon.attend_gluon(q, kv, c, qk_format, return_lse)
-        return (out, lse) if return_lse else out
     lkp = kv.k8.shape[2]
     bias = key_bias(attn_mask, B, H, Lk)
     if bias is not None:                                          # (B, 1|H, Lkp), log2 units, −inf past Lk
         padded = torch.full((B, bias.shape[1], lkp), float("-inf"), device=q.device)
         padded[..., :Lk] = bias * LOG2E
         bias, sbb, sbh = padded, padded.stride(0), (padded.stride(1) if padded.shape[1] > 1 else 0)
-    else:
+    if choose_impl(impl, q, Lk, block_n) == "gluon":
+        c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
+        out, lse = _attention_gluon.attend_gluon(q, kv, c, qk_format, return_lse, bias=bias)
+        return (out, lse) if return_lse else out
+    if bias is None:
         bias, sbb, sbh = kv.v_scale, 0, 0                         # unused pointer
     out = torch.empty_like(q)
     lse = torch.empty(B, Lq, H, device=q.device, dtype=torch.float32) if return_lse else out
