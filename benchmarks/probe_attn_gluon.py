@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import re
-import statistics
 import sys
 
 import torch
@@ -38,6 +37,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma, \
     warpgroup_mma_wait
 
+from bench_attention import metrics, timed   # same directory: run as benchmarks/probe_attn_gluon.py
 from dvdquant.kernels.attention_gluon import (LOG2_P_SCALE, _cta_barrier, _issue_kv_load, _quant_q_rows,
                                               attend_gluon, kv_descriptors_gluon)
 from dvdquant.kernels.attention_ref import LOG2E
@@ -239,25 +239,6 @@ def compiled_stats(fn) -> dict:
     return out
 
 
-def timed(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
-
-
-def metrics(o, r):
-    o, r = o.float().flatten(), r.float().flatten()
-    return round(float(torch.nn.functional.cosine_similarity(o, r, dim=0)), 6), round(float((o - r).norm() / r.norm()), 5)
-
-
 def run_shape(B, H, L, D, variants, reps) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, L, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -269,7 +250,7 @@ def run_shape(B, H, L, D, variants, reps) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
-        t_cudnn = timed(sdpa, reps)
+        t_cudnn = timed(sdpa, reps) * 1e3
         ref = sdpa().transpose(1, 2)
     kv = quantize_kv(k, v, "int8", 128 if D == 128 else 64)
     c = LOG2E / math.sqrt(D)
@@ -277,7 +258,7 @@ def run_shape(B, H, L, D, variants, reps) -> dict:
     prod = {"triton": lambda: quant_attention(q, k, v, impl="triton"),
             "gluon": lambda: attend_gluon(q, kv, c, "int8", stages=3 if D == 128 else 2)[0]}
     for name, fn in prod.items():
-        t = timed(fn, reps)
+        t = timed(fn, reps) * 1e3
         row[name] = dict(ms=round(t, 3), x_cudnn=round(t_cudnn / t, 3), err=metrics(fn(), ref))
     kvs = {kv.block_n: kv}
     for var in variants:
@@ -289,7 +270,7 @@ def run_shape(B, H, L, D, variants, reps) -> dict:
             kvv = kvs[bn]
             fn = lambda: launch(q, kvv, cfg)  # noqa: E731
             o = fn()
-            t = timed(fn, reps)
+            t = timed(fn, reps) * 1e3
             row[var] = dict(ms=round(t, 3), x_cudnn=round(t_cudnn / t, 3), err=metrics(o, ref))
             stats = compiled_stats(_probe_kernel)
             row[var]["compiled"] = stats[max(stats)] if stats and "error" not in stats else stats

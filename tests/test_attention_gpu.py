@@ -122,13 +122,15 @@ def test_head_split_and_layout_invariance(fmt):
 
 
 
-def test_under_torch_compile():
+@pytest.mark.parametrize("impl", ["triton", "auto"])
+def test_under_torch_compile(impl):
     """torch.compile: Inductor launches the Triton kernels itself (float arguments as fp64, its own
-    compile options); the result must stay within the kernel-vs-reference tolerance of eager."""
+    compile options); the result must stay within the kernel-vs-reference tolerance of eager. ``auto``
+    runs the Gluon loop on sm_90, launched as a torch.library custom op (fullgraph must hold)."""
     from dvdquant.kernels.attention_triton import quant_attention
     q, k, v = _cuda(*qkv(1, 1000, 1000, 2, 128, seed=11))
-    eager = quant_attention(q, k, v, impl="triton")
-    compiled = torch.compile(lambda a, b, c: quant_attention(a, b, c, impl="triton"), fullgraph=True)(q, k, v)
+    eager = quant_attention(q, k, v, impl=impl)
+    compiled = torch.compile(lambda a, b, c: quant_attention(a, b, c, impl=impl), fullgraph=True)(q, k, v)
     rel = metrics(compiled, eager)[1]
     print(f"compiled vs eager: identical={torch.equal(compiled, eager)} rel. L2 {rel:.2e}")
     assert rel <= 2e-3
