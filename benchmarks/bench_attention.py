@@ -133,7 +133,8 @@ def _gluon_variant(var: str) -> dict:
 
 def gluon_compare(shapes, reps: int, variants=("wg2",)) -> list:
     """cuDNN vs the Triton kernel (its defaults: tiles, TMA where default) vs the Gluon kernel
-    variants ``wg<stages>`` (``attention_gluon`` with that K/V ring depth), kernel alone on the same quantized K/V, INT8 Q·Kᵀ;
+    variants ``wg<stages>`` (``attention_gluon`` with that K/V ring depth), kernel alone on the same
+    quantized K/V, INT8 Q·Kᵀ;
     the whole ``quant_attention`` call per impl; Gluon's output against the Triton kernel's and cuDNN's."""
     from dvdquant.kernels.attention_gluon import attend_gluon
     from dvdquant.kernels.attention_ref import block_n_for

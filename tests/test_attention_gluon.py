@@ -60,10 +60,9 @@ def _compile_for_sm90(D: int, qk_format: str, stages: int, has_bias: bool):
 @pytest.mark.parametrize("D,qk_format,has_bias", [(128, "int8", False), (64, "int8", False), (128, "fp8", False),
                                                   (128, "int8", True)])
 def test_gluon_kernel_lowers_to_sm90a_and_fits_two_programs_per_sm(D, qk_format, has_bias):
-    from dvdquant.kernels.attention_gluon import GLUON_LAUNCH_BY_HEAD_DIM
-    cfg = GLUON_LAUNCH_BY_HEAD_DIM[D]
+    from dvdquant.kernels.attention_gluon import GLUON_STAGES_BY_HEAD_DIM
     try:
-        kernel = _compile_for_sm90(D, qk_format, cfg["stages"], has_bias)
+        kernel = _compile_for_sm90(D, qk_format, GLUON_STAGES_BY_HEAD_DIM[D], has_bias)
     except (RuntimeError, FileNotFoundError) as e:       # no ptxas in this Triton build
         if "ptxas" in str(e).lower():
             pytest.skip(f"no ptxas: {e}")

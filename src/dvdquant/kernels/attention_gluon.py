@@ -50,7 +50,7 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 GLUON_BLOCK_M = 64   # query rows per program: one warpgroup, two programs per SM
 # K/Vᵀ ring depth per head_dim (H100 sweeps, session 7, docs/results/attention.md); 3 × 32 KB slots at
 # head_dim 128 still fit two programs per SM.
-GLUON_LAUNCH_BY_HEAD_DIM = {128: dict(stages=3), 64: dict(stages=2)}
+GLUON_STAGES_BY_HEAD_DIM = {128: 3, 64: 2}
 
 
 @gluon.jit
@@ -275,8 +275,8 @@ def attend_gluon(q: torch.Tensor, kv: QuantKV, scale: float, qk_format: str, ret
     A ``torch.library`` custom op, so that ``torch.compile`` treats the launch as one opaque call (Dynamo
     traces Triton kernels but not Gluon ones). ``bias``: the padded key bias (B, 1|H, Lkp), log2 units, as
     ``attention_triton.quant_attention`` prepares it, or None. ``stages``: None takes the head_dim's
-    :data:`GLUON_LAUNCH_BY_HEAD_DIM` entry."""
-    stages = GLUON_LAUNCH_BY_HEAD_DIM[q.shape[-1]]["stages"] if stages is None else stages
+    :data:`GLUON_STAGES_BY_HEAD_DIM` entry."""
+    stages = GLUON_STAGES_BY_HEAD_DIM[q.shape[-1]] if stages is None else stages
     return _attend_gluon_op(q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, bias, kv.lk,
                             kv.block_n, float(scale), qk_format, return_lse, stages)
 
@@ -297,9 +297,9 @@ def _attend_gluon_op(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v
     _attn_fwd_gluon_kernel[grid](
         q, k_desc, k_scale, v_desc, v_scale, v_mean, k_mean, v_scale if bias is None else bias, out,
         lse if return_lse else out, Lq, lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
-        out.stride(1), out.stride(2), sbb, sbh, scale, D=D, BLOCK_M=GLUON_BLOCK_M, BLOCK_N=block_n, STAGES=stages, QK_INT8=qk_format == "int8",
-        QMAX_QK=QMAX[qk_format], RAGGED=lk % block_n != 0, RETURN_LSE=return_lse, HAS_BIAS=bias is not None,
-        num_warps=4)
+            out.stride(1), out.stride(2), sbb, sbh, scale, D=D, BLOCK_M=GLUON_BLOCK_M, BLOCK_N=block_n, STAGES=stages,
+        QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format], RAGGED=lk % block_n != 0, RETURN_LSE=return_lse,
+        HAS_BIAS=bias is not None, num_warps=4)
     return out, lse
 
 
@@ -309,4 +309,4 @@ def _(q, k8, k_scale, v8t, v_scale, v_mean, k_mean, bias, lk, block_n, scale, qk
     return torch.empty_like(q), q.new_empty((B, Lq, H) if return_lse else (0,), dtype=torch.float32)
 
 
-__all__ = ["attend_gluon", "gluon_supported", "kv_descriptors_gluon", "GLUON_BLOCK_M", "GLUON_LAUNCH_BY_HEAD_DIM"]
+__all__ = ["attend_gluon", "gluon_supported", "kv_descriptors_gluon", "GLUON_BLOCK_M", "GLUON_STAGES_BY_HEAD_DIM"]

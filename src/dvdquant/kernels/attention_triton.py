@@ -405,12 +405,12 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     Lk = k.shape[1]
     if qk_format not in QMAX:
         raise ValueError(f"qk_format must be one of {tuple(QMAX)}, got {qk_format!r}")
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if D not in (64, 128) or k.shape != (B, Lk, H, D) or v.shape != k.shape:
         raise ValueError(f"unsupported shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     cfg = LAUNCH_BY_HEAD_DIM[D]
     block_n = block_n or block_n_for(D)
+    chosen = choose_impl(impl, q, Lk, block_n)                    # before any work: a bad impl raises here
+    c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
     block_m, num_warps, num_stages = (block_m or cfg["block_m"], num_warps or cfg["num_warps"],
                                       num_stages or cfg["num_stages"])
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -421,15 +421,13 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
         padded = torch.full((B, bias.shape[1], lkp), float("-inf"), device=q.device)
         padded[..., :Lk] = bias * LOG2E
         bias, sbb, sbh = padded, padded.stride(0), (padded.stride(1) if padded.shape[1] > 1 else 0)
-    if choose_impl(impl, q, Lk, block_n) == "gluon":
-        c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
+    if chosen == "gluon":
         out, lse = _attention_gluon.attend_gluon(q, kv, c, qk_format, return_lse, bias=bias)
         return (out, lse) if return_lse else out
     if bias is None:
         bias, sbb, sbh = kv.v_scale, 0, 0                         # unused pointer
     out = torch.empty_like(q)
     lse = torch.empty(B, Lq, H, device=q.device, dtype=torch.float32) if return_lse else out
-    c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
     grid = (triton.cdiv(Lq, block_m), B * H)
     tma = default_use_tma(q.device, D) if use_tma is None else use_tma
     k_src, v_src = kv_descriptors(kv, block_n) if tma else (kv.k8, kv.v8t)
