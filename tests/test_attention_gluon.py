@@ -26,6 +26,19 @@ def test_choose_impl_on_cpu_is_triton_and_gluon_refuses():
         at.choose_impl("cuda", q, 512, 128)
 
 
+def test_auto_needs_a_tested_triton(monkeypatch):
+    """On an older Triton "auto" keeps the Triton kernel even where the Gluon one would apply."""
+    assert at._major_minor("3.6.0+git1234") == (3, 6) and at._major_minor("3.10.1") == (3, 10)
+    monkeypatch.setattr(at, "TRITON_VERSION", (3, 5))
+    monkeypatch.setattr(at, "gluon_available", lambda: True)
+    monkeypatch.setattr(at, "_attention_gluon", type("G", (), {"gluon_supported": staticmethod(lambda *a: True)}))
+    q = torch.zeros(1, 512, 2, 128)
+    assert at.choose_impl("auto", q, 512, 128) == "triton"
+    assert at.choose_impl("gluon", q, 512, 128) == "gluon"
+    monkeypatch.setattr(at, "TRITON_VERSION", (3, 6))
+    assert at.choose_impl("auto", q, 512, 128) == "gluon"
+
+
 def test_quant_attention_rejects_unknown_impl_before_any_work():
     q = torch.zeros(1, 64, 1, 64)
     with pytest.raises(ValueError, match="impl must be one of"):

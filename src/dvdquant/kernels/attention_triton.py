@@ -345,6 +345,21 @@ LAUNCH_BY_HEAD_DIM = {128: dict(block_m=DEFAULT_BLOCK_M, num_warps=4, num_stages
 # Which kernel quant_attention runs where both can ("auto"): see gluon_available / attention_gluon.py.
 DEFAULT_IMPL = "auto"
 IMPLS = ("auto", "triton", "gluon")
+# "auto" takes the Gluon kernel only from this Triton on: Gluon's API moves between releases, and 3.6 is the
+# oldest one its outputs were tested with on a GPU (CI compiles it with 3.9); impl="gluon" tries any version.
+GLUON_AUTO_MIN_TRITON = (3, 6)
+
+
+def _major_minor(version: str) -> tuple:
+    """``"3.6.0+git…"`` → (3, 6)."""
+    parts = []
+    for p in version.split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+TRITON_VERSION = _major_minor(triton.__version__)   # once, at import (torch.compile traces choose_impl)
 
 
 def gluon_available() -> bool:
@@ -354,7 +369,8 @@ def gluon_available() -> bool:
 
 def choose_impl(impl: Optional[str], q: torch.Tensor, lk: int, block_n: int) -> str:
     """``"gluon"`` or ``"triton"`` for this call. ``impl=None`` takes :data:`DEFAULT_IMPL`; ``"auto"`` picks
-    the Gluon kernel where it applies (sm_90, head_dim 64/128, > 1 key tile, not interpreting);
+    the Gluon kernel where it applies (sm_90, head_dim 64/128, > 1 key tile, not interpreting, Triton ≥
+    :data:`GLUON_AUTO_MIN_TRITON`);
     ``"gluon"`` insists and raises where it cannot run."""
     impl = DEFAULT_IMPL if impl is None else impl
     if impl not in IMPLS:
@@ -362,6 +378,8 @@ def choose_impl(impl: Optional[str], q: torch.Tensor, lk: int, block_n: int) -> 
     if impl == "triton":
         return "triton"
     ok = not interpreting() and gluon_available() and _attention_gluon.gluon_supported(q, lk, block_n)
+    if impl == "auto" and TRITON_VERSION < GLUON_AUTO_MIN_TRITON:
+        return "triton"
     if impl == "gluon" and not ok:
         raise ValueError(f"impl={impl!r} needs a Hopper (sm_90) GPU, Triton with Gluon, head_dim 64/128 "
                          f"and more than {block_n} keys (got device {q.device}, head_dim {q.shape[-1]}, {lk} keys)")
