@@ -11,7 +11,9 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
   ``fast_rel`` its relative L2 difference from the exact GEMM on these A4 codes;
 * ``act_a4`` / ``act_a8`` / ``act_a4_blk`` — the fused activation kernel (Hadamard-128
   rotation; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot`` without rotation,
-  ``act_a4_mm`` the matmul-form rotated kernel (``kernel="mm"``);
+  ``act_a4_mm`` the matmul-form rotated kernel (``kernel="mm"``); what the exact rotation's snap
+  costs: ``act_a4_nocache`` recomputes the snap constants in the second pass, ``act_a4_nosnap``
+  skips the snap (an inexact rotation, the kernel before session 8; ``a4_nosnap`` the whole layer);
 * ``expand``    — packed int4 → FP8 weight expansion into a reused buffer;
 * ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM; ``a4_fast`` with the
   fast-accumulation GEMM;
@@ -76,6 +78,9 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
     del y_exact
     r["act_a4"], r["act_a8"], r["act_a4_blk"] = t(act4), t(act8), t(act4b)
     r["act_a4_norot"] = t(lambda: act_quant(x, bits=4))
+    act4_nosnap = lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=dict(cfg or {}, snap=False))  # noqa: E731
+    r["act_a4_nocache"] = t(lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=dict(cfg or {}, snap_cache=False)))
+    r["act_a4_nosnap"] = t(act4_nosnap)
     r["act_a4_mm"] = t(act4_mm)
     r["expand"] = t(expand)
 
@@ -87,6 +92,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
         return run
     r["a4"], r["a8"], r["a4_persist"] = t(full(act4)), t(full(act8)), t(full(act4, False))
     r["a4_fast"] = t(full(act4, fast=True))
+    r["a4_nosnap"] = t(full(act4_nosnap))
     qb, sb = act4b()
     for name, fn in (BLOCKWISE_GEMMS.items() if blockwise else ()):
         try:
@@ -98,9 +104,10 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
         r[f"gemm_blk_{name}"] = t(lambda: fn(qb, sb, w8, w_scale, bias, torch.bfloat16))
         r[f"a4_blk_{name}"] = t(lambda: fn(*act4b(), expand(), w_scale, bias, torch.bfloat16))
     flops = 2.0 * m * k * n
-    for key in [kk for kk in r if kk in ("bf16", "fp8_gemm", "fp8_gemm_fast", "a4", "a8", "a4_persist", "a4_fast") or kk.startswith(("a4_blk", "gemm_blk"))]:
+    for key in [kk for kk in r if kk in ("bf16", "fp8_gemm", "fp8_gemm_fast", "a4", "a8", "a4_persist", "a4_fast",
+                                         "a4_nosnap") or kk.startswith(("a4_blk", "gemm_blk"))]:
         r[f"tflops_{key}"] = flops / r[key] / 1e9
-    for key in ("fp8_gemm", "fp8_gemm_fast", "a4", "a8", "a4_persist", "a4_fast") + tuple(kk for kk in r if kk.startswith("a4_blk_") and "error" not in kk):
+    for key in ("fp8_gemm", "fp8_gemm_fast", "a4", "a8", "a4_persist", "a4_fast", "a4_nosnap") + tuple(kk for kk in r if kk.startswith("a4_blk_") and "error" not in kk):
         r[f"speedup_{key}"] = r["bf16"] / r[key]
     del x, w, packed, buf, q4, w8, qb
     torch.cuda.empty_cache()
@@ -109,19 +116,20 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
 
 def markdown(rows: list, device: str) -> str:
     blk = sorted({k[len("speedup_a4_blk_"):] for r in rows for k in r if k.startswith("speedup_a4_blk_")})
-    head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "fast GEMM ×", "A4 ×", "A4 fast ×", "fast rel", "A8 ×", "A4 persist ×"] + \
-        [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A8 ms", "act blk ms", "act norot ms",
-                                           "act A4 mm ms", "expand ms", "GEMM ms"]
+    head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "fast GEMM ×", "A4 ×", "A4 fast ×", "fast rel", "A8 ×", "A4 persist ×",
+                                                           "A4 no-snap ×"] + \
+        [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A4 no-cache ms", "act A4 no-snap ms", "act A8 ms",
+                                           "act blk ms", "act norot ms", "act A4 mm ms", "expand ms", "GEMM ms"]
     out = [f"Device: {device}. Speedups are bf16 time / path time (>1 = faster), medians of do_bench.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['K']}→{r['N']}", str(r["M"]), f"{r['bf16']:.3f}", f"{r['tflops_bf16']:.0f}",
                  f"{r['speedup_fp8_gemm']:.2f}", f"{r['speedup_fp8_gemm_fast']:.2f}", f"{r['speedup_a4']:.2f}",
                  f"{r['speedup_a4_fast']:.2f}", f"{r['fast_rel']:.1e}", f"{r['speedup_a8']:.2f}",
-                 f"{r['speedup_a4_persist']:.2f}"]
+                 f"{r['speedup_a4_persist']:.2f}", f"{r['speedup_a4_nosnap']:.2f}"]
         cells += [f"{r.get('speedup_a4_blk_' + b, float('nan')):.2f}" for b in blk]
-        cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a8", "act_a4_blk", "act_a4_norot", "act_a4_mm", "expand",
-                                                "fp8_gemm")]
+        cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a4_nocache", "act_a4_nosnap", "act_a8", "act_a4_blk",
+                                          "act_a4_norot", "act_a4_mm", "expand", "fp8_gemm")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -151,7 +159,8 @@ def main() -> None:
             r["model"] = model
             rows.append(r)
             print(f"{model} {k}->{n} M={m}: bf16 {r['bf16']:.3f} ms, fp8 gemm x{r['speedup_fp8_gemm']:.2f}, "
-                  f"A4 x{r['speedup_a4']:.2f}, A8 x{r['speedup_a8']:.2f}, act4 {r['act_a4']:.3f} ms, "
+                  f"A4 x{r['speedup_a4']:.2f} (no snap x{r['speedup_a4_nosnap']:.2f}), A8 x{r['speedup_a8']:.2f}, "
+                  f"act4 {r['act_a4']:.3f} / no-cache {r['act_a4_nocache']:.3f} / no-snap {r['act_a4_nosnap']:.3f} ms, "
                   f"expand {r['expand']:.3f} ms  [{time.time() - t0:.0f}s]", flush=True)
             with open(os.path.join(args.out, "bench_linear.json"), "w") as f:
                 json.dump({"device": device, "rows": rows}, f, indent=1)

@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"])
     ap.add_argument("--fast-accum", action="store_true",
                     help="quantized variants with cuBLAS fast FP8 accumulation (set_backend(..., fast_accum=True))")
+    ap.add_argument("--inexact-rotation", action="store_true",
+                    help="quantized variants without the exact rotation's snap (set_backend(..., exact_rotation=False))")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     from dvdquant.kernels import attention_triton
@@ -256,8 +258,8 @@ def main() -> None:
     res["quant_linear_weight_gb"] = round(linear_weight_bytes(m) / 1e9, 2)
     res["linear_weight_bytes_ratio"] = round(res["quant_linear_weight_gb"] / res["bf16_linear_weight_gb"], 3)
     save("quantize")
-    dvdquant.set_backend(m, "fp8", fast_accum=args.fast_accum)
-    res["fast_accum"] = args.fast_accum
+    dvdquant.set_backend(m, "fp8", fast_accum=args.fast_accum, exact_rotation=not args.inexact_rotation)
+    res["fast_accum"], res["exact_rotation"] = args.fast_accum, not args.inexact_rotation
     state = dvdquant.get_state(m)
     with torch.inference_mode():
         for bits in () if args.attention_only else (4, 8):

@@ -7,7 +7,9 @@ Times ``act_quant`` on bf16 tokens at M = 32768, Hadamard-128 rotation fused, pe
 
 * ``mm``     — the matmul-form rotated kernel (``act_quant_rot_kernel``), every launch config of
   the sweep (block_m × num_warps × num_stages);
-* ``legacy`` — the register-hoisted kernel with its tuned ``DEFAULT_CONFIG`` (the previous default);
+* ``legacy`` — the register-hoisted kernel with its tuned ``DEFAULT_CONFIG`` (the default);
+  ``legacy_nocache`` the same recomputing the rotation's snap constants in its second pass,
+  ``legacy_nosnap`` without the snap (an inexact rotation: what the exact one costs);
 * ``norot``  — the legacy kernel without rotation (what the rotation costs on top);
 * ``floor``  — a bf16 → fp8 ``copy_`` of the same tensor (read 2 B, write 1 B per element).
 
@@ -61,6 +63,10 @@ def main() -> None:
             "floor_copy": t(lambda: y.copy_(xs[k])),
             "legacy": t(lambda: act_quant(xs[k], bits=4, h_block=h, block=b, scales_k_major=b is not None,
                                           kernel="legacy")),
+            "legacy_nocache": t(lambda: act_quant(xs[k], bits=4, h_block=h, block=b, scales_k_major=b is not None,
+                                                  kernel="legacy", config={"snap_cache": False})),
+            "legacy_nosnap": t(lambda: act_quant(xs[k], bits=4, h_block=h, block=b, scales_k_major=b is not None,
+                                                 kernel="legacy", config={"snap": False})),
             "norot": t(lambda: act_quant(xs[k], bits=4, block=b, scales_k_major=b is not None)),
         }
         print(name(k, b), {kk: round(v, 3) for kk, v in ref[name(k, b)].items()}, flush=True)

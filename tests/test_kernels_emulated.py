@@ -2,7 +2,8 @@
 
 Equality is asserted with ``torch.equal`` (not a tolerance): the emulated path performs the
 same fp32 operations in the same order as ``forward_simulated`` — it only materialises the
-integer codes and scales in between — so any difference is a bug, not rounding.
+integer codes and scales in between; with per-token scales both take the exact code-GEMM order
+of :mod:`dvdquant.numerics.linear` — so any difference is a bug, not rounding.
 These tests never import triton (the interpreter tests in test_kernels_triton.py run in a
 subprocess, so import order does not matter either way).
 """
@@ -156,12 +157,37 @@ def test_plan_fp8_choices():
     assert plan_forward(m, "cuda", 4, capability=(8, 0)).path == "emulated"
 
 
-def test_plan_per_block_that_falls_back_to_per_token():
-    """K not a multiple of scale_block: the simulated path uses one scale per token, so does fp8."""
-    m = make_layer(k=208, n=64, auto_scale="per_block", scale_block=128)
+@pytest.mark.parametrize("k,block", [(208, 128), (192, 192)])
+def test_plan_per_block_that_falls_back_to_per_token(k, block):
+    """K not a multiple of scale_block, or one block spanning K: the simulated path uses one scale per
+    token (and the exact code-GEMM order), so does fp8."""
+    m = make_layer(k=k, n=64, auto_scale="per_block", scale_block=block)
     m.backend = "fp8"
     p = plan_forward(m, "cuda", 4, capability=H100)
     assert (p.path, p.per_block) == ("fp8", False)
+    assert m.per_token_scaling(4)
+
+
+@pytest.mark.parametrize("kw,expected", [
+    (dict(), True), (dict(rotation_block=64), True), (dict(a_bits=8, a8_format="fp8_e4m3"), True),
+    (dict(auto_scale="per_channel"), False), (dict(auto_scale="per_block"), False), (dict(group_size=64), False),
+    (dict(balance_steps=1), False), (dict(a_bits=16), False)])
+def test_per_token_layers_use_the_exact_code_gemm_order(kw, expected):
+    """Per-token scales and per-channel steps: y = ((Σ c·W_int) · Δ) · s + b with an exact sum (the FP8
+    GEMM's epilogue order), on the simulated and the emulated path alike; other layouts fake-quantize."""
+    m = make_layer(**kw)
+    bits = m.a_bits
+    assert m.per_token_scaling(bits) is expected
+    x = tokens()
+    y = m.forward_simulated(x)
+    assert torch.equal(y, emulated_forward(m, x))
+    if expected:
+        x2 = m.transform_input(x.reshape(-1, 192).float())
+        qa = quantize_activations(m, x2, bits)
+        w_int = m.weight_params().codes.float() - m.w_zero                      # (N, K) integers q − z
+        acc = (qa.codes.double() @ w_int.double().t()).float()
+        ref = ((acc * m.w_scale.t()) * qa.scale) + m.bias.float()
+        assert torch.equal(y.reshape(-1, 80), ref)
 
 
 def test_plan_cpu_and_unknown_backend():
@@ -179,10 +205,11 @@ def test_plan_cpu_and_unknown_backend():
 def test_set_backend_checks_the_name_and_sets_fast_accum():
     import dvdquant
     model = nn.Sequential(make_layer(), make_layer())
-    dvdquant.set_backend(model, "fp8", fast_accum=True)
-    assert all(m.backend == "fp8" and m.fp8_fast_accum for m in model)
+    assert all(m.fp8_exact_rotation and not m.fp8_fast_accum for m in model)    # exact by default
+    dvdquant.set_backend(model, "fp8", fast_accum=True, exact_rotation=False)
+    assert all(m.backend == "fp8" and m.fp8_fast_accum and not m.fp8_exact_rotation for m in model)
     dvdquant.set_backend(model, "emulated")
-    assert all(m.backend == "emulated" and not m.fp8_fast_accum for m in model)
+    assert all(m.backend == "emulated" and not m.fp8_fast_accum and m.fp8_exact_rotation for m in model)
     with pytest.raises(ConfigError, match="unknown backend"):
         dvdquant.set_backend(model, "int4-magic")
     assert all(m.backend == "emulated" for m in model)            # nothing changed

@@ -123,3 +123,83 @@ def test_metrics():
     assert metrics.sqnr_db(a, a) == math.inf
     assert metrics.sqnr_db(a, a + 0.1 * a) == pytest.approx(20.0, abs=1e-6)
     assert metrics.relative_error(a, 1.1 * a) == pytest.approx(0.1, abs=1e-6)
+
+
+# ------------------------------------------------------------------ exact online rotation
+def _wide_tokens(m, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g) * torch.logspace(-8, 3, n)[torch.randperm(n, generator=g)]
+    x[0] = 0.0
+    x[1, :7] = torch.tensor([1e-30, -2.5e-38, 65504.0, 3e5, -1e-3, 7.0, 0.5])
+    return x
+
+
+@pytest.mark.parametrize("block", [16, 128, 256, 3072, 12, 20])
+def test_rotation_snap_grid_and_bound(block):
+    """snap: every entry an integer multiple of u = 2^(e_max − 14) with |x'/u| ≤ 2^15, error ≤ u/2."""
+    x = _wide_tokens(9, block * 2)
+    xs = hadamard.snap_to_rotation_grid(x, block)
+    seg, segs = x.reshape(9, -1, block), xs.reshape(9, -1, block)
+    amax = seg.abs().amax(-1, keepdim=True)
+    e = torch.floor(torch.log2(amax.clamp_min(2.0 ** -112)))
+    u = torch.exp2(e - 14).clamp_min(2.0 ** -126)
+    k = segs.double() / u.double()
+    assert torch.equal(k, torch.round(k)) and float(k.abs().max()) <= 2 ** 15
+    assert bool(((segs - seg).abs() <= u / 2).all())
+
+
+@pytest.mark.parametrize("block", [16, 64, 128, 256, 1024, 3072, 5120, 12])
+def test_rotation_exact_is_order_independent(block):
+    """The same bits from the factorised fp32 path, the fp64 path (TF32 / reduced precision set) and a
+    dense fp64 ±1 matmul; within 2^-14 of the block's max of the plain fp64 rotation."""
+    x = _wide_tokens(11, block * 2, seed=block).to(torch.bfloat16).float()
+    a = hadamard.hadamard_rotate_exact(x, block)
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")            # forces the fp64 stages
+        b = hadamard.hadamard_rotate_exact(x, block)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    c = hadamard.rotate_pm1_exact(x, hadamard.hadamard_matrix(block))
+    assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(a, c)
+    ref = hadamard.hadamard_rotate(x.double(), block)
+    tol = x.reshape(11, -1, block).abs().amax(-1, keepdim=True).double() * 2.0 ** -14 * 1.01 + 1e-30
+    assert bool(((a.double() - ref).reshape(11, -1, block).abs() <= tol).all())
+
+
+def test_rotation_exact_keeps_nonfinite_and_checks_block():
+    x = torch.ones(3, 64)
+    x[1, 3], x[2, 9] = float("nan"), float("inf")
+    y = hadamard.hadamard_rotate_exact(x, 64)
+    assert bool(torch.isfinite(y[0]).all()) and not bool(torch.isfinite(y[1]).any()) and not bool(
+        torch.isfinite(y[2]).all())
+    with pytest.raises(ConfigError, match="does not divide"):
+        hadamard.hadamard_rotate_exact(torch.ones(2, 96), 64)
+
+
+# ------------------------------------------------------------------ exact code GEMM + epilogue order
+@pytest.mark.parametrize("k,codes_max", [(3072, 7), (15360, 7), (4096, 127), (12288, 127)])
+def test_exact_code_matmul_matches_fp64(k, codes_max):
+    from dvdquant.numerics.linear import exact_code_matmul
+    g = torch.Generator().manual_seed(k)
+    c = torch.randint(-codes_max, codes_max + 1, (6, k), generator=g).to(torch.int8)
+    c[0] = codes_max                                          # same-sign worst case
+    w = torch.randint(-15, 16, (5, k), generator=g).float()
+    w[0] = 15.0
+    acc = exact_code_matmul(c, w, codes_max * 15)
+    ref = (c.double() @ w.double().t()).float()                # exact in fp64, one rounding
+    assert acc.dtype == torch.float32 and torch.equal(acc, ref)
+
+
+def test_linear_per_token_per_channel_order():
+    """((acc · Δ) · s) + b, each step rounded in fp32: the FP8 GEMM's epilogue (speed.md §2a)."""
+    from dvdquant.numerics.linear import linear_per_token_per_channel
+    g = torch.Generator().manual_seed(1)
+    c = torch.randint(-7, 8, (33, 256), generator=g).to(torch.int8)
+    w = torch.randint(-15, 16, (40, 256), generator=g).float()
+    s, d = torch.rand(33, 1, generator=g) + 0.01, torch.rand(40, 1, generator=g) * 1e-2
+    b = torch.randn(40, generator=g).to(torch.bfloat16)
+    y = linear_per_token_per_channel(c, s, w, d, b, 7 * 15)
+    acc = (c.double() @ w.double().t()).float()
+    assert torch.equal(y, ((acc * d.t()) * s) + b.float())
+    assert torch.equal(linear_per_token_per_channel(c, s, w, d, None, None), (acc * d.t()) * s)

@@ -45,9 +45,10 @@ def test_paper_arq_rotation_first_cannot_undo_channel_outliers(sqnr):
 
 
 def test_dynamic_smoothing_is_exact_reference():
-    """Dynamic smoothing: forward equals x/s·H quantized against Q(W·diag(s)·H), s from these tokens."""
+    """Dynamic smoothing: forward equals x/s·H quantized against Q(W·diag(s)·H), s from these tokens
+    (activations rotated online by the exact rotation, the weight offline by the plain one)."""
     from dvdquant.numerics import grids
-    from dvdquant.numerics.hadamard import hadamard_rotate
+    from dvdquant.numerics.hadamard import hadamard_rotate, hadamard_rotate_exact
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
     model = torch.nn.Sequential(lin)
@@ -57,7 +58,7 @@ def test_dynamic_smoothing_is_exact_reference():
     x = torch.randn(10, 64)
     x[:, 3] *= 50
     s = x.abs().amax(0).pow(0.5) / lin.weight.abs().amax(0).pow(0.5)
-    xr = hadamard_rotate(x / s, 64)
+    xr = hadamard_rotate_exact(x / s, 64)
     lam = xr.abs().amax(0, keepdim=True)
     xq = grids.fake_quant_act_per_token_int(xr / lam, 4) * lam
     w = grids.dequantize_weight(grids.quantize_weight_minmax(hadamard_rotate(lin.weight.float() * s, 64), 4))

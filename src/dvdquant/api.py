@@ -155,18 +155,26 @@ def quantized_layers(model: nn.Module) -> list:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
-def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False) -> None:
+def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exact_rotation: bool = True) -> None:
     """Select the execution path of every QuantLinear ("simulated", "emulated", "fp8", "auto").
 
-    ``fast_accum``: on the fp8 path, let cuBLAS accumulate the per-token FP8 GEMMs in the tensor
-    cores' reduced-precision accumulator (``use_fast_accum``). Faster (docs/results/speed.md), but
-    the GEMM is then no longer the exact integer GEMM of the emulated path; off by default.
+    By default the fp8 path computes the emulated path's bits for A4 layers with per-token scales
+    (exact rotation, exact integer GEMM, the same epilogue order), so its clips are the emulated
+    ones. Two opt-in trades of that exactness for speed (docs/results/speed.md):
+
+    ``fast_accum``: let cuBLAS accumulate the per-token FP8 GEMMs in the tensor cores'
+    reduced-precision accumulator (``use_fast_accum``); the GEMM is then no longer the exact
+    integer GEMM.
+    ``exact_rotation=False``: skip the snap of the online rotation in the activation kernel
+    (~25 % cheaper kernel); rotated values then round per summation order, and a code on a
+    rounding boundary can move one step.
     """
     if backend not in ("simulated",) + BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {('simulated',) + BACKENDS}")
     for _, m in quantized_layers(model):
         m.backend = backend
         m.fp8_fast_accum = bool(fast_accum)
+        m.fp8_exact_rotation = bool(exact_rotation)
 
 
 def step_hooks(model: nn.Module, total_steps: Optional[int] = None) -> list:

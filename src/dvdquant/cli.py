@@ -90,7 +90,8 @@ def cmd_generate(args) -> int:
     from .pipeline.video_io import save_video
     model = load_generation_model(args.model, device=args.device)
     if api.get_state(model.transformer) is not None:
-        api.set_backend(model.transformer, args.backend, fast_accum=args.fast_accum)
+        api.set_backend(model.transformer, args.backend, fast_accum=args.fast_accum,
+                        exact_rotation=not args.inexact_rotation)
     hooks = api.step_hooks(model.transformer, total_steps=args.steps)
     res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, hooks=hooks,
                    progress=not args.quiet)
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="execution path of quantized layers (default: %(default)s)")
     g.add_argument("--fast-accum", action="store_true",
                    help="fp8 path: cuBLAS fast FP8 accumulation (faster, not the exact integer GEMM)")
+    g.add_argument("--inexact-rotation", action="store_true",
+                   help="fp8 path: skip the exact rotation's snap (cheaper activation kernel, codes can move one step)")
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=cmd_generate)
 

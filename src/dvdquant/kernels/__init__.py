@@ -104,7 +104,8 @@ def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple
         return Plan("emulated", "calibrated per-channel act_balance varies along K inside the dot product")
     if module.auto_scale == "per_channel":
         return Plan("emulated", "per_channel auto-scaling varies along K inside the dot product")
-    per_block = module.auto_scale == "per_block" and k % module.scale_block == 0
+    # a scale block that does not divide K, or spans all of it, is one scale per token
+    per_block = module.auto_scale == "per_block" and k % module.scale_block == 0 and module.scale_block != k
     if per_block and (module.scale_block != 128 or cap < (9, 0)):
         return Plan("emulated", f"per_block scaling needs scale_block=128 on sm90 "
                                 f"(got {module.scale_block}, sm{cap[0]}{cap[1]})")

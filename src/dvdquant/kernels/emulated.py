@@ -18,10 +18,14 @@ The pipeline, for flattened tokens ``x`` (M, K) and a layer with N outputs:
        FP8 e4m3:          s = amax/448,  c = fp8_e4m3(x/s)                            (float8)
 
 4. weights: ``W_int = q − z`` (integers, [−15, 15] for 4 bits), ``Ŵ = Δ ⊙ W_int``.
-5. ``y = ((c · s) · λ) @ Ŵᵀ + b`` in fp32, cast to the input dtype.
+5. per-token scales, per-channel Δ, no λ: ``y = ((Σ_k c·W_int) · Δ) · s + b`` with the code sum
+   exact (:func:`dvdquant.numerics.linear.linear_per_token_per_channel`, the FP8 GEMM's
+   epilogue order); otherwise ``y = ((c · s) · λ) @ Ŵᵀ + b`` in fp32. Cast to the input dtype.
 
 The Hopper path (:mod:`dvdquant.kernels.fp8`) runs steps 1–3 in one Triton kernel and step 5
-as an FP8 GEMM with the scales in its epilogue.
+as an FP8 GEMM with the scales in its epilogue; for A4 (≤ 5-bit int codes) with per-token
+scales it computes the same bits as this path (exact rotation, exact integer GEMM, same
+epilogue order).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch
 
 from ..errors import NonFiniteError
 from ..numerics import grids
+from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import unpack_int4
 
 
@@ -61,9 +66,7 @@ class QuantizedActivations:
 def quantize_rows(x: torch.Tensor, bits: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize each row of fp32 ``x`` (R, C): codes (R, C) and scale (R, 1) (grids contract)."""
     if fmt == "fp8":
-        amax = x.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(amax > 0, amax / grids.FP8_E4M3_MAX, torch.ones_like(amax))
-        return (x / scale).to(torch.float8_e4m3fn), scale
+        return grids.quantize_act_per_token_fp8_e4m3(x)
     return grids.quantize_act_per_token_int(x, bits)
 
 
@@ -132,7 +135,13 @@ def emulated_forward(module, x: torch.Tensor) -> torch.Tensor:
         amax = x2.abs().amax()
         if not torch.isfinite(amax):
             raise NonFiniteError(f"layer {module.layer_name or '?'}: input activations hold NaN/Inf")
-        x2 = quantize_activations(module, x2, bits).dequantize()
+        qa = quantize_activations(module, x2, bits)
+        w_int, delta = integer_weight(module)
+        if qa.lam is None and qa.block == module.in_features and delta.shape[1] == 1:
+            pmax = None if qa.fmt == "fp8" else grids.act_qmax(bits) * grids.weight_int_max(module.w_bits)
+            y = linear_per_token_per_channel(qa.codes, qa.scale, w_int, delta, module.bias, pmax)
+            return y.to(x.dtype).reshape(*shape[:-1], module.out_features)
+        x2 = qa.dequantize()
     y = x2 @ dequantized_weight(module).t()                                     # (M, N)
     if module.bias is not None:
         y = y + module.bias.float()

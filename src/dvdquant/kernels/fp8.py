@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 
 from ..errors import NonFiniteError
-from ..numerics.hadamard import hadamard_matrix, hadamard_rotate
+from ..numerics.hadamard import hadamard_matrix, hadamard_rotate, hadamard_rotate_exact
 from .expand import ExpansionPool, expand_int4_to_fp8
 from .finite import device_flag, finite_check_mode, layer_id
 from .triton_act_quant import act_quant, fusable_rotation, tensor_version
@@ -179,12 +179,14 @@ def act_format_for(bits: int, a8_fp8: bool, layer_name: str) -> str:
 
 def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torch.Tensor],
                     rotation_block: int, scale_block: Optional[int], nonfinite_flag: Optional[torch.Tensor] = None,
-                    flag_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    flag_id: int = 0, exact_rotation: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Transform + quantize tokens (M, K) with the fused kernel; rotations it can't fuse go first.
 
     Returns codes (M, K) fp8 and scales (M, G) fp32 — for per-block scales a transposed view of a
     contiguous (G, M) buffer, the layout blockwise ``_scaled_mm`` wants. ``nonfinite_flag`` /
-    ``flag_id``: NaN/Inf recording on the device (:mod:`.finite`).
+    ``flag_id``: NaN/Inf recording on the device (:mod:`.finite`). ``exact_rotation=False``
+    (opt-in): skip the snap of the exact rotation — ~25 % cheaper activation kernel, codes then
+    within one step of the reference's on a few elements (:func:`dvdquant.set_backend`).
     """
     r = rotation_block or None
     h = None
@@ -192,11 +194,13 @@ def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torc
         xf = x2.float()                            # large / odd rotation (and smooth): torch first
         if smooth is not None:
             xf = xf / smooth
-        x2, smooth = hadamard_rotate(xf, r), None
+        x2 = hadamard_rotate_exact(xf, r) if exact_rotation else hadamard_rotate(xf, r)
+        smooth = None
     elif r:
         h = _hadamard(r, x2.device)
     return act_quant(x2, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=scale_block,
-                     scales_k_major=scale_block is not None, nonfinite_flag=nonfinite_flag, flag_id=flag_id)
+                     scales_k_major=scale_block is not None, nonfinite_flag=nonfinite_flag, flag_id=flag_id,
+                     config=None if exact_rotation else {"snap": False})
 
 
 def _persistent_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
@@ -219,7 +223,8 @@ _PERSISTENT: dict = {}     # id(qweight) → ((data_ptr, versions), FP8 copy); e
 def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
                   bias: Optional[torch.Tensor], smooth: Optional[torch.Tensor], bits: torch.Tensor,
                   default_bits: int, rotation_block: int, a8_fp8: bool, per_block: bool, scale_block: int,
-                  persistent: bool, layer_name: str, fast_accum: bool = False) -> torch.Tensor:
+                  persistent: bool, layer_name: str, fast_accum: bool = False,
+                  exact_rotation: bool = True) -> torch.Tensor:
     """One W4 linear on the FP8 path: x2 (M, K) bf16/fp16/fp32 → (M, N) bf16/fp16.
 
     A custom op so that ``torch.compile`` traces a quantized model without graph breaks: the op
@@ -237,7 +242,7 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
     if b >= 16:                          # no activation quantization: bf16 GEMM on the dequantized weight
         xf = x2.float() if smooth is None else x2.float() / smooth
         if rotation_block:
-            xf = hadamard_rotate(xf, rotation_block)
+            xf = hadamard_rotate_exact(xf, rotation_block)
         w = (w8.float() * w_scale.reshape(n, 1)).to(out_dtype)
         return torch.nn.functional.linear(xf.to(out_dtype), w, bias_o)
     fmt = act_format_for(b, a8_fp8, layer_name)
@@ -245,7 +250,7 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
     mode = finite_check_mode()             # "step": recorded on the device, read once per step
     flag = device_flag(x2.device) if mode == "step" else None
     q, s = quantize_tokens(x2, b, fmt, smooth, rotation_block, blk, flag,
-                           layer_id(layer_name) if flag is not None else 0)                # (M, K), (M, G)
+                           layer_id(layer_name) if flag is not None else 0, exact_rotation)   # (M, K), (M, G)
     if mode == "layer" and not bool(torch.isfinite(s).all()):   # one sync per layer
         raise NonFiniteError(f"layer {layer_name or '?'}: input activations hold NaN/Inf")
     if per_block:
@@ -255,7 +260,7 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
 
 @w4_linear_fp8.register_fake
 def _w4_linear_fp8_fake(x2, qweight, w_zero, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8,
-                        per_block, scale_block, persistent, layer_name, fast_accum=False):
+                        per_block, scale_block, persistent, layer_name, fast_accum=False, exact_rotation=True):
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     return x2.new_empty((x2.shape[0], qweight.shape[0]), dtype=out_dtype)
 
@@ -290,5 +295,6 @@ def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Option
                       _bits_tensor(module, bits), int(module.a_bits), int(module.rotation_block or 0),
                       getattr(module, "a8_format", "int") == "fp8_e4m3", bool(per_block),
                       int(module.scale_block), getattr(module, "fp8_weight_cache", "expand") == "persistent",
-                      str(module.layer_name or ""), bool(getattr(module, "fp8_fast_accum", False)))
+                      str(module.layer_name or ""), bool(getattr(module, "fp8_fast_accum", False)),
+                      bool(getattr(module, "fp8_exact_rotation", True)))
     return y.to(x.dtype).reshape(*shape[:-1], module.out_features)

@@ -37,22 +37,21 @@ and on the H100):
 
 Rotation inside the kernel
 --------------------------
-The rotation is a small ``tl.dot`` of a (BLOCK_M, BLOCK_K) tile against a (BLOCK_K, BLOCK_K)
-block-diagonal matrix of *unnormalised* ±1 Hadamard blocks (exact in bf16), followed by a
-multiply with 1/√R. Modes (``ROT_MODE``):
+The rotation is the one :func:`dvdquant.numerics.hadamard.hadamard_rotate_exact` defines, bit
+for bit: each (row, R-block) segment of the tile is first *snapped* to the grid
+u = 2^(⌊log2 max|segment|⌋ − 14) (the same integer exponent arithmetic as the torch function),
+then multiplied by a (BLOCK_K, BLOCK_K) block-diagonal matrix of *unnormalised* ±1 Hadamard
+blocks with a small ``tl.dot``, then by fp32(1/√R) once. After the snap every product is an
+integer multiple of u and every partial sum stays below 2^22·u, so the tensor cores' fp32
+accumulation is exact whatever its order, and the result equals the reference's exactly.
+Modes (``ROT_MODE``):
 
-* 1 — bf16 input, no smoothing: one bf16 tensor-core dot (products exact, fp32 accumulation);
-* 3 — fp32 values (fp32 input or after smoothing): the tile is split exactly into three bf16
-  parts hi + mid + lo (8 + 8 + 8 significand bits) and rotated with three bf16 dots, which
-  keeps fp32 accuracy on tensor cores (an IEEE fp32 dot would cost more than the GEMM);
+* 1 — bf16 input, no smoothing: one bf16 tensor-core dot (a snapped bf16 value is still bf16);
+* 3 — fp32 values (fp32/fp16 input or after smoothing): the snapped tile (≤ 16 significant
+  bits) is split exactly into bf16 parts hi + mid + lo and rotated with three bf16 dots (an
+  IEEE fp32 dot would cost more than the GEMM);
 * 0 — IEEE fp32 dot; used under ``TRITON_INTERPRET=1`` only, where bf16 ``tl.dot`` is broken
   in Triton 3.9's interpreter.
-
-The rotated values therefore differ from torch's fp32 ``x @ H`` in the last bits
-(accumulation order, and the 1/√R factor applied once after the sum instead of in every
-entry when R is not a power of 4). A value sitting within an ulp of a rounding boundary can
-then land one code away: the tests allow ≤ 1 code of difference on ≤ 0.1 % of elements when
-the rotation is fused, and require exact equality when it is not.
 
 Supported in-kernel: R a power of two, 16 ≤ R ≤ 128, R | BLOCK_K, K % BLOCK_K == 0 (R = 256
 ran out of shared memory on the H100 with the tuned launch config). Other rotations
@@ -85,6 +84,7 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
+from ..numerics.hadamard import inv_sqrt_r
 from .quant_jit import bad_rows, flag_nonfinite, quantize_codes, row_abs_max, scale_of
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,51 @@ def interpreting() -> bool:
 
 # ---------------------------------------------------------------------------------- kernel
 @triton.jit
-def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
-                      BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr,
-                      ROT_MODE: tl.constexpr, HOIST_H: tl.constexpr):
-    """One (BLOCK_M, BLOCK_K) tile of x / smooth · H in fp32."""
+def snap_magic(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROT_R: tl.constexpr):
+    """1.5·2^23·u per (row, ROT_R-segment) of the fp32 tile x (BLOCK_M, BLOCK_K), u = 2^(e_max − 14):
+    (BLOCK_M,) when one segment spans the tile, else (BLOCK_M, BLOCK_K).
+
+    The same exponent-bit arithmetic as ``numerics.hadamard.snap_magic``; ``(x + m) − m`` then
+    rounds x to a multiple of u, half to even."""
+    xa = tl.abs(x)
+    if ROT_R == BLOCK_K:
+        amax = tl.max(xa, axis=1)                                             # (BLOCK_M,)
+    else:
+        seg = tl.max(tl.reshape(xa, (BLOCK_M, BLOCK_K // ROT_R, ROT_R)), axis=2)
+        amax = tl.reshape(tl.broadcast_to(seg[:, :, None], (BLOCK_M, BLOCK_K // ROT_R, ROT_R)),
+                          (BLOCK_M, BLOCK_K))
+    e = tl.minimum(tl.maximum(amax.to(tl.int32, bitcast=True) >> 23, 15), 245)
+    return (((e + 9) << 23) | 0x400000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr):
+    """Snapped fp32 tile times the ±1 tile h, exact sums, then · fp32(1/√R)."""
+    if ROT_MODE == 1:                                     # bf16 in: still bf16 after the snap
+        xr = tl.dot(xf.to(tl.bfloat16), h)
+    elif ROT_MODE == 3:                                   # ≤ 16 significant bits = hi + mid + lo, exactly
+        hi = xf.to(tl.bfloat16)
+        r1 = xf - hi.to(tl.float32)
+        mid = r1.to(tl.bfloat16)
+        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+        xr = tl.dot(hi, h)
+        xr = tl.dot(mid, h, xr)
+        xr = tl.dot(lo, h, xr)
+    else:                                                 # interpreter: IEEE fp32 dot
+        xr = tl.dot(xf, h, input_precision="ieee")
+    return xr * inv_sqrt_r
+
+
+@triton.jit
+def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r, magic,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                      ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, HOIST_H: tl.constexpr, ROT_R: tl.constexpr,
+                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr):
+    """One (BLOCK_M, BLOCK_K) tile of x / smooth · H in fp32, and the snap constants it used.
+
+    ``MAGIC_IN``: ``magic`` (BLOCK_M,) holds this tile's snap constants (computed by an earlier
+    pass; only when ROT_R == BLOCK_K); otherwise they are computed here. ``SNAP=False`` (benchmarks only) skips the snap: the
+    rotation is then no longer the exact one."""
     cols = k0 + tl.arange(0, BLOCK_K)
     if ROTATE and not HOIST_H:      # re-read H (L2-resident) so the pipeliner stages it in SMEM
         hk = tl.arange(0, BLOCK_K)
@@ -112,35 +153,33 @@ def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_x
     if HAS_SMOOTH:
         sm = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
         x = tl.math.div_rn(x.to(tl.float32), sm[None, :])
+    xf = x.to(tl.float32)
     if ROTATE:
-        if ROT_MODE == 1:                                     # bf16 in: exact products
-            xr = tl.dot(x.to(tl.bfloat16), h)
-        elif ROT_MODE == 3:                                   # fp32 = hi + mid + lo, exactly
-            xf = x.to(tl.float32)
-            hi = xf.to(tl.bfloat16)
-            r1 = xf - hi.to(tl.float32)
-            mid = r1.to(tl.bfloat16)
-            lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
-            xr = tl.dot(hi, h)
-            xr = tl.dot(mid, h, xr)
-            xr = tl.dot(lo, h, xr)
-        else:                                                 # interpreter: IEEE fp32 dot
-            xr = tl.dot(x.to(tl.float32), h, input_precision="ieee")
-        return xr * inv_sqrt_r
-    return x.to(tl.float32)
+        if SNAP:
+            if not MAGIC_IN:
+                magic = snap_magic(xf, BLOCK_M, BLOCK_K, ROT_R)
+            if ROT_R == BLOCK_K:
+                xf = (xf + magic[:, None]) - magic[:, None]
+            else:
+                xf = (xf + magic) - magic
+        return _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE), magic
+    return xf, magic
 
 
 @triton.jit(do_not_specialize=["flag_id"])   # layer ids vary per call: no recompile for id 1 or 16·k
-def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
+def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, magic_ptr,
                      M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, PER_BLOCK: tl.constexpr,
                      FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, HOIST_H: tl.constexpr,
-                     HAS_FLAG: tl.constexpr):
+                     HAS_FLAG: tl.constexpr, ROT_R: tl.constexpr, SNAP: tl.constexpr, SNAP_CACHE: tl.constexpr):
     """Grid: (cdiv(M, BLOCK_M),). Each program quantizes BLOCK_M whole rows.
 
     ``HAS_FLAG``: rows whose scale came out +inf (NaN/Inf input) write ``flag_id`` into the
-    device flag at ``flag_ptr`` (atomic min; see :mod:`dvdquant.kernels.finite`)."""
+    device flag at ``flag_ptr`` (atomic min; see :mod:`dvdquant.kernels.finite`).
+    ``SNAP_CACHE`` (per-token mode, one rotation block per tile): the first pass stores each
+    tile's snap constants (BLOCK_M,) at ``magic_ptr`` (K / BLOCK_K, M) fp32 (coalesced along M),
+    the second reads them back instead of recomputing the segment maxima."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows < M
@@ -149,10 +188,12 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
     if ROTATE and HOIST_H:
         hk = tl.arange(0, BLOCK_K)
         h = tl.load(h_ptr + hk[:, None] * BLOCK_K + hk[None, :])
+    no_magic = tl.zeros((BLOCK_M,), dtype=tl.float32)     # placeholder: tiles compute their own constants
     if PER_BLOCK:                       # one pass: every BLOCK_K tile is its own scale group
         for k0 in range(0, K, BLOCK_K):
-            x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
-                                  BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
+            x, _ = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
+                                     no_magic, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H, ROT_R,
+                                     False, SNAP)
             s = scale_of(row_abs_max(x), qmax, inv_qmax, SCALE_BY_RECIP)
             bad = tl.maximum(bad, bad_rows(s, mask_m))
             c = quantize_codes(x, s, qmax, FP8_FMT)
@@ -163,14 +204,22 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
     else:                               # two passes: row amax, then quantize
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
-                                  BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
+            x, tile_magic = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm,
+                                              inv_sqrt_r, no_magic, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE,
+                                              HOIST_H, ROT_R, False, SNAP)
+            if SNAP_CACHE:
+                tl.store(magic_ptr + rows.to(tl.int64) + (k0 // BLOCK_K) * M, tile_magic, mask=mask_m)
             amax = tl.maximum(amax, row_abs_max(x))
         s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
         bad = bad_rows(s, mask_m)
         for k0 in range(0, K, BLOCK_K):
-            x = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
-                                  BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H)
+            if SNAP_CACHE:
+                cached = tl.load(magic_ptr + rows.to(tl.int64) + (k0 // BLOCK_K) * M, mask=mask_m, other=0.0)
+            else:
+                cached = no_magic
+            x, _ = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
+                                     cached, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H, ROT_R,
+                                     SNAP_CACHE, SNAP)
             c = quantize_codes(x, s, qmax, FP8_FMT)
             cols = k0 + tl.arange(0, BLOCK_K)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], c.to(q_ptr.dtype.element_ty),
@@ -181,14 +230,20 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
 
 
 @triton.jit
-def _rot_tile(x_ptrs, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT: tl.constexpr):
-    """(BLOCK_M, TILE) tokens times the (TILE, TILE) ±1 tile, fp32, then · 1/√R once."""
+def _rot_tile(x_ptrs, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+              TILE: tl.constexpr, ROT_R: tl.constexpr):
+    """(BLOCK_M, TILE) tokens, snapped, times the (TILE, TILE) ±1 tile, fp32, then · 1/√R once."""
     a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
     h = tl.load(h_ptrs)
+    af = a.to(tl.float32)
+    magic = snap_magic(af, BLOCK_M, TILE, ROT_R)
+    if ROT_R == TILE:
+        magic = magic[:, None]
+    xs = (af + magic) - magic                                             # snapped: still bf16/fp16-exact
     if IEEE_DOT:
-        xr = tl.dot(a.to(tl.float32), h, input_precision="ieee")
+        xr = tl.dot(xs, h, input_precision="ieee")
     else:
-        xr = tl.dot(a, h)
+        xr = tl.dot(xs.to(a.dtype), h)
     return xr * inv_sqrt_r
 
 
@@ -197,7 +252,7 @@ def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
                          M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
                          BLOCK_M: tl.constexpr, TILE: tl.constexpr, PER_BLOCK: tl.constexpr,
                          FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, IEEE_DOT: tl.constexpr,
-                         HAS_FLAG: tl.constexpr):
+                         HAS_FLAG: tl.constexpr, ROT_R: tl.constexpr):
     """Rotated bf16/fp16 tokens, written as a matmul: grid (cdiv(M, BLOCK_M),).
 
     Each K-tile is ``tl.dot(x_tile, S)`` with S the (TILE, TILE) block-diagonal ±1 tile, both
@@ -217,7 +272,7 @@ def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
     bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if PER_BLOCK:                       # one pass: every tile is its own scale group
         for k0 in range(0, K, TILE):
-            xr = _rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT)
+            xr = _rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT, BLOCK_M, TILE, ROT_R)
             s = scale_of(row_abs_max(xr), qmax, inv_qmax, SCALE_BY_RECIP)
             bad = tl.maximum(bad, bad_rows(s, mask_m))
             c = quantize_codes(xr, s, qmax, FP8_FMT)
@@ -226,11 +281,11 @@ def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
     else:                               # two passes: row amax, then quantize (re-read mostly from L2)
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, TILE):
-            amax = tl.maximum(amax, row_abs_max(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT)))
+            amax = tl.maximum(amax, row_abs_max(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT, BLOCK_M, TILE, ROT_R)))
         s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
         bad = bad_rows(s, mask_m)
         for k0 in range(0, K, TILE):
-            c = quantize_codes(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT), s, qmax, FP8_FMT)
+            c = quantize_codes(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT, BLOCK_M, TILE, ROT_R), s, qmax, FP8_FMT)
             tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
         tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
     if HAS_FLAG:
@@ -243,11 +298,6 @@ DEFAULT_CONFIG = {"block_m": 64, "num_warps": 8, "num_stages": 3, "hoist_h": Tru
 # Launch parameters of the matmul-form rotated kernel (``act_quant_rot_kernel``; swept by
 # benchmarks/tune_act_quant.py, see docs/results/speed.md).
 ROT_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 3}
-
-
-def inv_sqrt_r(r: int) -> float:
-    """fp32(1/√R): the factor both kernels and the reference apply once after the ±1 dot."""
-    return float(torch.tensor(1.0 / r ** 0.5, dtype=torch.float32))
 
 
 def _is_pow2(n: int) -> bool:
@@ -317,7 +367,9 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     ``scales_k_major``: return the (M, G) scales as a transposed view of a contiguous (G, M)
     buffer, the layout ``_scaled_mm``'s 1×128 blockwise scaling wants.
     ``config``: launch parameters overriding :data:`DEFAULT_CONFIG` (block_m, num_warps,
-    num_stages, hoist_h, block_k for the unrotated case) or, for the matmul-form kernel,
+    num_stages, hoist_h, block_k for the unrotated case; ``snap_cache``: keep the first pass's
+    snap constants for the second, default on; ``snap=False``: skip the snap, which makes the
+    rotation inexact — for measuring its cost only) or, for the matmul-form kernel,
     :data:`ROT_CONFIG`.
     ``kernel``: ``"auto"``/``"legacy"`` run :func:`act_quant_kernel` (±1 tile hoisted into
     registers); ``"mm"`` runs a fused rotation of bf16/fp16 tokens without ``smooth`` through the
@@ -370,7 +422,7 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
             x, h, codes, scales, flag, int(flag_id), m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1),
             qmax, inv_qmax, inv_sqrt_r(r),
             BLOCK_M=cfg["block_m"], TILE=tile, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
-            SCALE_BY_RECIP=x.is_cuda, IEEE_DOT=ieee, HAS_FLAG=has_flag, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            SCALE_BY_RECIP=x.is_cuda, IEEE_DOT=ieee, HAS_FLAG=has_flag, ROT_R=r, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return codes, scales
     rot_mode = 0 if interpreting() else (1 if x.dtype == torch.bfloat16 and smooth is None else 3)
     h = None
@@ -378,14 +430,17 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         h = _hadamard_tile(h_block, tile, torch.float32 if rot_mode == 0 else torch.bfloat16, x.device)
     sm = None if smooth is None else smooth.to(device=x.device, dtype=torch.float32).contiguous()
     grid = (triton.cdiv(m, cfg["block_m"]),)
+    snap = cfg.get("snap", True)
+    snap_cache = bool(r) and snap and block is None and r == tile and cfg.get("snap_cache", True)
+    magic = torch.empty(k // tile, m, dtype=torch.float32, device=x.device) if snap_cache else scales
     act_quant_kernel[grid](
-        x, sm if sm is not None else x, h if h is not None else x, codes, scales, flag, int(flag_id),
+        x, sm if sm is not None else x, h if h is not None else x, codes, scales, flag, int(flag_id), magic,
         m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1), qmax, inv_qmax,
         inv_sqrt_r(r) if r else 1.0,
         BLOCK_M=cfg["block_m"], BLOCK_K=tile, HAS_SMOOTH=sm is not None, ROTATE=h is not None,
         ROT_MODE=rot_mode, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
-        SCALE_BY_RECIP=x.is_cuda, HOIST_H=cfg["hoist_h"], HAS_FLAG=has_flag, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        SCALE_BY_RECIP=x.is_cuda, HOIST_H=cfg["hoist_h"], HAS_FLAG=has_flag, ROT_R=r or tile, SNAP=snap,
+        SNAP_CACHE=snap_cache, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return codes, scales
 
 
@@ -395,22 +450,17 @@ def act_quant_reference(x: torch.Tensor, *, bits: int, fmt: str = "int",
                         block: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch reference of :func:`act_quant` (same contract as ``QuantLinear``'s simulated path).
 
-    The rotation is spelled the way the kernels compute it (±1 block, then ``· fp32(1/√R)``), so
-    reference and kernel define the same function; they can still differ where the fp32 sum of
-    a 128-term ±x dot product is inexact (wide dynamic range inside one block) and the two
-    summation orders round differently — a value on a rounding boundary then moves one code.
+    The rotation is :func:`dvdquant.numerics.hadamard.rotate_pm1_exact` (snap, exact ±1 sums,
+    ``· fp32(1/√R)``), the function the kernels compute exactly: codes and scales are bit-equal.
     """
-    from ..numerics.hadamard import rotate_last_dim
+    from ..numerics.hadamard import rotate_pm1_exact
     from .emulated import quantize_rows
 
     xf = x.float()
     if smooth is not None:
         xf = xf / smooth.float()
     if h_block is not None:
-        # the kernels' definition: exact ±1 products summed in fp32, then one multiply by fp32(1/√R)
-        # (equal to x·H up to rounding; only the summation order can still differ from a kernel's)
-        r = h_block.shape[0]
-        xf = rotate_last_dim(xf, torch.sign(h_block.float())) * inv_sqrt_r(r)
+        xf = rotate_pm1_exact(xf, h_block)
     m, k = xf.shape
     b = block or k
     codes, scale = quantize_rows(xf.reshape(m * (k // b), b), bits, fmt)

@@ -27,7 +27,15 @@ in what they put into it:
 
 ``forward`` here is the *simulated* path: fp32 fake quantization that computes exactly what
 the integer pipeline computes (x̂ = s·x_q, Ŵ = Δ·(q − z), y = x̂ Ŵᵀ + b). Faster execution
-paths live in :mod:`dvdquant.kernels` and are checked against this one.
+paths live in :mod:`dvdquant.kernels` and are checked against this one. Two definitions make
+the paths agree bit for bit rather than to fp32 rounding (see :mod:`dvdquant.numerics.hadamard`
+and :mod:`dvdquant.numerics.linear`):
+
+* the online rotation is :func:`~dvdquant.numerics.hadamard.hadamard_rotate_exact` (snapped
+  input, exact ±1 sums, one · 1/√R), which the fused Triton kernel reproduces exactly;
+* with per-token activation scales and per-channel weight steps (no per-channel Λ, no
+  groups) the product is ``((Σ c·W_int) · Δ) · s + b`` with an exact code sum: the order of
+  the FP8 GEMM's epilogue. Other layouts keep the fake-quant order ``(c·s·Λ) @ Ŵᵀ + b``.
 """
 from __future__ import annotations
 
@@ -38,7 +46,8 @@ import torch.nn as nn
 
 from ..errors import DVDQuantError, NonFiniteError
 from ..numerics import grids
-from ..numerics.hadamard import hadamard_matrix, hadamard_rotate
+from ..numerics.hadamard import hadamard_matrix, hadamard_rotate, hadamard_rotate_exact
+from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import pack_int4, unpack_int4
 from .state import RuntimeState
 
@@ -75,6 +84,7 @@ class QuantLinear(nn.Module):
         self.layer_name = ""
         self.backend = "simulated"  # "simulated" | any backend name known to dvdquant.kernels
         self.fp8_fast_accum = False  # fp8 path: cuBLAS fast (reduced-precision) FP8 accumulation, opt-in
+        self.fp8_exact_rotation = True  # fp8 path: the snapped, exact rotation (False: cheaper, inexact)
         self._h_cache: dict = {}
 
     # ---------------------------------------------------------------- construction
@@ -177,7 +187,7 @@ class QuantLinear(nn.Module):
         if self.smooth is not None:
             x2 = x2 / self.smooth[min(self._step(), self.smooth.shape[0] - 1)]
         if self.rotation_block:
-            x2 = hadamard_rotate(x2, self.rotation_block)                # x·H, factorised (A ⊗ B)
+            x2 = hadamard_rotate_exact(x2, self.rotation_block)          # x·H: snapped, exact ±1 sums, · 1/√R
         return x2
 
     def hadamard_block(self, device) -> torch.Tensor:
@@ -186,6 +196,20 @@ class QuantLinear(nn.Module):
         if key not in self._h_cache:
             self._h_cache[key] = hadamard_matrix(self.rotation_block, torch.float32, device)
         return self._h_cache[key]
+
+    def per_token_scaling(self, bits: int) -> bool:
+        """Whether this call's product has one activation scale per token and one weight step per
+        output channel (no Λ, no groups): then it runs in the exact code-GEMM order."""
+        if bits >= 16 or self.dyn_alpha is not None or self.act_balance is not None or self.w_scale.shape[1] != 1:
+            return False
+        k = self.in_features
+        return self.auto_scale == "none" or (self.auto_scale == "per_block"
+                                             and (k % self.scale_block != 0 or self.scale_block == k))
+
+    def _quantize_tokens(self, x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if bits == 8 and self.a8_format == "fp8_e4m3":
+            return grids.quantize_act_per_token_fp8_e4m3(x2)
+        return grids.quantize_act_per_token_int(x2, bits)
 
     def _fake_quant_tokens(self, x2: torch.Tensor, bits: int) -> torch.Tensor:
         if bits == 8 and self.a8_format == "fp8_e4m3":
@@ -234,6 +258,9 @@ class QuantLinear(nn.Module):
             w = self.smoothed_weight(s)                               # Q(W·diag(s)·H), (N, K)
         elif self.dyn_alpha is not None:
             w = self.smoothed_weight(torch.ones_like(self.w_colmax))
+        elif self.per_token_scaling(bits):
+            return self._forward_per_token(self.transform_input(x2), bits).to(x.dtype).reshape(
+                *shape[:-1], self.out_features)
         else:
             w = self.dequantized_weight(torch.float32)
         xq = self.quantize_input(self.transform_input(x2), bits)
@@ -241,6 +268,18 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _forward_per_token(self, xt: torch.Tensor, bits: int) -> torch.Tensor:
+        """y (M, N) fp32 = ((Σ c·W_int) · Δ) · s + b from transformed tokens ``xt`` (M, K)."""
+        amax = xt.abs().amax()
+        if not torch.isfinite(amax):
+            raise NonFiniteError(f"layer {self.layer_name or '?'}: input activations hold NaN/Inf")
+        codes, s = self._quantize_tokens(xt, bits)                    # (M, K), (M, 1)
+        p = self.weight_params()
+        w_int = p.codes.float() - p.zero                              # (N, K) integers, zero (N, 1)
+        fp8 = codes.dtype == torch.float8_e4m3fn
+        pmax = None if fp8 else grids.act_qmax(bits) * grids.weight_int_max(self.w_bits)
+        return linear_per_token_per_channel(codes, s, w_int, self.w_scale, self.bias, pmax)
 
     def extra_repr(self) -> str:
         rot = f"hadamard{self.rotation_block}" if self.rotation_block else "none"

@@ -148,9 +148,20 @@ def fake_quant_act_per_token_int(x: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.float() * scale
 
 
-def fake_quant_act_per_token_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize per token to FP8 e4m3 with ``s = amax / 448``; fp32 out."""
+def quantize_act_per_token_fp8_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 e4m3 with ``s = amax / 448``: float8_e4m3fn codes (..., K), fp32 scale (..., 1)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
-    return (xf / scale).to(torch.float8_e4m3fn).float() * scale
+    return (xf / scale).to(torch.float8_e4m3fn), scale
+
+
+def fake_quant_act_per_token_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize per token to FP8 e4m3 with ``s = amax / 448``; fp32 out."""
+    codes, scale = quantize_act_per_token_fp8_e4m3(x)
+    return codes.float() * scale
+
+
+def weight_int_max(bits: int) -> int:
+    """Largest |q − z| of a ``bits``-bit weight grid (4 → 15): bounds the exact code GEMM."""
+    return 2 ** bits - 1

@@ -10,6 +10,25 @@ Paley construction on a prime q:
 
 Matrices are returned normalised (``H Hᵀ = I``). Sizes with no construction here (e.g. 52)
 can still be rotated block-diagonally with the largest constructible block that divides them.
+
+Online rotation of activations, defined so that every device computes the same bits
+----------------------------------------------------------------------------------
+:func:`hadamard_rotate_exact` is *the* definition of the online activation rotation x·H that
+the simulated, emulated and FP8 paths share (the offline weight rotation uses the plain
+:func:`hadamard_rotate`)::
+
+    x' = snap(x)                       each (token, R-block) segment rounded to a grid of
+                                       u = 2^(⌊log2 max|segment|⌋ − 14), half to even
+    y  = fp32( x' · blockdiag(S_R) )   S_R the ±1 Hadamard pattern; the sums are *exact*
+    y ← y · fp32(1/√R)                 one fp32 multiply
+
+After the snap every entry is an integer multiple of u below 2^15·u in magnitude, so each
+±1 sum of up to R ≤ 512 of them is an integer below 2^24 units: exact in fp32, in any order,
+on CPU, in cuBLAS and in the tensor cores of the fused Triton kernel alike (larger R are
+summed in fp64, where they are exact too). Without the snap, the fp32 sum of a wide-range
+segment rounds differently per summation order, a rotated value on a quantizer's rounding
+boundary moves one code, and over a 4-bit diffusion trajectory that difference grows into a
+different clip. The snap's error is at most u/2 = 2^-15 of the segment's largest entry.
 """
 from __future__ import annotations
 
@@ -138,6 +157,88 @@ def block_hadamard(n: int, block: int, dtype: torch.dtype = torch.float32, devic
     if n % block != 0:
         raise ConfigError(f"Hadamard block {block} does not divide size {n}")
     return torch.block_diag(*([hadamard_matrix(block, torch.float64)] * (n // block))).to(dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------- exact online rotation
+SNAP_BITS = 14           # snap grid u = 2^(exponent of the segment's max − SNAP_BITS)
+_MIN_BIASED_EXP = 15     # u ≥ 2^-126 (the smallest normal fp32)
+_MAX_BIASED_EXP = 245    # 1.5·2^23·u stays finite (segments above 2^118 are not activations)
+
+
+def inv_sqrt_r(r: int) -> float:
+    """fp32(1/√R), as a Python float: the factor applied once after the exact ±1 sums."""
+    return float(torch.tensor(1.0 / r ** 0.5, dtype=torch.float32))
+
+
+def snap_magic(amax: torch.Tensor) -> torch.Tensor:
+    """1.5·2^23·u (fp32) for segment maxima ``amax`` ≥ 0, u = 2^(e_max − 14), built from the exponent bits.
+
+    Adding and subtracting it rounds a value |x| < 2^22·u to a multiple of u, half to even:
+    the sum lands in [2^23·u, 2^24·u), whose ulp is u. The Triton kernels build the same number.
+    """
+    e = (amax.float().contiguous().view(torch.int32) >> 23).clamp(_MIN_BIASED_EXP, _MAX_BIASED_EXP)
+    return (((e + 9) << 23) | 0x400000).view(torch.float32)        # biased exponent of u·2^23, mantissa 1.5
+
+
+def snap_to_rotation_grid(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Round fp32 ``x`` (..., n) per (row, ``block``-segment) to the grid u = 2^(e_max − 14).
+
+    e_max is the fp32 exponent of the segment's largest magnitude; ``(x + m) − m`` with
+    m = :func:`snap_magic` does the rounding in two exact-by-construction IEEE operations, which the
+    Triton kernels perform identically. NaN/Inf stay non-finite (the callers detect them).
+    """
+    xf = x.float()
+    n = xf.shape[-1]
+    seg = xf.reshape(*xf.shape[:-1], n // block, block)
+    magic = snap_magic(seg.abs().amax(dim=-1, keepdim=True))
+    return ((seg + magic) - magic).reshape(xf.shape)
+
+
+@lru_cache(maxsize=64)
+def _pm1_factors_f64(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """±1 Kronecker factors (A: base×base, B: p2×p2) of the unnormalised order-n matrix."""
+    a, b = _factors_f64(n)
+    return torch.sign(a), torch.sign(b)
+
+
+def fp32_matmul_is_ieee(device) -> bool:
+    """Whether an fp32 matmul on ``device`` multiplies and adds in IEEE fp32 (no TF32 / bf16 inputs)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return not (torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+
+
+def _exact_stage(v: torch.Tensor, f: torch.Tensor, bound_units: int) -> torch.Tensor:
+    """v @ f for a ±1 factor f: IEEE fp32 when every sum stays within 2^24 grid units, else fp64 (both exact)."""
+    if bound_units <= 2 ** 24 and fp32_matmul_is_ieee(v.device):
+        return v.float() @ f.to(dtype=torch.float32, device=v.device)
+    return v.double() @ f.to(device=v.device)
+
+
+def hadamard_rotate_exact(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The online activation rotation (module doc): snap, exact ±1 sums, then · fp32(1/√R); fp32 out."""
+    n = x.shape[-1]
+    if n % block != 0:
+        raise ConfigError(f"Hadamard block {block} does not divide the last dimension {n}")
+    a, b = _pm1_factors_f64(block)
+    base, p2 = a.shape[0], b.shape[0]
+    xs = snap_to_rotation_grid(x, block)
+    v = xs.reshape(*xs.shape[:-1], n // block, base, p2)
+    v = _exact_stage(v, b, 2 ** 15 * p2)                                   # (..., n/block, base, p2)
+    v = _exact_stage(v.transpose(-1, -2), a, 2 ** 15 * block).transpose(-1, -2)   # Aᵀ·V·B (A symmetric or not)
+    return v.float().reshape(xs.shape) * inv_sqrt_r(block)
+
+
+def rotate_pm1_exact(x: torch.Tensor, h_block: torch.Tensor) -> torch.Tensor:
+    """Like :func:`hadamard_rotate_exact` for an explicit normalised block ``h_block`` (R, R), dense."""
+    r = h_block.shape[0]
+    n = x.shape[-1]
+    if n % r != 0:
+        raise ConfigError(f"Hadamard block {r} does not divide the last dimension {n}")
+    xs = snap_to_rotation_grid(x, r)
+    sign = torch.sign(h_block.detach().double()).to(xs.device)
+    y = xs.double().reshape(*xs.shape[:-1], n // r, r) @ sign               # exact in fp64
+    return y.float().reshape(xs.shape) * inv_sqrt_r(r)
 
 
 def rotate_last_dim(x: torch.Tensor, h_block: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""The activation-quantization kernels compile for Hopper (sm_90a) in every variant the launcher uses.
+
+Why: Triton's CPU interpreter (``test_kernels_triton.py``) runs the kernels' logic but skips the
+compiler's type checks (e.g. a loop-carried value whose shape changes between iterations), so a
+kernel can pass every CPU test and still fail to build on the GPU. This compiles each
+constexpr variant through Triton's real pipeline down to a cubin for sm_90a (no GPU needed).
+"""
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+
+def _compile(fn, sig: dict, const: dict, num_warps: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = dict(sig, **{n: "constexpr" for n in const})
+    src = ASTSource(fn, sig, constexprs={(list(sig).index(n),): v for n, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+
+_PTRS = ("x_ptr", "smooth_ptr", "h_ptr", "q_ptr", "s_ptr", "flag_ptr")
+_INTS = ("flag_id", "M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sg")
+
+
+@pytest.mark.parametrize("rot_r,block_k,per_block,rot_mode,snap_cache,x_ty,snap", [
+    (128, 128, False, 1, True, "*bf16", True),      # the default: per token, one rotation block per tile
+    (128, 128, False, 1, False, "*bf16", False),    # the opt-in inexact rotation (no snap)
+    (128, 128, False, 1, False, "*bf16", True),
+    (128, 128, True, 1, False, "*bf16", True),      # per-block scales
+    (64, 128, True, 3, False, "*fp32", True),       # several rotation blocks per tile (reshape path), fp32 split
+    (16, 64, False, 1, False, "*bf16", True),
+    (128, 128, False, 3, True, "*fp16", True),
+    (128, 256, False, 0, False, "*bf16", True),     # no rotation (ROTATE=False)
+])
+def test_act_quant_kernel_compiles_for_sm90(rot_r, block_k, per_block, rot_mode, snap_cache, x_ty, snap):
+    from dvdquant.kernels.triton_act_quant import act_quant_kernel
+    rotate = rot_mode != 0
+    sig = {"x_ptr": x_ty, "smooth_ptr": "*fp32", "h_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+           "flag_ptr": "*i32", "flag_id": "i32", "magic_ptr": "*fp32",
+           **{n: "i32" for n in _INTS[1:]}, "qmax": "fp32", "inv_qmax": "fp32", "inv_sqrt_r": "fp32"}
+    const = dict(BLOCK_M=64, BLOCK_K=block_k, HAS_SMOOTH=False, ROTATE=rotate, ROT_MODE=rot_mode if rotate else 1,
+                 PER_BLOCK=per_block, FP8_FMT=False, SCALE_BY_RECIP=True, HOIST_H=True, HAS_FLAG=True,
+                 ROT_R=rot_r, SNAP=snap, SNAP_CACHE=snap_cache)
+    assert _compile(act_quant_kernel, sig, const, num_warps=8).asm["cubin"]
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_matmul_form_kernel_compiles_for_sm90(per_block):
+    from dvdquant.kernels.triton_act_quant import act_quant_rot_kernel
+    sig = {"x_ptr": "*bf16", "h_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "flag_ptr": "*i32",
+           **{n: "i32" for n in _INTS}, "qmax": "fp32", "inv_qmax": "fp32", "inv_sqrt_r": "fp32"}
+    const = dict(BLOCK_M=64, TILE=128, PER_BLOCK=per_block, FP8_FMT=False, SCALE_BY_RECIP=True, IEEE_DOT=False,
+                 HAS_FLAG=True, ROT_R=128)
+    assert _compile(act_quant_rot_kernel, sig, const, num_warps=4).asm["cubin"]
