@@ -159,6 +159,14 @@ def block_hadamard(n: int, block: int, dtype: torch.dtype = torch.float32, devic
     return torch.block_diag(*([hadamard_matrix(block, torch.float64)] * (n // block))).to(dtype=dtype, device=device)
 
 
+def _check_block(x: torch.Tensor, block: int) -> int:
+    """The last dimension n of ``x``, after checking that ``block`` divides it."""
+    n = x.shape[-1]
+    if n % block != 0:
+        raise ConfigError(f"Hadamard block {block} does not divide the last dimension {n}")
+    return n
+
+
 # ----------------------------------------------------------------------------- exact online rotation
 SNAP_BITS = 14           # snap grid u = 2^(exponent of the segment's max − SNAP_BITS)
 _MIN_BIASED_EXP = 15     # u ≥ 2^-126 (the smallest normal fp32)
@@ -217,9 +225,7 @@ def _exact_stage(v: torch.Tensor, f: torch.Tensor, bound_units: int) -> torch.Te
 
 def hadamard_rotate_exact(x: torch.Tensor, block: int) -> torch.Tensor:
     """The online activation rotation (module doc): snap, exact ±1 sums, then · fp32(1/√R); fp32 out."""
-    n = x.shape[-1]
-    if n % block != 0:
-        raise ConfigError(f"Hadamard block {block} does not divide the last dimension {n}")
+    n = _check_block(x, block)
     a, b = _pm1_factors_f64(block)
     base, p2 = a.shape[0], b.shape[0]
     xs = snap_to_rotation_grid(x, block)
@@ -232,9 +238,7 @@ def hadamard_rotate_exact(x: torch.Tensor, block: int) -> torch.Tensor:
 def rotate_pm1_exact(x: torch.Tensor, h_block: torch.Tensor) -> torch.Tensor:
     """Like :func:`hadamard_rotate_exact` for an explicit normalised block ``h_block`` (R, R), dense."""
     r = h_block.shape[0]
-    n = x.shape[-1]
-    if n % r != 0:
-        raise ConfigError(f"Hadamard block {r} does not divide the last dimension {n}")
+    n = _check_block(x, r)
     xs = snap_to_rotation_grid(x, r)
     sign = torch.sign(h_block.detach().double()).to(xs.device)
     y = xs.double().reshape(*xs.shape[:-1], n // r, r) @ sign               # exact in fp64
@@ -244,9 +248,7 @@ def rotate_pm1_exact(x: torch.Tensor, h_block: torch.Tensor) -> torch.Tensor:
 def rotate_last_dim(x: torch.Tensor, h_block: torch.Tensor) -> torch.Tensor:
     """x (..., n) · blockdiag(h_block, …): each consecutive ``b``-slice times h_block (b, b)."""
     b = h_block.shape[0]
-    n = x.shape[-1]
-    if n % b != 0:
-        raise ConfigError(f"Hadamard block {b} does not divide the last dimension {n}")
+    n = _check_block(x, b)
     xs = x.reshape(*x.shape[:-1], n // b, b)
     return (xs @ h_block.to(dtype=x.dtype, device=x.device)).reshape(x.shape)
 
@@ -265,9 +267,7 @@ def hadamard_rotate(x: torch.Tensor, block: int) -> torch.Tensor:
 
     With H_block = A ⊗ B and each block segment v viewed as V (base, 2^a): v·H = vec(Aᵀ V B).
     """
-    n = x.shape[-1]
-    if n % block != 0:
-        raise ConfigError(f"Hadamard block {block} does not divide the last dimension {n}")
+    n = _check_block(x, block)
     a, b = _factors_f64(block)
     a, b = a.to(dtype=x.dtype, device=x.device), b.to(dtype=x.dtype, device=x.device)
     v = x.reshape(*x.shape[:-1], n // block, a.shape[0], b.shape[0])
