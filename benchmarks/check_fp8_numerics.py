@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python benchmarks/check_fp8_numerics.py --out bench_out
 
-For each configuration (W4A4 / W4A8-e4m3 / per-block / δ-GBS, Hadamard-128 rotation fused in
+For each configuration (W4A4 / W4A8-e4m3 / per-block / δ-GBS, W4A8 and δ-GBS with int-grid A8,
+Hadamard-128 rotation fused in
 the kernel) the embedded model is quantized once and run two ways on the same prompts, seed
 and initial noise (``--fast-accum``: the fp8 runs with cuBLAS fast FP8 accumulation):
 
@@ -13,10 +14,11 @@ and initial noise (``--fast-accum``: the fp8 runs with cuBLAS fast FP8 accumulat
 * **clip**: the whole generation with ``fp8`` vs with ``emulated``: PSNR of the decoded clips
   (target ≥ 40 dB) and relative L2 of the final latents.
 
-The emulated path is bit-identical to the simulated reference (CPU tests). For A4 with per-token
-scales the FP8 path is designed to be bit-identical to it as well (exact snapped rotation, exact
+The emulated path is bit-identical to the simulated reference (CPU tests). For int-grid activations
+with per-token scales (A4 through FP8 tensor cores, A6/A8 through INT8 ones) the FP8 path is
+designed to be bit-identical to it as well (exact snapped rotation, exact
 integer GEMM, cuBLAS' epilogue order): each layer's fraction of outputs that differ at all is
-recorded, and whether the clips and final latents are equal. A8 (e4m3) steps and per-block scales
+recorded, and whether the clips and final latents are equal. A8 e4m3 steps and per-block scales
 still round differently. Never asserted; see docs/results/speed.md.
 """
 from __future__ import annotations
@@ -48,6 +50,10 @@ def configs():
                                                         auto_scale="per_block", **na),
         "W4A4/8-gbs-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, a8_format="fp8_e4m3", rotation_block=128,
                                                      auto_scale="none", gbs=dvdquant.GBSConfig(delta=0.12), **na),
+        # A8 on the int grid (the default a8_format): int8 codes and the INT8 GEMM, exact like A4
+        "W4A8int-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=8, rotation_block=128, auto_scale="none", **na),
+        "W4A4/8int-gbs-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128, auto_scale="none",
+                                                        gbs=dvdquant.GBSConfig(delta=0.12), **na),
     }
 
 

@@ -147,9 +147,14 @@ def test_plan_fp8_choices():
     assert plan_forward(m, "cuda", 4, capability=H100) == plan_forward(m, "cuda", 4, capability=H100)
     p4, p8 = plan_forward(m, "cuda", 4, capability=H100), plan_forward(m, "cuda", 8, capability=H100)
     assert (p4.path, p4.fmt, p4.per_block) == ("fp8", "int", True)
-    assert (p8.path, p8.fmt, p8.per_block) == ("fp8", "fp8", True) and "not exact" in p8.note
+    assert (p8.path, p8.fmt, p8.per_block) == ("fp8", "fp8", True) and "per-block" in p8.note
     m.a8_format = "fp8_e4m3"
     assert plan_forward(m, "cuda", 8, capability=H100).note == ""
+    m.a8_format, m.auto_scale = "int", "none"        # per token: the int grid itself (int8 codes, INT8 GEMM)
+    for bits in (6, 8):
+        p = plan_forward(m, "cuda", bits, capability=H100)
+        assert (p.path, p.fmt, p.per_block, p.note) == ("fp8", "int", False, "")
+    m.auto_scale = "per_block"
     # Ada has row-wise FP8 but no blockwise scaling
     assert plan_forward(m, "cuda", 4, capability=(8, 9)).path == "emulated"
     m.auto_scale = "none"

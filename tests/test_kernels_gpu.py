@@ -198,20 +198,22 @@ def test_fp8_layer_matches_reference(kw):
 
 @pytest.mark.parametrize("kw", [dict(), dict(rotation_block=128), dict(rotation_block=64), dict(rotation_block=256),
                                 dict(rotation_block=3072), dict(rotation_block=128, auto_scale="per_block", scale_block=3072)])
-@pytest.mark.parametrize("m_tokens,bias", [(4000, True), (333, False), (17, True)])
-def test_fp8_a4_layer_is_bit_identical_to_emulated(kw, m_tokens, bias):
-    """A4 with per-token scales: the fused (or torch-first) exact rotation gives the emulated path's codes,
-    ``_scaled_mm`` with exact accumulation gives the exact integer GEMM, and its epilogue rounds
-    ((acc · Δ) · s) + b as the emulated path does: equal outputs, not close ones."""
+@pytest.mark.parametrize("m_tokens,bias", [(4000, True), (333, False), (17, True), (8, True)])
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_fp8_int_grid_layer_is_bit_identical_to_emulated(kw, m_tokens, bias, bits):
+    """Int-grid activations with per-token scales: the fused (or torch-first) exact rotation gives the
+    emulated path's codes; A4 runs ``_scaled_mm`` with exact accumulation, A6/A8 ``torch._int_mm``
+    (int8 codes, chunked rows, ≤ 16 rows in fp64) — both the exact integer GEMM — and the epilogue
+    rounds ((acc · Δ) · s) + b as the emulated path does: equal outputs, not close ones."""
     from dvdquant.kernels import plan_forward
     from dvdquant.kernels.emulated import emulated_forward
-    m = _layer(3072, 1536, a_bits=4, **kw)
+    m = _layer(3072, 1536, a_bits=bits, **kw)
     m.bias = nn.Parameter(m.bias.detach().to(torch.bfloat16), requires_grad=False) if bias else None   # a bf16 model
     x = (torch.randn(2, m_tokens, 3072, device=DEV) * torch.logspace(-3, 1, 3072, device=DEV)).to(torch.bfloat16)
-    assert plan_forward(m, x.device, 4).path == "fp8"
+    assert plan_forward(m, x.device, bits).path == "fp8"
     with torch.no_grad():
         y, ye = m(x), emulated_forward(m, x)
-    print(f"A4 {kw} M={2 * m_tokens} bias={bias}: differing outputs {float((y != ye).float().mean()):.2e}")
+    print(f"A{bits} {kw} M={2 * m_tokens} bias={bias}: differing outputs {float((y != ye).float().mean()):.2e}")
     assert y.dtype == ye.dtype == torch.bfloat16
     assert torch.equal(y, ye)
 

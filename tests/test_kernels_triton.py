@@ -107,6 +107,15 @@ def _checks() -> dict:
         res[f"snap-cache-inexact-R{r}"] = [int(d.max()) <= 1 and float((d > 0).float().mean()) <= 1e-2,
                                            f"max={int(d.max())} frac={float((d > 0).float().mean()):.1e}"]
 
+    # 2d. 6–8-bit int-grid codes stored as int8 (the INT8 GEMM's operand): exact, rotated or not
+    for bits, r, block in ((8, None, None), (6, 128, None), (8, 64, None), (8, 128, 128)):
+        xi = data(37, 512, torch.bfloat16)
+        h = None if r is None else hadamard_matrix(r)
+        c, s = act_quant(xi, bits=bits, h_block=h, block=block, codes_dtype=torch.int8)
+        cr, sr = act_quant_reference(xi, bits=bits, h_block=h, block=block, codes_dtype=torch.int8)
+        res[f"exact-int8codes-A{bits}-R{r}-block{block}"] = [c.dtype == torch.int8 and torch.equal(c, cr)
+                                                             and torch.equal(s.contiguous(), sr), ""]
+
     # 3. NaN / Inf rows get an inf scale; other rows unaffected
     x = data(20, 256, torch.float32)
     x[4, 9] = float("nan")
@@ -151,6 +160,9 @@ def _checks() -> dict:
         b1 = pool.expand(p, z).data_ptr()
         b2 = pool.expand(p, z).data_ptr()
         res[f"expand-{n}x{k}"] = [bool(ok and b1 == b2), ""]
+        w_i8 = pool.expand(p, z, torch.int8)
+        res[f"expand-int8-{n}x{k}"] = [torch.equal(w_i8, expand_reference(p, z, torch.int8))
+                                       and torch.equal(w_i8.float(), expand_reference(p, z).float()), ""]
     # every packed byte under every zero point 0..15: the whole (z, byte) → int16 table, exhaustively
     p_all, z_all = torch.arange(256, dtype=torch.uint8).repeat(16, 1), torch.arange(16.0).reshape(16, 1)
     ok = torch.equal(expand_int4_to_fp8(p_all, z_all).view(torch.uint8), expand_reference(p_all, z_all).view(torch.uint8))
@@ -220,14 +232,17 @@ def _fp8_forward_checks() -> dict:
         m.state = RuntimeState()
         m.bias.data = m.bias.data.to(torch.bfloat16)            # a bf16 model's bias (the fp8 path adds it in bf16)
         x = (torch.randn(3, 19, kk, generator=g) * 2).to(torch.bfloat16)
-        for bits in (4, 8, 4):                                     # δ-GBS switching
+        for bits in (4, 8, 4, 6):                                  # δ-GBS switching
             m.state.a_bits = bits
-            fmt = "int" if bits == 4 else "fp8"
-            y = fp8mod.fp8_forward(m, x, bits, fmt, per_block=False).float()
+            y = fp8mod.fp8_forward(m, x, bits, per_block=False).float()
             x2 = m.transform_input(x.reshape(-1, kk).float())
-            ref = quantize_activations(m, x2, bits, fmt).dequantize() @ dequantized_weight(m).t() + m.bias.float()
+            ref = quantize_activations(m, x2, bits).dequantize() @ dequantized_weight(m).t() + m.bias.float()
             rel = float((y.reshape(-1, n) - ref).norm() / ref.norm())
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}"] = [rel < 1e-2, f"rel={rel:.2e}"]
+            if bits in (6, 8):
+                # 6–8-bit int grid: int8 codes, torch._int_mm (exact on CPU too) and the emulated epilogue
+                same = torch.equal(fp8mod.fp8_forward(m, x, bits, per_block=False), emulated_forward(m, x))
+                res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}-int8-exact"] = [same, ""]
             if bits == 4:
                 # A4: the same codes and scales bit for bit as the emulated path (exact rotation), and the
                 # same output up to the epilogue: torch's CPU _scaled_mm rounds in another order than cuBLAS
@@ -353,7 +368,7 @@ def test_w4_gemm_unpacking_in_the_mainloop(results):
 
 def test_expansion_is_exact(results):
     bad = {k: v for k, v in results.items() if k.startswith("expand-") and not v[0]}
-    assert len([k for k in results if k.startswith("expand-")]) == 4 and not bad, bad
+    assert len([k for k in results if k.startswith("expand-")]) == 7 and not bad, bad
 
 
 def test_fp8_forward_matches_emulated_on_cpu(results):

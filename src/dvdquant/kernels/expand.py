@@ -1,4 +1,4 @@
-"""int4 → FP8 weight expansion, just before the GEMM.
+"""int4 → FP8 (or int8) weight expansion, just before the GEMM.
 
 Why: BGR stores each 4-bit weight as an unsigned code q ∈ [0, 15] with an integer zero point
 z per output channel, packed two per byte (``numerics/packing.py``: byte j of a row holds
@@ -17,7 +17,10 @@ memory-bound pass (read N·K/2 bytes, write N·K bytes: ~30 µs for 13824×5120 
 against a ~1–4 ms GEMM at video M). Keeping a persistent FP8 copy per layer skips that pass
 but triples the weight memory (packed + FP8) — see docs/KERNELS.md for the measured trade-off.
 
-The buffer pool is keyed by (N, K, device) and relies on stream order: a buffer is rewritten
+The same table-driven kernel writes int8 (q − z) for the INT8 tensor-core GEMM of 6–8-bit
+integer activations (:func:`expand_int4_to_int8`); only the lookup table differs.
+
+The buffer pool is keyed by (N, K, dtype, device) and relies on stream order: a buffer is rewritten
 by the next layer's expansion only after the previous GEMM that read it was enqueued on the
 same stream. Do not share one pool across concurrent streams.
 """
@@ -57,66 +60,82 @@ def expand_int4_kernel(p_ptr, z_ptr, lut_ptr, out_ptr, N, KH, stride_pn, stride_
     tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], pair, mask=mask)
 
 
+def _byte_of(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The storage byte (int32 0…255) of the integers ``v`` (fp32) cast to ``dtype`` (e4m3 or int8)."""
+    return v.to(dtype).view(torch.uint8).to(torch.int32)
+
+
 @lru_cache(maxsize=8)
-def _pair_table(device: str) -> torch.Tensor:
-    """(16, 256) int16: entry [z, b] holds the two e4m3 bytes of (b & 15) − z (low) and (b >> 4) − z
-    (high), for every zero point z ∈ [0, 15] and packed byte b — made with torch's fp32 → e4m3 cast."""
+def _pair_table(device: str, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """(16, 256) int16: entry [z, b] holds the two ``dtype`` bytes of (b & 15) − z (low) and (b >> 4) − z
+    (high), for every zero point z ∈ [0, 15] and packed byte b — made with torch's own casts."""
     b = torch.arange(256, dtype=torch.int32)
     z = torch.arange(16, dtype=torch.float32)[:, None]
-    lo = ((b & 15).float()[None, :] - z).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
-    hi = ((b >> 4).float()[None, :] - z).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    lo = _byte_of((b & 15).float()[None, :] - z, dtype)
+    hi = _byte_of((b >> 4).float()[None, :] - z, dtype)
     pair = lo | (hi << 8)                                               # 0 … 65535
     return torch.where(pair >= 32768, pair - 65536, pair).to(torch.int16).to(device)
 
 
 def expand_int4_to_fp8(packed: torch.Tensor, zero: torch.Tensor, out: torch.Tensor = None,
-                       block_n: int = 32, block_kh: int = 256, num_warps: int = 4) -> torch.Tensor:
-    """Packed uint8 (N, K/2) and integer zero points (N, 1) in [0, 15] → float8_e4m3fn (N, K) holding q − z.
+                       block_n: int = 32, block_kh: int = 256, num_warps: int = 4,
+                       dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """Packed uint8 (N, K/2) and integer zero points (N, 1) in [0, 15] → float8_e4m3fn (N, K) holding q − z
+    (``dtype=torch.int8``: int8, for the INT8 GEMM; see :func:`expand_int4_to_int8`).
 
     The zero points are those BGR/MinMax produce (``round`` then ``clamp(0, 15)``); other values
     are outside the lookup table and not checked here (that would cost a device sync per call).
     """
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ConfigError(f"packed int4 weights must be 2-D uint8, got {packed.dtype} {tuple(packed.shape)}")
+    if dtype not in (torch.float8_e4m3fn, torch.int8):
+        raise ConfigError(f"int4 weights expand to float8_e4m3fn or int8, not {dtype}")
     n, kh = packed.shape
     k = 2 * kh
     if zero.numel() != n:
         raise ConfigError(f"expansion needs one zero point per row (N={n}), got {tuple(zero.shape)}")
     if out is None:
-        out = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=packed.device)
-    elif out.shape != (n, k) or out.dtype != torch.float8_e4m3fn or out.stride(1) != 1 or out.stride(0) % 2:
-        raise ConfigError(f"output buffer must be contiguous fp8 ({n}, {k})")
+        out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    elif out.shape != (n, k) or out.dtype != dtype or out.stride(1) != 1 or out.stride(0) % 2:
+        raise ConfigError(f"output buffer must be contiguous {dtype} ({n}, {k})")
     if n == 0 or kh == 0:
         return out
     packed = packed if packed.stride(1) == 1 else packed.contiguous()
     z = zero.reshape(n).to(torch.float32).contiguous()
     out16 = out.view(torch.int16)                                        # (N, K/2): two codes per element
     grid = (triton.cdiv(n, block_n), triton.cdiv(kh, block_kh))
-    expand_int4_kernel[grid](packed, z, _pair_table(str(packed.device)), out16, n, kh, packed.stride(0),
+    expand_int4_kernel[grid](packed, z, _pair_table(str(packed.device), dtype), out16, n, kh, packed.stride(0),
                              out16.stride(0), BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=num_warps)
     return out
 
 
-def expand_reference(packed: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def expand_int4_to_int8(packed: torch.Tensor, zero: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
+    """Packed uint8 (N, K/2) and zero points (N, 1) → int8 (N, K) holding q − z (same kernel, int8 table)."""
+    return expand_int4_to_fp8(packed, zero, out=out, dtype=torch.int8)
+
+
+def expand_reference(packed: torch.Tensor, zero: torch.Tensor,
+                     dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
     """Torch reference: unpack, subtract the zero point, cast (exact)."""
     from ..numerics.packing import unpack_int4
 
-    return (unpack_int4(packed).float() - zero.reshape(-1, 1).float()).to(torch.float8_e4m3fn)
+    return (unpack_int4(packed).float() - zero.reshape(-1, 1).float()).to(dtype)
 
 
 class ExpansionPool:
-    """One reusable FP8 buffer per (N, K, device): peak memory is one layer's FP8 weight per shape."""
+    """One reusable buffer per (N, K, dtype, device): peak memory is one layer's expanded weight per shape."""
 
     def __init__(self) -> None:
-        self._buffers: Dict[Tuple[int, int, str], torch.Tensor] = {}
+        self._buffers: Dict[Tuple[int, int, torch.dtype, str], torch.Tensor] = {}
 
-    def expand(self, packed: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        key = (packed.shape[0], packed.shape[1] * 2, str(packed.device))
+    def expand(self, packed: torch.Tensor, zero: torch.Tensor,
+               dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+        key = (packed.shape[0], packed.shape[1] * 2, dtype, str(packed.device))
         buf = self._buffers.get(key)
         if buf is None:
-            buf = torch.empty(key[0], key[1], dtype=torch.float8_e4m3fn, device=packed.device)
+            buf = torch.empty(key[0], key[1], dtype=dtype, device=packed.device)
             self._buffers[key] = buf
-        return expand_int4_to_fp8(packed, zero, out=buf)
+        return expand_int4_to_fp8(packed, zero, out=buf, dtype=dtype)
 
     def clear(self) -> None:
         self._buffers.clear()

@@ -166,20 +166,61 @@ def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
     return default_bits if b < 0 else b
 
 
-def act_format_for(bits: int, a8_fp8: bool, layer_name: str) -> str:
-    """"int" (int-grid codes, exact in e4m3 for ≤ 5 bits) or "fp8" (e4m3 values) for ``bits``."""
+def act_format_for(bits: int, a8_fp8: bool, layer_name: str, per_block: bool = False) -> str:
+    """How this step's activations are coded and multiplied.
+
+    * ``"int"``: int-grid codes of ≤ 5 bits, exact in e4m3 → FP8 GEMM;
+    * ``"int8"``: int-grid codes of 6–8 bits as int8 → INT8 tensor-core GEMM (:func:`gemm_int8_rowwise`),
+      the simulated path's own grid, per-token scales only;
+    * ``"fp8"``: FP8 e4m3 values (``s = amax/448``) → FP8 GEMM: the A8 ``"fp8_e4m3"`` format, or a
+      6–8-bit int grid with per-block scales (which ``_int_mm`` cannot apply; logged once per layer).
+    """
     if bits <= 5:
         return "int"
-    if not (a8_fp8 and bits == 8) and (layer_name, bits) not in _NOTED:
+    if a8_fp8 and bits == 8:
+        return "fp8"
+    if not per_block:
+        return "int8"
+    if (layer_name, bits) not in _NOTED:
         _NOTED.add((layer_name, bits))
-        log.info("layer %s: A%d int-grid codes are not exact in e4m3: using FP8 e4m3 activations "
+        log.info("layer %s: A%d int-grid codes with per-block scales: using FP8 e4m3 activations "
                  "(s = amax/448)", layer_name or "?", bits)
     return "fp8"
 
 
+def gemm_int8_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor], out_dtype: torch.dtype, chunk_elems: int = 1 << 26) -> torch.Tensor:
+    """q (M, K) int8 codes, s (M, 1), w8 (N, K) int8 (q − z), w_scale (N, 1) → (M, N) out_dtype.
+
+    ``torch._int_mm`` (INT8 tensor cores, int32 accumulation: the exact integer GEMM), then the
+    emulated path's epilogue ((acc · Δ) · s) + b in fp32, so the outputs are the emulated ones bit
+    for bit (the int32 → fp32 conversion rounds like the emulated path's exact sum does). Rows go in
+    chunks of ≤ ``chunk_elems`` outputs so the int32/fp32 temporaries stay small; ``_int_mm`` needs
+    more than 16 rows on CUDA, so a short tail is folded into the chunk before it.
+    """
+    m, n = q.shape[0], w8.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
+    delta = w_scale.reshape(1, n).float()
+    b = None if bias is None else bias.float()
+    step = max(32, chunk_elems // max(n, 1) // 16 * 16)
+    r0 = 0
+    while r0 < m:
+        r1 = m if m - (r0 + step) <= 16 else r0 + step
+        qa = q[r0:r1]
+        if qa.shape[0] > 16:
+            acc = torch._int_mm(qa, w8.t()).float()                                   # (rows, N) exact
+        else:                                                                         # ≤ 16 rows in all
+            acc = (qa.double() @ w8.double().t()).float()
+        y = (acc * delta) * s[r0:r1]
+        out[r0:r1] = y if b is None else y + b
+        r0 = r1
+    return out
+
+
 def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torch.Tensor],
                     rotation_block: int, scale_block: Optional[int], nonfinite_flag: Optional[torch.Tensor] = None,
-                    flag_id: int = 0, exact_rotation: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    flag_id: int = 0, exact_rotation: bool = True,
+                    codes_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Transform + quantize tokens (M, K) with the fused kernel; rotations it can't fuse go first.
 
     Returns codes (M, K) fp8 and scales (M, G) fp32 — for per-block scales a transposed view of a
@@ -200,7 +241,7 @@ def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torc
         h = _hadamard(r, x2.device)
     return act_quant(x2, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=scale_block,
                      scales_k_major=scale_block is not None, nonfinite_flag=nonfinite_flag, flag_id=flag_id,
-                     config=None if exact_rotation else {"snap": False})
+                     config=None if exact_rotation else {"snap": False}, codes_dtype=codes_dtype)
 
 
 def _persistent_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
@@ -237,22 +278,28 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
     w_scale = w_scale.float()                     # (N, 1) fp32 Δ, also if the model was cast with .to()
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     n = qweight.shape[0]
-    w8 = _persistent_weight(qweight, w_zero) if persistent else _POOL.expand(qweight, w_zero)   # (N, K) fp8
     bias_o = None if bias is None else bias.to(out_dtype)
+    fmt = "none" if b >= 16 else act_format_for(b, a8_fp8, layer_name, per_block)
+    if fmt == "int8":                    # (N, K) int8 q − z for the INT8 GEMM
+        w8 = _POOL.expand(qweight, w_zero, torch.int8)
+    else:                                # (N, K) fp8 q − z
+        w8 = _persistent_weight(qweight, w_zero) if persistent else _POOL.expand(qweight, w_zero)
     if b >= 16:                          # no activation quantization: bf16 GEMM on the dequantized weight
         xf = x2.float() if smooth is None else x2.float() / smooth
         if rotation_block:
             xf = hadamard_rotate_exact(xf, rotation_block)
         w = (w8.float() * w_scale.reshape(n, 1)).to(out_dtype)
         return torch.nn.functional.linear(xf.to(out_dtype), w, bias_o)
-    fmt = act_format_for(b, a8_fp8, layer_name)
     blk = scale_block if per_block else None
     mode = finite_check_mode()             # "step": recorded on the device, read once per step
     flag = device_flag(x2.device) if mode == "step" else None
-    q, s = quantize_tokens(x2, b, fmt, smooth, rotation_block, blk, flag,
-                           layer_id(layer_name) if flag is not None else 0, exact_rotation)   # (M, K), (M, G)
+    q, s = quantize_tokens(x2, b, "int" if fmt == "int8" else fmt, smooth, rotation_block, blk, flag,
+                           layer_id(layer_name) if flag is not None else 0, exact_rotation,
+                           torch.int8 if fmt == "int8" else torch.float8_e4m3fn)       # (M, K), (M, G)
     if mode == "layer" and not bool(torch.isfinite(s).all()):   # one sync per layer
         raise NonFiniteError(f"layer {layer_name or '?'}: input activations hold NaN/Inf")
+    if fmt == "int8":
+        return gemm_int8_rowwise(q, s, w8, w_scale, bias_o, out_dtype)
     if per_block:
         return gemm_blockwise(q, s, w8, w_scale, bias_o, out_dtype)
     return gemm_rowwise(q, s, w8, w_scale, bias_o, out_dtype, fast_accum)

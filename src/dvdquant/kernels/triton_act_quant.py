@@ -356,12 +356,13 @@ def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device)
 def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[torch.Tensor] = None,
               h_block: Optional[torch.Tensor] = None, block: Optional[int] = None,
               scales_k_major: bool = False, config: Optional[dict] = None, kernel: str = "auto",
-              nonfinite_flag: Optional[torch.Tensor] = None, flag_id: int = 0
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              nonfinite_flag: Optional[torch.Tensor] = None, flag_id: int = 0,
+              codes_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize tokens ``x`` (M, K) bf16/fp16/fp32 to FP8 codes (M, K) and fp32 scales (M, G).
 
     ``fmt``: ``"int"`` (symmetric ``bits``-bit grid, bits ≤ 5 so codes are exact in e4m3) or
-    ``"fp8"`` (e4m3 values, ``s = amax/448``). ``smooth`` (K,) divides x first; ``h_block``
+    ``"fp8"`` (e4m3 values, ``s = amax/448``). ``codes_dtype=torch.int8`` stores int-grid codes
+    of up to 8 bits as int8 instead (for the INT8 tensor-core GEMM). ``smooth`` (K,) divides x first; ``h_block``
     (R, R) is a normalised Hadamard block applied block-diagonally (see :func:`fusable_rotation`).
     ``block``: channels per scale (per_block scaling; G = K / block), None for per token (G = 1).
     ``scales_k_major``: return the (M, G) scales as a transposed view of a contiguous (G, M)
@@ -387,8 +388,12 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         raise ConfigError(f"act_quant expects 2-D tokens (M, K), got shape {tuple(x.shape)}")
     if fmt not in ("int", "fp8"):
         raise ConfigError(f"unknown activation format {fmt!r}")
-    if fmt == "int" and not 2 <= bits <= 5:
-        raise ConfigError(f"int-grid codes of {bits} bits are not all exact in FP8 e4m3 (need 2..5)")
+    if codes_dtype not in (torch.float8_e4m3fn, torch.int8) or (codes_dtype == torch.int8 and fmt != "int"):
+        raise ConfigError(f"codes are stored as float8_e4m3fn, or as int8 for the int grid (got {codes_dtype}, {fmt!r})")
+    if fmt == "int" and codes_dtype == torch.int8 and not 2 <= bits <= 8:
+        raise ConfigError(f"int8 codes hold 2..8-bit grids, got {bits} bits")
+    if fmt == "int" and codes_dtype != torch.int8 and not 2 <= bits <= 5:
+        raise ConfigError(f"int-grid codes of {bits} bits are not all exact in FP8 e4m3 (need 2..5; int8 codes for more)")
     m, k = x.shape
     r = None if h_block is None else h_block.shape[0]
     mm_ok = r is not None and smooth is None and x.dtype in (torch.bfloat16, torch.float16)
@@ -403,7 +408,7 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     tile = block if block else (max(r, 64) if r else cfg["block_k"])
     g = k // block if block else 1
     x = x if x.stride(-1) == 1 else x.contiguous()
-    codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    codes = torch.empty(m, k, dtype=codes_dtype, device=x.device)
     scales = torch.empty(g, m, dtype=torch.float32, device=x.device).t() if scales_k_major \
         else torch.empty(m, g, dtype=torch.float32, device=x.device)
     if m == 0:
@@ -447,7 +452,8 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
 # ---------------------------------------------------------------------------------- reference
 def act_quant_reference(x: torch.Tensor, *, bits: int, fmt: str = "int",
                         smooth: Optional[torch.Tensor] = None, h_block: Optional[torch.Tensor] = None,
-                        block: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        block: Optional[int] = None, codes_dtype: torch.dtype = torch.float8_e4m3fn
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch reference of :func:`act_quant` (same contract as ``QuantLinear``'s simulated path).
 
     The rotation is :func:`dvdquant.numerics.hadamard.rotate_pm1_exact` (snap, exact ±1 sums,
@@ -464,4 +470,4 @@ def act_quant_reference(x: torch.Tensor, *, bits: int, fmt: str = "int",
     m, k = xf.shape
     b = block or k
     codes, scale = quantize_rows(xf.reshape(m * (k // b), b), bits, fmt)
-    return codes.float().to(torch.float8_e4m3fn).reshape(m, k), scale.reshape(m, k // b)
+    return codes.float().to(codes_dtype).reshape(m, k), scale.reshape(m, k // b)
