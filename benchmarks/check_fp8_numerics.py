@@ -50,18 +50,21 @@ def configs():
                                                         auto_scale="per_block", **na),
         "W4A4/8-gbs-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, a8_format="fp8_e4m3", rotation_block=128,
                                                      auto_scale="none", gbs=dvdquant.GBSConfig(delta=0.12), **na),
-        # A8 on the int grid (the default a8_format): int8 codes and the INT8 GEMM, exact like A4
+        # A8 on the int grid (the default a8_format) with the opt-in INT8 GEMM: int8 codes, exact like A4
         "W4A8int-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=8, rotation_block=128, auto_scale="none", **na),
         "W4A4/8int-gbs-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128, auto_scale="none",
                                                         gbs=dvdquant.GBSConfig(delta=0.12), **na),
     }
 
 
-def _timed_generation(model, backend: str, steps: int, fast_accum: bool = False):
+INT8_GEMM_CONFIGS = ("W4A8int-rot128", "W4A4/8int-gbs-rot128")   # run with set_backend(..., int8_gemm=True)
+
+
+def _timed_generation(model, backend: str, steps: int, fast_accum: bool = False, int8_gemm: bool = False):
     """(samples, seconds) of the fixed prompts with every QuantLinear on ``backend``."""
     import dvdquant
     from dvdquant.pipeline import generate
-    dvdquant.set_backend(model.transformer, backend, fast_accum=fast_accum)
+    dvdquant.set_backend(model.transformer, backend, fast_accum=fast_accum, int8_gemm=int8_gemm)
     hooks = dvdquant.step_hooks(model.transformer, steps)
     t0 = time.perf_counter()
     out = generate(model, PROMPTS, seed=0, steps=steps, hooks=hooks, progress=False)
@@ -101,7 +104,7 @@ def run_config(name, cfg, steps: int, record_steps, device: str = "cuda", fast_a
                 paths.add(plan_forward(m, x.device, bits).path)
                 m.backend = "emulated"
                 ye = m(x).float()
-                m.backend, m.fp8_fast_accum = "fp8", fast_accum
+                m.backend, m.fp8_fast_accum, m.fp8_int8_gemm = "fp8", fast_accum, name in INT8_GEMM_CONFIGS
                 yf = m(x).float()
                 errs.append(float((yf - ye).norm() / ye.norm().clamp_min(1e-30)))
                 diff.append(float((yf != ye).float().mean()))
@@ -109,12 +112,12 @@ def run_config(name, cfg, steps: int, record_steps, device: str = "cuda", fast_a
                                 "differing_outputs_max": max(diff), "K": m.in_features, "N": m.out_features}
     state.reset()
     # 3. fp8 generation, same seed and noise
-    f8, t_f8 = _timed_generation(model, "fp8", steps, fast_accum)
+    f8, t_f8 = _timed_generation(model, "fp8", steps, fast_accum, int8_gemm=name in INT8_GEMM_CONFIGS)
     schedule_f8 = [b for _, b in state.history]
     p = psnr(emu.videos, f8.videos)
     lat_rel = float((f8.latents - emu.latents).norm() / emu.latents.norm())
     worst = max(per_layer.items(), key=lambda kv: kv[1]["max_rel"])
-    return {"config": name, "fast_accum": fast_accum, "layers": len(layers), "paths": sorted(paths), "steps": steps,
+    return {"config": name, "fast_accum": fast_accum, "int8_gemm": name in INT8_GEMM_CONFIGS, "layers": len(layers), "paths": sorted(paths), "steps": steps,
             "record_steps": list(record_steps), "bits_schedule_emulated": schedule, "bits_schedule_fp8": schedule_f8,
             "max_layer_rel": worst[1]["max_rel"], "worst_layer": worst[0],
             "mean_layer_rel": sum(v["mean_rel"] for v in per_layer.values()) / len(per_layer),

@@ -236,12 +236,16 @@ def _fp8_forward_checks() -> dict:
             m.state.a_bits = bits
             y = fp8mod.fp8_forward(m, x, bits, per_block=False).float()
             x2 = m.transform_input(x.reshape(-1, kk).float())
-            ref = quantize_activations(m, x2, bits).dequantize() @ dequantized_weight(m).t() + m.bias.float()
+            fmt = "int" if bits == 4 else "fp8"                      # A6/A8 default: e4m3 activations
+            ref = quantize_activations(m, x2, bits, fmt).dequantize() @ dequantized_weight(m).t() + m.bias.float()
             rel = float((y.reshape(-1, n) - ref).norm() / ref.norm())
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}"] = [rel < 1e-2, f"rel={rel:.2e}"]
             if bits in (6, 8):
-                # 6–8-bit int grid: int8 codes, torch._int_mm (exact on CPU too) and the emulated epilogue
+                # opt-in INT8 GEMM for the 6–8-bit int grid: int8 codes, torch._int_mm (exact on CPU too)
+                # and the emulated epilogue
+                m.fp8_int8_gemm = True
                 same = torch.equal(fp8mod.fp8_forward(m, x, bits, per_block=False), emulated_forward(m, x))
+                m.fp8_int8_gemm = False
                 res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}-int8-exact"] = [same, ""]
             if bits == 4:
                 # A4: the same codes and scales bit for bit as the emulated path (exact rotation), and the

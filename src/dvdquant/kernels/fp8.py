@@ -166,25 +166,28 @@ def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
     return default_bits if b < 0 else b
 
 
-def act_format_for(bits: int, a8_fp8: bool, layer_name: str, per_block: bool = False) -> str:
+def act_format_for(bits: int, a8_fp8: bool, layer_name: str, per_block: bool = False,
+                   int8_gemm: bool = False) -> str:
     """How this step's activations are coded and multiplied.
 
     * ``"int"``: int-grid codes of ≤ 5 bits, exact in e4m3 → FP8 GEMM;
-    * ``"int8"``: int-grid codes of 6–8 bits as int8 → INT8 tensor-core GEMM (:func:`gemm_int8_rowwise`),
-      the simulated path's own grid, per-token scales only;
-    * ``"fp8"``: FP8 e4m3 values (``s = amax/448``) → FP8 GEMM: the A8 ``"fp8_e4m3"`` format, or a
-      6–8-bit int grid with per-block scales (which ``_int_mm`` cannot apply; logged once per layer).
+    * ``"int8"`` (opt-in ``int8_gemm``, per-token scales): int-grid codes of 6–8 bits as int8 → INT8
+      tensor-core GEMM (:func:`gemm_int8_rowwise`): the simulated path's own grid, bit for bit, but
+      0.3–0.8× bf16 speed on an H100 (int32 output + a separate epilogue; docs/results/speed.md §0d);
+    * ``"fp8"``: FP8 e4m3 values (``s = amax/448``) → FP8 GEMM: the A8 ``"fp8_e4m3"`` format, and by
+      default also for 6–8-bit int grids (a different 8-bit grid than the simulated path's; logged
+      once per layer), as issue #5 specifies for the A6/A8 steps of δ-GBS.
     """
     if bits <= 5:
         return "int"
     if a8_fp8 and bits == 8:
         return "fp8"
-    if not per_block:
+    if int8_gemm and not per_block:
         return "int8"
     if (layer_name, bits) not in _NOTED:
         _NOTED.add((layer_name, bits))
-        log.info("layer %s: A%d int-grid codes with per-block scales: using FP8 e4m3 activations "
-                 "(s = amax/448)", layer_name or "?", bits)
+        log.info("layer %s: A%d int-grid codes are not exact in e4m3: using FP8 e4m3 activations "
+                 "(s = amax/448; set_backend(..., int8_gemm=True) runs the exact INT8 GEMM)", layer_name or "?", bits)
     return "fp8"
 
 
@@ -265,7 +268,7 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
                   bias: Optional[torch.Tensor], smooth: Optional[torch.Tensor], bits: torch.Tensor,
                   default_bits: int, rotation_block: int, a8_fp8: bool, per_block: bool, scale_block: int,
                   persistent: bool, layer_name: str, fast_accum: bool = False,
-                  exact_rotation: bool = True) -> torch.Tensor:
+                  exact_rotation: bool = True, int8_gemm: bool = False) -> torch.Tensor:
     """One W4 linear on the FP8 path: x2 (M, K) bf16/fp16/fp32 → (M, N) bf16/fp16.
 
     A custom op so that ``torch.compile`` traces a quantized model without graph breaks: the op
@@ -279,7 +282,7 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     n = qweight.shape[0]
     bias_o = None if bias is None else bias.to(out_dtype)
-    fmt = "none" if b >= 16 else act_format_for(b, a8_fp8, layer_name, per_block)
+    fmt = "none" if b >= 16 else act_format_for(b, a8_fp8, layer_name, per_block, int8_gemm)
     if fmt == "int8":                    # (N, K) int8 q − z for the INT8 GEMM
         w8 = _POOL.expand(qweight, w_zero, torch.int8)
     else:                                # (N, K) fp8 q − z
@@ -307,7 +310,8 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
 
 @w4_linear_fp8.register_fake
 def _w4_linear_fp8_fake(x2, qweight, w_zero, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8,
-                        per_block, scale_block, persistent, layer_name, fast_accum=False, exact_rotation=True):
+                        per_block, scale_block, persistent, layer_name, fast_accum=False, exact_rotation=True,
+                        int8_gemm=False):
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     return x2.new_empty((x2.shape[0], qweight.shape[0]), dtype=out_dtype)
 
@@ -343,5 +347,5 @@ def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Option
                       getattr(module, "a8_format", "int") == "fp8_e4m3", bool(per_block),
                       int(module.scale_block), getattr(module, "fp8_weight_cache", "expand") == "persistent",
                       str(module.layer_name or ""), bool(getattr(module, "fp8_fast_accum", False)),
-                      bool(getattr(module, "fp8_exact_rotation", True)))
+                      bool(getattr(module, "fp8_exact_rotation", True)), bool(getattr(module, "fp8_int8_gemm", False)))
     return y.to(x.dtype).reshape(*shape[:-1], module.out_features)
