@@ -142,8 +142,8 @@ def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_x
     """One (BLOCK_M, BLOCK_K) tile of x / smooth · H in fp32, and the snap constants it used.
 
     ``MAGIC_IN``: ``magic`` (BLOCK_M,) holds this tile's snap constants (computed by an earlier
-    pass; only when ROT_R == BLOCK_K); otherwise they are computed here. ``SNAP=False`` (benchmarks only) skips the snap: the
-    rotation is then no longer the exact one."""
+    pass; only when ROT_R == BLOCK_K); otherwise they are computed here. ``SNAP=False`` (the
+    opt-in ``exact_rotation=False``) skips the snap: the rotation is then no longer the exact one."""
     cols = k0 + tl.arange(0, BLOCK_K)
     if ROTATE and not HOIST_H:      # re-read H (L2-resident) so the pipeliner stages it in SMEM
         hk = tl.arange(0, BLOCK_K)
@@ -358,7 +358,7 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
               scales_k_major: bool = False, config: Optional[dict] = None, kernel: str = "auto",
               nonfinite_flag: Optional[torch.Tensor] = None, flag_id: int = 0,
               codes_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize tokens ``x`` (M, K) bf16/fp16/fp32 to FP8 codes (M, K) and fp32 scales (M, G).
+    """Quantize tokens ``x`` (M, K) bf16/fp16/fp32 to FP8 (or int8) codes (M, K) and fp32 scales (M, G).
 
     ``fmt``: ``"int"`` (symmetric ``bits``-bit grid, bits ≤ 5 so codes are exact in e4m3) or
     ``"fp8"`` (e4m3 values, ``s = amax/448``). ``codes_dtype=torch.int8`` stores int-grid codes
@@ -370,8 +370,8 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     ``config``: launch parameters overriding :data:`DEFAULT_CONFIG` (block_m, num_warps,
     num_stages, hoist_h, block_k for the unrotated case; ``snap_cache``: keep the first pass's
     snap constants for the second, default on; ``snap=False``: skip the snap, which makes the
-    rotation inexact — for measuring its cost only) or, for the matmul-form kernel,
-    :data:`ROT_CONFIG`.
+    rotation inexact — ``set_backend(..., exact_rotation=False)``; the matmul-form kernel always
+    snaps) or, for the matmul-form kernel, :data:`ROT_CONFIG`.
     ``kernel``: ``"auto"``/``"legacy"`` run :func:`act_quant_kernel` (±1 tile hoisted into
     registers); ``"mm"`` runs a fused rotation of bf16/fp16 tokens without ``smooth`` through the
     matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23× *slower* on an H200
