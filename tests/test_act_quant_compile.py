@@ -1,4 +1,5 @@
-"""The activation-quantization kernels compile for Hopper (sm_90a) in every variant the launcher uses.
+"""The activation-quantization kernels (and the INT8 GEMM) compile for Hopper (sm_90a) in every variant
+the launchers use.
 
 Why: Triton's CPU interpreter (``test_kernels_triton.py``) runs the kernels' logic but skips the
 compiler's type checks (e.g. a loop-carried value whose shape changes between iterations), so a
@@ -57,3 +58,12 @@ def test_matmul_form_kernel_compiles_for_sm90(per_block):
     const = dict(BLOCK_M=64, TILE=128, PER_BLOCK=per_block, FP8_FMT=False, SCALE_BY_RECIP=True, IEEE_DOT=False,
                  HAS_FLAG=True, ROT_R=128)
     assert _compile(act_quant_rot_kernel, sig, const, num_warps=4).asm["cubin"]
+
+
+@pytest.mark.parametrize("has_bias,block_k", [(True, 128), (False, 64)])
+def test_int8_gemm_kernel_compiles_for_sm90(has_bias, block_k):
+    from dvdquant.kernels.int8_gemm import int8_gemm_kernel
+    sig = {"a_ptr": "*i8", "s_ptr": "*fp32", "w_ptr": "*i8", "d_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16",
+           **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_wn", "stride_cm")}}
+    const = dict(HAS_BIAS=has_bias, INT32_DOT=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8)
+    assert _compile(int8_gemm_kernel, sig, const, num_warps=8).asm["cubin"]

@@ -169,6 +169,7 @@ def _checks() -> dict:
     res["expand-all-bytes-all-zero-points"] = [bool(ok), ""]
 
     res.update(_w4_gemm_checks(g))
+    res.update(_int8_gemm_checks(g))
     res.update(_fp8_forward_checks())
     return res
 
@@ -200,6 +201,28 @@ def _w4_gemm_checks(g) -> dict:
         ref = gemm_rowwise(q, s, expand_int4_to_fp8(p, z), ws, b, torch.float32)
         rel = float((y - ref).norm() / ref.norm())
         res[f"w4gemm-M{m}-N{n}-K{k}-A{bits}"] = [rel <= 1e-6, f"rel={rel:.1e}"]
+    return res
+
+
+def _int8_gemm_checks(g) -> dict:
+    """The Triton INT8 GEMM with its fused epilogue == numerics.linear (the emulated path's formula), bit for
+    bit in fp32 out; ragged M and N, bias on and off, several K steps."""
+    import torch
+
+    from dvdquant.kernels.int8_gemm import int8_gemm
+    from dvdquant.numerics.linear import linear_per_token_per_channel
+
+    res = {}
+    cfg = {"block_m": 16, "block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 1}
+    for m, n, k, has_bias in ((37, 48, 96, True), (16, 80, 64, False), (5, 32, 128, True)):
+        q = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+        w = torch.randint(-15, 16, (n, k), generator=g).to(torch.int8)
+        s = torch.rand(m, 1, generator=g) * 0.1 + 1e-3
+        d = torch.rand(n, 1, generator=g) * 0.01 + 1e-4
+        b = torch.randn(n, generator=g).to(torch.bfloat16) if has_bias else None
+        y = int8_gemm(q, s, w, d, b, out_dtype=torch.float32, config=cfg)
+        ref = linear_per_token_per_channel(q, s, w.float(), d, b, 127 * 15)
+        res[f"int8gemm-M{m}-N{n}-K{k}-bias{has_bias}"] = [torch.equal(y, ref), ""]
     return res
 
 
@@ -363,6 +386,11 @@ def test_nonfinite_flag_without_sync(results):
     bad = {k: v for k, v in results.items() if k.startswith(("nonfinite-", "tile-cache")) and not v[0]}
     assert len([k for k in results if k.startswith("nonfinite-flag-")]) == 5 and not bad, bad
     assert "nonfinite-raised-at-step-end" in results and "tile-cache" in results
+
+
+def test_int8_gemm_fused_epilogue_is_exact(results):
+    bad = {k: v for k, v in results.items() if k.startswith("int8gemm-") and not v[0]}
+    assert len([k for k in results if k.startswith("int8gemm-")]) == 3 and not bad, bad
 
 
 def test_w4_gemm_unpacking_in_the_mainloop(results):

@@ -195,12 +195,18 @@ def gemm_int8_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scal
                       bias: Optional[torch.Tensor], out_dtype: torch.dtype, chunk_elems: int = 1 << 26) -> torch.Tensor:
     """q (M, K) int8 codes, s (M, 1), w8 (N, K) int8 (q − z), w_scale (N, 1) → (M, N) out_dtype.
 
-    ``torch._int_mm`` (INT8 tensor cores, int32 accumulation: the exact integer GEMM), then the
-    emulated path's epilogue ((acc · Δ) · s) + b in fp32, so the outputs are the emulated ones bit
-    for bit (the int32 → fp32 conversion rounds like the emulated path's exact sum does). Rows go in
-    chunks of ≤ ``chunk_elems`` outputs so the int32/fp32 temporaries stay small; ``_int_mm`` needs
-    more than 16 rows on CUDA, so a short tail is folded into the chunk before it.
+    On CUDA: the Triton INT8 GEMM with the epilogue fused (:mod:`.int8_gemm`). Elsewhere (CPU, or a K
+    no tile divides): ``torch._int_mm`` (int32 accumulation: the exact integer GEMM), then the
+    emulated path's epilogue ((acc · Δ) · s) + b in fp32. Both give the emulated outputs bit for bit
+    (the int32 → fp32 conversion rounds like the emulated path's exact sum does). ``_int_mm`` rows go
+    in chunks of ≤ ``chunk_elems`` outputs so the int32/fp32 temporaries stay small; it needs more
+    than 16 rows on CUDA, so a short tail is folded into the chunk before it.
     """
+    k = q.shape[1]
+    block_k = next((b for b in (128, 64, 32) if k % b == 0), None)
+    if q.is_cuda and block_k is not None:
+        from .int8_gemm import int8_gemm
+        return int8_gemm(q, s, w8, w_scale, bias, out_dtype, config={"block_k": block_k})
     m, n = q.shape[0], w8.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     delta = w_scale.reshape(1, n).float()

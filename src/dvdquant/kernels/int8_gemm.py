@@ -1,0 +1,102 @@
+"""INT8 tensor-core GEMM with the emulated path's epilogue fused: the exact A6/A8 int-grid linear.
+
+Why it exists: with ``set_backend(..., int8_gemm=True)`` the 6–8-bit int-grid activation steps run
+on their own grid (int8 codes, |c| ≤ 127) against int8 weights q − z (|w| ≤ 15). ``torch._int_mm``
+computes those sums exactly but writes an int32 (M, N) tensor, and the scaling then costs several
+more passes over the output (0.29–0.77× bf16 on an H100, docs/results/speed.md §0d). This kernel
+keeps the int32 accumulator in registers and applies the epilogue before its single store::
+
+    y[m, n] = bf16( ((fp32(acc[m, n]) · Δ[n]) · s[m]) + b[n] )      acc = Σ_k c[m, k] · w[n, k] (int32)
+
+in that order, one rounding per operation, with floating-point contraction off
+(``enable_fp_fusion=False``) so no multiply-add is fused into an FMA. The int32 → fp32 conversion
+rounds to nearest even, like the emulated path's exact sum rounded once, so the outputs equal
+:func:`dvdquant.numerics.linear.linear_per_token_per_channel` bit for bit (GPU test).
+The int32 sum cannot overflow: |acc| ≤ 127 · 15 · K < 2^31 for K < 1.1 M.
+
+Under ``TRITON_INTERPRET=1`` (CI) the dot runs on int32 copies of the operands; the sums are the
+same integers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import ConfigError
+from .triton_act_quant import interpreting
+
+# Launch parameters (a first choice for sm_90; benchmarks/bench_linear.py measures the layer).
+DEFAULT_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 8, "num_stages": 3}
+
+
+@triton.jit
+def int8_gemm_kernel(a_ptr, s_ptr, w_ptr, d_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+                     HAS_BIAS: tl.constexpr, INT32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grid (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),), programs grouped by GROUP_M row tiles (L2 reuse of
+    weight tiles). a (M, K) int8 row-major, w (N, K) int8 row-major, K % BLOCK_K == 0 (launcher)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                       # (BLOCK_M,) token rows
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                       # (BLOCK_N,) output channels
+    m_ok, n_ok = rm < M, rn < N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]          # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None]          # (BLOCK_K, BLOCK_N) = wᵀ tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs + k0, mask=m_ok[:, None], other=0)
+        w = tl.load(w_ptrs + k0, mask=n_ok[None, :], other=0)
+        if INT32_DOT:                                                  # interpreter: the same integer sums
+            acc += tl.sum(a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :], axis=1)
+        else:                                                          # int8 × int8 tensor cores, int32 acc
+            acc = tl.dot(a, w, acc)
+    s = tl.load(s_ptr + rm, mask=m_ok, other=0.0)
+    d = tl.load(d_ptr + rn, mask=n_ok, other=0.0)
+    y = (acc.to(tl.float32) * d[None, :]) * s[:, None]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    tl.store(c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def int8_gemm(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+              bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+              config: Optional[dict] = None) -> torch.Tensor:
+    """q (M, K) int8 codes, s (M, 1) fp32, w8 (N, K) int8 (q − z), w_scale (N, 1) → (M, N) ``out_dtype``.
+
+    ``bias`` (N,) any float dtype, added in fp32. ``config`` overrides :data:`DEFAULT_CONFIG`.
+    """
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    if q.dtype != torch.int8 or w8.dtype != torch.int8 or q.dim() != 2 or w8.dim() != 2:
+        raise ConfigError(f"int8_gemm takes int8 (M, K) codes and int8 (N, K) weights, got {q.dtype} "
+                          f"{tuple(q.shape)} and {w8.dtype} {tuple(w8.shape)}")
+    m, k = q.shape
+    n = w8.shape[0]
+    if w8.shape[1] != k or k % cfg["block_k"]:
+        raise ConfigError(f"K={k} must match the weight's {w8.shape[1]} and be a multiple of block_k={cfg['block_k']}")
+    if s.numel() != m or w_scale.numel() != n or (bias is not None and bias.numel() != n):
+        raise ConfigError("int8_gemm needs one scale per token and one step (/ bias) per output channel")
+    q = q if q.stride(1) == 1 else q.contiguous()
+    w8 = w8 if w8.stride(1) == 1 else w8.contiguous()
+    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
+    if m == 0 or n == 0:
+        return out
+    sf, df = s.reshape(-1).float().contiguous(), w_scale.reshape(-1).float().contiguous()
+    bf = None if bias is None else bias.reshape(-1).float().contiguous()
+    grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]),)
+    int8_gemm_kernel[grid](
+        q, sf, w8, df, bf if bf is not None else df, out, m, n, k, q.stride(0), w8.stride(0), out.stride(0),
+        HAS_BIAS=bf is not None, INT32_DOT=interpreting(), BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+        BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        enable_fp_fusion=False)
+    return out
