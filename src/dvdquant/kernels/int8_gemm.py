@@ -59,7 +59,7 @@ def int8_gemm_kernel(a_ptr, s_ptr, w_ptr, d_ptr, bias_ptr, c_ptr, M, N, K, strid
         if INT32_DOT:                                                  # interpreter: the same integer sums
             acc += tl.sum(a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :], axis=1)
         else:                                                          # int8 × int8 tensor cores, int32 acc
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
     s = tl.load(s_ptr + rm, mask=m_ok, other=0.0)
     d = tl.load(d_ptr + rn, mask=n_ok, other=0.0)
     y = (acc.to(tl.float32) * d[None, :]) * s[:, None]
