@@ -50,14 +50,14 @@ def configs():
                                                         auto_scale="per_block", **na),
         "W4A4/8-gbs-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, a8_format="fp8_e4m3", rotation_block=128,
                                                      auto_scale="none", gbs=dvdquant.GBSConfig(delta=0.12), **na),
-        # A8 on the int grid (the default a8_format) with the opt-in INT8 GEMM: int8 codes, exact like A4
+        # A8 on the int grid (the default a8_format): int8 codes and the INT8 GEMM, exact like A4
         "W4A8int-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=8, rotation_block=128, auto_scale="none", **na),
         "W4A4/8int-gbs-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128, auto_scale="none",
                                                         gbs=dvdquant.GBSConfig(delta=0.12), **na),
     }
 
 
-INT8_GEMM_CONFIGS = ("W4A8int-rot128", "W4A4/8int-gbs-rot128")   # run with set_backend(..., int8_gemm=True)
+INT8_GEMM_CONFIGS = ("W4A8int-rot128", "W4A4/8int-gbs-rot128")   # int-grid A8: the INT8 GEMM (the default)
 
 
 def _timed_generation(model, backend: str, steps: int, fast_accum: bool = False, int8_gemm: bool = False):

@@ -150,13 +150,14 @@ def test_plan_fp8_choices():
     assert (p8.path, p8.fmt, p8.per_block) == ("fp8", "fp8", True) and "not exact" in p8.note
     m.a8_format = "fp8_e4m3"
     assert plan_forward(m, "cuda", 8, capability=H100).note == ""
-    m.a8_format, m.auto_scale = "int", "none"
-    assert plan_forward(m, "cuda", 8, capability=H100).fmt == "fp8"          # default: e4m3 substitute
-    m.fp8_int8_gemm = True                            # opt-in, per token: the int grid itself (INT8 GEMM)
+    m.a8_format, m.auto_scale = "int", "none"        # per token, default: the int grid itself (INT8 GEMM)
     for bits in (6, 8):
         p = plan_forward(m, "cuda", bits, capability=H100)
         assert (p.path, p.fmt, p.per_block, p.note) == ("fp8", "int", False, "")
-    m.fp8_int8_gemm, m.auto_scale = False, "per_block"
+    m.fp8_int8_gemm = False                           # opt-out: e4m3 substitute, noted
+    p = plan_forward(m, "cuda", 8, capability=H100)
+    assert p.fmt == "fp8" and "not exact" in p.note
+    m.fp8_int8_gemm, m.auto_scale = True, "per_block"
     # Ada has row-wise FP8 but no blockwise scaling
     assert plan_forward(m, "cuda", 4, capability=(8, 9)).path == "emulated"
     m.auto_scale = "none"
@@ -212,12 +213,12 @@ def test_plan_cpu_and_unknown_backend():
 def test_set_backend_checks_the_name_and_sets_fast_accum():
     import dvdquant
     model = nn.Sequential(make_layer(), make_layer())
-    assert all(m.fp8_exact_rotation and not m.fp8_fast_accum and not m.fp8_int8_gemm for m in model)
-    dvdquant.set_backend(model, "fp8", fast_accum=True, exact_rotation=False, int8_gemm=True)
-    assert all(m.backend == "fp8" and m.fp8_fast_accum and not m.fp8_exact_rotation and m.fp8_int8_gemm
+    assert all(m.fp8_exact_rotation and not m.fp8_fast_accum and m.fp8_int8_gemm for m in model)   # exact
+    dvdquant.set_backend(model, "fp8", fast_accum=True, exact_rotation=False, int8_gemm=False)
+    assert all(m.backend == "fp8" and m.fp8_fast_accum and not m.fp8_exact_rotation and not m.fp8_int8_gemm
                for m in model)
     dvdquant.set_backend(model, "emulated")
-    assert all(m.backend == "emulated" and not m.fp8_fast_accum and m.fp8_exact_rotation and not m.fp8_int8_gemm
+    assert all(m.backend == "emulated" and not m.fp8_fast_accum and m.fp8_exact_rotation and m.fp8_int8_gemm
                for m in model)
     with pytest.raises(ConfigError, match="unknown backend"):
         dvdquant.set_backend(model, "int4-magic")

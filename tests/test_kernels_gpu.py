@@ -202,9 +202,9 @@ def test_fp8_layer_matches_reference(kw):
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_fp8_int_grid_layer_is_bit_identical_to_emulated(kw, m_tokens, bias, bits):
     """Int-grid activations with per-token scales: the fused (or torch-first) exact rotation gives the
-    emulated path's codes; A4 runs ``_scaled_mm`` with exact accumulation, A6/A8 (opt-in ``int8_gemm``)
-    ``torch._int_mm`` (int8 codes, chunked rows, ≤ 16 rows in fp64) — both the exact integer GEMM — and
-    the epilogue rounds ((acc · Δ) · s) + b as the emulated path does: equal outputs, not close ones."""
+    emulated path's codes; A4 runs ``_scaled_mm`` with exact accumulation, A6/A8 (``int8_gemm``, the
+    default) the Triton INT8 GEMM — both the exact integer GEMM — and the epilogue rounds
+    ((acc · Δ) · s) + b as the emulated path does: equal outputs, not close ones."""
     from dvdquant.kernels import plan_forward
     from dvdquant.kernels.emulated import emulated_forward
     m = _layer(3072, 1536, a_bits=bits, **kw)

@@ -257,18 +257,18 @@ def _fp8_forward_checks() -> dict:
         x = (torch.randn(3, 19, kk, generator=g) * 2).to(torch.bfloat16)
         for bits in (4, 8, 4, 6):                                  # δ-GBS switching
             m.state.a_bits = bits
+            m.fp8_int8_gemm = False                                   # A6/A8 opt-out: e4m3 activations
             y = fp8mod.fp8_forward(m, x, bits, per_block=False).float()
+            m.fp8_int8_gemm = True
             x2 = m.transform_input(x.reshape(-1, kk).float())
-            fmt = "int" if bits == 4 else "fp8"                      # A6/A8 default: e4m3 activations
+            fmt = "int" if bits == 4 else "fp8"
             ref = quantize_activations(m, x2, bits, fmt).dequantize() @ dequantized_weight(m).t() + m.bias.float()
             rel = float((y.reshape(-1, n) - ref).norm() / ref.norm())
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}"] = [rel < 1e-2, f"rel={rel:.2e}"]
             if bits in (6, 8):
-                # opt-in INT8 GEMM for the 6–8-bit int grid: int8 codes, torch._int_mm (exact on CPU too)
-                # and the emulated epilogue
-                m.fp8_int8_gemm = True
+                # the INT8 GEMM for the 6–8-bit int grid (default): int8 codes, torch._int_mm on CPU (exact
+                # too) and the emulated epilogue
                 same = torch.equal(fp8mod.fp8_forward(m, x, bits, per_block=False), emulated_forward(m, x))
-                m.fp8_int8_gemm = False
                 res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}-int8-exact"] = [same, ""]
             if bits == 4:
                 # A4: the same codes and scales bit for bit as the emulated path (exact rotation), and the

@@ -7,9 +7,10 @@
   ``forward_simulated``; runs everywhere (CI).
 * ``"fp8"`` — fused Triton activation quantization (:mod:`.triton_act_quant`), int4 → FP8
   weight expansion (:mod:`.expand`) and ``torch._scaled_mm`` (:mod:`.fp8`); 6–8-bit int-grid
-  steps use FP8 e4m3 activations, or (opt-in ``set_backend(..., int8_gemm=True)``, per-token
-  scales) int8 codes and ``torch._int_mm`` on INT8 tensor cores, which is exact but slow. Layers or steps
-  it cannot run exactly fall back to emulated, with one log line per layer and reason.
+  steps with per-token scales use int8 codes and an INT8 tensor-core GEMM (:mod:`.int8_gemm`,
+  exact); with per-block scales or ``set_backend(..., int8_gemm=False)`` FP8 e4m3 activations.
+  Layers or steps it cannot run exactly fall back to emulated, with one log line per layer and
+  reason.
 * ``"auto"`` — ``"fp8"`` on an FP8-capable CUDA device (sm89+) with Triton, else emulated.
 
 The decision is :func:`plan_forward`, a pure function of the module's configuration, the
@@ -50,7 +51,7 @@ class Plan:
 
     path: str
     reason: str = ""
-    fmt: str = "int"          # fp8 path: "int" (int-grid codes: e4m3 ≤ 5 bits, opt-in int8 + INT8 GEMM 6–8) or "fp8"
+    fmt: str = "int"          # fp8 path: "int" (int-grid codes: e4m3 ≤ 5 bits, int8 + INT8 GEMM 6–8) or "fp8"
     per_block: bool = False   # fp8 path: per-(token, 128-channel) activation scales
     note: str = ""            # fp8 path: a numerics difference worth one log line
 
@@ -117,7 +118,7 @@ def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple
         return Plan("fp8", fmt="int", per_block=per_block)
     if getattr(module, "a8_format", "int") == "fp8_e4m3" and bits == 8:
         return Plan("fp8", fmt="fp8", per_block=per_block)
-    if getattr(module, "fp8_int8_gemm", False) and not per_block:   # opt-in: int8 codes, exact INT8 GEMM
+    if getattr(module, "fp8_int8_gemm", True) and not per_block:    # default: int8 codes, exact INT8 GEMM
         return Plan("fp8", fmt="int", per_block=False)
     return Plan("fp8", fmt="fp8", per_block=per_block,
                 note=f"A{bits} int-grid codes are not exact in e4m3: using FP8 e4m3 activations (s = amax/448)")

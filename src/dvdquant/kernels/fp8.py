@@ -167,16 +167,16 @@ def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
 
 
 def act_format_for(bits: int, a8_fp8: bool, layer_name: str, per_block: bool = False,
-                   int8_gemm: bool = False) -> str:
+                   int8_gemm: bool = True) -> str:
     """How this step's activations are coded and multiplied.
 
     * ``"int"``: int-grid codes of ≤ 5 bits, exact in e4m3 → FP8 GEMM;
-    * ``"int8"`` (opt-in ``int8_gemm``, per-token scales): int-grid codes of 6–8 bits as int8 → INT8
-      tensor-core GEMM (:func:`gemm_int8_rowwise`): the simulated path's own grid, bit for bit, but
-      0.3–0.8× bf16 speed on an H100 (int32 output + a separate epilogue; docs/results/speed.md §0d);
-    * ``"fp8"``: FP8 e4m3 values (``s = amax/448``) → FP8 GEMM: the A8 ``"fp8_e4m3"`` format, and by
-      default also for 6–8-bit int grids (a different 8-bit grid than the simulated path's; logged
-      once per layer), as issue #5 specifies for the A6/A8 steps of δ-GBS.
+    * ``"int8"`` (``int8_gemm``, the default; per-token scales): int-grid codes of 6–8 bits as int8 →
+      INT8 tensor-core GEMM with the epilogue fused (:func:`gemm_int8_rowwise`): the simulated path's
+      own grid, bit for bit, at about the e4m3 path's speed on an H100 (docs/results/speed.md §0d);
+    * ``"fp8"``: FP8 e4m3 values (``s = amax/448``) → FP8 GEMM: the A8 ``"fp8_e4m3"`` format; also
+      6–8-bit int grids with per-block scales or with ``int8_gemm=False`` (a different 8-bit grid
+      than the simulated path's; logged once per layer).
     """
     if bits <= 5:
         return "int"
@@ -187,7 +187,7 @@ def act_format_for(bits: int, a8_fp8: bool, layer_name: str, per_block: bool = F
     if (layer_name, bits) not in _NOTED:
         _NOTED.add((layer_name, bits))
         log.info("layer %s: A%d int-grid codes are not exact in e4m3: using FP8 e4m3 activations "
-                 "(s = amax/448; set_backend(..., int8_gemm=True) runs the exact INT8 GEMM)", layer_name or "?", bits)
+                 "(s = amax/448)", layer_name or "?", bits)
     return "fp8"
 
 
@@ -274,7 +274,7 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
                   bias: Optional[torch.Tensor], smooth: Optional[torch.Tensor], bits: torch.Tensor,
                   default_bits: int, rotation_block: int, a8_fp8: bool, per_block: bool, scale_block: int,
                   persistent: bool, layer_name: str, fast_accum: bool = False,
-                  exact_rotation: bool = True, int8_gemm: bool = False) -> torch.Tensor:
+                  exact_rotation: bool = True, int8_gemm: bool = True) -> torch.Tensor:
     """One W4 linear on the FP8 path: x2 (M, K) bf16/fp16/fp32 → (M, N) bf16/fp16.
 
     A custom op so that ``torch.compile`` traces a quantized model without graph breaks: the op
@@ -317,7 +317,7 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
 @w4_linear_fp8.register_fake
 def _w4_linear_fp8_fake(x2, qweight, w_zero, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8,
                         per_block, scale_block, persistent, layer_name, fast_accum=False, exact_rotation=True,
-                        int8_gemm=False):
+                        int8_gemm=True):
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     return x2.new_empty((x2.shape[0], qweight.shape[0]), dtype=out_dtype)
 
@@ -353,5 +353,5 @@ def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Option
                       getattr(module, "a8_format", "int") == "fp8_e4m3", bool(per_block),
                       int(module.scale_block), getattr(module, "fp8_weight_cache", "expand") == "persistent",
                       str(module.layer_name or ""), bool(getattr(module, "fp8_fast_accum", False)),
-                      bool(getattr(module, "fp8_exact_rotation", True)), bool(getattr(module, "fp8_int8_gemm", False)))
+                      bool(getattr(module, "fp8_exact_rotation", True)), bool(getattr(module, "fp8_int8_gemm", True)))
     return y.to(x.dtype).reshape(*shape[:-1], module.out_features)
