@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..errors import ConfigError
 from .triton_act_quant import interpreting
+from .w4_gemm import grouped_tile
 
 # Launch parameters (a first choice for sm_90; benchmarks/bench_linear.py measures the layer).
 DEFAULT_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 8, "num_stages": 3}
@@ -38,16 +39,7 @@ def int8_gemm_kernel(a_ptr, s_ptr, w_ptr, d_ptr, bias_ptr, c_ptr, M, N, K, strid
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Grid (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),), programs grouped by GROUP_M row tiles (L2 reuse of
     weight tiles). a (M, K) int8 row-major, w (N, K) int8 row-major, K % BLOCK_K == 0 (launcher)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                       # (BLOCK_M,) token rows
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                       # (BLOCK_N,) output channels
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)             # (BLOCK_M,) rows, (BLOCK_N,) channels
     m_ok, n_ok = rm < M, rn < N
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]          # (BLOCK_M, BLOCK_K)

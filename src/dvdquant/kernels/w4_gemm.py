@@ -41,12 +41,11 @@ DEFAULT_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "group_m": 8, 
 
 
 @triton.jit
-def w4_fp8_gemm_kernel(a_ptr, sa_ptr, p_ptr, z_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K,
-                       stride_am, stride_pn, stride_cm,
-                       HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grid (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),), programs ordered in groups of GROUP_M row tiles
-    (so consecutive programs share weight tiles in L2). K % BLOCK_K == 0 (checked by the launcher)."""
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of an (M, N) GEMM: row indices (BLOCK_M,) and column indices (BLOCK_N,).
+
+    Programs are ordered in groups of GROUP_M row tiles, so consecutive programs share weight
+    tiles in L2 (the usual grouped ordering)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -55,8 +54,17 @@ def w4_fp8_gemm_kernel(a_ptr, sa_ptr, p_ptr, z_ptr, ws_ptr, bias_ptr, c_ptr, M, 
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                       # (BLOCK_M,) token rows
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                       # (BLOCK_N,) output channels
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def w4_fp8_gemm_kernel(a_ptr, sa_ptr, p_ptr, z_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K,
+                       stride_am, stride_pn, stride_cm,
+                       HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grid (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),), programs ordered in groups of GROUP_M row tiles
+    (so consecutive programs share weight tiles in L2). K % BLOCK_K == 0 (checked by the launcher)."""
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)             # (BLOCK_M,) rows, (BLOCK_N,) channels
     m_ok, n_ok = rm < M, rn < N
     rk = tl.arange(0, BLOCK_K)
     rj = tl.arange(0, BLOCK_K // 2)                                    # packed byte j ↔ codes 2j, 2j+1
