@@ -17,7 +17,8 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
 * ``expand``    — packed int4 → FP8 weight expansion into a reused buffer;
 * ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM; ``a4_fast`` with the
   fast-accumulation GEMM; ``a8_int`` the 8-bit int grid (int8 codes, int8 expansion,
-  ``torch._int_mm`` + fp32 epilogue: the path A6/A8 int steps take), ``act_a8_int`` its kernel;
+  the Triton INT8 GEMM with the fused exact epilogue: the path A6/A8 int steps take by default),
+  ``act_a8_int`` its activation kernel;
   ``a4_persist`` — the same with a persistent FP8 weight (no expansion);
   ``a4_blk_<recipe>`` — per-block scales through blockwise ``_scaled_mm`` (each recipe that runs).
 
