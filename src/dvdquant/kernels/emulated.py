@@ -136,8 +136,8 @@ def emulated_forward(module, x: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(amax):
             raise NonFiniteError(f"layer {module.layer_name or '?'}: input activations hold NaN/Inf")
         qa = quantize_activations(module, x2, bits)
-        w_int, delta = integer_weight(module)
-        if qa.lam is None and qa.block == module.in_features and delta.shape[1] == 1:
+        if qa.lam is None and qa.block == module.in_features and module.w_scale.shape[1] == 1:
+            w_int, delta = integer_weight(module)
             pmax = None if qa.fmt == "fp8" else grids.act_qmax(bits) * grids.weight_int_max(module.w_bits)
             y = linear_per_token_per_channel(qa.codes, qa.scale, w_int, delta, module.bias, pmax)
             return y.to(x.dtype).reshape(*shape[:-1], module.out_features)

@@ -213,17 +213,18 @@ class QuantLinear(nn.Module):
         return grids.quantize_act_per_token_int(x2, bits)
 
     def _fake_quant_tokens(self, x2: torch.Tensor, bits: int) -> torch.Tensor:
-        if bits == 8 and self.a8_format == "fp8_e4m3":
-            return grids.fake_quant_act_per_token_fp8_e4m3(x2)
-        return grids.fake_quant_act_per_token_int(x2, bits)
+        codes, scale = self._quantize_tokens(x2, bits)
+        return codes.float() * scale
+
+    def _require_finite(self, x2: torch.Tensor) -> None:
+        if not torch.isfinite(x2.abs().amax()):
+            raise NonFiniteError(f"layer {self.layer_name or '?'}: input activations hold NaN/Inf")
 
     def quantize_input(self, x2: torch.Tensor, bits: int) -> torch.Tensor:
         """ARQ auto-scaling + per-token fake quantization of transformed tokens (M, K), fp32 out."""
         if bits >= 16:
             return x2
-        amax = x2.abs().amax()
-        if not torch.isfinite(amax):
-            raise NonFiniteError(f"layer {self.layer_name or '?'}: input activations hold NaN/Inf")
+        self._require_finite(x2)
         if self.act_balance is not None:                              # calibrated Λ for this step
             lam = self.act_balance[min(self._step(), self.act_balance.shape[0] - 1)].unsqueeze(0)
             return self._fake_quant_tokens(x2 / lam, bits) * lam
@@ -272,9 +273,7 @@ class QuantLinear(nn.Module):
 
     def _forward_per_token(self, xt: torch.Tensor, bits: int) -> torch.Tensor:
         """y (M, N) fp32 = ((Σ c·W_int) · Δ) · s + b from transformed tokens ``xt`` (M, K)."""
-        amax = xt.abs().amax()
-        if not torch.isfinite(amax):
-            raise NonFiniteError(f"layer {self.layer_name or '?'}: input activations hold NaN/Inf")
+        self._require_finite(xt)
         codes, s = self._quantize_tokens(xt, bits)                    # (M, K), (M, 1)
         p = self.weight_params()
         w_int = p.codes.float() - p.zero                              # (N, K) integers, zero (N, 1)
