@@ -67,3 +67,13 @@ def test_int8_gemm_kernel_compiles_for_sm90(has_bias, block_k):
            **{n: "i32" for n in ("M", "N", "K", "stride_am", "stride_wn", "stride_cm")}}
     const = dict(HAS_BIAS=has_bias, INT32_DOT=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8)
     assert _compile(int8_gemm_kernel, sig, const, num_warps=8).asm["cubin"]
+
+
+@pytest.mark.parametrize("has_bias,block_n", [(True, 256), (False, 128)])
+def test_int8_gemm_tma_kernel_compiles_for_sm90(has_bias, block_n):
+    from dvdquant.kernels.int8_gemm import int8_gemm_tma_kernel
+    sig = {"a_desc": "tensordesc<i8[128,128]>", "w_desc": f"tensordesc<i8[{block_n},128]>", "s_ptr": "*fp32",
+           "d_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16", **{n: "i32" for n in ("M", "N", "K", "stride_cm")}}
+    const = dict(HAS_BIAS=has_bias, INT32_DOT=False, BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8,
+                 NUM_PROGRAMS=132)
+    assert _compile(int8_gemm_tma_kernel, sig, const, num_warps=8).asm["cubin"]

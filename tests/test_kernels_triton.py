@@ -206,7 +206,8 @@ def _w4_gemm_checks(g) -> dict:
 
 def _int8_gemm_checks(g) -> dict:
     """The Triton INT8 GEMM with its fused epilogue == numerics.linear (the emulated path's formula), bit for
-    bit in fp32 out; ragged M and N, bias on and off, several K steps."""
+    bit in fp32 out; ragged M and N, bias on and off, several K steps; both kernels (pointer loads, and the
+    persistent one with TMA descriptors)."""
     import torch
 
     from dvdquant.kernels.int8_gemm import int8_gemm
@@ -220,9 +221,10 @@ def _int8_gemm_checks(g) -> dict:
         s = torch.rand(m, 1, generator=g) * 0.1 + 1e-3
         d = torch.rand(n, 1, generator=g) * 0.01 + 1e-4
         b = torch.randn(n, generator=g).to(torch.bfloat16) if has_bias else None
-        y = int8_gemm(q, s, w, d, b, out_dtype=torch.float32, config=cfg)
         ref = linear_per_token_per_channel(q, s, w.float(), d, b, 127 * 15)
-        res[f"int8gemm-M{m}-N{n}-K{k}-bias{has_bias}"] = [torch.equal(y, ref), ""]
+        for tma in (False, True):                 # pointer loads / TMA descriptors, persistent (3 programs)
+            y = int8_gemm(q, s, w, d, b, out_dtype=torch.float32, config=dict(cfg, tma=tma, programs=3))
+            res[f"int8gemm-M{m}-N{n}-K{k}-bias{has_bias}-tma{tma}"] = [torch.equal(y, ref), ""]
     return res
 
 
@@ -390,7 +392,7 @@ def test_nonfinite_flag_without_sync(results):
 
 def test_int8_gemm_fused_epilogue_is_exact(results):
     bad = {k: v for k, v in results.items() if k.startswith("int8gemm-") and not v[0]}
-    assert len([k for k in results if k.startswith("int8gemm-")]) == 3 and not bad, bad
+    assert len([k for k in results if k.startswith("int8gemm-")]) == 6 and not bad, bad
 
 
 def test_w4_gemm_unpacking_in_the_mainloop(results):

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..errors import ConfigError
 from .triton_act_quant import interpreting
-from .w4_gemm import grouped_tile
+from .w4_gemm import grouped_tile, tile_coords
 
 # Launch parameters (a first choice for sm_90; benchmarks/bench_linear.py measures the layer).
 DEFAULT_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 8, "num_stages": 3}
@@ -52,6 +52,13 @@ def int8_gemm_kernel(a_ptr, s_ptr, w_ptr, d_ptr, bias_ptr, c_ptr, M, N, K, strid
             acc += tl.sum(a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :], axis=1)
         else:                                                          # int8 × int8 tensor cores, int32 acc
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    _store_epilogue(acc, rm, rn, M, N, s_ptr, d_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+
+
+@triton.jit
+def _store_epilogue(acc, rm, rn, M, N, s_ptr, d_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) int32 → c[rm, rn] = ((fp32(acc) · Δ[rn]) · s[rm]) + b[rn], one store."""
+    m_ok, n_ok = rm < M, rn < N
     s = tl.load(s_ptr + rm, mask=m_ok, other=0.0)
     d = tl.load(d_ptr + rn, mask=n_ok, other=0.0)
     y = (acc.to(tl.float32) * d[None, :]) * s[:, None]
@@ -59,6 +66,32 @@ def int8_gemm_kernel(a_ptr, s_ptr, w_ptr, d_ptr, bias_ptr, c_ptr, M, N, K, strid
         y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
     tl.store(c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def int8_gemm_tma_kernel(a_desc, w_desc, s_ptr, d_ptr, bias_ptr, c_ptr, M, N, K, stride_cm,
+                         HAS_BIAS: tl.constexpr, INT32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         NUM_PROGRAMS: tl.constexpr):
+    """The same GEMM with its operand tiles read through tensor descriptors (TMA), persistent.
+
+    Grid (NUM_PROGRAMS,): program p computes output tiles p, p + NUM_PROGRAMS, … in
+    :func:`tile_coords` order. a_desc: (M, K) int8 codes, tiles [BLOCK_M, BLOCK_K]; w_desc: (N, K) int8
+    weights, tiles [BLOCK_N, BLOCK_K] (rows past M / N read as zeros). K % BLOCK_K == 0 (launcher)."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+        pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])                            # (BLOCK_M, BLOCK_K)
+            w = w_desc.load([pid_n * BLOCK_N, k0])                            # (BLOCK_N, BLOCK_K)
+            if INT32_DOT:
+                acc += tl.sum(a.to(tl.int32)[:, None, :] * w.to(tl.int32)[None, :, :], axis=2)
+            else:
+                acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _store_epilogue(acc, rm, rn, M, N, s_ptr, d_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
 def int8_gemm(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
@@ -85,6 +118,9 @@ def int8_gemm(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch
         return out
     sf, df = s.reshape(-1).float().contiguous(), w_scale.reshape(-1).float().contiguous()
     bf = None if bias is None else bias.reshape(-1).float().contiguous()
+    if cfg.get("tma"):
+        _launch_tma(q, sf, w8, df, bf, out, cfg)
+        return out
     grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]),)
     int8_gemm_kernel[grid](
         q, sf, w8, df, bf if bf is not None else df, out, m, n, k, q.stride(0), w8.stride(0), out.stride(0),
@@ -92,3 +128,25 @@ def int8_gemm(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch
         BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=False)
     return out
+
+
+def _launch_tma(q, sf, w8, df, bf, out, cfg) -> None:
+    """Persistent launch of :func:`int8_gemm_tma_kernel`: ``cfg["programs"]`` programs (default: one
+    per SM, or per CPU core when interpreting), never more than there are tiles."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = q.shape
+    n = w8.shape[0]
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    if k % 16 or q.stride(0) % 16 or w8.stride(0) % 16:
+        raise ConfigError(f"the TMA INT8 GEMM needs row strides that are multiples of 16 bytes (K={k})")
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    programs = cfg.get("programs") or (torch.cuda.get_device_properties(q.device).multi_processor_count
+                                       if q.is_cuda else 4)
+    a_desc = TensorDescriptor.from_tensor(q, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(w8, [bn, bk])
+    int8_gemm_tma_kernel[(min(programs, tiles),)](
+        a_desc, w_desc, sf, df, bf if bf is not None else df, out, m, n, k, out.stride(0),
+        HAS_BIAS=bf is not None, INT32_DOT=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=cfg["group_m"], NUM_PROGRAMS=min(programs, tiles), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], enable_fp_fusion=False)

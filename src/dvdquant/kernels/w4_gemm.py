@@ -41,12 +41,11 @@ DEFAULT_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "group_m": 8, 
 
 
 @triton.jit
-def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile of an (M, N) GEMM: row indices (BLOCK_M,) and column indices (BLOCK_N,).
+def tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile (pid_m, pid_n) of program / work item ``pid`` of an (M, N) GEMM.
 
-    Programs are ordered in groups of GROUP_M row tiles, so consecutive programs share weight
-    tiles in L2 (the usual grouped ordering)."""
-    pid = tl.program_id(0)
+    Tiles are ordered in groups of GROUP_M row tiles, so consecutive programs share weight tiles
+    in L2 (the usual grouped ordering)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
@@ -54,6 +53,14 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of an (M, N) GEMM: row indices (BLOCK_M,) and column indices (BLOCK_N,),
+    in :func:`tile_coords` order."""
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
