@@ -18,7 +18,8 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
 * ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM; ``a4_fast`` with the
   fast-accumulation GEMM; ``a8_int`` the 8-bit int grid (int8 codes, int8 expansion,
   the Triton INT8 GEMM with the fused exact epilogue: the path A6/A8 int steps take by default),
-  ``act_a8_int`` its activation kernel;
+  ``act_a8_int`` its activation kernel; ``a4_int`` the same for A4 codes (the default A4 path on sm90
+  since session 9; ``a4`` is then the ``int8_gemm=False`` path), ``act_a4_int`` its activation kernel;
   ``a4_persist`` — the same with a persistent FP8 weight (no expansion);
   ``a4_blk_<recipe>`` — per-block scales through blockwise ``_scaled_mm`` (each recipe that runs).
 
@@ -104,6 +105,13 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
         q, s = act8i()
         return gemm_int8_rowwise(q, s, expand_int4_to_int8(packed, zero, out=buf_i8), w_scale, bias, torch.bfloat16)
     r["a8_int"] = t(a8_int)
+    act4i = lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=cfg, codes_dtype=torch.int8)  # noqa: E731
+
+    def a4_int():
+        q, s = act4i()
+        return gemm_int8_rowwise(q, s, expand_int4_to_int8(packed, zero, out=buf_i8), w_scale, bias, torch.bfloat16)
+    r["act_a4_int"] = t(act4i)
+    r["a4_int"] = t(a4_int)
     del buf_i8
     qb, sb = act4b()
     for name, fn in (BLOCKWISE_GEMMS.items() if blockwise else ()):
@@ -117,9 +125,9 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
         r[f"a4_blk_{name}"] = t(lambda: fn(*act4b(), expand(), w_scale, bias, torch.bfloat16))
     flops = 2.0 * m * k * n
     for key in [kk for kk in r if kk in ("bf16", "fp8_gemm", "fp8_gemm_fast", "a4", "a8", "a4_persist", "a4_fast",
-                                         "a4_nosnap", "a8_int") or kk.startswith(("a4_blk", "gemm_blk"))]:
+                                         "a4_nosnap", "a8_int", "a4_int") or kk.startswith(("a4_blk", "gemm_blk"))]:
         r[f"tflops_{key}"] = flops / r[key] / 1e9
-    for key in ("fp8_gemm", "fp8_gemm_fast", "a4", "a8", "a4_persist", "a4_fast", "a4_nosnap", "a8_int") + tuple(kk for kk in r if kk.startswith("a4_blk_") and "error" not in kk):
+    for key in ("fp8_gemm", "fp8_gemm_fast", "a4", "a8", "a4_persist", "a4_fast", "a4_nosnap", "a8_int", "a4_int") + tuple(kk for kk in r if kk.startswith("a4_blk_") and "error" not in kk):
         r[f"speedup_{key}"] = r["bf16"] / r[key]
     del x, w, packed, buf, q4, w8, qb
     torch.cuda.empty_cache()
@@ -129,7 +137,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
 def markdown(rows: list, device: str) -> str:
     blk = sorted({k[len("speedup_a4_blk_"):] for r in rows for k in r if k.startswith("speedup_a4_blk_")})
     head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "fast GEMM ×", "A4 ×", "A4 fast ×", "fast rel", "A8 ×", "A4 persist ×",
-                                                           "A4 no-snap ×", "A8 int ×"] + \
+                                                           "A4 no-snap ×", "A8 int ×", "A4 int8 ×"] + \
         [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A4 no-cache ms", "act A4 no-snap ms", "act A8 ms",
                                            "act blk ms", "act norot ms", "act A4 mm ms", "expand ms", "GEMM ms"]
     out = [f"Device: {device}. Speedups are bf16 time / path time (>1 = faster), medians of do_bench.", "",
@@ -138,7 +146,8 @@ def markdown(rows: list, device: str) -> str:
         cells = [r["model"], f"{r['K']}→{r['N']}", str(r["M"]), f"{r['bf16']:.3f}", f"{r['tflops_bf16']:.0f}",
                  f"{r['speedup_fp8_gemm']:.2f}", f"{r['speedup_fp8_gemm_fast']:.2f}", f"{r['speedup_a4']:.2f}",
                  f"{r['speedup_a4_fast']:.2f}", f"{r['fast_rel']:.1e}", f"{r['speedup_a8']:.2f}",
-                 f"{r['speedup_a4_persist']:.2f}", f"{r['speedup_a4_nosnap']:.2f}", f"{r['speedup_a8_int']:.2f}"]
+                 f"{r['speedup_a4_persist']:.2f}", f"{r['speedup_a4_nosnap']:.2f}", f"{r['speedup_a8_int']:.2f}",
+                 f"{r['speedup_a4_int']:.2f}"]
         cells += [f"{r.get('speedup_a4_blk_' + b, float('nan')):.2f}" for b in blk]
         cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a4_nocache", "act_a4_nosnap", "act_a8", "act_a4_blk",
                                           "act_a4_norot", "act_a4_mm", "expand", "fp8_gemm")]
@@ -172,7 +181,7 @@ def main() -> None:
             rows.append(r)
             print(f"{model} {k}->{n} M={m}: bf16 {r['bf16']:.3f} ms, fp8 gemm x{r['speedup_fp8_gemm']:.2f}, "
                   f"A4 x{r['speedup_a4']:.2f} (no snap x{r['speedup_a4_nosnap']:.2f}), A8 x{r['speedup_a8']:.2f}, "
-                  f"A8 int x{r['speedup_a8_int']:.2f}, "
+                  f"A8 int x{r['speedup_a8_int']:.2f}, A4 int8 x{r['speedup_a4_int']:.2f}, "
                   f"act4 {r['act_a4']:.3f} / no-cache {r['act_a4_nocache']:.3f} / no-snap {r['act_a4_nosnap']:.3f} ms, "
                   f"expand {r['expand']:.3f} ms  [{time.time() - t0:.0f}s]", flush=True)
             with open(os.path.join(args.out, "bench_linear.json"), "w") as f:

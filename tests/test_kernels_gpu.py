@@ -163,6 +163,30 @@ def test_w4_gemm_unpacking_in_the_mainloop_matches_scaled_mm(m, n, k):
         assert rel < (1e-5 if bits == 4 else 1e-2), (bits, rel)
 
 
+@pytest.mark.parametrize("m,n,k", [(4096, 3072, 3072), (1000, 5120, 13824), (333, 272, 256), (77, 40, 80)])
+@pytest.mark.parametrize("tma", [True, False])
+def test_int8_gemm_kernels_equal_the_reference(m, n, k, tma):
+    """The Triton INT8 GEMMs (persistent TMA kernel with the default tiles, pointer kernel) give
+    :func:`numerics.linear.linear_per_token_per_channel` bit for bit in fp32 and bf16 out, on ragged M/N
+    and, for TMA, a K that is no multiple of the 128-wide k tile (read past K as zeros)."""
+    from dvdquant.kernels.int8_gemm import DEFAULT_CONFIG, int8_gemm, launch_config
+    from dvdquant.numerics.linear import linear_per_token_per_channel
+    if not tma and k % 32:
+        pytest.skip("the pointer kernel needs a k tile dividing K")
+    q = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8)
+    w = torch.randint(-15, 16, (n, k), device=DEV, dtype=torch.int8)
+    s = torch.rand(m, 1, device=DEV) * 0.1 + 1e-3
+    d = torch.rand(n, 1, device=DEV) * 0.01 + 1e-4
+    b = torch.randn(n, device=DEV).to(torch.bfloat16)
+    cfg = dict(DEFAULT_CONFIG, tma=tma, block_k=next(bk for bk in (128, 64, 32) if k % bk == 0 or tma))
+    if tma:
+        assert launch_config(q, w)["tma"]                                 # what gemm_int8_rowwise uses on sm90
+    ref = linear_per_token_per_channel(q, s, w.float(), d, b, 127 * 15)
+    y = int8_gemm(q, s, w, d, b, out_dtype=torch.float32, config=cfg)
+    yb = int8_gemm(q, s, w, d, b, out_dtype=torch.bfloat16, config=cfg)
+    assert torch.equal(y, ref) and torch.equal(yb, ref.to(torch.bfloat16))
+
+
 def _layer(k, n, **kw):
     from dvdquant.nn import QuantLinear, RuntimeState
     from dvdquant.numerics import grids
@@ -202,21 +226,23 @@ def test_fp8_layer_matches_reference(kw):
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_fp8_int_grid_layer_is_bit_identical_to_emulated(kw, m_tokens, bias, bits):
     """Int-grid activations with per-token scales: the fused (or torch-first) exact rotation gives the
-    emulated path's codes; A4 runs ``_scaled_mm`` with exact accumulation, A6/A8 (``int8_gemm``, the
-    default) the Triton INT8 GEMM — both the exact integer GEMM — and the epilogue rounds
-    ((acc · Δ) · s) + b as the emulated path does: equal outputs, not close ones."""
+    emulated path's codes; every width runs the Triton INT8 GEMM (``int8_gemm``, the default; A4 on
+    sm90) and, with ``int8_gemm=False``, A4 runs ``_scaled_mm`` with exact accumulation — both the exact
+    integer GEMM — and the epilogue rounds ((acc · Δ) · s) + b as the emulated path does: equal
+    outputs, not close ones."""
     from dvdquant.kernels import plan_forward
     from dvdquant.kernels.emulated import emulated_forward
     m = _layer(3072, 1536, a_bits=bits, **kw)
-    m.fp8_int8_gemm = True
     m.bias = nn.Parameter(m.bias.detach().to(torch.bfloat16), requires_grad=False) if bias else None   # a bf16 model
     x = (torch.randn(2, m_tokens, 3072, device=DEV) * torch.logspace(-3, 1, 3072, device=DEV)).to(torch.bfloat16)
     assert plan_forward(m, x.device, bits).path == "fp8"
-    with torch.no_grad():
-        y, ye = m(x), emulated_forward(m, x)
-    print(f"A{bits} {kw} M={2 * m_tokens} bias={bias}: differing outputs {float((y != ye).float().mean()):.2e}")
-    assert y.dtype == ye.dtype == torch.bfloat16
-    assert torch.equal(y, ye)
+    for int8 in ((True, False) if bits == 4 else (True,)):
+        m.fp8_int8_gemm = int8
+        with torch.no_grad():
+            y, ye = m(x), emulated_forward(m, x)
+        print(f"A{bits} int8={int8} {kw} M={2 * m_tokens} bias={bias}: differing {float((y != ye).float().mean()):.2e}")
+        assert y.dtype == ye.dtype == torch.bfloat16
+        assert torch.equal(y, ye)
 
 
 def test_compiled_fp8_block_switches_bits_without_recompiling():

@@ -225,6 +225,12 @@ def _int8_gemm_checks(g) -> dict:
         for tma in (False, True):                 # pointer loads / TMA descriptors, persistent (3 programs)
             y = int8_gemm(q, s, w, d, b, out_dtype=torch.float32, config=dict(cfg, tma=tma, programs=3))
             res[f"int8gemm-M{m}-N{n}-K{k}-bias{has_bias}-tma{tma}"] = [torch.equal(y, ref), ""]
+    m, n, k = 21, 40, 80                          # TMA kernel: K = 2.5 tiles, the tail read as zeros
+    q = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+    w = torch.randint(-15, 16, (n, k), generator=g).to(torch.int8)
+    s, d = torch.rand(m, 1, generator=g) + 1e-3, torch.rand(n, 1, generator=g) * 0.01 + 1e-4
+    y = int8_gemm(q, s, w, d, None, out_dtype=torch.float32, config=dict(cfg, tma=True, programs=2))
+    res["int8gemm-tma-ragged-K"] = [torch.equal(y, linear_per_token_per_channel(q, s, w.float(), d, None, 127 * 15)), ""]
     return res
 
 
@@ -259,7 +265,7 @@ def _fp8_forward_checks() -> dict:
         x = (torch.randn(3, 19, kk, generator=g) * 2).to(torch.bfloat16)
         for bits in (4, 8, 4, 6):                                  # δ-GBS switching
             m.state.a_bits = bits
-            m.fp8_int8_gemm = False                                   # A6/A8 opt-out: e4m3 activations
+            m.fp8_int8_gemm = False                                   # opt-out: A4 on the FP8 GEMM, A6/A8 e4m3 activations
             y = fp8mod.fp8_forward(m, x, bits, per_block=False).float()
             m.fp8_int8_gemm = True
             x2 = m.transform_input(x.reshape(-1, kk).float())
@@ -267,13 +273,12 @@ def _fp8_forward_checks() -> dict:
             ref = quantize_activations(m, x2, bits, fmt).dequantize() @ dequantized_weight(m).t() + m.bias.float()
             rel = float((y.reshape(-1, n) - ref).norm() / ref.norm())
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}"] = [rel < 1e-2, f"rel={rel:.2e}"]
-            if bits in (6, 8):
-                # the INT8 GEMM for the 6–8-bit int grid (default): int8 codes, torch._int_mm on CPU (exact
-                # too) and the emulated epilogue
-                same = torch.equal(fp8mod.fp8_forward(m, x, bits, per_block=False), emulated_forward(m, x))
-                res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}-int8-exact"] = [same, ""]
+            # the INT8 GEMM for every int-grid step (default): int8 codes, torch._int_mm on CPU (exact too)
+            # and the emulated epilogue
+            same = torch.equal(fp8mod.fp8_forward(m, x, bits, per_block=False), emulated_forward(m, x))
+            res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}-int8-exact"] = [same, ""]
             if bits == 4:
-                # A4: the same codes and scales bit for bit as the emulated path (exact rotation), and the
+                # A4 on the FP8 GEMM (int8_gemm=False, above): the same codes and scales bit for bit as the emulated path (exact rotation), and the
                 # same output up to the epilogue: torch's CPU _scaled_mm rounds in another order than cuBLAS
                 # (whose order the emulated path follows; bit-equality is asserted on the GPU): rounding-level
                 # differences (one bf16 ulp of the sum's terms, which cancel near zero) on ≤ 0.1 % of outputs
@@ -392,7 +397,7 @@ def test_nonfinite_flag_without_sync(results):
 
 def test_int8_gemm_fused_epilogue_is_exact(results):
     bad = {k: v for k, v in results.items() if k.startswith("int8gemm-") and not v[0]}
-    assert len([k for k in results if k.startswith("int8gemm-")]) == 6 and not bad, bad
+    assert len([k for k in results if k.startswith("int8gemm-")]) == 7 and not bad, bad
 
 
 def test_w4_gemm_unpacking_in_the_mainloop(results):

@@ -160,8 +160,8 @@ def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exa
     """Select the execution path of every QuantLinear ("simulated", "emulated", "fp8", "auto").
 
     By default the fp8 path computes the emulated path's bits for int-grid layers with per-token
-    scales (exact rotation; exact integer GEMM: FP8 tensor cores for A4, INT8 ones for A6/A8; the
-    same epilogue order), so its clips are the emulated ones. Opt-in trades of that exactness for
+    scales (exact rotation; exact integer GEMM: INT8 tensor cores, or FP8 ones with exact
+    accumulation for A4 below sm90; the same epilogue order), so its clips are the emulated ones. Opt-in trades of that exactness for
     speed (docs/results/speed.md):
 
     ``fast_accum``: let cuBLAS accumulate the per-token FP8 GEMMs in the tensor cores'
@@ -171,9 +171,9 @@ def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exa
     (~25 % cheaper kernel); rotated values then round per summation order, and a code on a
     rounding boundary can move one step.
 
-    ``int8_gemm=False``: run A6/A8 steps of int-grid layers with FP8 e4m3 activations instead of
-    int8 codes on INT8 tensor cores (a different 8-bit grid, logged once per layer; on an H100 the
-    two run at about the same speed, e4m3 up to 1.3× faster on the widest layers).
+    ``int8_gemm=False``: run int-grid steps on the FP8 GEMM instead of INT8 tensor cores: A4 codes
+    through cuBLAS' exact FP8 GEMM (the same bits, slower on an H100), A6/A8 as FP8 e4m3 values (a
+    different 8-bit grid, logged once per layer). ``fast_accum=True`` also sends A4 to cuBLAS.
     """
     if backend not in ("simulated",) + BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {('simulated',) + BACKENDS}")

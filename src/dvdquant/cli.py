@@ -91,7 +91,7 @@ def cmd_generate(args) -> int:
     model = load_generation_model(args.model, device=args.device)
     if api.get_state(model.transformer) is not None:
         api.set_backend(model.transformer, args.backend, fast_accum=args.fast_accum,
-                        exact_rotation=not args.inexact_rotation, int8_gemm=not args.e4m3_a8)
+                        exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm)
     hooks = api.step_hooks(model.transformer, total_steps=args.steps)
     res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, hooks=hooks,
                    progress=not args.quiet)
@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8 path: cuBLAS fast FP8 accumulation (faster, not the exact integer GEMM)")
     g.add_argument("--inexact-rotation", action="store_true",
                    help="fp8 path: skip the exact rotation's snap (cheaper activation kernel, codes can move one step)")
-    g.add_argument("--e4m3-a8", action="store_true",
-                   help="fp8 path: A6/A8 int-grid steps with FP8 e4m3 activations instead of the exact INT8 GEMM")
+    g.add_argument("--no-int8-gemm", "--e4m3-a8", dest="no_int8_gemm", action="store_true",
+                   help="fp8 path: int-grid steps on the FP8 GEMM instead of the exact INT8 GEMM (A4 codes as e4m3, "
+                        "A6/A8 as FP8 e4m3 values: a different grid)")
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=cmd_generate)
 

@@ -6,9 +6,11 @@
 * ``"emulated"`` — the integer pipeline in plain torch (:mod:`.emulated`); bit-identical to
   ``forward_simulated``; runs everywhere (CI).
 * ``"fp8"`` — fused Triton activation quantization (:mod:`.triton_act_quant`), int4 → FP8
-  weight expansion (:mod:`.expand`) and ``torch._scaled_mm`` (:mod:`.fp8`); 6–8-bit int-grid
-  steps with per-token scales use int8 codes and an INT8 tensor-core GEMM (:mod:`.int8_gemm`,
-  exact); with per-block scales or ``set_backend(..., int8_gemm=False)`` FP8 e4m3 activations.
+  weight expansion (:mod:`.expand`) and an exact integer GEMM. Int-grid steps with per-token
+  scales use int8 codes and an INT8 tensor-core GEMM (:mod:`.int8_gemm`) — A6/A8 everywhere, A4 on
+  sm90, where it beats cuBLAS' exact FP8 GEMM; A4 elsewhere, per-block scales and the opt-ins
+  (``set_backend(..., int8_gemm=False)``: A6/A8 as FP8 e4m3 values; ``fast_accum``) run
+  ``torch._scaled_mm`` (:mod:`.fp8`).
   Layers or steps it cannot run exactly fall back to emulated, with one log line per layer and
   reason.
 * ``"auto"`` — ``"fp8"`` on an FP8-capable CUDA device (sm89+) with Triton, else emulated.

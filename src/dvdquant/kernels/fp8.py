@@ -166,20 +166,33 @@ def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
     return default_bits if b < 0 else b
 
 
+def int8_tensor_cores_for_a4(device: torch.device) -> bool:
+    """Whether A4 (≤ 5-bit) int-grid steps take the INT8 GEMM on ``device`` (with ``int8_gemm=True``).
+
+    Measured faster than cuBLAS' exact FP8 GEMM only on sm90 (H100: the persistent TMA kernel,
+    1.5–2.0× bf16 vs 1.2–1.7× for ``_scaled_mm`` on the same codes; docs/results/speed.md §0e). On
+    sm89 A4 stays on cuBLAS FP8. On CPU both are exact and ``_int_mm`` is the cheaper emulation."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def act_format_for(bits: int, a8_fp8: bool, layer_name: str, per_block: bool = False,
-                   int8_gemm: bool = True) -> str:
+                   int8_gemm: bool = True, fast_accum: bool = False, a4_int8: bool = True) -> str:
     """How this step's activations are coded and multiplied.
 
-    * ``"int"``: int-grid codes of ≤ 5 bits, exact in e4m3 → FP8 GEMM;
-    * ``"int8"`` (``int8_gemm``, the default; per-token scales): int-grid codes of 6–8 bits as int8 →
-      INT8 tensor-core GEMM with the epilogue fused (:func:`gemm_int8_rowwise`): the simulated path's
-      own grid, bit for bit, at about the e4m3 path's speed on an H100 (docs/results/speed.md §0d);
+    * ``"int8"`` (``int8_gemm``, the default; per-token scales): int-grid codes as int8 → INT8
+      tensor-core GEMM with the epilogue fused (:func:`gemm_int8_rowwise`): the simulated path's own
+      grid, bit for bit. All 6–8-bit int-grid steps; ≤ 5-bit steps too where ``a4_int8``
+      (:func:`int8_tensor_cores_for_a4`) and not ``fast_accum`` (which asks for cuBLAS' FP8 GEMM);
+    * ``"int"``: int-grid codes of ≤ 5 bits, exact in e4m3 → cuBLAS FP8 GEMM (exact unless
+      ``fast_accum``);
     * ``"fp8"``: FP8 e4m3 values (``s = amax/448``) → FP8 GEMM: the A8 ``"fp8_e4m3"`` format; also
       6–8-bit int grids with per-block scales or with ``int8_gemm=False`` (a different 8-bit grid
       than the simulated path's; logged once per layer).
     """
     if bits <= 5:
-        return "int"
+        return "int8" if int8_gemm and a4_int8 and not per_block and not fast_accum else "int"
     if a8_fp8 and bits == 8:
         return "fp8"
     if int8_gemm and not per_block:
@@ -195,18 +208,19 @@ def gemm_int8_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scal
                       bias: Optional[torch.Tensor], out_dtype: torch.dtype, chunk_elems: int = 1 << 26) -> torch.Tensor:
     """q (M, K) int8 codes, s (M, 1), w8 (N, K) int8 (q − z), w_scale (N, 1) → (M, N) out_dtype.
 
-    On CUDA: the Triton INT8 GEMM with the epilogue fused (:mod:`.int8_gemm`). Elsewhere (CPU, or a K
-    no tile divides): ``torch._int_mm`` (int32 accumulation: the exact integer GEMM), then the
+    On CUDA: the Triton INT8 GEMM with the epilogue fused (:mod:`.int8_gemm`; the persistent TMA kernel
+    on sm90, :func:`.int8_gemm.launch_config`). Elsewhere (CPU, or a K no tile divides): ``torch._int_mm`` (int32 accumulation: the exact integer GEMM), then the
     emulated path's epilogue ((acc · Δ) · s) + b in fp32. Both give the emulated outputs bit for bit
     (the int32 → fp32 conversion rounds like the emulated path's exact sum does). ``_int_mm`` rows go
     in chunks of ≤ ``chunk_elems`` outputs so the int32/fp32 temporaries stay small; it needs more
     than 16 rows on CUDA, so a short tail is folded into the chunk before it.
     """
     k = q.shape[1]
-    block_k = next((b for b in (128, 64, 32) if k % b == 0), None)
-    if q.is_cuda and block_k is not None:
-        from .int8_gemm import int8_gemm
-        return int8_gemm(q, s, w8, w_scale, bias, out_dtype, config={"block_k": block_k})
+    if q.is_cuda and k % 16 == 0:
+        from .int8_gemm import int8_gemm, launch_config
+        cfg = launch_config(q, w8)
+        if cfg is not None:
+            return int8_gemm(q, s, w8, w_scale, bias, out_dtype, config=cfg)
     m, n = q.shape[0], w8.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     delta = w_scale.reshape(1, n).float()
@@ -288,7 +302,8 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     n = qweight.shape[0]
     bias_o = None if bias is None else bias.to(out_dtype)
-    fmt = "none" if b >= 16 else act_format_for(b, a8_fp8, layer_name, per_block, int8_gemm)
+    fmt = "none" if b >= 16 else act_format_for(b, a8_fp8, layer_name, per_block, int8_gemm, fast_accum,
+                                                  int8_tensor_cores_for_a4(x2.device))
     if fmt == "int8":                    # (N, K) int8 q − z for the INT8 GEMM
         w8 = _POOL.expand(qweight, w_zero, torch.int8)
     else:                                # (N, K) fp8 q − z

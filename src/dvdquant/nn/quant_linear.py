@@ -85,7 +85,7 @@ class QuantLinear(nn.Module):
         self.backend = "simulated"  # "simulated" | any backend name known to dvdquant.kernels
         self.fp8_fast_accum = False  # fp8 path: cuBLAS fast (reduced-precision) FP8 accumulation, opt-in
         self.fp8_exact_rotation = True  # fp8 path: the snapped, exact rotation (False: cheaper, inexact)
-        self.fp8_int8_gemm = True  # fp8 path: A6/A8 int-grid steps on the exact INT8 GEMM (False: e4m3)
+        self.fp8_int8_gemm = True  # fp8 path: int-grid steps on the exact INT8 GEMM (False: FP8 GEMM, A6/A8 e4m3)
         self._h_cache: dict = {}
 
     # ---------------------------------------------------------------- construction
