@@ -15,7 +15,7 @@ and initial noise (``--fast-accum``: the fp8 runs with cuBLAS fast FP8 accumulat
   (target ≥ 40 dB) and relative L2 of the final latents.
 
 The emulated path is bit-identical to the simulated reference (CPU tests). For int-grid activations
-with per-token scales (A4 through FP8 tensor cores, A6/A8 through INT8 ones) the FP8 path is
+with per-token scales (INT8 tensor cores; A4 through FP8 ones with ``int8_gemm=False``) the FP8 path is
 designed to be bit-identical to it as well (exact snapped rotation, exact
 integer GEMM, cuBLAS' epilogue order): each layer's fraction of outputs that differ at all is
 recorded, and whether the clips and final latents are equal. A8 e4m3 steps and per-block scales
@@ -44,6 +44,8 @@ def configs():
     na = {"attention": "none"}    # keep attention in SDPA: this script checks the linear layers' fp8 path alone
     return {
         "W4A4-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128, auto_scale="none", **na),
+        # the same on the INT8 GEMM (the default A4 path on sm90 since session 9; the row above: int8_gemm=False)
+        "W4A4int-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128, auto_scale="none", **na),
         "W4A8e4m3-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=8, a8_format="fp8_e4m3", rotation_block=128,
                                                    auto_scale="none", **na),
         "W4A4-rot128-perblock": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128,
@@ -57,7 +59,8 @@ def configs():
     }
 
 
-INT8_GEMM_CONFIGS = ("W4A8int-rot128", "W4A4/8int-gbs-rot128")   # int-grid A8: the INT8 GEMM (the default)
+# run with set_backend(..., int8_gemm=True), the default: int-grid steps on the INT8 GEMM (A4 on sm90 only)
+INT8_GEMM_CONFIGS = ("W4A4int-rot128", "W4A8int-rot128", "W4A4/8int-gbs-rot128")
 
 
 def _timed_generation(model, backend: str, steps: int, fast_accum: bool = False, int8_gemm: bool = False):
