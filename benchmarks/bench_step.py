@@ -183,6 +183,11 @@ def main() -> None:
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"])
     ap.add_argument("--fast-accum", action="store_true",
                     help="quantized variants with cuBLAS fast FP8 accumulation (set_backend(..., fast_accum=True))")
+    ap.add_argument("--a8-format", default="fp8_e4m3", choices=["fp8_e4m3", "int"],
+                    help="A8 activations of the W4A8 variant: FP8 e4m3 values (sessions 4-8) or the int grid "
+                         "(the library default; int8 codes on the INT8 GEMM)")
+    ap.add_argument("--no-int8-gemm", action="store_true",
+                    help="int-grid steps on the FP8 GEMM (set_backend(..., int8_gemm=False)): A4 through cuBLAS")
     ap.add_argument("--inexact-rotation", action="store_true",
                     help="quantized variants without the exact rotation's snap (set_backend(..., exact_rotation=False))")
     args = ap.parse_args()
@@ -243,7 +248,7 @@ def main() -> None:
     na = {"attention": "none"} if "attention" in dvdquant.DVDQuantConfig.__dataclass_fields__ else {}
     if args.quantize_modulation != "default":                       # AdaLN modulation layers, weight-only
         na["quantize_modulation"] = args.quantize_modulation == "on"
-    cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, a8_format="fp8_e4m3", rotation_block=args.rotation_block,
+    cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, a8_format=args.a8_format, rotation_block=args.rotation_block,
                                   auto_scale=args.auto_scale, **na)     # attention: installed below, per variant
     res["quant_config"] = config_to_dict(cfg)
     torch.cuda.synchronize()
@@ -258,8 +263,10 @@ def main() -> None:
     res["quant_linear_weight_gb"] = round(linear_weight_bytes(m) / 1e9, 2)
     res["linear_weight_bytes_ratio"] = round(res["quant_linear_weight_gb"] / res["bf16_linear_weight_gb"], 3)
     save("quantize")
-    dvdquant.set_backend(m, "fp8", fast_accum=args.fast_accum, exact_rotation=not args.inexact_rotation)
+    dvdquant.set_backend(m, "fp8", fast_accum=args.fast_accum, exact_rotation=not args.inexact_rotation,
+                         int8_gemm=not args.no_int8_gemm)
     res["fast_accum"], res["exact_rotation"] = args.fast_accum, not args.inexact_rotation
+    res["int8_gemm"] = not args.no_int8_gemm
     state = dvdquant.get_state(m)
     with torch.inference_mode():
         for bits in () if args.attention_only else (4, 8):
