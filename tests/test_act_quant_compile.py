@@ -36,18 +36,22 @@ _INTS = ("flag_id", "M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sg"
     (128, 256, False, 0, False, "*bf16", True),     # no rotation (ROTATE=False)
 ])
 @pytest.mark.parametrize("q_ty", ["*fp8e4nv", "*i8"])     # e4m3 codes, or int8 codes for the INT8 GEMM
-def test_act_quant_kernel_compiles_for_sm90(rot_r, block_k, per_block, rot_mode, snap_cache, x_ty, snap, q_ty):
+@pytest.mark.parametrize("block_m,warps", [(64, 8), (16, 4)])   # DEFAULT_CONFIG, SMALL_M_CONFIG (few tokens)
+def test_act_quant_kernel_compiles_for_sm90(rot_r, block_k, per_block, rot_mode, snap_cache, x_ty, snap, q_ty,
+                                            block_m, warps):
     from dvdquant.kernels.triton_act_quant import act_quant_kernel
     rotate = rot_mode != 0
     if q_ty == "*i8" and not (snap and rot_r == block_k and not per_block):
         pytest.skip("int8 codes: one variant per rotation layout is enough")
+    if block_m != 64 and not (rot_r == block_k == 128 and rot_mode == 1 and not per_block and snap):
+        pytest.skip("16-row programs: the default per-token layouts are enough")
     sig = {"x_ptr": x_ty, "smooth_ptr": "*fp32", "h_ptr": "*bf16", "q_ptr": q_ty, "s_ptr": "*fp32",
            "flag_ptr": "*i32", "flag_id": "i32", "magic_ptr": "*fp32",
            **{n: "i32" for n in _INTS[1:]}, "qmax": "fp32", "inv_qmax": "fp32", "inv_sqrt_r": "fp32"}
-    const = dict(BLOCK_M=64, BLOCK_K=block_k, HAS_SMOOTH=False, ROTATE=rotate, ROT_MODE=rot_mode if rotate else 1,
+    const = dict(BLOCK_M=block_m, BLOCK_K=block_k, HAS_SMOOTH=False, ROTATE=rotate, ROT_MODE=rot_mode if rotate else 1,
                  PER_BLOCK=per_block, FP8_FMT=False, SCALE_BY_RECIP=True, HOIST_H=True, HAS_FLAG=True,
                  ROT_R=rot_r, SNAP=snap, SNAP_CACHE=snap_cache)
-    assert _compile(act_quant_kernel, sig, const, num_warps=8).asm["cubin"]
+    assert _compile(act_quant_kernel, sig, const, num_warps=warps).asm["cubin"]
 
 
 @pytest.mark.parametrize("per_block", [False, True])

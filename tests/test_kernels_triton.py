@@ -422,3 +422,14 @@ def test_compiled_fp8_block_one_graph_no_recompile(results):
 
 if __name__ == "__main__":
     main(_checks)
+
+
+def test_small_token_counts_get_16_row_programs():
+    """rows_config: 64-row programs while they fill a wave of SMs, else 16-row ones (text tokens), unless the
+    caller fixes block_m; the kernel computes the same rows either way (interpreter tests use many block_m)."""
+    from dvdquant.kernels.triton_act_quant import DEFAULT_CONFIG, SMALL_M_CONFIG, rows_config
+    assert rows_config(32760, 132, None) == DEFAULT_CONFIG
+    assert rows_config(512, 132, None) == dict(DEFAULT_CONFIG, **SMALL_M_CONFIG)
+    assert rows_config(64 * 132, 132, None)["block_m"] == 64 and rows_config(64 * 131, 132, None)["block_m"] == 16
+    assert rows_config(512, 132, {"block_m": 32})["block_m"] == 32
+    assert rows_config(512, 0, None) == DEFAULT_CONFIG                    # CPU / interpreter: unchanged

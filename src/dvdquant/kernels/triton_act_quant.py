@@ -300,6 +300,27 @@ DEFAULT_CONFIG = {"block_m": 64, "num_warps": 8, "num_stages": 3, "hoist_h": Tru
 ROT_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 3}
 
 
+# Few tokens (text conditioning: 256–512 rows) fill too few SMs with 64-row programs: a call on (512, 5120)
+# bf16 tokens took 0.17 ms, 80 such calls per Wan 14B step (benchmarks/probe_act_calls.py, H100). Below one
+# wave of 64-row programs the launcher takes 16-row programs (4 warps) instead: 4× the programs.
+SMALL_M_CONFIG = {"block_m": 16, "num_warps": 4}
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def rows_config(m: int, n_sm: int, config: Optional[dict]) -> dict:
+    """Launch parameters of :func:`act_quant_kernel` for M tokens on a GPU with ``n_sm`` SMs: the tuned
+    :data:`DEFAULT_CONFIG`, or :data:`SMALL_M_CONFIG` where 64-row programs would not fill one wave.
+    A ``block_m`` given in ``config`` always wins."""
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    if "block_m" not in (config or {}) and 0 < n_sm and triton.cdiv(m, cfg["block_m"]) < n_sm:
+        cfg.update(SMALL_M_CONFIG)
+    return cfg
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -400,7 +421,10 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     if kernel == "mm" and not mm_ok:
         raise ConfigError("the matmul-form kernel needs a fused rotation of bf16/fp16 tokens without smooth")
     use_mm = mm_ok and kernel == "mm"   # "auto" keeps the register-hoisted kernel: faster on the H200 (speed.md)
-    cfg = dict(ROT_CONFIG if use_mm else DEFAULT_CONFIG, **(config or {}))
+    if use_mm:
+        cfg = dict(ROT_CONFIG, **(config or {}))
+    else:
+        cfg = rows_config(m, _sm_count(x.device.index or 0) if x.is_cuda else 0, config)
     if not fusable_rotation(k, r, block):
         raise ConfigError(f"rotation of order {r} cannot be fused for K={k}, block={block}: rotate first")
     if block is not None and (not _is_pow2(block) or k % block):
