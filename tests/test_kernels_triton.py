@@ -171,6 +171,7 @@ def _checks() -> dict:
     res.update(_w4_gemm_checks(g))
     res.update(_int8_gemm_checks(g))
     res.update(_fp8_forward_checks())
+    res.update(_fused_checks())
     return res
 
 
@@ -231,6 +232,41 @@ def _int8_gemm_checks(g) -> dict:
     s, d = torch.rand(m, 1, generator=g) + 1e-3, torch.rand(n, 1, generator=g) * 0.01 + 1e-4
     y = int8_gemm(q, s, w, d, None, out_dtype=torch.float32, config=dict(cfg, tma=True, programs=2))
     res["int8gemm-tma-ragged-K"] = [torch.equal(y, linear_per_token_per_channel(q, s, w.float(), d, None, 127 * 15)), ""]
+    return res
+
+
+def _fused_checks() -> dict:
+    """The fused sibling op (one activation quantization, one GEMM over stacked weights) == the members'
+    own fp8 forwards side by side, bit for bit: A4 and A8 on the INT8 path (``_int_mm`` on CPU), A4 on the
+    FP8 path (int8_gemm off), with and without bias."""
+    import torch
+    import torch.nn as nn
+
+    from dvdquant.kernels import fp8 as fp8mod
+    from dvdquant.nn import QuantLinear, RuntimeState
+    from dvdquant.numerics import grids
+
+    res = {}
+    g = torch.Generator().manual_seed(5)
+    for bias in (True, False):
+        state = RuntimeState()
+        members = []
+        for n in (64, 32, 48):
+            lin = nn.Linear(128, n, bias=bias)
+            wq = grids.quantize_weight_minmax(torch.randn(n, 128, generator=g) * 0.05, 4)
+            m = QuantLinear.from_params(lin, wq, a_bits=4, rotation_block=64)
+            m.state, m.backend = state, "fp8"
+            if bias:
+                m.bias.data = m.bias.data.to(torch.bfloat16)
+            members.append(m)
+        x = (torch.randn(2, 9, 128, generator=g) * 3).to(torch.bfloat16)
+        for bits, int8 in ((4, True), (8, True), (4, False)):
+            state.a_bits = bits
+            for m in members:
+                m.fp8_int8_gemm = int8
+            y = fp8mod.fp8_forward_fused(members, x)
+            ref = torch.cat([fp8mod.fp8_forward(m, x) for m in members], dim=-1)
+            res[f"fused-A{bits}-int8{int8}-bias{bias}"] = [torch.equal(y, ref), f"shape {tuple(y.shape)}"]
     return res
 
 
@@ -433,3 +469,8 @@ def test_small_token_counts_get_16_row_programs():
     assert rows_config(64 * 132, 132, None)["block_m"] == 64 and rows_config(64 * 131, 132, None)["block_m"] == 16
     assert rows_config(512, 132, {"block_m": 32})["block_m"] == 32
     assert rows_config(512, 0, None) == DEFAULT_CONFIG                    # CPU / interpreter: unchanged
+
+
+def test_fused_sibling_op_equals_members(results):
+    bad = {k: v for k, v in results.items() if k.startswith("fused-") and not v[0]}
+    assert len([k for k in results if k.startswith("fused-")]) == 6 and not bad, bad

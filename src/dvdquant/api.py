@@ -23,8 +23,9 @@ from . import baselines  # noqa: F401  (registers the baseline methods)
 from .algorithms import GBSController, StepIndexHook, get_method
 from .errors import ConfigError, DVDQuantError
 from .kernels import BACKENDS
-from .models.adapters import select_linears, weight_only_layers
+from .models.adapters import adapter_for, select_linears, weight_only_layers
 from .nn import attention as qattn
+from .nn.fused import install_fused_projections, remove_fused_projections
 from .nn.quant_linear import QuantLinear
 from .nn.state import STATE_ATTR, RuntimeState, get_state
 
@@ -156,7 +157,7 @@ def quantized_layers(model: nn.Module) -> list:
 
 
 def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exact_rotation: bool = True,
-                int8_gemm: bool = True) -> None:
+                int8_gemm: bool = True, fuse_projections: bool = True) -> None:
     """Select the execution path of every QuantLinear ("simulated", "emulated", "fp8", "auto").
 
     By default the fp8 path computes the emulated path's bits for int-grid layers with per-token
@@ -174,6 +175,11 @@ def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exa
     ``int8_gemm=False``: run int-grid steps on the FP8 GEMM instead of INT8 tensor cores: A4 codes
     through cuBLAS' exact FP8 GEMM (the same bits, slower on an H100), A6/A8 as FP8 e4m3 values (a
     different 8-bit grid, logged once per layer). ``fast_accum=True`` also sends A4 to cuBLAS.
+
+    ``fuse_projections`` (any backend but "simulated"): where the model adapter lists sibling
+    projections its attention processor can call as one (Wan's ``to_qkv`` / ``to_kv``), install them
+    (:mod:`dvdquant.nn.fused`): the fp8 path then quantizes the shared tokens once and runs one GEMM,
+    with the same outputs bit for bit. Checkpoints and state dicts are unchanged.
     """
     if backend not in ("simulated",) + BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {('simulated',) + BACKENDS}")
@@ -182,6 +188,11 @@ def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exa
         m.fp8_fast_accum = bool(fast_accum)
         m.fp8_exact_rotation = bool(exact_rotation)
         m.fp8_int8_gemm = bool(int8_gemm)
+    remove_fused_projections(model)
+    adapter = adapter_for(model)
+    if backend != "simulated" and fuse_projections and adapter is not None and adapter.fused_projections:
+        n = install_fused_projections(model, adapter.fused_projections)
+        log.info("fused sibling projections in %d attention modules", n)
 
 
 def step_hooks(model: nn.Module, total_steps: Optional[int] = None) -> list:

@@ -128,14 +128,29 @@ class ExpansionPool:
     def __init__(self) -> None:
         self._buffers: Dict[Tuple[int, int, torch.dtype, str], torch.Tensor] = {}
 
-    def expand(self, packed: torch.Tensor, zero: torch.Tensor,
-               dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
-        key = (packed.shape[0], packed.shape[1] * 2, dtype, str(packed.device))
+    def _buffer(self, n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (n, k, dtype, str(device))
         buf = self._buffers.get(key)
         if buf is None:
-            buf = torch.empty(key[0], key[1], dtype=dtype, device=packed.device)
+            buf = torch.empty(n, k, dtype=dtype, device=device)
             self._buffers[key] = buf
+        return buf
+
+    def expand(self, packed: torch.Tensor, zero: torch.Tensor,
+               dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+        buf = self._buffer(packed.shape[0], packed.shape[1] * 2, dtype, packed.device)
         return expand_int4_to_fp8(packed, zero, out=buf, dtype=dtype)
+
+    def expand_many(self, packed: list, zeros: list, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+        """Several packed weights with the same K, expanded one below the other into one (ΣN, K) buffer
+        (fused sibling projections: one GEMM instead of several)."""
+        n = sum(p.shape[0] for p in packed)
+        buf = self._buffer(n, packed[0].shape[1] * 2, dtype, packed[0].device)
+        row = 0
+        for p, z in zip(packed, zeros):
+            expand_int4_to_fp8(p, z, out=buf[row:row + p.shape[0]], dtype=dtype)
+            row += p.shape[0]
+        return buf
 
     def clear(self) -> None:
         self._buffers.clear()

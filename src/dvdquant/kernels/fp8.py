@@ -297,17 +297,44 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
     The weight expansion into the shared per-shape buffer happens inside too, so no compiled
     graph ever holds a pooled buffer across two layers.
     """
+    def expand(dtype):
+        if persistent and dtype == torch.float8_e4m3fn:
+            return _persistent_weight(qweight, w_zero)
+        return _POOL.expand(qweight, w_zero, dtype)
+    return _w4_linear(x2, expand, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8, per_block,
+                      scale_block, layer_name, fast_accum, exact_rotation, int8_gemm)
+
+
+@torch.library.custom_op("dvdquant::w4_linear_fp8_fused", mutates_args=())
+def w4_linear_fp8_fused(x2: torch.Tensor, qweights: list[torch.Tensor], w_zeros: list[torch.Tensor],
+                        w_scale: torch.Tensor, bias: Optional[torch.Tensor], bits: torch.Tensor, default_bits: int,
+                        rotation_block: int, a8_fp8: bool, scale_block: int, layer_name: str,
+                        fast_accum: bool = False, exact_rotation: bool = True,
+                        int8_gemm: bool = True) -> torch.Tensor:
+    """Sibling W4 linears that read the same tokens (Q/K/V projections) as one: x2 (M, K) → (M, ΣN).
+
+    The tokens are rotated and quantized once, the packed weights expand one below the other into one
+    pooled (ΣN, K) buffer, and one GEMM writes the concatenated outputs; ``w_scale`` (ΣN, 1) and ``bias``
+    (ΣN,) are the members' concatenated. Each output column is computed exactly as the member's own
+    :func:`w4_linear_fp8` computes it (per-token scales only), so the result equals the members'
+    outputs side by side, bit for bit.
+    """
+    return _w4_linear(x2, lambda dtype: _POOL.expand_many(qweights, w_zeros, dtype), w_scale, bias, None, bits,
+                      default_bits, rotation_block, a8_fp8, False, scale_block, layer_name, fast_accum,
+                      exact_rotation, int8_gemm)
+
+
+def _w4_linear(x2, expand, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8, per_block,
+               scale_block, layer_name, fast_accum, exact_rotation, int8_gemm) -> torch.Tensor:
+    """The body of the two ops; ``expand(dtype)`` returns the (N, K) weight integers q − z in ``dtype``."""
     b = resolve_bits(bits, default_bits)
     w_scale = w_scale.float()                     # (N, 1) fp32 Δ, also if the model was cast with .to()
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    n = qweight.shape[0]
     bias_o = None if bias is None else bias.to(out_dtype)
     fmt = "none" if b >= 16 else act_format_for(b, a8_fp8, layer_name, per_block, int8_gemm, fast_accum,
                                                   int8_tensor_cores_for_a4(x2.device))
-    if fmt == "int8":                    # (N, K) int8 q − z for the INT8 GEMM
-        w8 = _POOL.expand(qweight, w_zero, torch.int8)
-    else:                                # (N, K) fp8 q − z
-        w8 = _persistent_weight(qweight, w_zero) if persistent else _POOL.expand(qweight, w_zero)
+    w8 = expand(torch.int8 if fmt == "int8" else torch.float8_e4m3fn)       # (N, K) q − z
+    n = w8.shape[0]
     if b >= 16:                          # no activation quantization: bf16 GEMM on the dequantized weight
         xf = x2.float() if smooth is None else x2.float() / smooth
         if rotation_block:
@@ -327,6 +354,13 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
     if per_block:
         return gemm_blockwise(q, s, w8, w_scale, bias_o, out_dtype)
     return gemm_rowwise(q, s, w8, w_scale, bias_o, out_dtype, fast_accum)
+
+
+@w4_linear_fp8_fused.register_fake
+def _w4_linear_fp8_fused_fake(x2, qweights, w_zeros, w_scale, bias, bits, default_bits, rotation_block, a8_fp8,
+                              scale_block, layer_name, fast_accum=False, exact_rotation=True, int8_gemm=True):
+    out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return x2.new_empty((x2.shape[0], sum(q.shape[0] for q in qweights)), dtype=out_dtype)
 
 
 @w4_linear_fp8.register_fake
@@ -370,3 +404,21 @@ def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Option
                       str(module.layer_name or ""), bool(getattr(module, "fp8_fast_accum", False)),
                       bool(getattr(module, "fp8_exact_rotation", True)), bool(getattr(module, "fp8_int8_gemm", True)))
     return y.to(x.dtype).reshape(*shape[:-1], module.out_features)
+
+
+def fp8_forward_fused(members: list, x: torch.Tensor) -> torch.Tensor:
+    """Sibling QuantLinear-like ``members`` (same input, same activation configuration, per-token scales,
+    no smoothing; checked by :mod:`dvdquant.nn.fused`) on ``x`` (..., K) → (..., ΣN), one
+    :func:`w4_linear_fp8_fused` call."""
+    lead = members[0]
+    shape = x.shape
+    x2 = x.reshape(-1, lead.in_features)                                     # (M, K)
+    w_scale = torch.cat([m.w_scale.reshape(-1, 1) for m in members])         # (ΣN, 1)
+    bias = None if lead.bias is None else torch.cat([m.bias.reshape(-1) for m in members])
+    y = w4_linear_fp8_fused(x2, [m.qweight for m in members], [m.w_zero for m in members], w_scale, bias,
+                            _bits_tensor(lead, None), int(lead.a_bits), int(lead.rotation_block or 0),
+                            getattr(lead, "a8_format", "int") == "fp8_e4m3", int(lead.scale_block),
+                            "+".join(str(m.layer_name or "") for m in members),
+                            bool(getattr(lead, "fp8_fast_accum", False)),
+                            bool(getattr(lead, "fp8_exact_rotation", True)), bool(getattr(lead, "fp8_int8_gemm", True)))
+    return y.to(x.dtype).reshape(*shape[:-1], w_scale.shape[0])

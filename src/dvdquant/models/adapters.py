@@ -23,18 +23,40 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class FusedProjection:
+    """Sibling projections of one attention module that its diffusers processor can call as one.
+
+    On modules of class ``module_class`` whose attributes match ``when`` ((name, value) pairs; the
+    value ``"present"`` means "not None"), the processor calls ``fused`` (e.g. ``to_qkv``) instead of
+    ``members`` once ``module.fused_projections`` is set, and splits the output. The fp8 path then
+    quantizes the shared tokens once and runs one GEMM (:mod:`dvdquant.nn.fused`)."""
+    module_class: str
+    fused: str
+    members: tuple
+    when: tuple = ()
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     class_name: str
     quantize: tuple           # regexes of quantized Linear layers
     modulation: tuple = ()    # regexes of AdaLN/modulation Linears (quantized only on request)
     notes: str = ""
+    fused_projections: tuple = ()   # FusedProjection entries the model's processors understand
 
 
 ADAPTERS: dict[str, ModelAdapter] = {a.class_name: a for a in (
     ModelAdapter("WanTransformer3DModel", (r"^blocks\.\d+\.(attn1|attn2|ffn)\.",),
                  modulation=(r"^condition_embedder\.time_proj$",),
                  notes="Wan 2.1/2.2: self-attn, cross-attn (incl. image add_k/v), FFN per block; "
-                       "time_proj (dim → 6·dim) feeds every block's AdaLN"),
+                       "time_proj (dim → 6·dim) feeds every block's AdaLN",
+                 # WanAttnProcessor: to_qkv (self-attention), to_q + to_kv (cross), to_added_kv (I2V image keys)
+                 fused_projections=(
+                     FusedProjection("WanAttention", "to_qkv", ("to_q", "to_k", "to_v"),
+                                     (("is_cross_attention", False),)),
+                     FusedProjection("WanAttention", "to_kv", ("to_k", "to_v"), (("is_cross_attention", True),)),
+                     FusedProjection("WanAttention", "to_added_kv", ("add_k_proj", "add_v_proj"),
+                                     (("added_kv_proj_dim", "present"),)))),
     ModelAdapter("HunyuanVideoTransformer3DModel",
                  (r"^(transformer_blocks|single_transformer_blocks)\.\d+\.",),
                  modulation=(r"\.norm1(_context)?\.linear$", r"^single_transformer_blocks\.\d+\.norm\.linear$"),
