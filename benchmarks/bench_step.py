@@ -125,10 +125,18 @@ def linear_weight_bytes(m) -> int:
 def attention_variants(m, state, variant, res, save, args):
     """The quantized model with 8-bit attention: W4A4/W4A8 eager and W4A4 + torch.compile. A failure is
     recorded and ends the attention rows."""
+    import dvdquant
     rows = [("w4a4_attn8", 4, False), ("w4a8_attn8", 8, False)] + ([] if args.no_compile else
                                                                    [("w4a4_attn8_compile", 4, True)])
+    if args.compare_unfused:         # the same W4A4 steps without fused sibling projections, first
+        rows.insert(0, ("w4a4_attn8_unfused", 4, False))
+        if not args.no_compile:
+            rows.append(("w4a4_attn8_compile_unfused", 4, True))
     for name, bits, comp in rows:
         state.a_bits = bits
+        dvdquant.set_backend(m, "fp8", fast_accum=args.fast_accum, exact_rotation=not args.inexact_rotation,
+                             int8_gemm=not args.no_int8_gemm, fuse_projections=not name.endswith("_unfused")
+                             and not args.no_fuse_projections)
         try:
             if comp:
                 torch._dynamo.reset()
@@ -188,6 +196,11 @@ def main() -> None:
                          "(the library default; int8 codes on the INT8 GEMM)")
     ap.add_argument("--no-int8-gemm", action="store_true",
                     help="int-grid steps on the FP8 GEMM (set_backend(..., int8_gemm=False)): A4 through cuBLAS")
+    ap.add_argument("--no-fuse-projections", action="store_true",
+                    help="no fused sibling projections (set_backend(..., fuse_projections=False))")
+    ap.add_argument("--compare-unfused", action="store_true",
+                    help="add W4A4 + 8-bit attention rows without fused projections (w4a4_attn8_unfused, eager, and "
+                         "w4a4_attn8_compile_unfused)")
     ap.add_argument("--inexact-rotation", action="store_true",
                     help="quantized variants without the exact rotation's snap (set_backend(..., exact_rotation=False))")
     args = ap.parse_args()
@@ -264,9 +277,9 @@ def main() -> None:
     res["linear_weight_bytes_ratio"] = round(res["quant_linear_weight_gb"] / res["bf16_linear_weight_gb"], 3)
     save("quantize")
     dvdquant.set_backend(m, "fp8", fast_accum=args.fast_accum, exact_rotation=not args.inexact_rotation,
-                         int8_gemm=not args.no_int8_gemm)
+                         int8_gemm=not args.no_int8_gemm, fuse_projections=not args.no_fuse_projections)
     res["fast_accum"], res["exact_rotation"] = args.fast_accum, not args.inexact_rotation
-    res["int8_gemm"] = not args.no_int8_gemm
+    res["int8_gemm"], res["fused_projections"] = not args.no_int8_gemm, not args.no_fuse_projections
     state = dvdquant.get_state(m)
     with torch.inference_mode():
         for bits in () if args.attention_only else (4, 8):
@@ -298,7 +311,7 @@ def main() -> None:
             if res["attention"]["available"]:
                 attention_variants(m, state, variant, res, save, args)
     for k in ("w4a4", "w4a8", "w4a4_compile", "w4a8_compile", "bf16_compile", "w4a4_attn8", "w4a8_attn8",
-              "w4a4_attn8_compile"):
+              "w4a4_attn8_compile", "w4a4_attn8_unfused", "w4a4_attn8_compile_unfused"):
         if f"{k}_ms" in res:
             res[f"{k}_speedup_vs_bf16"] = round(res["bf16_ms"] / res[f"{k}_ms"], 3)
             if "bf16_compile_ms" in res:
