@@ -91,7 +91,8 @@ def cmd_generate(args) -> int:
     model = load_generation_model(args.model, device=args.device)
     if api.get_state(model.transformer) is not None:
         api.set_backend(model.transformer, args.backend, fast_accum=args.fast_accum,
-                        exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm)
+                        exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm,
+                        fuse_projections=not args.no_fuse_projections)
     hooks = api.step_hooks(model.transformer, total_steps=args.steps)
     res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, hooks=hooks,
                    progress=not args.quiet)
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-int8-gemm", "--e4m3-a8", dest="no_int8_gemm", action="store_true",
                    help="fp8 path: int-grid steps on the FP8 GEMM instead of the exact INT8 GEMM (A4 codes as e4m3, "
                         "A6/A8 as FP8 e4m3 values: a different grid)")
+    g.add_argument("--no-fuse-projections", action="store_true",
+                   help="keep sibling projections (Wan's Q/K/V) as separate layers instead of one fused GEMM")
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=cmd_generate)
 
