@@ -45,6 +45,18 @@ SHAPES = [("hunyuan", 3072, 3072), ("hunyuan", 3072, 12288), ("hunyuan", 12288, 
           ("wan14b", 5120, 5120), ("wan14b", 5120, 13824), ("wan14b", 13824, 5120)]
 
 
+def random_w4_layer(m: int, k: int, n: int, dev: str = "cuda") -> tuple:
+    """Random bf16 tokens x (M, K), bf16 weight (N, K) and bias (N,), and a packed int4 weight (N, K/2) with its
+    zero points (N, 1) and steps (N, 1): the operands of one layer (speed does not depend on the values)."""
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    packed = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
+    zero = torch.randint(0, 16, (n, 1), device=dev).float()
+    w_scale = torch.rand(n, 1, device=dev) * 0.01
+    return x, w, bias, packed, zero, w_scale
+
+
 def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: bool = True) -> dict:
     from triton.testing import do_bench
 
@@ -56,12 +68,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
 
     dev = "cuda"
     t = lambda fn: do_bench(fn, warmup=max(5, rep // 5), rep=rep, return_mode="median")  # noqa: E731
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
-    packed = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
-    zero = torch.randint(0, 16, (n, 1), device=dev).float()
-    w_scale = torch.rand(n, 1, device=dev) * 0.01
+    x, w, bias, packed, zero, w_scale = random_w4_layer(m, k, n, dev)
     h = hadamard_matrix(128, device=dev)
     buf = torch.empty(n, k, device=dev, dtype=torch.float8_e4m3fn)
 

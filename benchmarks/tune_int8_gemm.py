@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_linear import random_w4_layer  # noqa: E402
 
 SHAPES = [("hunyuan", 3072, 3072), ("hunyuan", 3072, 12288), ("hunyuan", 12288, 3072),
           ("hunyuan", 3072, 21504), ("hunyuan", 15360, 3072),
@@ -57,12 +59,7 @@ def bench_shape(k: int, n: int, m: int, rep: int) -> dict:
 
     t = lambda fn: do_bench(fn, warmup=max(5, rep // 5), rep=rep, return_mode="median")  # noqa: E731
     dev = "cuda"
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
-    packed = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
-    zero = torch.randint(0, 16, (n, 1), device=dev).float()
-    w_scale = torch.rand(n, 1, device=dev) * 0.01
+    x, w, bias, packed, zero, w_scale = random_w4_layer(m, k, n, dev)
     h = hadamard_matrix(128, device=dev)
     buf8, bufi8 = (torch.empty(n, k, device=dev, dtype=dt) for dt in (torch.float8_e4m3fn, torch.int8))
     act_fp8 = lambda: act_quant(x, bits=4, fmt="int", h_block=h)                                  # noqa: E731
