@@ -23,10 +23,12 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
   ``"1x128"`` — scale_a (M, K/128) 1×128, scale_b (K/128, N) 1×128 holding Δ[n] in every
   k-block (exact: Δ is constant along K); ``"128x128"`` — scale_b (K/128, N/128) of ones and
   Δ applied after the GEMM in fp32 (one extra pass over the output).
-* A6 / A8 steps: integer codes above 16 are not all representable in e4m3, so high-bit steps
-  use FP8 e4m3 activations (``s = amax/448``), as the method's A8 "fp8_e4m3" format does. For
-  a layer configured with ``a8_format="int"`` this is a different (finer near zero, coarser
-  at the top) 8-bit grid than the simulated path: logged once per layer.
+* Int-grid steps with per-token scales take int8 codes and the exact INT8 GEMM by default
+  (:func:`gemm_int8_rowwise`; A6/A8 everywhere, A4 on sm90: :func:`act_format_for`). Otherwise
+  A6 / A8 steps use FP8 e4m3 activations (``s = amax/448``), as the method's A8 "fp8_e4m3"
+  format does: integer codes above 16 are not all representable in e4m3. For a layer configured
+  with ``a8_format="int"`` that is a different (finer near zero, coarser at the top) 8-bit grid
+  than the simulated path: logged once per layer.
 
 ``_scaled_mm`` layout rules (torch 2.11, H100; nanochat's fp8.py states the same)
 -------------------------------------------------------------------------------

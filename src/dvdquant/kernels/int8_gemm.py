@@ -1,7 +1,10 @@
-"""INT8 tensor-core GEMM with the emulated path's epilogue fused: the exact A6/A8 int-grid linear.
+"""INT8 tensor-core GEMM with the emulated path's epilogue fused: the exact int-grid linear.
 
-Why it exists: on the fp8 path (``set_backend(..., int8_gemm=True)``, the default) the 6–8-bit
-int-grid activation steps run on their own grid (int8 codes, |c| ≤ 127) against int8 weights q − z (|w| ≤ 15). ``torch._int_mm``
+Why it exists: on the fp8 path (``set_backend(..., int8_gemm=True)``, the default) int-grid
+activation steps run on their own grid (int8 codes, |c| ≤ 127) against int8 weights q − z (|w| ≤ 15):
+the 6–8-bit steps everywhere (their codes are not all e4m3 values), and on sm90 the ≤ 5-bit ones too,
+where the persistent TMA kernel below beats cuBLAS' exact FP8 GEMM (1.50–1.94× bf16 vs 1.24–1.68×,
+H100, docs/results/speed.md §0e). ``torch._int_mm``
 computes those sums exactly but writes an int32 (M, N) tensor, and the scaling then costs several
 more passes over the output (0.29–0.77× bf16 on an H100, docs/results/speed.md §0d). This kernel
 keeps the int32 accumulator in registers and applies the epilogue before its single store::
