@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU kernel tests, act-kernel tuning sweep, the per-layer benchmark with the
-# best rotated-kernel launch config, the int4 GEMV (weight-only layers) and expansion-vs-mainloop
+# best rotated-kernel launch config, the INT8 GEMM launch-config sweep, the int4 GEMV (weight-only layers) and expansion-vs-mainloop
 # unpack benchmarks, the fast-accumulation exactness probe, and the fp8-vs-emulated numerics
 # check on the embedded model.
 # Everything lands in $OUT.   bash benchmarks/run_gpu.sh
@@ -17,6 +17,7 @@ CFG=$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/act_tune_le
 echo "rotated act config: ${CFG:-default}"
 timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_linear.py --out "$OUT" --rep ${REP:-30} ${CFG:+--act-config "$CFG"} $BENCH_ARGS \
   2>&1 | grep -v '^|' | cut -c1-220
+timeout ${INT8_TIMEOUT:-300} python3 benchmarks/tune_int8_gemm.py --out "$OUT" --rep 30 2>&1 | cut -c1-220
 timeout ${GEMV_TIMEOUT:-120} python3 benchmarks/bench_int4_gemv.py --out "$OUT" --rep 20 --quick 2>&1 | tail -6
 timeout ${W4GEMM_TIMEOUT:-120} python3 benchmarks/bench_w4_gemm.py --out "$OUT" --rep 20 2>&1 | grep -v '^|' | cut -c1-220
 timeout ${PROBE_TIMEOUT:-60} python3 benchmarks/probe_fast_accum.py --out "$OUT" 2>&1 | tail -9 | cut -c1-200
