@@ -70,3 +70,17 @@ def test_models_without_fusable_processors_are_untouched():
     dvdquant.quantize_(m, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=32, attention="none"))
     dvdquant.set_backend(m, "emulated")
     assert fused_modules(m) == []
+
+
+def test_checkpoint_of_a_fused_model_loads_unfused(tmp_path):
+    """Saving with fused projections installed writes the member layers only; the loaded model is unfused
+    until set_backend installs the fusion again, with the same outputs."""
+    m, inputs = _quantized_wan()
+    dvdquant.set_backend(m, "emulated")
+    path = dvdquant.save(m, tmp_path / "wan_fused.safetensors")
+    loaded = dvdquant.load(path)
+    assert fused_modules(loaded) == [] and not loaded.blocks[0].attn1.fused_projections
+    dvdquant.set_backend(loaded, "emulated")
+    assert len(fused_modules(loaded)) == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs, return_dict=False)[0], m(**inputs, return_dict=False)[0])
