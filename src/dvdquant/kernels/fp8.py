@@ -217,8 +217,7 @@ def gemm_int8_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scal
     in chunks of ≤ ``chunk_elems`` outputs so the int32/fp32 temporaries stay small; it needs more
     than 16 rows on CUDA, so a short tail is folded into the chunk before it.
     """
-    k = q.shape[1]
-    if q.is_cuda and k % 16 == 0:
+    if q.is_cuda:
         from .int8_gemm import int8_gemm, launch_config
         cfg = launch_config(q, w8)
         if cfg is not None:
@@ -390,6 +389,12 @@ def _bits_tensor(module, bits: Optional[int]) -> torch.Tensor:
     return bt if bt is not None else torch.full((1,), -1, dtype=torch.int32)
 
 
+def _path_options(module) -> tuple:
+    """(fast_accum, exact_rotation, int8_gemm): the per-layer options ``set_backend`` writes, in the ops' order."""
+    return (bool(getattr(module, "fp8_fast_accum", False)), bool(getattr(module, "fp8_exact_rotation", True)),
+            bool(getattr(module, "fp8_int8_gemm", True)))
+
+
 def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Optional[str] = None,
                 per_block: bool = False) -> torch.Tensor:
     """y = x̂ Ŵᵀ + b through ``_scaled_mm``; output in x's dtype (bf16 GEMM output for fp32 x).
@@ -403,8 +408,7 @@ def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Option
                       _bits_tensor(module, bits), int(module.a_bits), int(module.rotation_block or 0),
                       getattr(module, "a8_format", "int") == "fp8_e4m3", bool(per_block),
                       int(module.scale_block), getattr(module, "fp8_weight_cache", "expand") == "persistent",
-                      str(module.layer_name or ""), bool(getattr(module, "fp8_fast_accum", False)),
-                      bool(getattr(module, "fp8_exact_rotation", True)), bool(getattr(module, "fp8_int8_gemm", True)))
+                      str(module.layer_name or ""), *_path_options(module))
     return y.to(x.dtype).reshape(*shape[:-1], module.out_features)
 
 
@@ -420,7 +424,5 @@ def fp8_forward_fused(members: list, x: torch.Tensor) -> torch.Tensor:
     y = w4_linear_fp8_fused(x2, [m.qweight for m in members], [m.w_zero for m in members], w_scale, bias,
                             _bits_tensor(lead, None), int(lead.a_bits), int(lead.rotation_block or 0),
                             getattr(lead, "a8_format", "int") == "fp8_e4m3", int(lead.scale_block),
-                            "+".join(str(m.layer_name or "") for m in members),
-                            bool(getattr(lead, "fp8_fast_accum", False)),
-                            bool(getattr(lead, "fp8_exact_rotation", True)), bool(getattr(lead, "fp8_int8_gemm", True)))
+                            "+".join(str(m.layer_name or "") for m in members), *_path_options(lead))
     return y.to(x.dtype).reshape(*shape[:-1], w_scale.shape[0])

@@ -140,25 +140,30 @@ def int8_gemm(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch
     return out
 
 
+def tma_compatible(q: torch.Tensor, w8: torch.Tensor) -> bool:
+    """Whether tensor descriptors can read the int8 (M, K) codes and (N, K) weights: 16-byte aligned bases
+    and row strides (so K % 16 == 0)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (q, w8)) and q.shape[1] % 16 == 0
+
+
 def _launch_tma(q, sf, w8, df, bf, out, cfg) -> None:
     """Persistent launch of :func:`int8_gemm_tma_kernel`: ``cfg["programs"]`` programs (default: one
-    per SM, or per CPU core when interpreting), never more than there are tiles."""
+    per SM, or 4 when interpreting), never more than there are tiles."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = q.shape
     n = w8.shape[0]
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
-    if k % 16 or q.stride(0) % 16 or w8.stride(0) % 16:
-        raise ConfigError(f"the TMA INT8 GEMM needs row strides that are multiples of 16 bytes (K={k})")
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    programs = cfg.get("programs") or (torch.cuda.get_device_properties(q.device).multi_processor_count
-                                       if q.is_cuda else 4)
+    if not tma_compatible(q, w8):
+        raise ConfigError(f"the TMA INT8 GEMM needs 16-byte aligned operands and row strides (K={k})")
+    programs = min(cfg.get("programs") or (torch.cuda.get_device_properties(q.device).multi_processor_count
+                                           if q.is_cuda else 4), triton.cdiv(m, bm) * triton.cdiv(n, bn))
     a_desc = TensorDescriptor.from_tensor(q, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w8, [bn, bk])
-    int8_gemm_tma_kernel[(min(programs, tiles),)](
+    int8_gemm_tma_kernel[(programs,)](
         a_desc, w_desc, sf, df, bf if bf is not None else df, out, m, n, k, out.stride(0),
         HAS_BIAS=bf is not None, INT32_DOT=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        GROUP_M=cfg["group_m"], NUM_PROGRAMS=min(programs, tiles), num_warps=cfg["num_warps"],
+        GROUP_M=cfg["group_m"], NUM_PROGRAMS=programs, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], enable_fp_fusion=False)
 
 
@@ -168,10 +173,7 @@ def launch_config(q: torch.Tensor, w8: torch.Tensor) -> Optional[dict]:
     sm90+: the persistent TMA kernel (needs K % 16 == 0 and 16-byte aligned operands; K need not be a
     multiple of the tile: TMA reads past K as zeros). Otherwise the pointer kernel with the largest
     block_k in (128, 64, 32) dividing K."""
-    k = q.shape[1]
-    aligned = k % 16 == 0 and q.data_ptr() % 16 == 0 and w8.data_ptr() % 16 == 0 \
-        and q.stride(0) % 16 == 0 and w8.stride(0) % 16 == 0
-    if q.is_cuda and aligned and torch.cuda.get_device_capability(q.device) >= (9, 0):
+    if q.is_cuda and tma_compatible(q, w8) and torch.cuda.get_device_capability(q.device) >= (9, 0):
         return dict(DEFAULT_CONFIG, tma=True)
-    block_k = next((b for b in (128, 64, 32) if k % b == 0), None)
+    block_k = next((b for b in (128, 64, 32) if q.shape[1] % b == 0), None)
     return None if block_k is None else dict(DEFAULT_CONFIG, block_k=block_k)

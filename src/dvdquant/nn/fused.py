@@ -41,8 +41,7 @@ class FusedProjection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import plan_forward           # nn → kernels, one way
         lead = self.members[0]
-        same = all(getattr(m, a, None) == getattr(lead, a, None) for m in self.members[1:] for a in _SAME)
-        if same and lead.backend in ("fp8", "auto"):             # members changed one by one: call them
+        if _first_difference(self.members) is None and lead.backend in ("fp8", "auto"):   # else: call each
             bits = None if torch.compiler.is_compiling() else lead.current_a_bits()
             plan = plan_forward(lead, x.device, bits)
             if plan.path == "fp8" and not plan.per_block:
@@ -54,15 +53,21 @@ class FusedProjection:
         return f"FusedProjection({', '.join(self.names)})"
 
 
+def _first_difference(members: list) -> Optional[str]:
+    """The first of :data:`_SAME` in which the members differ (they can change after installation)."""
+    lead = members[0]
+    return next((a for a in _SAME if any(getattr(m, a, None) != getattr(lead, a, None) for m in members[1:])), None)
+
+
 def incompatibility(members: list) -> Optional[str]:
     """Why ``members`` cannot share one activation quantization and GEMM (None: they can)."""
     from .quant_linear import QuantLinear
     if len(members) < 2 or not all(isinstance(m, QuantLinear) for m in members):
         return "not all members are QuantLinear layers"
     lead = members[0]
-    for attr in _SAME:
-        if any(getattr(m, attr, None) != getattr(lead, attr, None) for m in members[1:]):
-            return f"members differ in {attr}"
+    differ = _first_difference(members)
+    if differ is not None:
+        return f"members differ in {differ}"
     if any(m.state is not lead.state for m in members):
         return "members do not share one runtime state"
     if lead.w_bits != 4 or not all(m.packed for m in members):
