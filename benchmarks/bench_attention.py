@@ -78,9 +78,9 @@ def kernel_only(q, kv, fmt, bm, bn, warps, stages, use_tma=False):
     k_src, v_src = kv_descriptors(kv, bn) if use_tma else (kv.k8, kv.v8t)
 
     def run():
-        _attn_fwd_kernel[grid](q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, kv.v_scale, out, out,
-                               Lq, kv.lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
-                               out.stride(1), out.stride(2), 0, 0, c, D=D, BLOCK_M=bm, BLOCK_N=bn,
+        _attn_fwd_kernel[grid](q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, kv.v_scale, kv.v_scale,
+                               out, out, Lq, kv.lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
+                               out.stride(1), out.stride(2), 0, 0, 0, 0, c, D=D, BLOCK_M=bm, BLOCK_N=bn,
                                QK_INT8=fmt == "int8", QMAX_QK=QMAX[fmt], HAS_BIAS=False, RAGGED=kv.lk % bn != 0,
                                RETURN_LSE=False, EXACT_FP8=False, USE_TMA=use_tma, num_warps=warps, num_stages=stages)
         return out
@@ -182,6 +182,38 @@ def gluon_compare(shapes, reps: int, variants=("wg2",)) -> list:
         rows.append(row)
         q = k = v = kv = ref = o_tri = None
         torch.cuda.empty_cache()
+    return rows
+
+
+def mask_compare(reps: int, shape=(1, 24, 67320 + 256, 128), text=256) -> list:
+    """Key-padding masks at HunyuanVideo's joint shape (video tokens, then ``text`` text tokens), whole calls:
+    bf16 SDPA with the bool mask (default backend choice, as a bf16 HunyuanVideo step runs it) and cuDNN
+    without one, against ``quant_attention`` without a mask, with the mask applied from its first biased key
+    tile (the default) and on every tile (``bias_tail=False``, the behaviour before session 10)."""
+    B, H, L, D = shape
+    q, k, v = inputs(B, H, L, D)
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    rows = []
+    for name, valid in (("all-true", L), ("text-padded", L - text + 60)):     # a 60-token prompt
+        keep = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=q.device)
+        keep[..., :valid] = True
+        row = dict(shape=f"{B}x{H}x{L}x{D}", mask=name, valid_keys=valid)
+        sdpa_mask = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep)  # noqa: E731
+        row["sdpa_mask_ms"] = round(timed(sdpa_mask, reps) * 1e3, 3)
+        row["cudnn_nomask_ms"] = round(cudnn_seconds(q, k, v, reps) * 1e3, 3)
+        row["quant_nomask_ms"] = round(timed(lambda: quant_attention(q, k, v), reps) * 1e3, 3)
+        for tail in (True, False):
+            fn = lambda: quant_attention(q, k, v, attn_mask=keep, bias_tail=tail)  # noqa: E731
+            row[f"quant_mask_{'tail' if tail else 'everywhere'}_ms"] = round(timed(fn, reps) * 1e3, 3)
+        o_tail = quant_attention(q, k, v, attn_mask=keep)
+        o_all = quant_attention(q, k, v, attn_mask=keep, bias_tail=False)
+        row["tail_vs_everywhere_cos_relL2"] = metrics(o_tail, o_all)
+        row["tail_vs_sdpa_cos_relL2"] = metrics(o_tail, sdpa_mask().transpose(1, 2))
+        for key in ("quant_mask_tail_ms", "quant_mask_everywhere_ms"):
+            row[key.replace("_ms", "_x_sdpa_mask")] = round(row["sdpa_mask_ms"] / row[key], 3)
+        row["tail_speedup_vs_everywhere"] = round(row["quant_mask_everywhere_ms"] / row["quant_mask_tail_ms"], 3)
+        log.info("%s", row)
+        rows.append(row)
     return rows
 
 
@@ -289,8 +321,17 @@ def main(argv=None) -> int:
                     help="only: the Gluon kernel vs the Triton kernel vs cuDNN at the Wan / Hunyuan / head_dim-64 shapes")
     ap.add_argument("--gluon-variants", default="wg2,wg3",
                     help="comma-separated Gluon variants for --gluon: wg<stages> (K/V ring depth)")
+    ap.add_argument("--mask", action="store_true",
+                    help="only: key-padding masks at HunyuanVideo's joint shape (bias from the first biased tile "
+                         "vs on every tile vs bf16 SDPA with the mask)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    if args.mask:
+        rows = mask_compare(args.reps)
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=__import__("triton").__version__, mask=rows), f, indent=1)
+        return 0
     if args.gluon:
         rows = gluon_compare([(1, 40, 32760, 128), (1, 24, 67320, 128), (1, 48, 17776, 64)], args.reps,
                              tuple(args.gluon_variants.split(",")))

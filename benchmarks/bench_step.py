@@ -6,12 +6,13 @@ configs with random weights (Wan 2.1 14B at 480×832×81 frames = 32,760 tokens,
 
 1. ``bf16``          — diffusers eager, SDPA (cuDNN/flash as torch picks): step time, peak memory,
                        profiler breakdown (attention / GEMM / other);
-2. ``bf16_compile``  — ``torch.compile`` of the same transformer (compile time reported apart);
+2. ``bf16_compile``  — ``torch.compile`` of the same transformer (compile time reported apart),
+                       with its breakdown (inductor's fused glue counts as "other");
 3. quantize the whole transformer in place (BGR weights + Hadamard-128 rotation folded into
    them, data-free) and time it; weight bytes before/after;
 4. ``w4a4`` / ``w4a8`` — fp8 backend eager (A8 = FP8-e4m3 activations), with ``--attention
    dvdquant`` also dvdquant's 8-bit attention (installed if the module exists, else recorded
-   as unavailable); peak memory; breakdown;
+   as unavailable); peak memory; breakdown (of the eager and the compiled W4A4 steps);
 5. ``w4a4_compile`` / ``w4a8_compile`` — ``torch.compile`` of the quantized transformer; the
    δ-GBS switch A4 → A8 → A4 between steps is checked for recompilation (dynamo's frame
    counter) and for extra weight copies (allocated memory before/after the switch).
@@ -77,6 +78,8 @@ def classify(name: str) -> str:
     n = name.lower()
     if "act_quant" in n or "expand_int4" in n:
         return "quant"                       # dvdquant's activation quantization / weight expansion
+    if "_quant_kv" in n or "_kv_stats" in n:
+        return "attn_prep"                   # the 8-bit attention's K/V statistics and quantization pass
     if any(s in n for s in ATTN_KEYS) and "triton_" not in n[:7]:
         return "attention"
     if "_attn_fwd" in n or "attention_kernel" in n or "attn_fwd" in n:
@@ -141,7 +144,7 @@ def attention_variants(m, state, variant, res, save, args):
             if comp:
                 torch._dynamo.reset()
                 _set_target(torch.compile(m))
-            variant(name, bits == 4 and not comp)
+            variant(name, bits == 4 and not name.endswith("_unfused"))     # eager and compiled W4A4
         except Exception as e:  # noqa: BLE001 - record, go on
             res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[-400:]}"
             save(f"{name}_error")
@@ -254,7 +257,7 @@ def main() -> None:
         variant("bf16", True)
         if not args.no_compile:
             _set_target(torch.compile(m))
-            variant("bf16_compile", False)
+            variant("bf16_compile", True)
             _set_target(m)
             torch._dynamo.reset()
     # ---- quantize (data-free): BGR + rotation folding, on the GPU where the weights are

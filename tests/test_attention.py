@@ -67,6 +67,20 @@ def test_reference_key_padding_masks(kind):
     assert key_bias(mask, B, H, L).shape[-1] == L
 
 
+def test_first_biased_tile_finds_the_masked_tail():
+    """The kernels run key tiles before the first non-zero bias unbiased: that index per (batch, head)."""
+    from dvdquant.kernels.attention_ref import first_biased_tile
+    B, lkp, bn = 2, 8 * 16, 16
+    bias = torch.zeros(B, 1, lkp)
+    bias[0, :, 100:] = float("-inf")                              # keys past Lk = 100 (ragged tile 6)
+    assert first_biased_tile(bias, bn).tolist() == [[6], [8]]     # batch 1: nothing biased → n_tiles
+    per_head = torch.zeros(1, 3, lkp)
+    per_head[0, 1, 17] = -10000.0                                 # an additive bias inside tile 1
+    per_head[0, 2, 0] = 0.5
+    assert first_biased_tile(per_head, bn).tolist() == [[8, 1, 0]]
+    assert first_biased_tile(per_head, bn).dtype == torch.int32
+
+
 def test_k_smoothing_is_free():
     """Adding one vector to every key moves each score row by a constant: SDPA and the quantized
     attention (which subtracts mean(K) first) are unchanged up to fp32 rounding (which can flip a rare
@@ -121,7 +135,7 @@ def _interpreter_checks() -> dict:
     from dvdquant.kernels.attention_triton import kv_stats_triton, quant_attention, quantize_kv
     res = _stats_checks(kv_stats_triton)
     cases = [(1, 70, 45, 2, 64, None), (2, 33, 100, 2, 128, "bool"), (1, 64, 64, 1, 64, "additive"),
-             (1, 40, 9, 2, 64, None)]
+             (1, 40, 9, 2, 64, None), (1, 40, 64, 2, 64, "all-true")]
     for i, (B, Lq, Lk, H, D, mk) in enumerate(cases):
         q, k, v = qkv(B, Lq, Lk, H, D, seed=10 + i)
         mask = None
@@ -131,6 +145,8 @@ def _interpreter_checks() -> dict:
         elif mk == "additive":
             mask = torch.zeros(B, H, 1, Lk)
             mask[..., 50:] = -10000.0
+        elif mk == "all-true":                                    # a mask with nothing masked: no biased tile
+            mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
         for fmt in ("int8", "fp8"):
             a = quantize_kv(k, v, fmt, 32)
             r = quantize_kv_reference(k, v, fmt, 32, stats=kv_stats_triton(k, v))
@@ -144,8 +160,13 @@ def _interpreter_checks() -> dict:
             ot, lset = quant_attention(q, k, v, attn_mask=mask, qk_format=fmt, block_n=32, block_m=32,
                                        return_lse=True, use_tma=True)
             tma = torch.equal(ot, o) and torch.equal(lset, lse)
-            res[f"{B}x{Lq}x{Lk}x{H}x{D}-{mk}-{fmt}"] = [bool(codes and rel < 1e-4 and dl < 1e-4 and tma),
-                                                        f"codes={codes} rel={rel:.1e} lse={dl:.1e} tma_same={tma}"]
+            tail = 0.0                      # the bias on every tile instead of from the first biased one
+            if mask is not None:
+                ob = quant_attention(q, k, v, attn_mask=mask, qk_format=fmt, block_n=32, block_m=32, bias_tail=False)
+                tail = float((ob - o).norm() / o.norm())
+            res[f"{B}x{Lq}x{Lk}x{H}x{D}-{mk}-{fmt}"] = [
+                bool(codes and rel < 1e-4 and dl < 1e-4 and tma and tail < 1e-4),
+                f"codes={codes} rel={rel:.1e} lse={dl:.1e} tma_same={tma} bias_everywhere={tail:.1e}"]
     for D in (64, 128):              # the default launch config of each head_dim, reference tiled alike
         q, k, v = qkv(1, 130, 150, 1, D, seed=20 + D)
         o, o2 = quant_attention(q, k, v), quant_attention_reference(q, k, v)
@@ -159,7 +180,7 @@ interp = checks_fixture(__file__)
 
 def test_triton_kernel_matches_reference_in_interpreter(interp):
     bad = {k: v for k, v in interp.items() if not v[0]}
-    assert len(interp) == 12 and not bad, bad
+    assert len(interp) == 14 and not bad, bad
 
 
 def test_sdpa_with_lse_matches_sdpa_and_logsumexp():

@@ -66,10 +66,50 @@ def test_incompatible_members_stay_unfused(caplog):
 
 
 def test_models_without_fusable_processors_are_untouched():
-    m, _ = tiny_hunyuan()
+    from tiny_models import tiny_cogvideox
+    m, _ = tiny_cogvideox()
     dvdquant.quantize_(m, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=32, attention="none"))
     dvdquant.set_backend(m, "emulated")
     assert fused_modules(m) == []
+
+
+def test_hunyuan_fuses_qkv_through_its_fused_aware_processor():
+    """HunyuanVideo's processor has no fused form: while the fusion is installed it runs as dvdquant's
+    subclass (same instance and state), with the same outputs bit for bit; removal restores the class."""
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+    from dvdquant.nn.processors import HunyuanVideoFusedAttnProcessor
+    m, inputs = tiny_hunyuan(layers=2, single_layers=2)
+    dvdquant.quantize_(m, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=32, attention="none"))
+    m.eval()
+    proc = m.transformer_blocks[0].attn.processor
+    proc._attention_backend = "native"                           # instance state the switch must keep
+    with torch.no_grad():
+        dvdquant.set_backend(m, "emulated", fuse_projections=False)
+        ref = m(**inputs, return_dict=False)[0]
+        dvdquant.set_backend(m, "emulated")
+        fused = dict(fused_modules(m))
+        assert fused == {**{f"transformer_blocks.{i}.attn": ("to_qkv", "to_added_qkv") for i in range(2)},
+                         **{f"single_transformer_blocks.{i}.attn": ("to_qkv",) for i in range(2)}}
+        assert m.transformer_blocks[0].attn.processor is proc and type(proc) is HunyuanVideoFusedAttnProcessor
+        assert proc._attention_backend == "native"
+        assert not any("token_refiner" in n for n in fused)      # kept in high precision: nothing to fuse
+        assert torch.equal(m(**inputs, return_dict=False)[0], ref)
+        dvdquant.set_backend(m, "emulated", fuse_projections=False)
+        assert type(proc) is HunyuanVideoAttnProcessor2_0 and proc._attention_backend == "native"
+        assert not hasattr(m.single_transformer_blocks[0].attn, "to_qkv")
+
+
+def test_hunyuan_fused_aware_processor_equals_diffusers_on_sdpa():
+    """Unfused, the subclass computes exactly what diffusers' processor computes (both block kinds)."""
+    m, inputs = tiny_hunyuan(layers=1, single_layers=1)
+    m.eval()
+    with torch.no_grad():
+        ref = m(**inputs, return_dict=False)[0]
+        from dvdquant.nn.processors import HunyuanVideoFusedAttnProcessor
+        for blk in list(m.transformer_blocks) + list(m.single_transformer_blocks):
+            blk.attn.processor.__class__ = HunyuanVideoFusedAttnProcessor
+        assert torch.equal(m(**inputs, return_dict=False)[0], ref)
 
 
 def test_checkpoint_of_a_fused_model_loads_unfused(tmp_path):

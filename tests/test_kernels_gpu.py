@@ -301,30 +301,33 @@ def test_weight_only_layer_keeps_a16_eager_compiled_and_in_the_op():
     assert torch.cuda.memory_allocated() < mem + 8e6               # a bf16 weight copy would be 113 MB
 
 
+@pytest.mark.parametrize("model", ["wan", "hunyuan"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fused_projections_equal_unfused_on_a_wan_model(compiled):
-    """A tiny Wan transformer (bf16, W4A4, then A8 via the runtime state) on the fp8 path: the fused Q/K/V and
-    K/V projections (one activation quantization and one GEMM each) give the unfused model's output bit for
-    bit, eager and under torch.compile."""
+def test_fused_projections_equal_unfused(compiled, model):
+    """A tiny Wan / HunyuanVideo transformer (bf16, W4A4, then A8 via the runtime state) on the fp8 path: the
+    fused Q/K/V and K/V projections (one activation quantization and one GEMM each; HunyuanVideo through
+    dvdquant's fused-aware processor) give the unfused model's output bit for bit, eager and under
+    torch.compile."""
     pytest.importorskip("diffusers")
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
     import dvdquant
     from dvdquant.nn.fused import fused_modules
-    from tiny_models import tiny_wan
+    from tiny_models import tiny_hunyuan, tiny_wan
     torch._dynamo.reset()
-    m, inputs = tiny_wan(head_dim=64)
+    m, inputs = tiny_wan(head_dim=64) if model == "wan" else tiny_hunyuan(head_dim=64)
     dvdquant.quantize_(m, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=64, attention="none"))
     m = m.to(DEV, torch.bfloat16).eval()
     inputs = {k: (v.to(DEV, torch.bfloat16) if v.is_floating_point() else v.to(DEV)) for k, v in inputs.items()}
     inputs["hidden_states"] = inputs["hidden_states"].repeat(1, 1, 1, 2, 2)      # 512 video tokens
+    n_fused = 4 if model == "wan" else 2
     state = dvdquant.get_state(m)
     outs = {}
     with torch.no_grad():
         for fused in (False, True):
             dvdquant.set_backend(m, "fp8", fuse_projections=fused)
-            assert len(fused_modules(m)) == (4 if fused else 0)
+            assert len(fused_modules(m)) == (n_fused if fused else 0)
             torch._dynamo.reset()               # one graph per configuration (toggling in one graph recompiles)
             run = torch.compile(m) if compiled else m
             for bits in (4, 8):                 # δ-GBS: the bits change inside one graph
@@ -332,5 +335,5 @@ def test_fused_projections_equal_unfused_on_a_wan_model(compiled):
                 outs[fused, bits] = run(**inputs, return_dict=False)[0]
     for bits in (4, 8):
         ref, out = outs[False, bits], outs[True, bits]
-        print(f"compiled={compiled} A{bits}: differing {float((out != ref).float().mean()):.2e}")
+        print(f"{model} compiled={compiled} A{bits}: differing {float((out != ref).float().mean()):.2e}")
         assert torch.equal(out, ref)

@@ -143,14 +143,15 @@ def _store_p(p_smem, p8):
 
 
 @gluon.jit
-def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, BIAS, O, LSE,
-                           Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, qk_scale,
+def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, BIAS, BIAS_FROM, O, LSE,
+                           Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, sfb, sfh, qk_scale,
                            D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                            QK_INT8: gl.constexpr, QMAX_QK: gl.constexpr, RAGGED: gl.constexpr,
                            RETURN_LSE: gl.constexpr, HAS_BIAS: gl.constexpr):
     """Grid: (query tiles, B·H); one warpgroup (4 warps). ``k_desc``: (B·H·Lkp, D) codes of K, tiles
     (BLOCK_N, D); ``v_desc``: (B·H·D, Lkp) codes of Vᵀ, tiles (D, BLOCK_N); ``BIAS``: with ``HAS_BIAS``, the
-    key bias (B, 1|H, Lkp) in log2 units, −inf past Lk (``attention_triton.quant_attention`` builds it);
+    key bias (B, 1|H, Lkp) in log2 units, −inf past Lk (``attention_triton.quant_attention`` builds it), and
+    ``BIAS_FROM`` (B, 1|H) int32 the first key tile whose bias is non-zero: tiles 1 … before it run unbiased;
     Lk > BLOCK_N."""
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
@@ -213,10 +214,19 @@ def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, BIAS, O, LSE,
     _store_p(p_smem, p.to(gl.float8e4nv))
     acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
 
-    # key tiles 1 … n−1 (the ragged last one, if any, after the loop with its mask)
-    n_full = n_tiles - 1 if RAGGED and not HAS_BIAS else n_tiles    # with a bias, −inf past Lk masks the tile
-
-    for j in range(1, n_full):
+    # key tiles 1 … n−1: with a bias, unbiased ones up to the first biased tile (−inf past Lk makes the ragged
+    # last tile one), then biased ones; without, full tiles and then the ragged last one, if any, with its mask
+    if HAS_BIAS:
+        n_plain = gl.maximum(gl.load(BIAS_FROM + b * sfb + h * sfh), 1)
+        n_full = n_tiles
+    else:
+        n_plain = n_tiles - 1 if RAGGED else n_tiles
+        n_full = n_plain
+    for j in range(1, n_plain):
+        acc, m_i, l_i = _kv_step(j, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc, KSH, BIASH, acc, m_i,
+                                 l_i, rowfac, n_tiles, Lk, k_row0, v_row0, QK_INT8, False, False, STAGES,
+                                 BLOCK_M, BLOCK_N, s_layout, o_layout)
+    for j in range(n_plain, n_full):                              # biased tiles (an empty range without a bias)
         acc, m_i, l_i = _kv_step(j, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc, KSH, BIASH, acc, m_i,
                                  l_i, rowfac, n_tiles, Lk, k_row0, v_row0, QK_INT8, False, HAS_BIAS, STAGES,
                                  BLOCK_M, BLOCK_N, s_layout, o_layout)
@@ -268,24 +278,28 @@ def kv_descriptors_gluon(kv: QuantKV, block_n: int):
 
 
 def attend_gluon(q: torch.Tensor, kv: QuantKV, scale: float, qk_format: str, return_lse: bool = False,
-                 bias: Optional[torch.Tensor] = None, stages: Optional[int] = None):
+                 bias: Optional[torch.Tensor] = None, stages: Optional[int] = None,
+                 bias_from: Optional[torch.Tensor] = None):
     """The Gluon kernel on pre-quantized K/V (``attention_triton.quantize_kv``): ``q`` (B, Lq, H, D) → ``out``
     (B, Lq, H, D) and ``lse`` (B, Lq, H) fp32 (an empty tensor unless ``return_lse``). ``scale`` includes log2 e.
 
     A ``torch.library`` custom op, so that ``torch.compile`` treats the launch as one opaque call (Dynamo
     traces Triton kernels but not Gluon ones). ``bias``: the padded key bias (B, 1|H, Lkp), log2 units, as
-    ``attention_triton.quant_attention`` prepares it, or None. ``stages``: None takes the head_dim's
-    :data:`GLUON_STAGES_BY_HEAD_DIM` entry."""
+    ``attention_triton.quant_attention`` prepares it, or None. ``bias_from``: (B, 1|H) int32, the first key
+    tile with a non-zero bias (:func:`.attention_ref.first_biased_tile`); None: every tile is biased.
+    ``stages``: None takes the head_dim's :data:`GLUON_STAGES_BY_HEAD_DIM` entry."""
     stages = GLUON_STAGES_BY_HEAD_DIM[q.shape[-1]] if stages is None else stages
-    return _attend_gluon_op(q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, bias, kv.lk,
-                            kv.block_n, float(scale), qk_format, return_lse, stages)
+    if bias is not None and bias_from is None:
+        bias_from = torch.zeros(bias.shape[:2], dtype=torch.int32, device=q.device)
+    return _attend_gluon_op(q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, bias, bias_from,
+                            kv.lk, kv.block_n, float(scale), qk_format, return_lse, stages)
 
 
 @torch.library.custom_op("dvdquant::attend_gluon", mutates_args=())
 def _attend_gluon_op(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v8t: torch.Tensor,
                      v_scale: torch.Tensor, v_mean: torch.Tensor, k_mean: torch.Tensor, bias: Optional[torch.Tensor],
-                     lk: int, block_n: int, scale: float, qk_format: str, return_lse: bool, stages: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     bias_from: Optional[torch.Tensor], lk: int, block_n: int, scale: float, qk_format: str,
+                     return_lse: bool, stages: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, Lq, H, D = q.shape
     kv = QuantKV(k8, k_scale, v8t, v_scale, v_mean, k_mean, lk, block_n)
     lkp = k8.shape[2]
@@ -294,17 +308,21 @@ def _attend_gluon_op(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v
     k_desc, v_desc = kv_descriptors_gluon(kv, block_n)
     grid = (triton.cdiv(Lq, GLUON_BLOCK_M), B * H)
     sbb, sbh = (0, 0) if bias is None else (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0)
+    sfb, sfh = (0, 0) if bias_from is None else (bias_from.stride(0),
+                                                 bias_from.stride(1) if bias_from.shape[1] > 1 else 0)
     _attn_fwd_gluon_kernel[grid](
-        q, k_desc, k_scale, v_desc, v_scale, v_mean, k_mean, v_scale if bias is None else bias, out,
-        lse if return_lse else out, Lq, lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
-            out.stride(1), out.stride(2), sbb, sbh, scale, D=D, BLOCK_M=GLUON_BLOCK_M, BLOCK_N=block_n, STAGES=stages,
+        q, k_desc, k_scale, v_desc, v_scale, v_mean, k_mean, v_scale if bias is None else bias,
+        v_scale if bias_from is None else bias_from, out, lse if return_lse else out, Lq, lk, lkp, H, q.stride(0),
+        q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), sbb, sbh, sfb, sfh, scale,
+        D=D, BLOCK_M=GLUON_BLOCK_M, BLOCK_N=block_n, STAGES=stages,
         QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format], RAGGED=lk % block_n != 0, RETURN_LSE=return_lse,
         HAS_BIAS=bias is not None, num_warps=4)
     return out, lse
 
 
 @_attend_gluon_op.register_fake
-def _(q, k8, k_scale, v8t, v_scale, v_mean, k_mean, bias, lk, block_n, scale, qk_format, return_lse, stages):
+def _(q, k8, k_scale, v8t, v_scale, v_mean, k_mean, bias, bias_from, lk, block_n, scale, qk_format, return_lse,
+      stages):
     B, Lq, H, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Lq, H) if return_lse else (0,), dtype=torch.float32)
 

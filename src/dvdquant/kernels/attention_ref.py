@@ -183,6 +183,22 @@ def key_bias(attn_mask: Optional[torch.Tensor], B: int, H: int, Lk: int) -> Opti
     return bias[:, :, 0, :].expand(B, bias.shape[1], Lk)
 
 
+def first_biased_tile(bias: torch.Tensor, block_n: int) -> torch.Tensor:
+    """(B, 1|H) int32: each head's first key tile where the padded log2 key bias (B, 1|H, Lkp) is non-zero
+    (a masked key, a key past Lk, any additive bias); the number of tiles where none is.
+
+    The kernels run the tiles before it without the bias (one load and one add per score fewer). A
+    HunyuanVideo step passes a key-padding mask on every attention call, but its text tokens, and so its
+    masked keys, sit at the end of the joint sequence: all but the last tiles are unbiased. Adding a zero
+    bias changes no score, so the result is the same either way up to the fp32 rounding of the exponent's
+    argument (a fused multiply-add on the unbiased path)."""
+    B, Hb, lkp = bias.shape
+    n_tiles = lkp // block_n
+    nz = (bias != 0).view(B, Hb, n_tiles, block_n).any(dim=-1)             # (B, Hb, n_tiles)
+    idx = torch.arange(n_tiles, device=bias.device, dtype=torch.int32)
+    return torch.where(nz, idx, n_tiles).amin(dim=-1).to(torch.int32)
+
+
 def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                               qk_format: str = "int8", block_n: Optional[int] = None, return_lse: bool = False,
@@ -257,4 +273,4 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
 
 
 __all__ = ["QuantKV", "quant_attention_reference", "quantize_kv_reference", "quantize_q_reference", "kv_stats",
-           "key_bias", "is_key_padding_mask", "QK_FORMATS", "LOG2E", "P_SCALE", "LOG2_P_SCALE"]
+           "key_bias", "first_biased_tile", "is_key_padding_mask", "QK_FORMATS", "LOG2E", "P_SCALE", "LOG2_P_SCALE"]

@@ -58,7 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_ref import DEFAULT_BLOCK_N, LOG2_P_SCALE as _LOG2_P_SCALE, LOG2E, QMAX, QuantKV, block_n_for, key_bias
+from .attention_ref import (DEFAULT_BLOCK_N, LOG2_P_SCALE as _LOG2_P_SCALE, LOG2E, QMAX, QuantKV, block_n_for,
+                            first_biased_tile, key_bias)
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +195,15 @@ def _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, KS, BIAS, n0, Lk, k_row0
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
-                     Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, qk_scale,
+def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, BIAS_FROM, O, LSE,
+                     Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, sfb, sfh, qk_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
                      QMAX_QK: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
                      RETURN_LSE: tl.constexpr, EXACT_FP8: tl.constexpr, USE_TMA: tl.constexpr = False):
-    """Grid: (query tiles, B·H). With ``USE_TMA``, ``K8`` / ``V8T`` are tensor descriptors (see _attn_tile)."""
+    """Grid: (query tiles, B·H). With ``USE_TMA``, ``K8`` / ``V8T`` are tensor descriptors (see _attn_tile).
+    With ``HAS_BIAS``: ``BIAS`` (B, 1|H, Lkp) log2 key bias, −inf past Lk; ``BIAS_FROM`` (B, 1|H) int32, the
+    first key tile whose bias is non-zero (:func:`.attention_ref.first_biased_tile`): tiles before it take the
+    unbiased path."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -229,13 +233,22 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    n_full = Lk // BLOCK_N * BLOCK_N
-    for n0 in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n0, Lk, k_row0, v_row0,
-                                   D, BLOCK_N, QK_INT8, HAS_BIAS, False, EXACT_FP8, USE_TMA)
-    if RAGGED:
-        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n_full, Lk, k_row0, v_row0,
-                                   D, BLOCK_N, QK_INT8, HAS_BIAS, True, EXACT_FP8, USE_TMA)
+    if HAS_BIAS:   # unbiased full tiles up to the first biased one (which the ragged tile always is), then biased
+        n_plain = tl.load(BIAS_FROM + b * sfb + h * sfh) * BLOCK_N
+        for n0 in range(0, n_plain, BLOCK_N):
+            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n0, Lk, k_row0, v_row0,
+                                       D, BLOCK_N, QK_INT8, False, False, EXACT_FP8, USE_TMA)
+        for n0 in range(n_plain, Lkp, BLOCK_N):
+            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n0, Lk, k_row0, v_row0,
+                                       D, BLOCK_N, QK_INT8, True, False, EXACT_FP8, USE_TMA)
+    else:
+        n_full = Lk // BLOCK_N * BLOCK_N
+        for n0 in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n0, Lk, k_row0, v_row0,
+                                       D, BLOCK_N, QK_INT8, False, False, EXACT_FP8, USE_TMA)
+        if RAGGED:
+            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n_full, Lk, k_row0,
+                                       v_row0, D, BLOCK_N, QK_INT8, False, True, EXACT_FP8, USE_TMA)
     l_c = tl.maximum(l_i, 1e-30)
     vs = tl.load(VS + bh * D + offs_d)                            # acc and l are both in 448 units
     out = acc * vs[None, :] / l_c[:, None] + tl.load(VM + bh * D + offs_d)[None, :]
@@ -407,7 +420,8 @@ def kv_descriptors(kv: QuantKV, block_n: int):
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None, qk_format: str = "int8", block_n: Optional[int] = None,
                     block_m: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                    return_lse: bool = False, use_tma: Optional[bool] = None, impl: Optional[str] = None):
+                    return_lse: bool = False, use_tma: Optional[bool] = None, impl: Optional[str] = None,
+                    bias_tail: bool = True):
     """8-bit attention: ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D) → ``out`` (B, Lq, H, D) [, lse (B, Lq, H)].
 
     Thin launcher: checks, allocates, runs the K/V pass and the attention kernel. ``attn_mask``:
@@ -417,7 +431,9 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     tiles through tensor descriptors (None: :func:`default_use_tma`); the result is the same either way.
     ``impl``: ``"triton"``, ``"gluon"`` (:mod:`.attention_gluon`, Hopper only) or ``"auto"``; None takes
     :data:`DEFAULT_IMPL` (:func:`choose_impl`). The Gluon kernel ignores the launch arguments above except
-    ``block_n``.
+    ``block_n``. ``bias_tail``: with a mask, key tiles before the first one with a non-zero bias run without
+    it (:func:`.attention_ref.first_biased_tile`); False applies the bias on every tile (the A/B of
+    ``benchmarks/bench_attention.py --mask``).
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -435,24 +451,28 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     kv = quantize_kv(k, v, qk_format, block_n)
     lkp = kv.k8.shape[2]
     bias = key_bias(attn_mask, B, H, Lk)
+    bias_from = None
     if bias is not None:                                          # (B, 1|H, Lkp), log2 units, −inf past Lk
         padded = torch.full((B, bias.shape[1], lkp), float("-inf"), device=q.device)
         padded[..., :Lk] = bias * LOG2E
         bias, sbb, sbh = padded, padded.stride(0), (padded.stride(1) if padded.shape[1] > 1 else 0)
+        bias_from = first_biased_tile(bias, block_n) if bias_tail else torch.zeros(
+            bias.shape[:2], dtype=torch.int32, device=q.device)                  # (B, 1|H) contiguous
+        sfb, sfh = bias_from.shape[1], (1 if bias_from.shape[1] > 1 else 0)
     if chosen == "gluon":
-        out, lse = _attention_gluon.attend_gluon(q, kv, c, qk_format, return_lse, bias=bias)
+        out, lse = _attention_gluon.attend_gluon(q, kv, c, qk_format, return_lse, bias=bias, bias_from=bias_from)
         return (out, lse) if return_lse else out
     if bias is None:
-        bias, sbb, sbh = kv.v_scale, 0, 0                         # unused pointer
+        bias, bias_from, sbb, sbh, sfb, sfh = kv.v_scale, kv.v_scale, 0, 0, 0, 0   # unused pointers
     out = torch.empty_like(q)
     lse = torch.empty(B, Lq, H, device=q.device, dtype=torch.float32) if return_lse else out
     grid = (triton.cdiv(Lq, block_m), B * H)
     tma = default_use_tma(q.device, D) if use_tma is None else use_tma
     k_src, v_src = kv_descriptors(kv, block_n) if tma else (kv.k8, kv.v8t)
     _attn_fwd_kernel[grid](
-        q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, bias, out, lse,
+        q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, bias, bias_from, out, lse,
         Lq, Lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        sbb, sbh, c,
+        sbb, sbh, sfb, sfh, c,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format],
         HAS_BIAS=attn_mask is not None, RAGGED=Lk % block_n != 0, RETURN_LSE=return_lse,
         EXACT_FP8=interpreting(), USE_TMA=tma, num_warps=num_warps, num_stages=num_stages)

@@ -29,11 +29,15 @@ class FusedProjection:
     On modules of class ``module_class`` whose attributes match ``when`` ((name, value) pairs; the
     value ``"present"`` means "not None"), the processor calls ``fused`` (e.g. ``to_qkv``) instead of
     ``members`` once ``module.fused_projections`` is set, and splits the output. The fp8 path then
-    quantizes the shared tokens once and runs one GEMM (:mod:`dvdquant.nn.fused`)."""
+    quantizes the shared tokens once and runs one GEMM (:mod:`dvdquant.nn.fused`). ``processor``: the
+    class name of a diffusers processor that has no fused form; the entry then applies only to modules
+    with that processor, which runs as dvdquant's fused-aware subclass while the fusion is installed
+    (:mod:`dvdquant.nn.processors`)."""
     module_class: str
     fused: str
     members: tuple
     when: tuple = ()
+    processor: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,13 @@ ADAPTERS: dict[str, ModelAdapter] = {a.class_name: a for a in (
     ModelAdapter("HunyuanVideoTransformer3DModel",
                  (r"^(transformer_blocks|single_transformer_blocks)\.\d+\.",),
                  modulation=(r"\.norm1(_context)?\.linear$", r"^single_transformer_blocks\.\d+\.norm\.linear$"),
-                 notes="dual-stream and single-stream blocks; token refiner (text side) kept high"),
+                 notes="dual-stream and single-stream blocks; token refiner (text side) kept high",
+                 # both block kinds: video (single-stream: joint) Q/K/V; dual-stream also the text add_* Q/K/V
+                 fused_projections=(
+                     FusedProjection("Attention", "to_qkv", ("to_q", "to_k", "to_v"),
+                                     processor="HunyuanVideoAttnProcessor2_0"),
+                     FusedProjection("Attention", "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"),
+                                     (("add_q_proj", "present"),), processor="HunyuanVideoAttnProcessor2_0"))),
     ModelAdapter("CogVideoXTransformer3DModel", (r"^transformer_blocks\.\d+\.(attn1|ff)\.",),
                  modulation=(r"^transformer_blocks\.\d+\.norm[12]\.linear$",)),
     ModelAdapter("LTXVideoTransformer3DModel", (r"^transformer_blocks\.\d+\.(attn1|attn2|ff)\.",),

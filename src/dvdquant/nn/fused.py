@@ -13,7 +13,9 @@ Nothing is copied or re-quantized: the callable reads the members' packed weight
 the members), and every output column is computed as the member computes it, so the fused outputs
 equal the members' side by side, bit for bit. Outside the fp8 path (simulated, emulated, per-block
 scales) it simply calls the members. Which modules and attributes: the model adapter's
-``fused_projections`` data (:class:`dvdquant.models.adapters.FusedProjection`), passed in.
+``fused_projections`` data (:class:`dvdquant.models.adapters.FusedProjection`), passed in. Processors
+without a fused form (HunyuanVideo's) run as a fused-aware subclass while the fusion is installed
+(:mod:`dvdquant.nn.processors`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 FUSED_ATTR = "_dvdquant_fused"       # on an attention module: the attribute names installed here
+UNFUSED_CLASS_ATTR = "_dvdquant_unfused_class"   # on a processor switched to its fused-aware subclass
 # Member attributes that must agree for one activation quantization to serve them all.
 _SAME = ("in_features", "a_bits", "rotation_block", "auto_scale", "scale_block", "a8_format", "w_bits",
          "group_size", "backend", "fp8_fast_accum", "fp8_exact_rotation", "fp8_int8_gemm")
@@ -81,8 +84,12 @@ def incompatibility(members: list) -> Optional[str]:
     return None
 
 
-def _when(module: nn.Module, conditions) -> bool:
-    for attr, value in conditions:
+def _when(module: nn.Module, spec) -> bool:
+    if type(module).__name__ != spec.module_class:
+        return False
+    if spec.processor and type(getattr(module, "processor", None)).__name__ != spec.processor:
+        return False
+    for attr, value in spec.when:
         got = getattr(module, attr, None)
         if (got is None) if value == "present" else (got != value):
             return False
@@ -98,7 +105,7 @@ def install_fused_projections(model: nn.Module, specs) -> int:
     """
     count = 0
     for name, mod in model.named_modules():
-        groups = [sp for sp in specs if type(mod).__name__ == sp.module_class and _when(mod, sp.when)]
+        groups = [sp for sp in specs if _when(mod, sp)]
         if not groups or getattr(mod, "fused_projections", False):
             continue
         built = {}
@@ -114,10 +121,19 @@ def install_fused_projections(model: nn.Module, specs) -> int:
             continue
         for attr, fused in built.items():
             setattr(mod, attr, fused)               # a plain attribute: not a submodule, not in the state dict
+        if any(sp.processor for sp in groups):
+            _switch_to_fused_aware(mod.processor)
         mod.fused_projections = True
         setattr(mod, FUSED_ATTR, tuple(built))
         count += 1
     return count
+
+
+def _switch_to_fused_aware(proc) -> None:
+    """Run ``proc`` as dvdquant's fused-aware subclass of its class; the instance and its state stay."""
+    from .processors import FUSED_AWARE
+    setattr(proc, UNFUSED_CLASS_ATTR, type(proc))
+    proc.__class__ = FUSED_AWARE[type(proc).__name__]
 
 
 def remove_fused_projections(model: nn.Module) -> int:
@@ -129,6 +145,10 @@ def remove_fused_projections(model: nn.Module) -> int:
             continue
         for attr in attrs:
             delattr(mod, attr)
+        proc = getattr(mod, "processor", None)
+        if hasattr(proc, UNFUSED_CLASS_ATTR):
+            proc.__class__ = getattr(proc, UNFUSED_CLASS_ATTR)
+            delattr(proc, UNFUSED_CLASS_ATTR)
         mod.fused_projections = False
         delattr(mod, FUSED_ATTR)
         count += 1
