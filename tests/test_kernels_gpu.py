@@ -306,8 +306,8 @@ def test_weight_only_layer_keeps_a16_eager_compiled_and_in_the_op():
 def test_fused_projections_equal_unfused(compiled, model):
     """A tiny Wan / HunyuanVideo transformer (bf16, W4A4, then A8 via the runtime state) on the fp8 path: the
     fused Q/K/V and K/V projections (one activation quantization and one GEMM each; HunyuanVideo through
-    dvdquant's fused-aware processor) give the unfused model's output bit for bit, eager and under
-    torch.compile."""
+    dvdquant's fused-aware processor) give the unfused model's output bit for bit, eager, and for Wan also
+    under torch.compile (HunyuanVideo compiled: within inductor's glue rounding)."""
     pytest.importorskip("diffusers")
     import sys
     from pathlib import Path
@@ -335,5 +335,13 @@ def test_fused_projections_equal_unfused(compiled, model):
                 outs[fused, bits] = run(**inputs, return_dict=False)[0]
     for bits in (4, 8):
         ref, out = outs[False, bits], outs[True, bits]
-        print(f"{model} compiled={compiled} A{bits}: differing {float((out != ref).float().mean()):.2e}")
-        assert torch.equal(out, ref)
+        rel = float((out.float() - ref.float()).norm() / ref.float().norm())
+        print(f"{model} compiled={compiled} A{bits}: differing {float((out != ref).float().mean()):.2e}, "
+              f"rel. L2 {rel:.1e}")
+        if compiled and model == "hunyuan":
+            # two different graphs: inductor rounds the glue after the projections (QK-norm, RoPE of the
+            # joint sequence) differently. H100: rel. L2 0.22 % fused vs unfused, less than compiling alone
+            # moves the output (0.83 % compiled vs eager; benchmarks/probe_fused_compile.py)
+            assert rel < 1e-2
+        else:
+            assert torch.equal(out, ref)
