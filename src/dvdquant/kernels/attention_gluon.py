@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .attention_ref import LOG2_P_SCALE as _LOG2_P_SCALE, QMAX, QuantKV
+from .attention_ref import LOG2_P_SCALE as _LOG2_P_SCALE, QMAX, QuantKV, first_biased_tile, head_strides
 
 LOG2_P_SCALE = gl.constexpr(_LOG2_P_SCALE)
 # Triton 3.6 / 3.9 spellings of the same builtins (the GPU image has 3.6, CI 3.9)
@@ -286,11 +286,12 @@ def attend_gluon(q: torch.Tensor, kv: QuantKV, scale: float, qk_format: str, ret
     A ``torch.library`` custom op, so that ``torch.compile`` treats the launch as one opaque call (Dynamo
     traces Triton kernels but not Gluon ones). ``bias``: the padded key bias (B, 1|H, Lkp), log2 units, as
     ``attention_triton.quant_attention`` prepares it, or None. ``bias_from``: (B, 1|H) int32, the first key
-    tile with a non-zero bias (:func:`.attention_ref.first_biased_tile`); None: every tile is biased.
+    tile with a non-zero bias; None computes it (:func:`.attention_ref.first_biased_tile`), as
+    ``quant_attention`` does by default.
     ``stages``: None takes the head_dim's :data:`GLUON_STAGES_BY_HEAD_DIM` entry."""
     stages = GLUON_STAGES_BY_HEAD_DIM[q.shape[-1]] if stages is None else stages
     if bias is not None and bias_from is None:
-        bias_from = torch.zeros(bias.shape[:2], dtype=torch.int32, device=q.device)
+        bias_from = first_biased_tile(bias, kv.block_n)
     return _attend_gluon_op(q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, bias, bias_from,
                             kv.lk, kv.block_n, float(scale), qk_format, return_lse, stages)
 
@@ -307,9 +308,7 @@ def _attend_gluon_op(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v
     lse = torch.empty((B, Lq, H) if return_lse else (0,), device=q.device, dtype=torch.float32)
     k_desc, v_desc = kv_descriptors_gluon(kv, block_n)
     grid = (triton.cdiv(Lq, GLUON_BLOCK_M), B * H)
-    sbb, sbh = (0, 0) if bias is None else (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0)
-    sfb, sfh = (0, 0) if bias_from is None else (bias_from.stride(0),
-                                                 bias_from.stride(1) if bias_from.shape[1] > 1 else 0)
+    (sbb, sbh), (sfb, sfh) = head_strides(bias), head_strides(bias_from)
     _attn_fwd_gluon_kernel[grid](
         q, k_desc, k_scale, v_desc, v_scale, v_mean, k_mean, v_scale if bias is None else bias,
         v_scale if bias_from is None else bias_from, out, lse if return_lse else out, Lq, lk, lkp, H, q.stride(0),

@@ -183,6 +183,14 @@ def key_bias(attn_mask: Optional[torch.Tensor], B: int, H: int, Lk: int) -> Opti
     return bias[:, :, 0, :].expand(B, bias.shape[1], Lk)
 
 
+def head_strides(t: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """(batch, head) element strides of a (B, 1|H, …) tensor as the kernels index it: 0 along a head dim of
+    size 1 (one row serves every head), (0, 0) for None."""
+    if t is None:
+        return 0, 0
+    return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
+
+
 def first_biased_tile(bias: torch.Tensor, block_n: int) -> torch.Tensor:
     """(B, 1|H) int32: each head's first key tile where the padded log2 key bias (B, 1|H, Lkp) is non-zero
     (a masked key, a key past Lk, any additive bias); the number of tiles where none is.
@@ -273,4 +281,4 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
 
 
 __all__ = ["QuantKV", "quant_attention_reference", "quantize_kv_reference", "quantize_q_reference", "kv_stats",
-           "key_bias", "first_biased_tile", "is_key_padding_mask", "QK_FORMATS", "LOG2E", "P_SCALE", "LOG2_P_SCALE"]
+           "key_bias", "first_biased_tile", "head_strides", "is_key_padding_mask", "QK_FORMATS", "LOG2E", "P_SCALE", "LOG2_P_SCALE"]

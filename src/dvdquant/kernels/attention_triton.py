@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from .attention_ref import (DEFAULT_BLOCK_N, LOG2_P_SCALE as _LOG2_P_SCALE, LOG2E, QMAX, QuantKV, block_n_for,
-                            first_biased_tile, key_bias)
+                            first_biased_tile, head_strides, key_bias)
 
 log = logging.getLogger(__name__)
 
@@ -233,22 +233,22 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, BIAS_FROM, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if HAS_BIAS:   # unbiased full tiles up to the first biased one (which the ragged tile always is), then biased
+    # unbiased full tiles first: with a bias, up to the first biased tile (the ragged one always is); then the
+    # biased tiles, or, without a bias, the ragged last tile with its mask
+    if HAS_BIAS:
         n_plain = tl.load(BIAS_FROM + b * sfb + h * sfh) * BLOCK_N
-        for n0 in range(0, n_plain, BLOCK_N):
-            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n0, Lk, k_row0, v_row0,
-                                       D, BLOCK_N, QK_INT8, False, False, EXACT_FP8, USE_TMA)
+    else:
+        n_plain = Lk // BLOCK_N * BLOCK_N
+    for n0 in range(0, n_plain, BLOCK_N):
+        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n0, Lk, k_row0, v_row0,
+                                   D, BLOCK_N, QK_INT8, False, False, EXACT_FP8, USE_TMA)
+    if HAS_BIAS:
         for n0 in range(n_plain, Lkp, BLOCK_N):
             m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n0, Lk, k_row0, v_row0,
                                        D, BLOCK_N, QK_INT8, True, False, EXACT_FP8, USE_TMA)
-    else:
-        n_full = Lk // BLOCK_N * BLOCK_N
-        for n0 in range(0, n_full, BLOCK_N):
-            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n0, Lk, k_row0, v_row0,
-                                       D, BLOCK_N, QK_INT8, False, False, EXACT_FP8, USE_TMA)
-        if RAGGED:
-            m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n_full, Lk, k_row0,
-                                       v_row0, D, BLOCK_N, QK_INT8, False, True, EXACT_FP8, USE_TMA)
+    elif RAGGED:
+        m_i, l_i, acc = _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, ks, bias, n_plain, Lk, k_row0, v_row0,
+                                   D, BLOCK_N, QK_INT8, False, True, EXACT_FP8, USE_TMA)
     l_c = tl.maximum(l_i, 1e-30)
     vs = tl.load(VS + bh * D + offs_d)                            # acc and l are both in 448 units
     out = acc * vs[None, :] / l_c[:, None] + tl.load(VM + bh * D + offs_d)[None, :]
@@ -455,15 +455,15 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     if bias is not None:                                          # (B, 1|H, Lkp), log2 units, −inf past Lk
         padded = torch.full((B, bias.shape[1], lkp), float("-inf"), device=q.device)
         padded[..., :Lk] = bias * LOG2E
-        bias, sbb, sbh = padded, padded.stride(0), (padded.stride(1) if padded.shape[1] > 1 else 0)
+        bias = padded
         bias_from = first_biased_tile(bias, block_n) if bias_tail else torch.zeros(
-            bias.shape[:2], dtype=torch.int32, device=q.device)                  # (B, 1|H) contiguous
-        sfb, sfh = bias_from.shape[1], (1 if bias_from.shape[1] > 1 else 0)
+            bias.shape[:2], dtype=torch.int32, device=q.device)                  # (B, 1|H)
     if chosen == "gluon":
         out, lse = _attention_gluon.attend_gluon(q, kv, c, qk_format, return_lse, bias=bias, bias_from=bias_from)
         return (out, lse) if return_lse else out
+    (sbb, sbh), (sfb, sfh) = head_strides(bias), head_strides(bias_from)
     if bias is None:
-        bias, bias_from, sbb, sbh, sfb, sfh = kv.v_scale, kv.v_scale, 0, 0, 0, 0   # unused pointers
+        bias, bias_from = kv.v_scale, kv.v_scale                 # unused pointers
     out = torch.empty_like(q)
     lse = torch.empty(B, Lq, H, device=q.device, dtype=torch.float32) if return_lse else out
     grid = (triton.cdiv(Lq, block_m), B * H)
