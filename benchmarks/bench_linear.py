@@ -23,6 +23,11 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
   ``a4_persist`` — the same with a persistent FP8 weight (no expansion);
   ``a4_blk_<recipe>`` — per-block scales through blockwise ``_scaled_mm`` (each recipe that runs).
 
+``--lean`` times only what the issue's per-layer target is about, side by side: bf16, the INT8 GEMM alone,
+and the default A4 layer (activation kernel + int8 expansion + INT8 GEMM) with the activation kernel's
+default launch config and with each config of ``--candidates`` (a JSON list), plus each one's activation
+kernel alone; the candidates' codes and scales are checked bit-equal to the default's.
+
 Inputs are ≥ 48 MB for every M here (larger than the H100's 50 MB L2 only from M = 8k at
 K = 3072 on), so one input set is used; weights are re-read from HBM by every GEMM anyway.
 Writes ``bench_linear.json`` and ``bench_linear.md`` to ``--out``.
@@ -141,6 +146,65 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
     return r
 
 
+def lean_shape(k: int, n: int, m: int, rep: int, candidates: list) -> dict:
+    """bf16 vs the default A4 INT8 layer with the default and each candidate activation config."""
+    from triton.testing import do_bench
+
+    from dvdquant.kernels.expand import expand_int4_to_int8
+    from dvdquant.kernels.fp8 import gemm_int8_rowwise
+    from dvdquant.kernels.triton_act_quant import act_quant
+    from dvdquant.numerics.hadamard import hadamard_matrix
+
+    t = lambda fn: do_bench(fn, warmup=max(5, rep // 5), rep=rep, return_mode="median")  # noqa: E731
+    x, w, bias, packed, zero, w_scale = random_w4_layer(m, k, n)
+    h = hadamard_matrix(128, device="cuda")
+    buf = torch.empty(n, k, device="cuda", dtype=torch.int8)
+    act = lambda cfg: (lambda: act_quant(x, bits=4, h_block=h, config=cfg, codes_dtype=torch.int8))  # noqa: E731
+
+    def layer(cfg):
+        def run():
+            q, s = act(cfg)()
+            return gemm_int8_rowwise(q, s, expand_int4_to_int8(packed, zero, out=buf), w_scale, bias, torch.bfloat16)
+        return run
+    q0, s0 = act(None)()
+    w8 = expand_int4_to_int8(packed, zero, out=buf)
+    r = {"K": k, "N": n, "M": m, "bf16": t(lambda: F.linear(x, w, bias)),
+         "int8_gemm": t(lambda: gemm_int8_rowwise(q0, s0, w8, w_scale, bias, torch.bfloat16)),
+         "floor_copy": t(lambda: torch.empty(m, k, device="cuda", dtype=torch.int8).copy_(x)),
+         "act": {"default": t(act(None))}, "layer": {"default": t(layer(None))}, "bit_equal": {}}
+    for i, cfg in enumerate(candidates):
+        q, s = act(cfg)()
+        r["bit_equal"][str(i)] = bool(torch.equal(q, q0) and torch.equal(s, s0))
+        r["act"][str(i)], r["layer"][str(i)] = t(act(cfg)), t(layer(cfg))
+    r["speedup"] = {name: r["bf16"] / v for name, v in r["layer"].items()}
+    return r   # the operands die with this frame; the caller empties the CUDA cache
+
+
+def lean_main(args, device: str) -> None:
+    cands = json.loads(args.candidates)
+    rows = []
+    for model, k, n in SHAPES:
+        for m in args.m:
+            r = lean_shape(k, n, m, args.rep, cands)
+            torch.cuda.empty_cache()
+            r["model"] = model
+            rows.append(r)
+            print(f"{model} {k}->{n} M={m}: bf16 {r['bf16']:.3f} ms, GEMM x{r['bf16'] / r['int8_gemm']:.2f}, "
+                  + ", ".join(f"{c}: layer x{r['speedup'][c]:.2f} act {r['act'][c]:.3f}" for c in r["layer"]),
+                  flush=True)
+            with open(os.path.join(args.out, "bench_linear_lean.json"), "w") as f:
+                json.dump({"device": device, "candidates": cands, "rows": rows}, f, indent=1)
+    names = list(rows[0]["layer"])
+    print("| model | K→N | M | GEMM alone × | " + " | ".join(f"A4 layer × ({c})" for c in names)
+          + " | floor copy ms | " + " | ".join(f"act ms ({c})" for c in names) + " |")
+    for r in rows:
+        print(f"| {r['model']} | {r['K']}→{r['N']} | {r['M']} | {r['bf16'] / r['int8_gemm']:.2f} | "
+              + " | ".join(f"{r['speedup'][c]:.2f}" for c in names) + f" | {r['floor_copy']:.3f} | "
+              + " | ".join(f"{r['act'][c]:.3f}" for c in names) + " |")
+    print("candidates:", json.dumps(cands), "bit-equal everywhere:",
+          all(all(r["bit_equal"].values()) for r in rows))
+
+
 def markdown(rows: list, device: str) -> str:
     blk = sorted({k[len("speedup_a4_blk_"):] for r in rows for k in r if k.startswith("speedup_a4_blk_")})
     head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "fast GEMM ×", "A4 ×", "A4 fast ×", "fast rel", "A8 ×", "A4 persist ×",
@@ -171,9 +235,14 @@ def main() -> None:
     ap.add_argument("--no-blockwise", action="store_true", help="skip the per-block (1x128) GEMM recipes")
     ap.add_argument("--act-config", default=None,
                     help="JSON launch config of the rotated act_quant kernel (see tune_act_quant.py)")
+    ap.add_argument("--lean", action="store_true",
+                    help="only bf16, the INT8 GEMM and the default A4 layer with the default and --candidates act configs")
+    ap.add_argument("--candidates", default="[]", help="--lean: JSON list of act_quant launch configs to compare")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = f"{torch.cuda.get_device_name()} (torch {torch.__version__}, cuda {torch.version.cuda})"
+    if args.lean:
+        return lean_main(args, device)
     if args.act_config:
         device += f"; act_quant config {args.act_config}"
     shapes = SHAPES[:1] + SHAPES[5:6] if args.quick else SHAPES

@@ -15,6 +15,10 @@ Times ``act_quant`` on bf16 tokens at M = 32768, Hadamard-128 rotation fused, pe
 
 ``--kernel legacy`` sweeps the default (register-hoisted) kernel instead, block_m down to 16, on the
 per-token cases K = 3072 … 15360 (the K-heavy MLP down-projection inputs included).
+``--kernel l2`` sweeps the default kernel's second-pass variants on the same per-token cases, at every
+``--m``: the second pass walked backwards (``reverse``, starting on the tiles still in L2) and L2 eviction
+hints (first pass ``evict_last``, second ``evict_first``), and the second pass dividing through the row
+scale's reciprocal with one fma correction (``fma_div``), each with ``--block-ms`` × ``--warps``.
 Writes ``act_tune_<kernel>.json`` (every row; the best config overall under "best", the best for
 each case under "best_per_case").
 """
@@ -45,10 +49,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--rep", type=int, default=25)
-    ap.add_argument("--kernel", default="mm", choices=["mm", "legacy"],
-                    help="which rotated kernel's launch configs to sweep (legacy = the default kernel)")
-    ap.add_argument("--m", type=int, default=M)
+    ap.add_argument("--kernel", default="mm", choices=["mm", "legacy", "l2"],
+                    help="which rotated kernel's launch configs to sweep (legacy = the default kernel, "
+                         "l2 = its second-pass order and eviction variants)")
+    ap.add_argument("--m", type=int, nargs="+", default=[M])
+    ap.add_argument("--block-ms", type=int, nargs="+", default=[16, 32, 64], help="l2: block_m values swept")
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="l2: num_warps values swept")
     args = ap.parse_args()
+    if args.kernel == "l2":
+        return sweep_l2(args)
+    args.m = args.m[0]
     cases = LEGACY_CASES if args.kernel == "legacy" else CASES
     m_tokens = args.m
     os.makedirs(args.out, exist_ok=True)
@@ -103,6 +113,50 @@ def main() -> None:
         print(f"| {c} | {r['floor_copy']:.3f} | {r['norot']:.3f} | {r['legacy']:.3f} | {v:.3f} | "
               f"{v / r['legacy']:.2f} |")
     print("BEST", json.dumps(best["config"]))
+
+
+L2_VARIANTS = {"base": {}, "reverse": {"reverse": True},
+               "evict": {"evict1": "evict_last", "evict2": "evict_first"},
+               "reverse_evict": {"reverse": True, "evict1": "evict_last", "evict2": "evict_first"},
+               "fma": {"fma_div": True}, "fma_reverse": {"fma_div": True, "reverse": True}}
+
+
+def sweep_l2(args) -> None:
+    """Per-token cases × M × (block_m, warps) × second-pass variant; writes act_tune_l2.json."""
+    from triton.testing import do_bench
+
+    from dvdquant.kernels.triton_act_quant import act_quant
+    from dvdquant.numerics.hadamard import hadamard_matrix
+
+    os.makedirs(args.out, exist_ok=True)
+    t = lambda fn: do_bench(fn, warmup=5, rep=args.rep, return_mode="median")  # noqa: E731
+    h = hadamard_matrix(128, device="cuda")
+    out = {"device": torch.cuda.get_device_name(), "M": args.m, "kernel": "l2", "cases": {}}
+    for m_tokens in args.m:
+        for k in (c[0] for c in LEGACY_CASES if c[1] is None):
+            x = torch.randn(m_tokens, k, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(m_tokens, k, device="cuda", dtype=torch.float8_e4m3fn)
+            ref_c, ref_s = act_quant(x, bits=4, h_block=h, codes_dtype=torch.int8)
+            case = {"floor_copy": t(lambda: y.copy_(x)),
+                    "default": t(lambda: act_quant(x, bits=4, h_block=h, codes_dtype=torch.int8)), "rows": []}
+            for (vname, var), bm, nw in itertools.product(L2_VARIANTS.items(), args.block_ms, args.warps):
+                cfg = dict(var, block_m=bm, num_warps=nw, num_stages=3)
+                fn = lambda: act_quant(x, bits=4, h_block=h, codes_dtype=torch.int8, config=cfg)  # noqa: E731
+                c, s = fn()
+                same = bool(torch.equal(c, ref_c) and torch.equal(s, ref_s))
+                case["rows"].append({"variant": vname, "config": cfg, "ms": t(fn), "bit_equal": same})
+            best = min(case["rows"], key=lambda r: r["ms"])
+            case["best"] = best
+            out["cases"][f"M{m_tokens}-K{k}"] = case
+            print(f"M={m_tokens} K={k} floor {case['floor_copy']:.3f} default {case['default']:.3f} "
+                  f"best {best['ms']:.3f} {best['variant']} {best['config']}", flush=True)
+    with open(os.path.join(args.out, "act_tune_l2.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    names = list(out["cases"])
+    print("| variant | block_m | warps | " + " | ".join(names) + " |")
+    for i, r in enumerate(out["cases"][names[0]]["rows"]):
+        print(f"| {r['variant']} | {r['config']['block_m']} | {r['config']['num_warps']} | "
+              + " | ".join(f"{out['cases'][n]['rows'][i]['ms']:.3f}" for n in names) + " |")
 
 
 if __name__ == "__main__":

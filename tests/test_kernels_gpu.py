@@ -76,6 +76,57 @@ def test_act_quant_rotated(dtype, smooth_on, fmt, bits, r, block, kernel):
     assert torch.equal(s.contiguous(), sr)
 
 
+def test_fma_division_is_correctly_rounded():
+    """quant_jit.quantize_codes_recip's quotient (RN(x·r) + one fma correction, r = RN(1/s)) equals IEEE
+    div.rn on 2^26 random pairs over the range recip_ok admits, and on quotients within 3 ulps of the
+    int grid's ties and of every e4m3 rounding midpoint."""
+    import triton
+    from dvdquant.kernels.quant_jit import fma_div_probe_kernel
+    g = torch.Generator(device=DEV).manual_seed(5)
+    n = 1 << 26
+    s = torch.exp2(torch.rand(n, device=DEV, generator=g) * 198 - 99)               # 2^-99 … 2^99
+    q = torch.rand(n, device=DEV, generator=g) * 896 - 448                          # |x/s| ≤ 448 (e4m3 max)
+    # near-ties: k + 1/2 (int grid) and e4m3 midpoints, nudged by −3 … +3 ulps
+    e4m3 = torch.arange(0, 127, device=DEV, dtype=torch.uint8).view(torch.float8_e4m3fn).float()   # 0 … 448
+    e4m3_mids = (e4m3[:-1] + e4m3[1:]) / 2
+    mids = torch.cat([torch.arange(-128, 128, device=DEV) + 0.5, e4m3_mids, -e4m3_mids])
+    near = mids.repeat(n // (7 * mids.numel()) + 1)[: n // 7]
+    nudge = torch.randint(-3, 4, near.shape, device=DEV, generator=g, dtype=torch.int32)
+    near = (near.view(torch.int32) + nudge).view(torch.float32)
+    q[: near.numel()] = near
+    x = q * s                                                                        # x/s within ulps of q
+    out = torch.empty(2 * n, device=DEV)
+    fma_div_probe_kernel[(triton.cdiv(n, 1024),)](x, s, out, n, BLOCK=1024)
+    ref, fma = out[:n], out[n:]
+    bad = (ref.view(torch.int32) != fma.view(torch.int32)).sum().item()
+    assert bad == 0, f"{bad} of {n} quotients differ from div.rn"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fmt,bits,codes", [("int", 4, torch.float8_e4m3fn), ("fp8", 8, torch.float8_e4m3fn),
+                                            ("int", 8, torch.int8)])
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("cfg", [{"fma_div": True}, {"fma_div": True, "reverse": True},
+                                 {"reverse": True, "evict1": "evict_last", "evict2": "evict_first"}])
+def test_act_quant_second_pass_variants_are_exact(dtype, fmt, bits, codes, rotate, cfg):
+    """The second-pass variants (fma division, backwards walk, eviction hints) give the reference's codes
+    and scales, bit for bit, on tie rows, zero rows, tiny rows (where the fma division is not allowed and
+    the program falls back to div_rn) and rows spanning 15 decades."""
+    from dvdquant.kernels.triton_act_quant import act_quant, act_quant_reference
+    from dvdquant.numerics.hadamard import hadamard_matrix
+    x = _data(4000, 3072, dtype, seed=3)
+    g = torch.Generator(device=DEV).manual_seed(4)
+    x[4:40] = (torch.randn(36, 3072, device=DEV, generator=g) * torch.logspace(-12, 3, 3072, device=DEV)).to(dtype)
+    x[100:110] = x[2:3].float() * torch.rand(10, 1, device=DEV, generator=g).to(dtype) * 10   # scaled tie rows
+    if dtype == torch.float32:
+        x[200:202] = 1e-36                                                                     # scales below 2^-100
+    h = hadamard_matrix(128, device=DEV) if rotate else None
+    c, s = act_quant(x, bits=bits, fmt=fmt, h_block=h, config=cfg, codes_dtype=codes)
+    cr, sr = act_quant_reference(x, bits=bits, fmt=fmt, h_block=h, codes_dtype=codes)
+    assert torch.equal(c.view(torch.uint8), cr.view(torch.uint8))
+    assert torch.equal(s, sr)
+
+
 def test_expand_exact():
     from dvdquant.kernels.expand import expand_int4_to_fp8, expand_reference
     from dvdquant.numerics.packing import pack_int4

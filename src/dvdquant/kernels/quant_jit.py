@@ -43,6 +43,46 @@ def quantize_codes(x, s, qmax, FP8_FMT: tl.constexpr):
 
 
 @triton.jit
+def recip_ok(s, mask_m):
+    """Whether every row's scale allows :func:`quantize_codes_recip`: 2^-100 ≤ s ≤ 2^100 (so 1/s, the
+    quotients and the fma residuals stay normal fp32 numbers; NaN/Inf rows fail). A scalar for the
+    whole program."""
+    good = (s >= 7.888609052210118e-31) & (s <= 1.2676506002282294e30)
+    return tl.min(tl.where(mask_m & ~good, 0, 1), axis=0) > 0
+
+
+@triton.jit
+def quantize_codes_recip(x, s, r, qmax, FP8_FMT: tl.constexpr):
+    """:func:`quantize_codes` with the division by the row scale done as a multiply and one fma correction.
+
+    ``r`` (BLOCK_M,) = RN(1/s). q = RN(x·r) is within an ulp or two of x/s; e = x − q·s is exact in one
+    fma (q·s lies within a few ulps of x); RN(q + e·r) is then the correctly rounded quotient (Markstein's
+    correction step). Three fp32 operations per element instead of IEEE ``div.rn``'s subroutine. Only for
+    rows where :func:`recip_ok` holds; the GPU tests compare it with ``div_rn`` on tie-heavy data."""
+    rr = r[:, None]
+    q = x * rr
+    e = tl.fma(-q, s[:, None], x)
+    y = tl.fma(e, rr, q)
+    if FP8_FMT:
+        return round_e4m3(y)
+    c = (y + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(c, -qmax), qmax)
+
+
+@triton.jit
+def fma_div_probe_kernel(x_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Test probe: out[:n] = div_rn(x, s), out[n:] = the quotient :func:`quantize_codes_recip` uses."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    x = tl.load(x_ptr + i, mask=m, other=1.0)
+    s = tl.load(s_ptr + i, mask=m, other=1.0)
+    r = tl.math.div_rn(tl.full((BLOCK,), 1.0, tl.float32), s)
+    q = x * r
+    tl.store(out_ptr + i, tl.math.div_rn(x, s), mask=m)
+    tl.store(out_ptr + n + i, tl.fma(tl.fma(-q, s, x), r, q), mask=m)
+
+
+@triton.jit
 def scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP: tl.constexpr):
     """amax / qmax as torch computes it: CUDA torch divides by a Python scalar by multiplying
     with the fp32 reciprocal; CPU torch divides (correctly rounded)."""

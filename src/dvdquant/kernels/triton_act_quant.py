@@ -85,7 +85,7 @@ import triton.language as tl
 
 from ..errors import ConfigError
 from ..numerics.hadamard import inv_sqrt_r
-from .quant_jit import bad_rows, flag_nonfinite, quantize_codes, row_abs_max, scale_of
+from .quant_jit import bad_rows, flag_nonfinite, quantize_codes, quantize_codes_recip, recip_ok, row_abs_max, scale_of
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,11 @@ def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr):
 def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r, magic,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                       ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, HOIST_H: tl.constexpr, ROT_R: tl.constexpr,
-                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr):
+                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr, EVICT: tl.constexpr = ""):
     """One (BLOCK_M, BLOCK_K) tile of x / smooth · H in fp32, and the snap constants it used.
 
+    ``EVICT``: the L2 eviction policy of the token load ("" default, "evict_last" keeps the tile for
+    a re-read, "evict_first" marks it dead).
     ``MAGIC_IN``: ``magic`` (BLOCK_M,) holds this tile's snap constants (computed by an earlier
     pass; only when ROT_R == BLOCK_K); otherwise they are computed here. ``SNAP=False`` (the
     opt-in ``exact_rotation=False``) skips the snap: the rotation is then no longer the exact one."""
@@ -149,7 +151,7 @@ def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_x
         hk = tl.arange(0, BLOCK_K)
         h = tl.load(h_ptr + hk[:, None] * BLOCK_K + hk[None, :])
     mask = mask_m[:, None] & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
     if HAS_SMOOTH:
         sm = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
         x = tl.math.div_rn(x.to(tl.float32), sm[None, :])
@@ -172,9 +174,16 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, PER_BLOCK: tl.constexpr,
                      FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, HOIST_H: tl.constexpr,
-                     HAS_FLAG: tl.constexpr, ROT_R: tl.constexpr, SNAP: tl.constexpr, SNAP_CACHE: tl.constexpr):
+                     HAS_FLAG: tl.constexpr, ROT_R: tl.constexpr, SNAP: tl.constexpr, SNAP_CACHE: tl.constexpr,
+                     REVERSE: tl.constexpr = False, EVICT1: tl.constexpr = "", EVICT2: tl.constexpr = "",
+                     FMA_DIV: tl.constexpr = False):
     """Grid: (cdiv(M, BLOCK_M),). Each program quantizes BLOCK_M whole rows.
 
+    Per-token mode reads each row twice. ``REVERSE``: the second pass walks the row's tiles from the
+    last to the first, so it starts on the tiles the first pass read last, the ones most likely still
+    in L2. ``EVICT1`` / ``EVICT2``: the L2 eviction policies of the two passes' loads. ``FMA_DIV``: the
+    second pass divides by the row scale through its reciprocal and one fma correction
+    (:func:`.quant_jit.quantize_codes_recip`) when every row of the program allows it, else with ``div_rn``.
     ``HAS_FLAG``: rows whose scale came out +inf (NaN/Inf input) write ``flag_id`` into the
     device flag at ``flag_ptr`` (atomic min; see :mod:`dvdquant.kernels.finite`).
     ``SNAP_CACHE`` (per-token mode, one rotation block per tile): the first pass stores each
@@ -206,21 +215,35 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         for k0 in range(0, K, BLOCK_K):
             x, tile_magic = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm,
                                               inv_sqrt_r, no_magic, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE,
-                                              HOIST_H, ROT_R, False, SNAP)
+                                              HOIST_H, ROT_R, False, SNAP, EVICT1)
             if SNAP_CACHE:
                 tl.store(magic_ptr + rows.to(tl.int64) + (k0 // BLOCK_K) * M, tile_magic, mask=mask_m)
             amax = tl.maximum(amax, row_abs_max(x))
         s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
         bad = bad_rows(s, mask_m)
-        for k0 in range(0, K, BLOCK_K):
+        if FMA_DIV:
+            fast = recip_ok(s, mask_m)
+            r = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), s)
+        last = (tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K
+        for kf in range(0, K, BLOCK_K):
+            if REVERSE:
+                k0 = last - kf
+            else:
+                k0 = kf
             if SNAP_CACHE:
                 cached = tl.load(magic_ptr + rows.to(tl.int64) + (k0 // BLOCK_K) * M, mask=mask_m, other=0.0)
             else:
                 cached = no_magic
             x, _ = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                      cached, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H, ROT_R,
-                                     SNAP_CACHE, SNAP)
-            c = quantize_codes(x, s, qmax, FP8_FMT)
+                                     SNAP_CACHE, SNAP, EVICT2)
+            if FMA_DIV:
+                if fast:
+                    c = quantize_codes_recip(x, s, r, qmax, FP8_FMT)
+                else:
+                    c = quantize_codes(x, s, qmax, FP8_FMT)
+            else:
+                c = quantize_codes(x, s, qmax, FP8_FMT)
             cols = k0 + tl.arange(0, BLOCK_K)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], c.to(q_ptr.dtype.element_ty),
                      mask=mask_m[:, None] & (cols[None, :] < K))
@@ -469,7 +492,8 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         BLOCK_M=cfg["block_m"], BLOCK_K=tile, HAS_SMOOTH=sm is not None, ROTATE=h is not None,
         ROT_MODE=rot_mode, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
         SCALE_BY_RECIP=x.is_cuda, HOIST_H=cfg["hoist_h"], HAS_FLAG=has_flag, ROT_R=r or tile, SNAP=snap,
-        SNAP_CACHE=snap_cache, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        SNAP_CACHE=snap_cache, REVERSE=bool(cfg.get("reverse", False)), EVICT1=cfg.get("evict1", ""),
+        EVICT2=cfg.get("evict2", ""), FMA_DIV=bool(cfg.get("fma_div", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return codes, scales
 
 
