@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[M])
     ap.add_argument("--block-ms", type=int, nargs="+", default=[16, 32, 64], help="l2: block_m values swept")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="l2: num_warps values swept")
+    ap.add_argument("--stages", type=int, nargs="+", default=[3], help="l2: num_stages values swept")
+    ap.add_argument("--variants", nargs="+", default=list(L2_VARIANTS), choices=list(L2_VARIANTS),
+                    help="l2: second-pass variants swept")
     args = ap.parse_args()
     if args.kernel == "l2":
         return sweep_l2(args)
@@ -115,9 +118,8 @@ def main() -> None:
     print("BEST", json.dumps(best["config"]))
 
 
-L2_VARIANTS = {"base": {}, "reverse": {"reverse": True},
-               "evict": {"evict1": "evict_last", "evict2": "evict_first"},
-               "reverse_evict": {"reverse": True, "evict1": "evict_last", "evict2": "evict_first"},
+L2_VARIANTS = {"div_rn": {"fma_div": False}, "reverse": {"fma_div": False, "reverse": True},
+               "evict": {"fma_div": False, "evict1": "evict_last", "evict2": "evict_first"},
                "fma": {"fma_div": True}, "fma_reverse": {"fma_div": True, "reverse": True}}
 
 
@@ -139,8 +141,9 @@ def sweep_l2(args) -> None:
             ref_c, ref_s = act_quant(x, bits=4, h_block=h, codes_dtype=torch.int8)
             case = {"floor_copy": t(lambda: y.copy_(x)),
                     "default": t(lambda: act_quant(x, bits=4, h_block=h, codes_dtype=torch.int8)), "rows": []}
-            for (vname, var), bm, nw in itertools.product(L2_VARIANTS.items(), args.block_ms, args.warps):
-                cfg = dict(var, block_m=bm, num_warps=nw, num_stages=3)
+            variants = {v: L2_VARIANTS[v] for v in args.variants}
+            for (vname, var), bm, nw, ns in itertools.product(variants.items(), args.block_ms, args.warps, args.stages):
+                cfg = dict(var, block_m=bm, num_warps=nw, num_stages=ns)
                 fn = lambda: act_quant(x, bits=4, h_block=h, codes_dtype=torch.int8, config=cfg)  # noqa: E731
                 c, s = fn()
                 same = bool(torch.equal(c, ref_c) and torch.equal(s, ref_s))
@@ -153,9 +156,9 @@ def sweep_l2(args) -> None:
     with open(os.path.join(args.out, "act_tune_l2.json"), "w") as f:
         json.dump(out, f, indent=1)
     names = list(out["cases"])
-    print("| variant | block_m | warps | " + " | ".join(names) + " |")
+    print("| variant | block_m | warps/stages | " + " | ".join(names) + " |")
     for i, r in enumerate(out["cases"][names[0]]["rows"]):
-        print(f"| {r['variant']} | {r['config']['block_m']} | {r['config']['num_warps']} | "
+        print(f"| {r['variant']} | {r['config']['block_m']} | {r['config']['num_warps']}/{r['config']['num_stages']} | "
               + " | ".join(f"{out['cases'][n]['rows'][i]['ms']:.3f}" for n in names) + " |")
 
 

@@ -107,9 +107,10 @@ def test_fma_division_is_correctly_rounded():
                                             ("int", 8, torch.int8)])
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("cfg", [{"fma_div": True}, {"fma_div": True, "reverse": True},
-                                 {"reverse": True, "evict1": "evict_last", "evict2": "evict_first"}])
+                                 {"fma_div": False, "num_warps": 8},
+                                 {"fma_div": False, "reverse": True, "evict1": "evict_last", "evict2": "evict_first"}])
 def test_act_quant_second_pass_variants_are_exact(dtype, fmt, bits, codes, rotate, cfg):
-    """The second-pass variants (fma division, backwards walk, eviction hints) give the reference's codes
+    """The second-pass variants (fma division — the default —, div.rn, backwards walk, eviction hints) give the reference's codes
     and scales, bit for bit, on tie rows, zero rows, tiny rows (where the fma division is not allowed and
     the program falls back to div_rn) and rows spanning 15 decades."""
     from dvdquant.kernels.triton_act_quant import act_quant, act_quant_reference

@@ -474,12 +474,15 @@ if __name__ == "__main__":
 def test_small_token_counts_get_16_row_programs():
     """rows_config: 64-row programs while they fill a wave of SMs, else 16-row ones (text tokens), unless the
     caller fixes block_m; the kernel computes the same rows either way (interpreter tests use many block_m)."""
-    from dvdquant.kernels.triton_act_quant import DEFAULT_CONFIG, SMALL_M_CONFIG, rows_config
-    assert rows_config(32760, 132, None) == DEFAULT_CONFIG
-    assert rows_config(512, 132, None) == dict(DEFAULT_CONFIG, **SMALL_M_CONFIG)
+    from dvdquant.kernels.triton_act_quant import DEFAULT_CONFIG, PER_TOKEN_CONFIG, SMALL_M_CONFIG, rows_config
+    tok = dict(DEFAULT_CONFIG, **PER_TOKEN_CONFIG)
+    assert rows_config(32760, 132, None) == tok and tok["fma_div"] and tok["num_warps"] == 4
+    assert rows_config(32760, 132, None, per_token=False) == DEFAULT_CONFIG   # per-block scales: one pass, 8 warps
+    assert rows_config(512, 132, None) == dict(tok, **SMALL_M_CONFIG)
     assert rows_config(64 * 132, 132, None)["block_m"] == 64 and rows_config(64 * 131, 132, None)["block_m"] == 16
     assert rows_config(512, 132, {"block_m": 32})["block_m"] == 32
-    assert rows_config(512, 0, None) == DEFAULT_CONFIG                    # CPU / interpreter: unchanged
+    assert rows_config(512, 132, {"num_warps": 8})["num_warps"] == 8        # a caller's keys always win
+    assert rows_config(512, 0, None) == tok                               # CPU / interpreter: no small-M switch
 
 
 def test_fused_sibling_op_equals_members(results):

@@ -63,6 +63,7 @@ def quantize_codes_recip(x, s, r, qmax, FP8_FMT: tl.constexpr):
     q = x * rr
     e = tl.fma(-q, s[:, None], x)
     y = tl.fma(e, rr, q)
+    y = tl.where(q == 0.0, q, y)        # x = −0: the fma sum is +0, the quotient −0 (q keeps x's sign)
     if FP8_FMT:
         return round_e4m3(y)
     c = (y + 12582912.0) - 12582912.0

@@ -117,8 +117,8 @@ def snap_magic(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROT_R: tl.conste
 
 
 @triton.jit
-def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr):
-    """Snapped fp32 tile times the ±1 tile h, exact sums, then · fp32(1/√R)."""
+def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr, SCALE: tl.constexpr = True):
+    """Snapped fp32 tile times the ±1 tile h, exact sums, then · fp32(1/√R) (``SCALE=False``: not yet)."""
     if ROT_MODE == 1:                                     # bf16 in: still bf16 after the snap
         xr = tl.dot(xf.to(tl.bfloat16), h)
     elif ROT_MODE == 3:                                   # ≤ 16 significant bits = hi + mid + lo, exactly
@@ -131,18 +131,23 @@ def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr):
         xr = tl.dot(lo, h, xr)
     else:                                                 # interpreter: IEEE fp32 dot
         xr = tl.dot(xf, h, input_precision="ieee")
-    return xr * inv_sqrt_r
+    if SCALE:
+        xr = xr * inv_sqrt_r
+    return xr
 
 
 @triton.jit
 def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r, magic,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                       ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, HOIST_H: tl.constexpr, ROT_R: tl.constexpr,
-                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr, EVICT: tl.constexpr = ""):
+                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr, EVICT: tl.constexpr = "",
+                      SCALE_OUT: tl.constexpr = True):
     """One (BLOCK_M, BLOCK_K) tile of x / smooth · H in fp32, and the snap constants it used.
 
     ``EVICT``: the L2 eviction policy of the token load ("" default, "evict_last" keeps the tile for
-    a re-read, "evict_first" marks it dead).
+    a re-read, "evict_first" marks it dead). ``SCALE_OUT=False`` leaves the rotated tile without its
+    1/√R factor (the first pass scales the row amax instead: x ↦ RN(x/√R) is monotone, so
+    max RN(|x|·c) = RN(max |x| · c), one multiply per row instead of one per element).
     ``MAGIC_IN``: ``magic`` (BLOCK_M,) holds this tile's snap constants (computed by an earlier
     pass; only when ROT_R == BLOCK_K); otherwise they are computed here. ``SNAP=False`` (the
     opt-in ``exact_rotation=False``) skips the snap: the rotation is then no longer the exact one."""
@@ -164,7 +169,7 @@ def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_x
                 xf = (xf + magic[:, None]) - magic[:, None]
             else:
                 xf = (xf + magic) - magic
-        return _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE), magic
+        return _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE, SCALE_OUT), magic
     return xf, magic
 
 
@@ -215,10 +220,12 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         for k0 in range(0, K, BLOCK_K):
             x, tile_magic = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm,
                                               inv_sqrt_r, no_magic, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE,
-                                              HOIST_H, ROT_R, False, SNAP, EVICT1)
+                                              HOIST_H, ROT_R, False, SNAP, EVICT1, False)
             if SNAP_CACHE:
                 tl.store(magic_ptr + rows.to(tl.int64) + (k0 // BLOCK_K) * M, tile_magic, mask=mask_m)
             amax = tl.maximum(amax, row_abs_max(x))
+        if ROTATE:
+            amax = amax * inv_sqrt_r                      # the 1/√R factor the first pass left out
         s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
         bad = bad_rows(s, mask_m)
         if FMA_DIV:
@@ -328,19 +335,27 @@ ROT_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 3}
 # wave of 64-row programs the launcher takes 16-row programs (4 warps) instead: 4× the programs.
 SMALL_M_CONFIG = {"block_m": 16, "num_warps": 4}
 
+# Per-token scales (two passes): the second pass divides by the row scale through its reciprocal and one
+# fma correction instead of IEEE div.rn (same quotients, see quant_jit.quantize_codes_recip), with 4 warps
+# per 64-row program (8 warps ran out of registers for two programs per SM). 1.3× faster on an H100 at
+# M = 16k–64k, K = 3072–15360 (benchmarks/tune_act_quant.py --kernel l2; docs/results/speed.md §0g).
+PER_TOKEN_CONFIG = {"num_warps": 4, "fma_div": True}
+
 
 @lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def rows_config(m: int, n_sm: int, config: Optional[dict]) -> dict:
+def rows_config(m: int, n_sm: int, config: Optional[dict], per_token: bool = True) -> dict:
     """Launch parameters of :func:`act_quant_kernel` for M tokens on a GPU with ``n_sm`` SMs: the tuned
-    :data:`DEFAULT_CONFIG`, or :data:`SMALL_M_CONFIG` where 64-row programs would not fill one wave.
-    A ``block_m`` given in ``config`` always wins."""
-    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    :data:`DEFAULT_CONFIG` (with :data:`PER_TOKEN_CONFIG` on top for per-token scales), or
+    :data:`SMALL_M_CONFIG` where 64-row programs would not fill one wave. Keys given in ``config``
+    always win."""
+    cfg = dict(DEFAULT_CONFIG, **(PER_TOKEN_CONFIG if per_token else {}))
     if "block_m" not in (config or {}) and 0 < n_sm and triton.cdiv(m, cfg["block_m"]) < n_sm:
         cfg.update(SMALL_M_CONFIG)
+    cfg.update(config or {})
     return cfg
 
 
@@ -447,7 +462,7 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     if use_mm:
         cfg = dict(ROT_CONFIG, **(config or {}))
     else:
-        cfg = rows_config(m, _sm_count(x.device.index or 0) if x.is_cuda else 0, config)
+        cfg = rows_config(m, _sm_count(x.device.index or 0) if x.is_cuda else 0, config, per_token=block is None)
     if not fusable_rotation(k, r, block):
         raise ConfigError(f"rotation of order {r} cannot be fused for K={k}, block={block}: rotate first")
     if block is not None and (not _is_pow2(block) or k % block):
