@@ -117,7 +117,7 @@ def snap_magic(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROT_R: tl.conste
 
 
 @triton.jit
-def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr, SCALE: tl.constexpr = True):
+def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr, SCALE: tl.constexpr):
     """Snapped fp32 tile times the ±1 tile h, exact sums, then · fp32(1/√R) (``SCALE=False``: not yet)."""
     if ROT_MODE == 1:                                     # bf16 in: still bf16 after the snap
         xr = tl.dot(xf.to(tl.bfloat16), h)
@@ -140,8 +140,7 @@ def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr, SCALE: tl.constex
 def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r, magic,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                       ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, HOIST_H: tl.constexpr, ROT_R: tl.constexpr,
-                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr, EVICT: tl.constexpr = "",
-                      SCALE_OUT: tl.constexpr = True):
+                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr, EVICT: tl.constexpr, SCALE_OUT: tl.constexpr):
     """One (BLOCK_M, BLOCK_K) tile of x / smooth · H in fp32, and the snap constants it used.
 
     ``EVICT``: the L2 eviction policy of the token load ("" default, "evict_last" keeps the tile for
@@ -207,7 +206,7 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         for k0 in range(0, K, BLOCK_K):
             x, _ = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                      no_magic, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H, ROT_R,
-                                     False, SNAP)
+                                     False, SNAP, EVICT1, True)
             s = scale_of(row_abs_max(x), qmax, inv_qmax, SCALE_BY_RECIP)
             bad = tl.maximum(bad, bad_rows(s, mask_m))
             c = quantize_codes(x, s, qmax, FP8_FMT)
@@ -243,7 +242,7 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
                 cached = no_magic
             x, _ = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                      cached, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H, ROT_R,
-                                     SNAP_CACHE, SNAP, EVICT2)
+                                     SNAP_CACHE, SNAP, EVICT2, True)
             if FMA_DIV:
                 if fast:
                     c = quantize_codes_recip(x, s, r, qmax, FP8_FMT)
