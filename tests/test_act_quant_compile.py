@@ -36,11 +36,12 @@ _INTS = ("flag_id", "M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sg"
     (128, 256, False, 0, False, "*bf16", True),     # no rotation (ROTATE=False)
 ])
 @pytest.mark.parametrize("q_ty", ["*fp8e4nv", "*i8"])     # e4m3 codes, or int8 codes for the INT8 GEMM
-@pytest.mark.parametrize("block_m,warps", [(64, 8), (16, 4)])   # DEFAULT_CONFIG, SMALL_M_CONFIG (few tokens)
+@pytest.mark.parametrize("block_m,warps", [(64, None), (16, 4)])   # DEFAULT_CONFIG (8 warps per block, 4 per
 def test_act_quant_kernel_compiles_for_sm90(rot_r, block_k, per_block, rot_mode, snap_cache, x_ty, snap, q_ty,
-                                            block_m, warps):
+                                            block_m, warps):             # token), SMALL_M_CONFIG (few tokens)
     from dvdquant.kernels.triton_act_quant import act_quant_kernel
     rotate = rot_mode != 0
+    warps = warps or (8 if per_block else 4)
     if q_ty == "*i8" and not (snap and rot_r == block_k and not per_block):
         pytest.skip("int8 codes: one variant per rotation layout is enough")
     if block_m != 64 and not (rot_r == block_k == 128 and rot_mode == 1 and not per_block and snap):
@@ -50,8 +51,23 @@ def test_act_quant_kernel_compiles_for_sm90(rot_r, block_k, per_block, rot_mode,
            **{n: "i32" for n in _INTS[1:]}, "qmax": "fp32", "inv_qmax": "fp32", "inv_sqrt_r": "fp32"}
     const = dict(BLOCK_M=block_m, BLOCK_K=block_k, HAS_SMOOTH=False, ROTATE=rotate, ROT_MODE=rot_mode if rotate else 1,
                  PER_BLOCK=per_block, FP8_FMT=False, SCALE_BY_RECIP=True, HOIST_H=True, HAS_FLAG=True,
-                 ROT_R=rot_r, SNAP=snap, SNAP_CACHE=snap_cache)
+                 ROT_R=rot_r, SNAP=snap, SNAP_CACHE=snap_cache, REVERSE=False, EVICT1="", EVICT2="",
+                 FMA_DIV=not per_block)                # per token: the fma division (PER_TOKEN_CONFIG)
     assert _compile(act_quant_kernel, sig, const, num_warps=warps).asm["cubin"]
+
+
+@pytest.mark.parametrize("reverse,evict,fma_div", [(True, False, True), (False, True, False), (True, True, False)])
+def test_act_quant_second_pass_variants_compile_for_sm90(reverse, evict, fma_div):
+    """The opt-in second-pass variants (backwards walk, L2 eviction hints, div.rn) build too."""
+    from dvdquant.kernels.triton_act_quant import act_quant_kernel
+    sig = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "h_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32",
+           "flag_ptr": "*i32", "flag_id": "i32", "magic_ptr": "*fp32",
+           **{n: "i32" for n in _INTS[1:]}, "qmax": "fp32", "inv_qmax": "fp32", "inv_sqrt_r": "fp32"}
+    const = dict(BLOCK_M=64, BLOCK_K=128, HAS_SMOOTH=False, ROTATE=True, ROT_MODE=1, PER_BLOCK=False, FP8_FMT=False,
+                 SCALE_BY_RECIP=True, HOIST_H=True, HAS_FLAG=True, ROT_R=128, SNAP=True, SNAP_CACHE=True,
+                 REVERSE=reverse, EVICT1="evict_last" if evict else "", EVICT2="evict_first" if evict else "",
+                 FMA_DIV=fma_div)
+    assert _compile(act_quant_kernel, sig, const, num_warps=4).asm["cubin"]
 
 
 @pytest.mark.parametrize("per_block", [False, True])
