@@ -27,14 +27,9 @@ def round_e4m3(y):
 
 @triton.jit
 def row_abs_max(x):
-    """Row-wise max |x| of fp32 ``x``, with NaN counted as +inf (so bad rows get an inf scale).
-
-    On the bit patterns with the sign cleared: for non-negative floats integer order is float order, and
-    every NaN pattern lies above +inf's, so one integer max per element finds NaN too (a float max would
-    drop it); the NaN → +inf swap is once per row."""
-    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    amax = tl.minimum(tl.max(bits, axis=1), 0x7F800000)
-    return amax.to(tl.float32, bitcast=True)
+    """Row-wise max |x|, with NaN counted as +inf (so bad rows get an inf scale)."""
+    ax = tl.where(x == x, tl.abs(x), float("inf"))
+    return tl.max(ax, axis=1)
 
 
 @triton.jit
@@ -68,13 +63,11 @@ def quantize_codes_recip(x, s, r, qmax, FP8_FMT: tl.constexpr):
     q = x * rr
     e = tl.fma(-q, s[:, None], x)
     y = tl.fma(e, rr, q)
+    y = tl.where(q == 0.0, q, y)        # x = −0: the fma sum is +0, the quotient −0 (q keeps x's sign)
     if FP8_FMT:
-        y = tl.where(q == 0.0, q, y)    # x = −0: the fma sum is +0, the quotient −0 (q keeps x's sign)
         return round_e4m3(y)
-    # No clamp: with s = RN(amax/qmax) (or amax·RN(1/qmax)) every |x/s| ≤ qmax·(1 + 2^-22), which rounds to at
-    # most qmax; the rows where that reasoning fails (NaN/Inf, tiny or huge scales) take quantize_codes.
-    # The sign of zero does not matter here: (±0 + 1.5·2^23) − 1.5·2^23 is +0.
-    return (y + 12582912.0) - 12582912.0
+    c = (y + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(c, -qmax), qmax)
 
 
 @triton.jit
