@@ -24,7 +24,9 @@ Exactness notes (checked against the torch reference below, on CPU in Triton's i
 and on the H100):
 
 * ``/`` on fp32 in Triton compiles to an approximate division on NVIDIA GPUs; we use
-  ``tl.math.div_rn`` (IEEE round-to-nearest), which matches torch's ``/``.
+  ``tl.math.div_rn`` (IEEE round-to-nearest), which matches torch's ``/``. With per-token scales
+  the second pass divides by default through the row scale's reciprocal plus one fma correction,
+  which gives the same correctly rounded quotients (``quant_jit.quantize_codes_recip``).
 * Round-half-to-even (``torch.round``): ``libdevice.rint`` does not run in the interpreter,
   so we use the classic exact trick ``(y + 1.5·2^23) − 1.5·2^23`` (valid for |y| < 2^22,
   here |y| ≤ qmax), which rounds half to even under the default IEEE mode on both.
@@ -336,8 +338,8 @@ SMALL_M_CONFIG = {"block_m": 16, "num_warps": 4}
 
 # Per-token scales (two passes): the second pass divides by the row scale through its reciprocal and one
 # fma correction instead of IEEE div.rn (same quotients, see quant_jit.quantize_codes_recip), with 4 warps
-# per 64-row program (8 warps ran out of registers for two programs per SM). 1.3× faster on an H100 at
-# M = 16k–64k, K = 3072–15360 (benchmarks/tune_act_quant.py --kernel l2; docs/results/speed.md §0g).
+# per 64-row program (8 warps ran out of registers for two programs per SM). 1.23–1.30× faster on an H100
+# at M = 16k–64k, K = 3072–15360 (benchmarks/tune_act_quant.py --kernel l2; docs/results/speed.md §0g).
 PER_TOKEN_CONFIG = {"num_warps": 4, "fma_div": True}
 
 
@@ -429,7 +431,9 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     num_stages, hoist_h, block_k for the unrotated case; ``snap_cache``: keep the first pass's
     snap constants for the second, default on; ``snap=False``: skip the snap, which makes the
     rotation inexact — ``set_backend(..., exact_rotation=False)``; the matmul-form kernel always
-    snaps) or, for the matmul-form kernel, :data:`ROT_CONFIG`.
+    snaps; per token, :data:`PER_TOKEN_CONFIG` on top: ``fma_div`` — divide through the reciprocal,
+    same bits —, 4 warps; opt-in second-pass variants, measured no faster: ``reverse``, ``evict1`` /
+    ``evict2``) or, for the matmul-form kernel, :data:`ROT_CONFIG`.
     ``kernel``: ``"auto"``/``"legacy"`` run :func:`act_quant_kernel` (±1 tile hoisted into
     registers); ``"mm"`` runs a fused rotation of bf16/fp16 tokens without ``smooth`` through the
     matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23× *slower* on an H200
