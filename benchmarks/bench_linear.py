@@ -26,7 +26,9 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
 ``--lean`` times only what the issue's per-layer target is about, side by side: bf16, the INT8 GEMM alone,
 and the default A4 layer (activation kernel + int8 expansion + INT8 GEMM) with the activation kernel's
 default launch config and with each config of ``--candidates`` (a JSON list), plus each one's activation
-kernel alone; the candidates' codes and scales are checked bit-equal to the default's.
+kernel alone and a bf16 → fp8 copy of the tokens (the floor of any activation kernel); the candidates'
+codes and scales are checked bit-equal to the default's. ``--rounds R`` times all of them R times in turn
+and reports medians; single runs moved single points by up to 0.17× on an H100 (speed.md §0g).
 
 Inputs are ≥ 48 MB for every M here (larger than the H100's 50 MB L2 only from M = 8k at
 K = 3072 on), so one input set is used; weights are re-read from HBM by every GEMM anyway.
@@ -146,8 +148,9 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
     return r
 
 
-def lean_shape(k: int, n: int, m: int, rep: int, candidates: list) -> dict:
-    """bf16 vs the default A4 INT8 layer with the default and each candidate activation config."""
+def lean_shape(k: int, n: int, m: int, rep: int, candidates: list, rounds: int = 1) -> dict:
+    """bf16 vs the default A4 INT8 layer with the default and each candidate activation config, ``rounds``
+    times in turn; medians (the speedup: the median of the per-round ratios)."""
     from triton.testing import do_bench
 
     from dvdquant.kernels.expand import expand_int4_to_int8
@@ -168,15 +171,28 @@ def lean_shape(k: int, n: int, m: int, rep: int, candidates: list) -> dict:
         return run
     q0, s0 = act(None)()
     w8 = expand_int4_to_int8(packed, zero, out=buf)
-    r = {"K": k, "N": n, "M": m, "bf16": t(lambda: F.linear(x, w, bias)),
-         "int8_gemm": t(lambda: gemm_int8_rowwise(q0, s0, w8, w_scale, bias, torch.bfloat16)),
-         "floor_copy": t(lambda: torch.empty(m, k, device="cuda", dtype=torch.int8).copy_(x)),
-         "act": {"default": t(act(None))}, "layer": {"default": t(layer(None))}, "bit_equal": {}}
-    for i, cfg in enumerate(candidates):
-        q, s = act(cfg)()
-        r["bit_equal"][str(i)] = bool(torch.equal(q, q0) and torch.equal(s, s0))
-        r["act"][str(i)], r["layer"][str(i)] = t(act(cfg)), t(layer(cfg))
-    r["speedup"] = {name: r["bf16"] / v for name, v in r["layer"].items()}
+    y8 = torch.empty(m, k, device="cuda", dtype=torch.float8_e4m3fn)
+    configs = {"default": None, **{str(i): cfg for i, cfg in enumerate(candidates)}}
+    r = {"K": k, "N": n, "M": m, "bit_equal": {}, "floor_copy": t(lambda: y8.copy_(x))}
+    for name, cfg in configs.items():
+        if cfg is not None:
+            q, s = act(cfg)()
+            r["bit_equal"][name] = bool(torch.equal(q, q0) and torch.equal(s, s0))
+    # rounds alternate every timing, so slow drifts of clock and power hit every variant alike
+    runs = {"bf16": [], "int8_gemm": [], **{f"act/{c}": [] for c in configs}, **{f"layer/{c}": [] for c in configs}}
+    for _ in range(rounds):
+        runs["bf16"].append(t(lambda: F.linear(x, w, bias)))
+        runs["int8_gemm"].append(t(lambda: gemm_int8_rowwise(q0, s0, w8, w_scale, bias, torch.bfloat16)))
+        for name, cfg in configs.items():
+            runs[f"act/{name}"].append(t(act(cfg)))
+            runs[f"layer/{name}"].append(t(layer(cfg)))
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    r["bf16"], r["int8_gemm"] = med(runs["bf16"]), med(runs["int8_gemm"])
+    r["act"] = {c: med(runs[f"act/{c}"]) for c in configs}
+    r["layer"] = {c: med(runs[f"layer/{c}"]) for c in configs}
+    r["speedup_rounds"] = {c: [b / v for b, v in zip(runs["bf16"], runs[f"layer/{c}"])] for c in configs}
+    r["speedup"] = {c: med(v) for c, v in r["speedup_rounds"].items()}   # median of the per-round ratios
+    r["rounds"] = runs
     return r   # the operands die with this frame; the caller empties the CUDA cache
 
 
@@ -185,22 +201,27 @@ def lean_main(args, device: str) -> None:
     rows = []
     for model, k, n in SHAPES:
         for m in args.m:
-            r = lean_shape(k, n, m, args.rep, cands)
+            r = lean_shape(k, n, m, args.rep, cands, args.rounds)
             torch.cuda.empty_cache()
             r["model"] = model
             rows.append(r)
             print(f"{model} {k}->{n} M={m}: bf16 {r['bf16']:.3f} ms, GEMM x{r['bf16'] / r['int8_gemm']:.2f}, "
-                  + ", ".join(f"{c}: layer x{r['speedup'][c]:.2f} act {r['act'][c]:.3f}" for c in r["layer"]),
+                  + ", ".join(f"{c}: layer x{r['speedup'][c]:.2f} (rounds {min(r['speedup_rounds'][c]):.2f}–"
+                              f"{max(r['speedup_rounds'][c]):.2f}) act {r['act'][c]:.3f}" for c in r["layer"]),
                   flush=True)
             with open(os.path.join(args.out, "bench_linear_lean.json"), "w") as f:
                 json.dump({"device": device, "candidates": cands, "rows": rows}, f, indent=1)
     names = list(rows[0]["layer"])
-    print("| model | K→N | M | GEMM alone × | " + " | ".join(f"A4 layer × ({c})" for c in names)
+    print("| model | K→N | M | GEMM alone × | " + " | ".join(f"A4 layer × ({c}; rounds min–max)" for c in names)
           + " | floor copy ms | " + " | ".join(f"act ms ({c})" for c in names) + " |")
     for r in rows:
         print(f"| {r['model']} | {r['K']}→{r['N']} | {r['M']} | {r['bf16'] / r['int8_gemm']:.2f} | "
-              + " | ".join(f"{r['speedup'][c]:.2f}" for c in names) + f" | {r['floor_copy']:.3f} | "
+              + " | ".join(f"{r['speedup'][c]:.2f} ({min(r['speedup_rounds'][c]):.2f}–{max(r['speedup_rounds'][c]):.2f})"
+                           for c in names) + f" | {r['floor_copy']:.3f} | "
               + " | ".join(f"{r['act'][c]:.3f}" for c in names) + " |")
+    sp = [r["speedup"]["default"] for r in rows]
+    print(f"default A4 layer: {min(sp):.2f}–{max(sp):.2f}x bf16, >= 1.4x at {sum(v >= 1.4 for v in sp)} of {len(sp)} points "
+          f"(medians of {args.rounds} rounds)")
     print("candidates:", json.dumps(cands), "bit-equal everywhere:",
           all(all(r["bit_equal"].values()) for r in rows))
 
@@ -238,6 +259,8 @@ def main() -> None:
     ap.add_argument("--lean", action="store_true",
                     help="only bf16, the INT8 GEMM and the default A4 layer with the default and --candidates act configs")
     ap.add_argument("--candidates", default="[]", help="--lean: JSON list of act_quant launch configs to compare")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="--lean: time every variant this many times in turn; report medians (ratios per round)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = f"{torch.cuda.get_device_name()} (torch {torch.__version__}, cuda {torch.version.cuda})"
