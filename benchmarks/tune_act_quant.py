@@ -134,6 +134,7 @@ def sweep_l2(args) -> None:
     t = lambda fn: do_bench(fn, warmup=5, rep=args.rep, return_mode="median")  # noqa: E731
     h = hadamard_matrix(128, device="cuda")
     out = {"device": torch.cuda.get_device_name(), "M": args.m, "kernel": "l2", "cases": {}}
+    variants = {v: L2_VARIANTS[v] for v in args.variants}
     for m_tokens in args.m:
         for k in (c[0] for c in LEGACY_CASES if c[1] is None):
             x = torch.randn(m_tokens, k, device="cuda", dtype=torch.bfloat16)
@@ -141,7 +142,6 @@ def sweep_l2(args) -> None:
             ref_c, ref_s = act_quant(x, bits=4, h_block=h, codes_dtype=torch.int8)
             case = {"floor_copy": t(lambda: y.copy_(x)),
                     "default": t(lambda: act_quant(x, bits=4, h_block=h, codes_dtype=torch.int8)), "rows": []}
-            variants = {v: L2_VARIANTS[v] for v in args.variants}
             for (vname, var), bm, nw, ns in itertools.product(variants.items(), args.block_ms, args.warps, args.stages):
                 cfg = dict(var, block_m=bm, num_warps=nw, num_stages=ns)
                 fn = lambda: act_quant(x, bits=4, h_block=h, codes_dtype=torch.int8, config=cfg)  # noqa: E731

@@ -99,16 +99,18 @@ def _checks() -> dict:
         res[f"snap-cache-{fmt}{bits}"] = [torch.equal(c1.view(torch.uint8), c2.view(torch.uint8))
                                           and torch.equal(s1, s2), ""]
 
-    # 2b'. the second pass walked backwards, with L2 eviction hints, changes nothing (rotated, and unrotated
-    # with K not a multiple of the 256-wide tile: the last, partial tile comes first)
+    # 2b'. the second pass walked backwards, with L2 eviction hints, or dividing with div.rn instead of the
+    # default fma division, changes nothing (rotated, and unrotated with K not a multiple of the 256-wide tile:
+    # the last, partial tile comes first)
     for k, r in ((512, 128), (512, 64), (400, None)):
         xr = data(37, k, torch.bfloat16)
         hr = None if r is None else hadamard_matrix(r)
         cr, sr = act_quant_reference(xr, bits=4, h_block=hr)
-        for cfg in ({"reverse": True}, {"reverse": True, "evict1": "evict_last", "evict2": "evict_first"}):
+        for cfg in ({"reverse": True}, {"reverse": True, "evict1": "evict_last", "evict2": "evict_first"},
+                    {"fma_div": False}):
             c, s = act_quant(xr, bits=4, h_block=hr, config=cfg)
-            res[f"snap-cache-reverse-K{k}-R{r}-{len(cfg)}"] = [torch.equal(c.view(torch.uint8), cr.view(torch.uint8))
-                                                               and torch.equal(s, sr), ""]
+            same = torch.equal(c.view(torch.uint8), cr.view(torch.uint8)) and torch.equal(s, sr)
+            res[f"snap-cache-second-pass-K{k}-R{r}-{'-'.join(cfg)}"] = [same, ""]
 
     # 2c. the opt-in inexact rotation (no snap) stays within one code of the exact one on ≤ 1 % of elements
     for r in (64, 128):

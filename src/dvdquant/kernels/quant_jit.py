@@ -33,13 +33,18 @@ def row_abs_max(x):
 
 
 @triton.jit
-def quantize_codes(x, s, qmax, FP8_FMT: tl.constexpr):
-    """Codes of x / s (s broadcast per row), on the int grid or the e4m3 grid."""
-    y = tl.math.div_rn(x, s[:, None])
+def codes_of_quotient(y, qmax, FP8_FMT: tl.constexpr):
+    """Codes of the quotients y = x / s: the int grid (round half to even, clamped to ±qmax) or the e4m3 grid."""
     if FP8_FMT:
         return round_e4m3(y)
     r = (y + 12582912.0) - 12582912.0
     return tl.minimum(tl.maximum(r, -qmax), qmax)
+
+
+@triton.jit
+def quantize_codes(x, s, qmax, FP8_FMT: tl.constexpr):
+    """Codes of x / s (s broadcast per row), on the int grid or the e4m3 grid."""
+    return codes_of_quotient(tl.math.div_rn(x, s[:, None]), qmax, FP8_FMT)
 
 
 @triton.jit
@@ -52,35 +57,35 @@ def recip_ok(s, mask_m):
 
 
 @triton.jit
-def quantize_codes_recip(x, s, r, qmax, FP8_FMT: tl.constexpr):
-    """:func:`quantize_codes` with the division by the row scale done as a multiply and one fma correction.
+def fma_quotient(x, s, r):
+    """x / s, correctly rounded, from r = RN(1/s) (all broadcastable): q = RN(x·r) is within an ulp or two
+    of x/s; e = x − q·s is exact in one fma (q·s lies within a few ulps of x); RN(q + e·r) is then the
+    correctly rounded quotient (Markstein's correction step). Three fp32 operations instead of IEEE
+    ``div.rn``'s subroutine; only where 1/s, the quotients and the residuals are normal (:func:`recip_ok`)."""
+    q = x * r
+    y = tl.fma(tl.fma(-q, s, x), r, q)
+    return tl.where(q == 0.0, q, y)     # x = −0: the fma sum is +0, the quotient −0 (q keeps x's sign)
 
-    ``r`` (BLOCK_M,) = RN(1/s). q = RN(x·r) is within an ulp or two of x/s; e = x − q·s is exact in one
-    fma (q·s lies within a few ulps of x); RN(q + e·r) is then the correctly rounded quotient (Markstein's
-    correction step). Three fp32 operations per element instead of IEEE ``div.rn``'s subroutine. Only for
-    rows where :func:`recip_ok` holds; the GPU tests compare it with ``div_rn`` on tie-heavy data."""
-    rr = r[:, None]
-    q = x * rr
-    e = tl.fma(-q, s[:, None], x)
-    y = tl.fma(e, rr, q)
-    y = tl.where(q == 0.0, q, y)        # x = −0: the fma sum is +0, the quotient −0 (q keeps x's sign)
-    if FP8_FMT:
-        return round_e4m3(y)
-    c = (y + 12582912.0) - 12582912.0
-    return tl.minimum(tl.maximum(c, -qmax), qmax)
+
+@triton.jit
+def quantize_codes_recip(x, s, r, qmax, FP8_FMT: tl.constexpr):
+    """:func:`quantize_codes` with the division by the row scale done by :func:`fma_quotient`; ``r``
+    (BLOCK_M,) = RN(1/s). Only for rows where :func:`recip_ok` holds; the GPU tests compare the quotients
+    with ``div_rn`` on tie-heavy data."""
+    return codes_of_quotient(fma_quotient(x, s[:, None], r[:, None]), qmax, FP8_FMT)
 
 
 @triton.jit
 def fma_div_probe_kernel(x_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """Test probe: out[:n] = div_rn(x, s), out[n:] = the quotient :func:`quantize_codes_recip` uses."""
+    """Test probe: out[:n] = div_rn(x, s), out[n:] = :func:`fma_quotient` (the quotient
+    :func:`quantize_codes_recip` uses)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     x = tl.load(x_ptr + i, mask=m, other=1.0)
     s = tl.load(s_ptr + i, mask=m, other=1.0)
     r = tl.math.div_rn(tl.full((BLOCK,), 1.0, tl.float32), s)
-    q = x * r
     tl.store(out_ptr + i, tl.math.div_rn(x, s), mask=m)
-    tl.store(out_ptr + n + i, tl.fma(tl.fma(-q, s, x), r, q), mask=m)
+    tl.store(out_ptr + n + i, fma_quotient(x, s, r), mask=m)
 
 
 @triton.jit
