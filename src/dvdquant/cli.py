@@ -3,6 +3,8 @@
     dvdquant demo                                     # embedded model, FP vs W4A4, videos + report
     dvdquant quantize --model embedded --method dvdquant --w-bits 4 --a-bits 4 --out q/
     dvdquant generate --model q/quantized.safetensors --prompt "a red circle moving left on a dark background"
+    dvdquant quantize --model Wan2.1-T2V-14B-Diffusers --delta 0.05 --out q14b/      # a diffusers pipeline folder
+    dvdquant generate --pipeline Wan2.1-T2V-14B-Diffusers --checkpoint q14b/ --prompt "a cat surfing" --out cat.mp4
     dvdquant eval --layers --update-docs              # methods × bits vs FP → docs/RESULTS.md, plots, JSON
 
 Errors caused by input (bad bits, unknown words, broken checkpoints) print one line and exit 2.
@@ -62,6 +64,9 @@ def _embedded_calibration(prompts=("a red circle moving left on a dark backgroun
 
 
 def cmd_quantize(args) -> int:
+    from .pipeline.diffusers_pipelines import is_pipeline_folder
+    if args.model != "embedded" and is_pipeline_folder(args.model):
+        return cmd_quantize_pipeline(args)
     from . import api, serialization
     from .pipeline.models_io import EMBEDDED, load_transformer
     cfg = _config_from_args(args)
@@ -83,7 +88,76 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_quantize_pipeline(args) -> int:
+    """``quantize --model <pipeline folder>``: every transformer of the pipeline (Wan 2.2: both)."""
+    from .pipeline.diffusers_pipelines import quantize_pipeline_folder, resolve_dtype
+    if args.nproc != 1:
+        raise DVDQuantError("--nproc applies to a transformer folder or 'embedded', not to a pipeline folder "
+                            f"({args.model}): pass its transformer/ subfolder")
+    cfg = _config_from_args(args)
+    out = Path(args.out)
+    rows = quantize_pipeline_folder(args.model, cfg, out, device=args.device, dtype=resolve_dtype("auto", args.device),
+                                    progress=not args.quiet)
+    reports = {name: report.to_dict() for name, report, _ in rows}
+    (out / "report.json").write_text(json.dumps(reports[rows[0][0]] if len(rows) == 1 else reports, indent=2,
+                                                default=str))
+    for name, report, ckpt in rows:
+        print(f"{name}: {report.method}: {len(report.layers)} layers in {report.seconds:.2f} s, mean weight rel. "
+              f"error {report.mean_w_err:.4f} (MinMax {report.mean_w_err_minmax:.4f}) → {ckpt}")
+    return 0
+
+
+def cmd_generate_pipeline(args) -> int:
+    """``generate --pipeline DIR``: the stock diffusers pipeline with quantized transformer(s)."""
+    from . import api
+    from .pipeline import diffusers_pipelines as dp
+    from .pipeline.video_io import save_video
+    checkpoints = [c for c in (args.checkpoint, args.checkpoint_2) if c]
+    if args.model != "embedded":
+        raise DVDQuantError("give --pipeline DIR or --model, not both")
+    if checkpoints and args.method is not None:
+        raise DVDQuantError("give --checkpoint (a saved quantized transformer) or --method (quantize now), not both")
+    pipe = dp.load_pipeline(args.pipeline, device=args.device, dtype=dp.resolve_dtype(args.dtype, args.device))
+    if checkpoints:
+        dp.load_checkpoints(pipe, checkpoints, device=args.device)
+    elif args.method != "fp":
+        args.method = args.method or "dvdquant"
+        dp.quantize_pipeline(pipe, _config_from_args(args), progress=not args.quiet)
+    for name in dp.transformer_names(pipe):
+        if api.get_state(getattr(pipe, name)) is not None:
+            api.set_backend(getattr(pipe, name), args.backend, fast_accum=args.fast_accum,
+                            exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm,
+                            fuse_projections=not args.no_fuse_projections)
+    extra = {"true_cfg_scale": args.true_cfg_scale} if args.true_cfg_scale is not None else {}
+    res = dp.run_pipeline(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                          frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
+                          seed=args.seed, max_sequence_length=args.max_sequence_length, progress=not args.quiet,
+                          **extra)
+    path = save_video(res.frames, args.out, fps=args.fps or dp.default_fps(pipe), scale=1)
+    if res.mean_bits is None:
+        print(f"{type(pipe).__name__} unquantized: {len(res.frames)} clip(s) in {res.seconds:.1f} s")
+    else:
+        print(f"δ-GBS schedule ({len(res.schedule)} steps): {dp.format_schedule(res.schedule)}; "
+              f"mean activation bits {res.mean_bits:.2f}; {res.seconds:.1f} s")
+    print(f"wrote {path}")
+    return 0
+
+
+def _check_generate_args(args) -> None:
+    """Defaults of the embedded-model ``generate``; pipeline-only options without --pipeline are errors."""
+    only = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "checkpoint_2", "method", "negative_prompt", "frames",
+                                                 "height", "width", "delta", "true_cfg_scale", "max_sequence_length")
+            if getattr(args, k) is not None]
+    if only:
+        raise DVDQuantError(f"{', '.join(only)} appl{'ies' if len(only) == 1 else 'y'} with --pipeline DIR only")
+    args.steps = 20 if args.steps is None else args.steps
+    args.guidance = 4.0 if args.guidance is None else args.guidance
+
+
 def cmd_generate(args) -> int:
+    if args.pipeline:
+        return cmd_generate_pipeline(args)
+    _check_generate_args(args)
     from . import api
     from .pipeline.generate import generate
     from .pipeline.models_io import load_generation_model
@@ -125,6 +199,35 @@ def _tile(videos):
     return torch.cat(list(videos), dim=2).unsqueeze(0)  # clips side by side along the width
 
 
+def _add_pipeline_args(g) -> None:
+    """``generate --pipeline`` options: the pipeline, its quantization, the clip."""
+    p = g.add_argument_group("diffusers pipeline (Wan 2.1/2.2, HunyuanVideo, CogVideoX, LTX-Video, Mochi)")
+    p.add_argument("--pipeline", metavar="DIR", help="a diffusers pipeline folder (model_index.json)")
+    p.add_argument("--checkpoint", metavar="PATH", help="quantized transformer (.safetensors), or the --out folder "
+                   "of `dvdquant quantize --model DIR` (Wan 2.2: transformer.safetensors + transformer_2.safetensors)")
+    p.add_argument("--checkpoint-2", metavar="PATH", help="Wan 2.2: the low-noise expert's (transformer_2) checkpoint")
+    p.add_argument("--method", choices=sorted(METHOD_CONFIGS) + ["fp"], default=None,
+                   help="no --checkpoint: quantize now with this method (default: dvdquant), or 'fp' for none")
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default: %(default)s)")
+    p.add_argument("--a-bits", type=int, default=4, help="activation bits: 4, 6, 8 or 16 (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
+    p.add_argument("--delta", type=float, default=None, help="δ-GBS threshold (dvdquant; default: fixed bits)")
+    p.add_argument("--quantize-modulation", action="store_true", help="also quantize AdaLN modulation, weight-only")
+    p.add_argument("--attention", choices=["int8", "fp8", "none"], default="int8",
+                   help="8-bit attention with --method dvdquant (default: %(default)s)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--frames", type=int, default=None, help="frames (default: the pipeline's)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the pipeline's)")
+    p.add_argument("--true-cfg-scale", type=float, default=None,
+                   help="HunyuanVideo: classifier-free guidance scale (with --negative-prompt)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="text tokens (default: the transformer's limit or the pipeline's default)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--fps", type=int, default=None, help="frames per second of the video (default: the family's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dvdquant", description="Data-free W4A4/W4A8 quantization of video "
                                 "diffusion transformers (DVD-Quant: BGR, ARQ, δ-GBS).")
@@ -142,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
-    q.add_argument("--model", default="embedded", help="'embedded' or a diffusers transformer directory")
+    q.add_argument("--model", default="embedded", help="'embedded', a diffusers transformer directory, or a "
+                   "diffusers pipeline folder (its transformer; Wan 2.2: both, as transformer.safetensors and "
+                   "transformer_2.safetensors)")
     q.add_argument("--method", choices=sorted(METHOD_CONFIGS), default="dvdquant")
     q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default: %(default)s)")
     q.add_argument("--a-bits", type=int, default=4, help="activation bits: 4, 6, 8 or 16 (default: %(default)s)")
@@ -160,14 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(gloo on cpu; one GPU each with --device cuda; also under torchrun) (default: %(default)s)")
     q.set_defaults(func=cmd_quantize)
 
-    g = sub.add_parser("generate", help="generate clips with the embedded model or a quantized checkpoint of it")
-    g.add_argument("--model", default="embedded", help="'embedded' or a quantized checkpoint (.safetensors)")
+    g = sub.add_parser("generate", help="generate clips with the embedded model or a quantized checkpoint of it, "
+                       "or with a diffusers video pipeline (--pipeline) and a quantized transformer")
+    g.add_argument("--model", default="embedded", help="'embedded' or a quantized checkpoint (.safetensors) "
+                   "of the embedded model")
     g.add_argument("--prompt", action="append", required=True,
                    help="caption, e.g. 'a red circle moving left on a dark background' (repeatable)")
     g.add_argument("--out", required=True, help="output .mp4 or .gif")
-    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20; --pipeline: the "
+                   "pipeline's own default)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--guidance", type=float, default=4.0)
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 4.0; --pipeline: the "
+                   "pipeline's own default; HunyuanVideo: its embedded guidance)")
     g.add_argument("--backend", default="simulated", choices=["simulated", "emulated", "fp8", "auto"],
                    help="execution path of quantized layers (default: %(default)s)")
     g.add_argument("--fast-accum", action="store_true",
@@ -180,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fuse-projections", action="store_true",
                    help="keep sibling projections (Wan's Q/K/V) as separate layers instead of one fused GEMM")
     g.add_argument("--device", default="cpu")
+    _add_pipeline_args(g)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="quality of methods × bit-widths vs FP on the embedded model: table, plots, JSON")

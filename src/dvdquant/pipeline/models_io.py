@@ -48,12 +48,21 @@ def load_transformer(spec: str, device="cpu") -> tuple[torch.nn.Module, str]:
     return _from_pretrained(cls, path).to(device), str(path)
 
 
-def _from_pretrained(cls, path: Path) -> torch.nn.Module:
+def dtype_kwarg(dtype) -> dict:
+    """``from_pretrained``'s dtype keyword: ``dtype`` from diffusers 0.36, ``torch_dtype`` before."""
+    if dtype is None:
+        return {}
+    import diffusers.utils.deprecation_utils as dep
+    return {"dtype" if hasattr(dep, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+def _from_pretrained(cls, path: Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """``cls.from_pretrained`` where it works; without ``accelerate`` some classes (Wan: fp32-kept
-    modules) refuse to load, so build from the config and load the safetensors (sharded or not)."""
+    modules) refuse to load, so build from the config and load the safetensors (sharded or not).
+    ``dtype``: load in this dtype (None: the file's)."""
     import importlib.util
     if importlib.util.find_spec("accelerate") is not None:
-        return cls.from_pretrained(str(path))
+        return cls.from_pretrained(str(path), **dtype_kwarg(dtype))
     from safetensors.torch import load_file
     index = path / "diffusion_pytorch_model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
@@ -69,6 +78,8 @@ def _from_pretrained(cls, path: Path) -> torch.nn.Module:
     dtype = next(iter(state.values())).dtype if state else torch.float32
     model = cls.from_config(cls.load_config(str(path))).to(dtype)
     model.load_state_dict(state, strict=True)
+    if dtype is not None and dtype != model.dtype:
+        model = model.to(dtype)
     return model.eval()
 
 
