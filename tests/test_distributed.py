@@ -54,22 +54,16 @@ def _rel(a, b) -> float:
 
 
 def _gbs_run(model, inputs, steps=4):
-    """A few 'denoising steps' (changing timestep and latent) driven by the model's step hooks."""
-    hooks = dvdquant.step_hooks(model, total_steps=steps)
-    for h in hooks:
-        h.reset()
+    """A few 'denoising steps' (changing timestep and latent) driven by the model's step hook."""
+    ctrl = dvdquant.step_controller(model)
+    ctrl.reset()
     outs, x = [], inputs["hidden_states"]
     for i in range(steps):
-        for h in hooks:
-            h.begin_step(i)
         out = _forward(model, dict(inputs, hidden_states=x), timestep=900 - 200 * i)
-        for h in hooks:
-            h.end_step(i, model_output=out)
         x = x - 0.2 * out
         outs.append(out)
-    schedule = list(hooks[0].schedule)
-    for h in hooks:
-        h.reset()                                   # back to the configured bits
+    schedule = list(ctrl.schedule)
+    ctrl.reset()
     return torch.stack(outs), schedule
 
 

@@ -1,7 +1,9 @@
-"""Sampler: hooks called in order with step indices, reset first; seeds; CFG batching."""
+"""Sampler: calls like a diffusers pipeline (cache context, end-of-call reset); seeds; CFG batching."""
 
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from dvdquant.data import Tokenizer, VOCAB, MAX_TOKENS
 from dvdquant.models.text_encoder import TinyTextEncoder
@@ -16,53 +18,51 @@ def _tiny():
     return transformer, TinyTextEncoder(len(VOCAB), MAX_TOKENS, dim=32).eval(), Tokenizer()
 
 
-class Recorder:
+class Recorder(ModelHook):
+    """A stateful diffusers hook: sees each call's cache context and the end-of-call reset."""
+    _is_stateful = True
+
     def __init__(self, log):
-        self.log = log
+        super().__init__()
+        self.log, self.ctx = log, StateManager(_Nothing)
 
-    def reset(self):
+    def pre_forward(self, module, *args, **kwargs):
+        c = self.ctx.context
+        self.log.append((c.name, c.step_index, c.num_inference_steps, float(kwargs["timestep"][0]),
+                         tuple(args[0].shape)))
+        return args, kwargs
+
+    def reset_state(self, module):
         self.log.append(("reset",))
+        return module
 
-    def begin_step(self, i, t):
-        self.log.append(("begin", i, float(t)))
 
-    def end_step(self, i, t, out):
-        self.log.append(("end", i, float(t), tuple(out.shape)))
+class _Nothing(BaseState):
+    def reset(self):
+        pass
 
 
 KW = dict(num_frames=4, height=16, width=16, progress=False)
 
 
-def test_hooks_reset_then_called_in_order():
+def test_sampler_calls_the_transformer_as_a_diffusers_pipeline_does():
+    """One call per step inside cache_context("cond_uncond", step_index, num_inference_steps), the
+    CFG batch (2B), descending timesteps, and the stateful-hook reset at the end of every call."""
     transformer, enc, tok = _tiny()
     log = []
-    generate(transformer, ["a red square moving left on a dark background"] * 2, steps=3, hooks=[Recorder(log)],
-             text_encoder=enc, tokenizer=tok, **KW)
-    assert log[0] == ("reset",)
-    kinds = [(e[0], e[1]) for e in log[1:]]
-    assert kinds == [("begin", 0), ("end", 0), ("begin", 1), ("end", 1), ("begin", 2), ("end", 2)]
-    ts = [e[2] for e in log[1:] if e[0] == "begin"]
-    assert ts[0] == 1000.0 and ts == sorted(ts, reverse=True)
-    assert all(e[3] == (2, 3, 4, 16, 16) for e in log[1:] if e[0] == "end")  # guided velocity, B not 2B
-
-
-def test_hook_without_reset_and_second_run_resets_again():
-    transformer, enc, tok = _tiny()
-    log = []
-
-    class NoReset:
-        def begin_step(self, i, t):
-            log.append(i)
-
-        def end_step(self, i, t, out):
-            pass
-
-    rec = Recorder([])
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(Recorder(log), "recorder")
     for _ in range(2):
-        generate(transformer, "a red square moving left on a dark background", steps=2, hooks=[NoReset(), rec],
+        generate(transformer, ["a red square moving left on a dark background"] * 2, steps=3,
                  text_encoder=enc, tokenizer=tok, **KW)
-    assert log == [0, 1, 0, 1]
-    assert [e for e in rec.log if e[0] == "reset"] == [("reset",), ("reset",)]
+    one = [("cond_uncond", i, 3) for i in range(3)]
+    assert [e[:3] for e in log[:3]] == one and log[3] == ("reset",) and log[4:] == log[:4]
+    ts = [e[3] for e in log[:3]]
+    assert ts[0] == 1000.0 and ts == sorted(ts, reverse=True)
+    assert all(e[4] == (4, 3, 4, 16, 16) for e in log[:3])
+    log.clear()
+    generate(transformer, "a red square moving left on a dark background", steps=2, guidance=1.0,
+             text_encoder=enc, tokenizer=tok, **KW)
+    assert [e[:2] for e in log[:2]] == [("cond", 0), ("cond", 1)] and log[2] == ("reset",)
 
 
 def test_seeded_noise_independent_of_batch_size():

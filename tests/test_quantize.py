@@ -86,16 +86,14 @@ class _FpRotated(nn.Module):
 def test_gbs_drives_all_layers():
     model, inputs = TINY_MODELS["wan"]()
     dvdquant.quantize_(model, DVDQuantConfig(gbs=GBSConfig(delta=0.1, warmup_steps=1)))
-    hooks = dvdquant.step_hooks(model, total_steps=4)
-    assert len(hooks) == 1
-    ctrl = hooks[0]
-    ctrl.reset()
+    ctrl = dvdquant.step_controller(model)
     seen = []
     layer = dvdquant.quantized_layers(model)[0][1]
-    for i in range(4):
-        ctrl.begin_step(i, None)
-        seen.append(layer.current_a_bits())
-        ctrl.end_step(i, None, run(model, inputs) * (1 + 0.2 * i))
+    layer.register_forward_pre_hook(lambda m, a: seen.append(m.current_a_bits()))
+    x = inputs["hidden_states"]
+    for i in range(4):                              # steps from the timestep argument alone
+        out = run(model, dict(inputs, hidden_states=x, timestep=torch.tensor([900 - 200 * i])))
+        x = x - 0.3 * out
     assert seen == ctrl.schedule and seen[0] == 8 and 4 in seen
 
 

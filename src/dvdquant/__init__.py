@@ -3,11 +3,14 @@
 Public API::
 
     import dvdquant
-    report = dvdquant.quantize_(model, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4))
+    report = dvdquant.quantize_(pipe.transformer, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4))
+    video = pipe(prompt).frames                      # any diffusers pipeline: δ-GBS runs as its hook
+    dvdquant.step_controller(pipe.transformer).schedule
 """
 __version__ = "0.1.0"
 
-from .api import LayerReport, QuantReport, quantize_, quantized_layers, set_backend, step_hooks
+from .api import (LayerReport, QuantReport, quantize_, quantized_layers, set_backend, share_step_controller,
+                  step_controller)
 from .config import (BGRConfig, DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig,
                      ViDiTQConfig)
 from .errors import CheckpointError, ConfigError, DVDQuantError, NonFiniteError
@@ -16,7 +19,7 @@ from .nn import QuantLinear, RuntimeState, get_state
 from .serialization import load, read_metadata, save
 
 
-__all__ = ["quantize_", "quantized_layers", "set_backend", "step_hooks", "LayerReport", "QuantReport",
-           "BGRConfig", "DVDQuantConfig", "GBSConfig", "MinMaxConfig", "QuaRotConfig", "SmoothQuantConfig",
+__all__ = ["quantize_", "quantized_layers", "set_backend", "step_controller", "share_step_controller",
+           "LayerReport", "QuantReport", "BGRConfig", "DVDQuantConfig", "GBSConfig", "MinMaxConfig", "QuaRotConfig", "SmoothQuantConfig",
            "ViDiTQConfig", "CheckpointError", "ConfigError", "DVDQuantError", "NonFiniteError", "QuantLinear",
            "RuntimeState", "get_state", "load", "raise_if_nonfinite", "read_metadata", "save", "__version__"]

@@ -6,7 +6,8 @@
 
 Layer selection comes from the model's adapter (or ``filter_fn``); the method from the
 registry, by config type. All quantized layers share one :class:`RuntimeState`, which the
-step hooks from :func:`step_hooks` drive during sampling (step index, δ-GBS bits).
+diffusers step hook that ``quantize_`` registers on the model drives during sampling (step
+index, δ-GBS bits; :mod:`dvdquant.nn.step_hooks`), inside any pipeline that calls the model.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import baselines  # noqa: F401  (registers the baseline methods)
-from .algorithms import GBSController, StepIndexHook, get_method
+from .algorithms import FixedBits, GBSController, get_method
 from .errors import ConfigError, DVDQuantError
 from .kernels import BACKENDS
 from .models.adapters import adapter_for, select_linears, weight_only_layers
@@ -28,6 +29,7 @@ from .nn import attention as qattn
 from .nn.fused import install_fused_projections, remove_fused_projections
 from .nn.quant_linear import QuantLinear
 from .nn.state import STATE_ATTR, RuntimeState, get_state
+from .nn.step_hooks import StepTracker, install_step_hook, remove_step_hook, step_tracker
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "_dvdquant_config"
@@ -120,14 +122,13 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     t0 = time.perf_counter()
     stats = None
     if method.collect:
-        # The state is attached while calibrating so that the caller's step hooks
-        # (``step_hooks(model)``) set the step index that per-step statistics are keyed by.
-        setattr(model, STATE_ATTR, state)
+        # While calibrating, a step hook sets the step index that per-step statistics are keyed by.
+        install_step_hook(model, StepTracker([state], FixedBits(), config.a_bits))
         try:
             stats = method.collect(model, [t for t in targets if configs[t[0]] is config], calibration, state,
                                    config)
         finally:
-            delattr(model, STATE_ATTR)
+            remove_step_hook(model)
     layers = []
     with torch.no_grad():
         pending = dict(targets)
@@ -141,8 +142,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
             layers.append(LayerReport(name, linear.in_features, linear.out_features, meth.name,
                                       cfg.w_bits, cfg.a_bits, info.w_err_minmax, info.w_err, info.extras))
     state.reset()
-    setattr(model, STATE_ATTR, state)
-    setattr(model, CONFIG_ATTR, config)
+    attach_runtime(model, state, config)
     qattn.apply_config(model, config)             # DVDQuantConfig.attention: 8-bit attention (opt out: "none")
     report = QuantReport(method.name, type(model).__name__, layers, time.perf_counter() - t0,
                          stats.passes if stats is not None else 0)
@@ -195,13 +195,41 @@ def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exa
         log.info("fused sibling projections in %d attention modules", n)
 
 
-def step_hooks(model: nn.Module, total_steps: Optional[int] = None) -> list:
-    """Pipeline hooks a quantized model needs while sampling: δ-GBS if configured, else step index."""
-    state = get_state(model)
-    if state is None:
-        return []
-    cfg = getattr(model, CONFIG_ATTR, None)         # None while quantize_ is still calibrating
-    gbs = getattr(cfg, "gbs", None)
-    if gbs is not None:
-        return [GBSController(state, gbs, total_steps)]
-    return [StepIndexHook(state)]
+def attach_runtime(model: nn.Module, state: RuntimeState, config) -> StepTracker:
+    """Attach the quantized model's state and config, and register its diffusers step hook."""
+    setattr(model, STATE_ATTR, state)
+    setattr(model, CONFIG_ATTR, config)
+    return install_step_hook(model, _new_tracker([state], config)).tracker
+
+
+def _new_tracker(states: list, config) -> StepTracker:
+    gbs = getattr(config, "gbs", None)
+    return StepTracker(states, GBSController(gbs) if gbs is not None else FixedBits(), config.a_bits)
+
+
+def step_controller(model: nn.Module) -> Optional[StepTracker]:
+    """The step runtime of a quantized model: ``.schedule`` (activation bits per step of the current or
+    last pipeline call), ``.changes``, ``.indicators``, ``.mean_bits()``, ``.reset()``, ``.total_steps``.
+    None for a model that ``quantize_`` / ``load`` did not prepare."""
+    return step_tracker(model)
+
+
+def share_step_controller(*models: nn.Module) -> StepTracker:
+    """One step controller for several quantized transformers of one pipeline (Wan 2.2's high- and
+    low-noise experts): step index, δ-GBS accumulator and output change run across all of them, as
+    one denoising loop. The first model's configuration decides the policy; δ-GBS settings must agree."""
+    if len(models) < 2:
+        raise DVDQuantError("share_step_controller needs two or more quantized models")
+    states, configs = [], []
+    for m in models:
+        if get_state(m) is None:
+            raise DVDQuantError(f"{type(m).__name__} is not quantized by dvdquant: quantize_ or load it first")
+        states.append(get_state(m))
+        configs.append(getattr(m, CONFIG_ATTR))
+    if len({repr(getattr(c, "gbs", None)) for c in configs}) != 1:
+        raise DVDQuantError("the models' δ-GBS settings differ: " +
+                            " vs ".join(repr(getattr(c, "gbs", None)) for c in configs))
+    tracker = _new_tracker(states, configs[0])
+    for m in models:
+        install_step_hook(m, tracker)
+    return tracker

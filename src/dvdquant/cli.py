@@ -54,12 +54,11 @@ def _embedded_calibration(prompts=("a red circle moving left on a dark backgroun
                                    "a blue square growing on a striped background"), steps: int = 8):
     """Calibration for baselines that need statistics: a short generation with the embedded model."""
     def calibrate(transformer):
-        from . import api
         from .models.embedded import load_embedded
         from .pipeline.generate import generate
         base = load_embedded()
         base.transformer = transformer
-        generate(base, list(prompts), steps=steps, hooks=api.step_hooks(transformer), progress=False)
+        generate(base, list(prompts), steps=steps, progress=False)
     return calibrate
 
 
@@ -167,8 +166,7 @@ def cmd_generate(args) -> int:
         api.set_backend(model.transformer, args.backend, fast_accum=args.fast_accum,
                         exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm,
                         fuse_projections=not args.no_fuse_projections)
-    hooks = api.step_hooks(model.transformer, total_steps=args.steps)
-    res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, hooks=hooks,
+    res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                    progress=not args.quiet)
     path = save_video(res.videos if len(args.prompt) == 1 else _tile(res.videos), args.out)
     print(f"wrote {path}")

@@ -27,12 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .api import CONFIG_ATTR, _set_submodule, quantized_layers
+from .api import CONFIG_ATTR, _set_submodule, attach_runtime, quantized_layers
 from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError
 from .nn import attention as qattn
 from .nn.quant_linear import QuantLinear
-from .nn.state import STATE_ATTR, RuntimeState, get_state
+from .nn.state import RuntimeState, get_state
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -194,7 +194,6 @@ def load(path, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     model.to(device)
-    setattr(model, STATE_ATTR, state)
-    setattr(model, CONFIG_ATTR, config_from_dict(meta["config"]))
+    attach_runtime(model, state, config_from_dict(meta["config"]))   # state, config, step hook
     qattn.apply_config(model, getattr(model, CONFIG_ATTR))   # reinstall 8-bit attention from the saved config
     return model

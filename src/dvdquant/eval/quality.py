@@ -17,7 +17,7 @@ What one call does:
 4. **Each run**: a deep copy of the FP transformer is quantized with ``dvdquant.quantize_``
    (SmoothQuant and ViDiT-Q-style get ``calibration=`` a short generation on separate
    calibration prompts; DVD-Quant and the other baselines are data-free), clips are generated
-   with the model's step hooks (δ-GBS controller or step index), then compared with FP:
+   through the model's diffusers step hook (δ-GBS or fixed bits), then compared with FP:
 
    * fidelity: PSNR, SSIM of the clips, relative L2 of the final sample;
    * prompt adherence: the evaluator classifier's accuracy per factor (and all four at once);
@@ -50,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import api
+from ..algorithms import GBSController
 from ..config import (DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig, ViDiTQConfig,
                       config_to_dict)
 from ..data import FACTOR_NAMES, Factors, generate_clips, make_caption, parse_caption, sample_combinations
@@ -213,21 +214,20 @@ class Samples:
 
 
 def _generate_all(model, prompts: list[str], noise: torch.Tensor, *, steps: int, guidance: float,
-                  batch_size: int, hooks_fn: Callable[[], list], device: torch.device) -> Samples:
+                  batch_size: int, device: torch.device) -> Samples:
     from ..pipeline.generate import generate
     vids, lats, scheds, inds = [], [], [], []
     _sync(device)
     t0 = time.perf_counter()
     for lo in range(0, len(prompts), batch_size):
-        hooks = hooks_fn()
-        res = generate(model, prompts[lo:lo + batch_size], steps=steps, guidance=guidance, hooks=hooks,
+        res = generate(model, prompts[lo:lo + batch_size], steps=steps, guidance=guidance,
                        latents=noise[lo:lo + batch_size], progress=False)
         vids.append(res.videos)
         lats.append(res.latents)
-        for h in hooks:
-            if hasattr(h, "schedule") and hasattr(h, "indicators"):
-                scheds.append(list(h.schedule))
-                inds.append([None if math.isnan(v) else float(v) for v in h.indicators])
+        ctrl = api.step_controller(model.transformer)
+        if ctrl is not None and isinstance(ctrl.policy, GBSController):
+            scheds.append(list(ctrl.schedule))
+            inds.append([None if math.isnan(v) else float(v) for v in ctrl.indicators])
     _sync(device)
     return Samples(torch.cat(vids), torch.cat(lats), time.perf_counter() - t0, scheds, inds)
 
@@ -308,8 +308,7 @@ def _calibration_fn(model, steps: int, guidance: float, seed: int) -> Callable:
     def calibrate(transformer):
         m = copy.copy(model)
         m.transformer = transformer
-        generate(m, prompts, seed=seed + 100_000, steps=steps, guidance=guidance,
-                 hooks=api.step_hooks(transformer, total_steps=steps), progress=False)
+        generate(m, prompts, seed=seed + 100_000, steps=steps, guidance=guidance, progress=False)
     return calibrate
 
 
@@ -336,8 +335,7 @@ def _one_run(model, mkey: str, bkey: str, captions, factors, noise, fp: Samples,
         from .layers import LayerSQNR
         recorder = LayerSQNR(qmodel.transformer, fp_weights, steps)
     try:
-        q = _generate_all(qmodel, captions, noise,
-                          hooks_fn=lambda: api.step_hooks(qmodel.transformer, total_steps=steps), **gen)
+        q = _generate_all(qmodel, captions, noise, **gen)
     finally:
         if recorder is not None:
             recorder.close()
@@ -383,8 +381,8 @@ def evaluate(model_spec: str = "embedded", methods: Sequence[str] | str | None =
     t_start = time.perf_counter()
 
     # FP reference, FP rerun (must be exact), real clips for the Fréchet distance
-    fp = _generate_all(model, captions, noise, hooks_fn=list, **gen)
-    fp2 = _generate_all(model, captions, noise, hooks_fn=list, **gen)
+    fp = _generate_all(model, captions, noise, **gen)
+    fp2 = _generate_all(model, captions, noise, **gen)
     real = generate_clips(len(factors) * REAL_PER_PROMPT, seed=REAL_SEED, factors=factors * REAL_PER_PROMPT)
     real_feats = classifier_features(classifier, real.videos)
     floor = generate_clips(len(factors), seed=REAL_SEED + 1, factors=factors)

@@ -51,9 +51,8 @@ def run_demo(out_dir="dvdquant_demo", steps: int = 20, seed: int = 0, config: DV
     qmodel = copy.copy(model)
     qmodel.transformer = copy.deepcopy(model.transformer)
     report = api.quantize_(qmodel.transformer, config, progress=progress)
-    hooks = api.step_hooks(qmodel.transformer, total_steps=steps)
     t0 = time.perf_counter()
-    q = generate(qmodel, list(prompts), seed=seed, steps=steps, hooks=hooks, progress=progress)
+    q = generate(qmodel, list(prompts), seed=seed, steps=steps, progress=progress)
     gen_s = time.perf_counter() - t0
 
     mosaic = side_by_side(fp.videos, q.videos)

@@ -1,17 +1,20 @@
-"""Text-to-video sampling with classifier-free guidance and per-step hooks.
+"""Text-to-video sampling of the embedded model with classifier-free guidance.
 
 One sampler for the FP and every quantized variant of a transformer, so that fidelity is
-measured with the same prompts, seeds and initial noise. Hooks observe each denoising step
-(``begin_step`` before the transformer call, ``end_step`` with the guided velocity after);
-the delta-guided bit-switching controller plugs in here. The transformer is only called,
-never inspected, so Linear layers swapped for quantized modules work unchanged.
+measured with the same prompts, seeds and initial noise. It calls the transformer as a stock
+diffusers pipeline does: once per step with the CFG batch inside ``cache_context("cond_uncond",
+step_index=i, num_inference_steps=steps)``, and ``_reset_stateful_cache()`` at the end, so a
+quantized model's step hook (δ-GBS, step index, NaN/Inf check; :mod:`dvdquant.nn.step_hooks`)
+and diffusers' cache hooks run here exactly as in ``WanPipeline``. The transformer is only
+called, never inspected.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -56,11 +59,10 @@ def _unpack_model(model_or_transformer, text_encoder, tokenizer):
     return transformer, text_encoder, tokenizer, config
 
 
-def _call_hooks(hooks: Iterable[Any], method: str, *args) -> None:
-    for hook in hooks:
-        fn = getattr(hook, method, None)
-        if fn is not None:
-            fn(*args)
+def _step_context(transformer, name: str, step_index: int, steps: int):
+    """diffusers' per-call cache context where the transformer has one (CacheMixin models)."""
+    fn = getattr(transformer, "cache_context", None)
+    return fn(name, step_index=step_index, num_inference_steps=steps) if fn is not None else nullcontext()
 
 
 @torch.no_grad()
@@ -74,7 +76,7 @@ def _encode(text_encoder, tokenizer, prompts: list[str], dtype, device) -> tuple
 
 @torch.no_grad()
 def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, steps: int = 20,
-             guidance: float = 4.0, hooks: Sequence[Any] = (), latents: torch.Tensor | None = None,
+             guidance: float = 4.0, latents: torch.Tensor | None = None,
              progress: bool = True, text_encoder=None, tokenizer=None,
              num_frames: int | None = None, height: int | None = None, width: int | None = None,
              shift: float | None = None) -> GenerationResult:
@@ -82,9 +84,7 @@ def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, s
 
     ``model_or_transformer``: an :class:`~dvdquant.models.embedded.EmbeddedModel` or a bare
     transformer (then pass ``text_encoder`` and ``tokenizer``). ``latents`` (B, C, F, H, W)
-    overrides the seeded initial noise. ``hooks``: objects with ``begin_step(i, t)``,
-    ``end_step(i, t, velocity)`` and optionally ``reset()`` (called first, on every hook).
-    Frame count, size and scheduler shift default to the embedded model's config.
+    overrides the seeded initial noise. Frame count, size and scheduler shift default to the embedded model's config.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     transformer, text_encoder, tokenizer, config = _unpack_model(model_or_transformer, text_encoder, tokenizer)
@@ -95,9 +95,6 @@ def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, s
     dtype, device = _model_dtype_device(transformer)
     channels = transformer.config.in_channels
 
-    for hook in hooks:
-        if hasattr(hook, "reset"):
-            hook.reset()
     cond, uncond = _encode(text_encoder, tokenizer, prompts, dtype, device)
     use_cfg = guidance != 1.0
     context = torch.cat([cond, uncond]) if use_cfg else cond  # (2B or B, L, D)
@@ -111,18 +108,19 @@ def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, s
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(steps, device=device)
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="denoise")):
-        _call_hooks(hooks, "begin_step", i, t)
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = t.expand(x_in.shape[0]).to(device)
-        out = transformer(x_in.to(dtype), timestep=t_in, encoder_hidden_states=context,
-                          return_dict=False)[0].float()  # (2B or B, C, F, H, W) velocity
+        with _step_context(transformer, "cond_uncond" if use_cfg else "cond", i, steps):
+            out = transformer(x_in.to(dtype), timestep=t_in, encoder_hidden_states=context,
+                              return_dict=False)[0].float()  # (2B or B, C, F, H, W) velocity
         if use_cfg:
             v_cond, v_uncond = out.chunk(2)
             velocity = v_uncond + guidance * (v_cond - v_uncond)
         else:
             velocity = out
-        _call_hooks(hooks, "end_step", i, t, velocity)
         x = scheduler.step(velocity, t, x, return_dict=False)[0]
+    if hasattr(transformer, "_reset_stateful_cache"):
+        transformer._reset_stateful_cache()           # end of the call, as pipelines do
     x = x.float().cpu()
     videos = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).contiguous()  # (B, F, H, W, 3)
     return GenerationResult(videos=videos, latents=x, initial_noise=noise)
