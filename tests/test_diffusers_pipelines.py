@@ -54,6 +54,52 @@ def test_w8a8_stock_pipeline_close_to_fp(family, fp_latents):
     assert rel < 0.02, f"{family}: W8A8 rel. L2 {rel:.4f}"
 
 
+GBS_STEPS = 5
+
+
+def _record_bits(pipe):
+    """Per denoising step, the activation bits every call of one QuantLinear per transformer used."""
+    per_step, step, handles = {}, [0], []
+    for name in dp.transformer_names(pipe):
+        layer = next(m for m in getattr(pipe, name).modules() if isinstance(m, QuantLinear) and m.a_bits < 16)
+        handles.append(layer.register_forward_pre_hook(
+            lambda mod, args: per_step.setdefault(step[0], []).append(mod.current_a_bits())))
+
+    def on_step_end(_pipe, i, t, kwargs):
+        step[0] += 1
+        return {}
+    return per_step, handles, on_step_end
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gbs_switches_inside_stock_pipeline(family):
+    """δ-GBS in the stock ``pipe(...)``: one width per step although CFG calls the transformer twice
+    (Wan, HunyuanVideo) or batches both halves (CogVideoX, LTX, Mochi); Wan 2.2's two experts run one
+    schedule; a second call starts over and gives the same schedule. Warm-up is one step (8 bits), the
+    next step starts a fresh sum (4 bits), and δ = 1e-3 is below any step's output change here, so
+    δ sends the third step back to 8 bits: the schedule starts 8, 4, 8."""
+    pipe = build_pipeline(family)
+    dp.quantize_pipeline(pipe, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4,
+                                                       gbs=dvdquant.GBSConfig(delta=1e-3, warmup_steps=1)))
+    ctrl = dvdquant.step_controller(pipe.transformer)
+    if family == "wan22":
+        assert dvdquant.step_controller(pipe.transformer_2) is ctrl
+    schedules = []
+    for _ in range(2):
+        per_step, handles, on_step_end = _record_bits(pipe)
+        with torch.no_grad():
+            pipe(**dict(call_kwargs(family, steps=GBS_STEPS), output_type="latent"), callback_on_step_end=on_step_end)
+        for h in handles:
+            h.remove()
+        calls = 2 if family in ("wan", "wan22", "hunyuan") else 1        # CFG as two calls, or one batched call
+        assert sorted(per_step) == list(range(GBS_STEPS)) and all(len(v) == calls for v in per_step.values())
+        assert all(len(set(v)) == 1 for v in per_step.values()), per_step
+        assert ctrl.schedule == [per_step[i][0] for i in range(GBS_STEPS)]
+        schedules.append(list(ctrl.schedule))
+    assert schedules[0] == schedules[1] and schedules[0][:3] == [8, 4, 8]
+    assert ctrl.mean_bits() == pytest.approx(sum(schedules[0]) / GBS_STEPS)
+
+
 def _saved_checkpoints(pipe, folder):
     return [dvdquant.save(getattr(pipe, n), folder / f"{n}.safetensors") for n in dp.transformer_names(pipe)]
 
@@ -169,7 +215,8 @@ def test_cli_generate_pipeline_errors(saved_folders, tmp_path, capsys, extra, me
     rc = main(["generate", "--pipeline", str(saved_folders["mochi"]), "--out", str(tmp_path / "x.mp4")]
               + extra + _tiny_video_args("mochi"))
     err = capsys.readouterr().err
-    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and err.strip().splitlines() == [f"dvdquant: error: {err.split('error: ')[-1].strip()}"]
+    assert message in err
     assert not (tmp_path / "x.mp4").exists()
 
 

@@ -116,7 +116,8 @@ def cmd_generate_pipeline(args) -> int:
         raise DVDQuantError("give --pipeline DIR or --model, not both")
     if checkpoints and args.method is not None:
         raise DVDQuantError("give --checkpoint (a saved quantized transformer) or --method (quantize now), not both")
-    pipe = dp.load_pipeline(args.pipeline, device=args.device, dtype=dp.resolve_dtype(args.dtype, args.device))
+    pipe = dp.load_pipeline(args.pipeline, device=args.device, dtype=dp.resolve_dtype(args.dtype, args.device),
+                            progress=not args.quiet)
     if checkpoints:
         dp.load_checkpoints(pipe, checkpoints, device=args.device)
     elif args.method != "fp":

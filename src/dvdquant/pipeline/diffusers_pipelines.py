@@ -10,6 +10,7 @@ the frames (B, F, H, W, 3) in [0, 1] with the schedule and its mean activation b
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -77,9 +78,35 @@ def transformer_names(pipe) -> list[str]:
     return [n for n in names if getattr(pipe, n, None) is not None]
 
 
-def load_pipeline(folder, device="cpu", dtype: Optional[torch.dtype] = None):
+@contextlib.contextmanager
+def _loading_bars(show: bool):
+    """diffusers' and transformers' loading progress bars on or off (their global switches, restored)."""
+    import importlib
+    mods = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:          # transformers: only pipelines with a text encoder need it
+            continue
+    was = [m.is_progress_bar_enabled() for m in mods]
+    if not show:
+        for m in mods:
+            m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in zip(mods, was):
+            (m.enable_progress_bar if on else m.disable_progress_bar)()
+
+
+def load_pipeline(folder, device="cpu", dtype: Optional[torch.dtype] = None, progress: bool = True):
     """A stock diffusers pipeline from ``folder``; its transformers are loaded by dvdquant (this also
     works without ``accelerate``, which diffusers needs for Wan's fp32-kept modules)."""
+    with _loading_bars(progress):
+        return _load_pipeline(folder, device, dtype)
+
+
+def _load_pipeline(folder, device, dtype):
     import diffusers
     name = pipeline_class_name(folder)
     folder = Path(folder)
@@ -245,11 +272,11 @@ def format_schedule(schedule: Sequence[int]) -> str:
     return " ".join(f"A{b}" + (f"x{n}" if n > 1 else "") for b, n in runs)
 
 
-def quantize_pipeline_folder(folder, config, out, device="cpu", dtype=None, progress: bool = False) -> list:
+def quantize_pipeline_folder(folder, config, out, device="cpu", dtype=None, progress: bool = True) -> list:
     """Quantize every transformer of the pipeline in ``folder`` and write the checkpoint(s) to ``out``:
     ``quantized.safetensors`` for one transformer; Wan 2.2: ``transformer.safetensors`` and
     ``transformer_2.safetensors``. Returns [(component, QuantReport, checkpoint path)]."""
-    pipe = load_pipeline(folder, device=device, dtype=dtype)
+    pipe = load_pipeline(folder, device=device, dtype=dtype, progress=progress)
     reports = quantize_pipeline(pipe, config, progress=progress)
     out = Path(out)
     rows = []
