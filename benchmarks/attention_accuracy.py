@@ -42,16 +42,13 @@ def _sdpa(q, k, v, mask, dtype):
 
 
 class _Step:
-    """Pipeline hook: remembers the current step index."""
+    """Forward pre-hook on the transformer: the sampler calls it once per step (CFG batched)."""
 
     def __init__(self):
-        self.i = 0
+        self.i = -1
 
-    def begin_step(self, i, t):
-        self.i = i
-
-    def end_step(self, i, t, velocity):
-        pass
+    def __call__(self, module, args):
+        self.i += 1
 
 
 def main(argv=None) -> int:
@@ -86,8 +83,10 @@ def main(argv=None) -> int:
         per[(step.i, kind)].append(_metrics(out, ref) + _metrics(ref, truth32))
 
     prompts = (PROMPTS * args.prompts)[: args.prompts]
+    handle = model.transformer.register_forward_pre_hook(step)
     with torch.no_grad(), capture_attention_inputs(model.transformer, on_call):
-        generate(model, prompts, steps=args.steps, hooks=[step], progress=False)
+        generate(model, prompts, steps=args.steps, progress=False)
+    handle.remove()
     rows = []
     for (i, kind), vals in sorted(per.items()):
         rows.append(dict(step=i, kind=kind, calls=len(vals), min_cos=min(v[0] for v in vals),

@@ -42,11 +42,9 @@ def run(bits: str, prompts, steps: int) -> dict:
     model.transformer = copy.deepcopy(base.transformer)
     # attention stays in SDPA: the perturbation under study is the linear layers' output rounding
     dvdquant.quantize_(model.transformer, dvdquant.DVDQuantConfig(w_bits=w, a_bits=a, attention="none"))
-    exact = generate(model, prompts, seed=0, steps=steps, hooks=dvdquant.step_hooks(model.transformer),
-                     progress=False)
+    exact = generate(model, prompts, seed=0, steps=steps, progress=False)
     handles = _round_outputs_to_bf16(model.transformer)
-    perturbed = generate(model, prompts, seed=0, steps=steps, hooks=dvdquant.step_hooks(model.transformer),
-                         progress=False)
+    perturbed = generate(model, prompts, seed=0, steps=steps, progress=False)
     for h in handles:
         h.remove()
     fp = generate(base, prompts, seed=0, steps=steps, progress=False)

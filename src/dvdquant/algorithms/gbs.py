@@ -25,6 +25,8 @@ from ..config import GBSConfig
 class FixedBits:
     """The step policy of a model without δ-GBS: every layer keeps its configured bits."""
 
+    observes_output = False
+
     def reset(self) -> None:
         pass
 
@@ -37,6 +39,8 @@ class FixedBits:
 
 class GBSController:
     """Chooses each step's activation bits from the accumulated relative L1 change of the output."""
+
+    observes_output = True
 
     def __init__(self, config: GBSConfig):
         self.config = config

@@ -12,8 +12,9 @@ drives it just by calling the transformer. Per call the hook:
   writes them, with the step index, into every :class:`RuntimeState` it drives;
 * records how much the output moved: the step's *output change* is
   Σ|F_t − F_{t−1}| / Σ|F_{t−1}| over everything the transformer returned in the step, every call
-  (both CFG branches, paired by cache-context name or call order) and every batch element; so CFG
-  run as two calls or as one batched call gives the same number;
+  (both CFG branches, paired by cache-context name or call order; the first four calls of a step)
+  and every batch element; so CFG run as two calls or as one batched call gives the same number
+  (measured only for policies that use it: δ-GBS);
 * raises :class:`~dvdquant.NonFiniteError` after a call in which an FP8 layer saw NaN/Inf.
 
 One :class:`StepTracker` can drive several transformers (Wan 2.2's two experts): then the step
@@ -33,10 +34,16 @@ from ..kernels.finite import raise_if_nonfinite
 
 log = logging.getLogger(__name__)
 HOOK_NAME = "dvdquant_steps"
+MAX_CALLS_PER_STEP = 4        # calls of one step whose outputs count in the output change (CFG: 2)
 
 
 class StepPolicy(Protocol):
-    """Chooses each step's activation bits (``None``: every layer's configured bits)."""
+    """Chooses each step's activation bits (``None``: leave the layers' bits as they are).
+
+    ``observes_output``: whether the policy needs the output change (else the tracker keeps no
+    copy of the outputs)."""
+
+    observes_output: bool
 
     def reset(self) -> None: ...
 
@@ -81,9 +88,11 @@ class StepTracker:
         self._calls, self._slot = 0, "call0"
         self._call_done = False
         for st in self.states:
-            st.a_bits = None
+            if getattr(self, "_owns_bits", False):
+                st.a_bits = None
             st.step_index = None
             st.history.clear()
+        self._owns_bits = False
 
     def finish(self) -> None:
         """Close the current step (its output change is measured now); the next call starts anew."""
@@ -120,7 +129,9 @@ class StepTracker:
     def after_call(self, output: Any) -> None:
         raise_if_nonfinite()
         out = _output_tensor(output)
-        if out is None or self.step_index is None:
+        if out is None or self.step_index is None or not self.policy.observes_output:
+            return
+        if self._slot not in self._cur and len(self._cur) >= MAX_CALLS_PER_STEP:
             return
         cur = out.detach().to(torch.float32, copy=True)
         prev = self._prev.get(self._slot)
@@ -148,11 +159,14 @@ class StepTracker:
         i = step if step is not None else (0 if self.step_index is None else self.step_index + 1)
         bits = self.policy.choose(i, self.total_steps)
         for st in self.states:
-            st.a_bits = bits
+            if bits is not None:
+                st.a_bits = bits
             st.step_index = i
-            st.history.append((i, bits))
+            st.history.append((i, st.a_bits))
+        self._owns_bits = self._owns_bits or bits is not None
         self.step_index = i
-        self.schedule.append(self.configured_bits if bits is None else bits)
+        current = self.states[0].a_bits if self.states else None
+        self.schedule.append(self.configured_bits if current is None else current)
         self._calls = 0
 
     def _close_step(self) -> None:
@@ -184,7 +198,7 @@ class StepHook(ModelHook):
 
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
-        ctx = self.context._context
+        ctx = getattr(self.context, "_context", None)
         step = getattr(ctx, "step_index", None)
         total = getattr(ctx, "num_inference_steps", None)
         slot = getattr(ctx, "name", None)
