@@ -143,6 +143,9 @@ def test_prompt_errors():
         dp.run_pipeline(pipe, "  ", steps=1, progress=False)
     with pytest.raises(dvdquant.DVDQuantError, match="at most 16"):
         dp.run_pipeline(pipe, " ".join(["red"] * 20), steps=1, progress=False)
+    # HunyuanVideo's default template crops 95 tokens of its Llama tokenizer; the tiny tokenizer makes fewer
+    with pytest.raises(dvdquant.DVDQuantError, match="drops its first 95 tokens"):
+        dp.run_pipeline(build_pipeline("hunyuan"), "a cat", steps=1, progress=False)
 
 
 def test_unsupported_folders(tmp_path):
@@ -205,6 +208,7 @@ def test_cli_quantize_single_transformer_pipeline(saved_folders, tmp_path):
     (["--prompt", " ".join(["red"] * 20)], "at most 16"),
     (["--prompt", "a cat", "--checkpoint", "CKPT_WAN"], "WanTransformer3DModel"),
     (["--prompt", "a cat", "--checkpoint", "CKPT_WAN", "--method", "minmax"], "not both"),
+    (["--prompt", "a cat", "--checkpoint", "CKPT_WAN", "--a-bits", "8"], "--a-bits (quantize now), not both"),
 ])
 def test_cli_generate_pipeline_errors(saved_folders, tmp_path, capsys, extra, message):
     if "CKPT_WAN" in extra:
@@ -226,3 +230,5 @@ def test_cli_not_a_pipeline_folder(tmp_path, capsys):
     assert rc == 2 and "not a diffusers pipeline folder" in err and "MochiPipeline" in err
     rc = main(["generate", "--prompt", "a cat", "--checkpoint", "x.safetensors", "--out", str(tmp_path / "x.mp4")])
     assert rc == 2 and "--pipeline DIR only" in capsys.readouterr().err
+    rc = main(["generate", "--prompt", "a cat", "--a-bits", "8", "--out", str(tmp_path / "x.mp4")])
+    assert rc == 2 and "--a-bits applies with --pipeline DIR only" in capsys.readouterr().err

@@ -114,8 +114,13 @@ def cmd_generate_pipeline(args) -> int:
     checkpoints = [c for c in (args.checkpoint, args.checkpoint_2) if c]
     if args.model != "embedded":
         raise DVDQuantError("give --pipeline DIR or --model, not both")
-    if checkpoints and args.method is not None:
-        raise DVDQuantError("give --checkpoint (a saved quantized transformer) or --method (quantize now), not both")
+    quant_opts = [f"--{k.replace('_', '-')}" for k in ("method", "w_bits", "a_bits", "group_size", "delta")
+                  if getattr(args, k) is not None]
+    if checkpoints and quant_opts:
+        raise DVDQuantError(f"give --checkpoint (a saved quantized transformer) or {quant_opts[0]} (quantize now), "
+                            "not both")
+    args.w_bits = 4 if args.w_bits is None else args.w_bits
+    args.a_bits = 4 if args.a_bits is None else args.a_bits
     pipe = dp.load_pipeline(args.pipeline, device=args.device, dtype=dp.resolve_dtype(args.dtype, args.device),
                             progress=not args.quiet)
     if checkpoints:
@@ -145,8 +150,9 @@ def cmd_generate_pipeline(args) -> int:
 
 def _check_generate_args(args) -> None:
     """Defaults of the embedded-model ``generate``; pipeline-only options without --pipeline are errors."""
-    only = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "checkpoint_2", "method", "negative_prompt", "frames",
-                                                 "height", "width", "delta", "true_cfg_scale", "max_sequence_length")
+    only = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "checkpoint_2", "method", "w_bits", "a_bits",
+                                                 "group_size", "delta", "negative_prompt", "frames", "height",
+                                                 "width", "true_cfg_scale", "max_sequence_length")
             if getattr(args, k) is not None]
     if only:
         raise DVDQuantError(f"{', '.join(only)} appl{'ies' if len(only) == 1 else 'y'} with --pipeline DIR only")
@@ -207,8 +213,8 @@ def _add_pipeline_args(g) -> None:
     p.add_argument("--checkpoint-2", metavar="PATH", help="Wan 2.2: the low-noise expert's (transformer_2) checkpoint")
     p.add_argument("--method", choices=sorted(METHOD_CONFIGS) + ["fp"], default=None,
                    help="no --checkpoint: quantize now with this method (default: dvdquant), or 'fp' for none")
-    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default: %(default)s)")
-    p.add_argument("--a-bits", type=int, default=4, help="activation bits: 4, 6, 8 or 16 (default: %(default)s)")
+    p.add_argument("--w-bits", type=int, default=None, help="weight bits, 2..8 (default: 4)")
+    p.add_argument("--a-bits", type=int, default=None, help="activation bits: 4, 6, 8 or 16 (default: 4)")
     p.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     p.add_argument("--delta", type=float, default=None, help="δ-GBS threshold (dvdquant; default: fixed bits)")
     p.add_argument("--quantize-modulation", action="store_true", help="also quantize AdaLN modulation, weight-only")

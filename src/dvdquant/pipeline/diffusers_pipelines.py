@@ -203,6 +203,24 @@ def check_prompts(pipe, prompts: Sequence[str], limit: int) -> None:
                                 f"{type(pipe).__name__} takes at most {limit} (max_sequence_length)")
 
 
+def check_prompt_template(pipe, prompts: Sequence[str], template: Optional[dict]) -> None:
+    """HunyuanVideo embeds ``template.format(prompt)`` and drops its first ``crop_start`` tokens (the
+    template's own, counted for its Llama tokenizer): a tokenizer that gives the templated prompt no
+    more tokens than that would leave no prompt token (and NaN text features)."""
+    if template is None:
+        param = inspect.signature(type(pipe).__call__).parameters.get("prompt_template")
+        template = param.default if param is not None else None
+    crop = (template or {}).get("crop_start")
+    if not crop:
+        return
+    for p in prompts:
+        n = len(pipe.tokenizer(template["template"].format(p), add_special_tokens=True)["input_ids"])
+        if n <= crop:
+            raise DVDQuantError(f"{type(pipe).__name__}'s prompt template drops its first {crop} tokens, but this "
+                                f"tokenizer makes {n} tokens of the templated prompt: pass a prompt_template "
+                                "that fits the tokenizer")
+
+
 @dataclass
 class PipelineResult:
     frames: torch.Tensor               # (B, F, H, W, 3) float32 in [0, 1], CPU; or latents (output_type="latent")
@@ -241,6 +259,8 @@ def run_pipeline(pipe, prompts, *, negative_prompt=None, steps: Optional[int] = 
     if negative_prompt is not None:
         negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
         check_prompts(pipe, [n for n in negs if n], limit)
+    if "prompt_template" in inspect.signature(type(pipe).__call__).parameters:
+        check_prompt_template(pipe, prompts, pipe_kwargs.get("prompt_template"))
     kw = dict(num_inference_steps=steps, num_frames=frames, height=height, width=width, guidance_scale=guidance,
               negative_prompt=negative_prompt)
     kw = {k: v for k, v in kw.items() if v is not None}
