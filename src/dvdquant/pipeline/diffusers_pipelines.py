@@ -251,7 +251,8 @@ def run_pipeline(pipe, prompts, *, negative_prompt=None, steps: Optional[int] = 
 
     ``guidance`` is ``guidance_scale`` (HunyuanVideo: its embedded guidance; pass ``true_cfg_scale``
     and a ``negative_prompt`` for classifier-free guidance). The noise comes from a CPU generator
-    seeded with ``seed``, so a seed gives the same clip on every device.
+    seeded with ``seed``, so a seed gives the same clip on every device. The pipeline's own progress
+    bar is turned off; ``progress`` shows dvdquant's, one tick per step with that step's bits.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     limit = max_sequence_length or token_limit(pipe)
