@@ -72,6 +72,7 @@ class StepTracker:
     def __init__(self, states: list, policy: StepPolicy, configured_bits: int):
         self.states, self.policy, self.configured_bits = list(states), policy, configured_bits
         self.total_steps: Optional[int] = None
+        self._owns_bits = False         # whether this tracker has written bits into the states
         self.reset()
 
     # ------------------------------------------------------------------ public
@@ -88,7 +89,7 @@ class StepTracker:
         self._calls, self._slot = 0, "call0"
         self._call_done = False
         for st in self.states:
-            if getattr(self, "_owns_bits", False):
+            if self._owns_bits:
                 st.a_bits = None
             st.step_index = None
             st.history.clear()

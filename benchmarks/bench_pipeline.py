@@ -1,0 +1,186 @@
+"""A whole text-to-video generation through the stock diffusers ``WanPipeline``: bf16 vs dvdquant.
+
+What a user runs: ``pipe(...)`` with 50 steps and classifier-free guidance (two transformer calls a
+step). Speed does not depend on the weight values, so the transformer (Wan 2.1 14B config) and the
+VAE (the real ``AutoencoderKLWan`` architecture, fp32) have random weights and the text side is a
+random prompt embedding (no text encoder). In one process on one GPU, in this order:
+
+1. ``bf16``: the bf16 transformer, diffusers eager (SDPA), the whole 50-step call timed, the
+   denoising loop apart (from the first to the last transformer call), peak memory;
+2. quantize the transformer in place with DVD-Quant W4A4 + δ-GBS (A4/A8 per step) + 8-bit
+   attention, data-free; fp8 backend; ``transformer.compile()``; one 2-step warm-up call (the
+   compile happens there, reported apart);
+3. ``dvdquant``: the same 50-step call, timed the same way; the δ-GBS schedule and average bits.
+
+With random weights the output change between steps is not a trained model's, so δ-GBS picks its
+own schedule here; the JSON records it. Writes ``<out>/pipeline_<model>.json`` after each phase.
+
+    python benchmarks/bench_pipeline.py --model wan14b --out results/
+    python benchmarks/bench_pipeline.py --model tiny --device cpu --steps 3     # a smoke run on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+log = logging.getLogger("bench_pipeline")
+
+SIZES = {"wan14b": dict(height=480, width=832, num_frames=81, text_len=512, text_dim=4096),
+         "tiny": dict(height=32, width=32, num_frames=5, text_len=8, text_dim=32)}
+
+
+def build(which: str, device, dtype):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    tiny = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+                text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=32)
+    torch.set_default_dtype(dtype)                 # built in place: a 14B model in fp32 would not fit
+    with torch.device(device):
+        transformer = WanTransformer3DModel() if which == "wan14b" else WanTransformer3DModel(**tiny)
+    torch.set_default_dtype(torch.float32)
+    with torch.device(device):                     # the Wan 2.1 VAE architecture (fp32), or a tiny one
+        vae = AutoencoderKLWan() if which == "wan14b" else AutoencoderKLWan(
+            base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer.to(device, dtype).eval(),
+                       vae=vae.to(device, torch.float32).eval(), scheduler=scheduler)
+    return pipe
+
+
+class LoopTimer:
+    """Wall time from the first to the last transformer call of a pipeline call (forward hooks)."""
+
+    def __init__(self, module):
+        self.first = self.last = None
+        self.calls = 0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    @torch.compiler.disable
+    def _pre(self, *_):
+        if self.first is None:
+            _sync()
+            self.first = time.perf_counter()
+
+    @torch.compiler.disable
+    def _post(self, *_):
+        _sync()
+        self.calls += 1
+        self.last = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.last - self.first
+
+    def clear(self):
+        self.first = self.last = None
+        self.calls = 0
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_call(pipe, timer: LoopTimer, kw: dict, steps: int) -> dict:
+    timer.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    _sync()
+    t0 = time.perf_counter()
+    frames = pipe(num_inference_steps=steps, output_type="np", **kw).frames
+    _sync()
+    total = time.perf_counter() - t0
+    return {"call_s": round(total, 2), "denoise_s": round(timer.seconds(), 2), "transformer_calls": timer.calls,
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
+            "frames_shape": list(frames.shape), "finite": bool(torch.isfinite(torch.as_tensor(frames)).all())}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="wan14b", choices=sorted(SIZES))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--delta", type=float, default=0.12, help="δ-GBS threshold (default: %(default)s)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"],
+                    help="ARQ auto-scaling; per_channel has no fast kernel and runs emulated (default: %(default)s)")
+    ap.add_argument("--bf16-steps", type=int, default=None,
+                    help="steps of the bf16 call (default: --steps; fewer gives a per-step anchor only)")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    import dvdquant
+    from dvdquant.config import config_to_dict
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    size = SIZES[args.model]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"model": args.model, "steps": args.steps, "guidance": args.guidance, **size,
+           "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__}
+    path = out / f"pipeline_{args.model}.json"
+
+    def save(phase):
+        res["phase"] = phase
+        path.write_text(json.dumps(res, indent=2))
+        log.info("[%s] %s", phase, json.dumps({k: v for k, v in res.items() if k != "schedule"}))
+
+    torch.manual_seed(0)
+    pipe = build(args.model, dev, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    pe = torch.randn(1, size["text_len"], size["text_dim"], generator=g).to(dev, dtype)
+    ne = torch.randn(1, size["text_len"], size["text_dim"], generator=g).to(dev, dtype)
+    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=args.guidance, height=size["height"],
+              width=size["width"], num_frames=size["num_frames"], generator=torch.Generator().manual_seed(1))
+    timer = LoopTimer(pipe.transformer)
+    with torch.inference_mode():
+        res["bf16_steps"] = args.bf16_steps or args.steps
+        res["bf16"] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), res["bf16_steps"])
+        save("bf16")
+        cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, auto_scale=args.auto_scale,
+                                      gbs=dvdquant.GBSConfig(delta=args.delta))
+        res["config"] = config_to_dict(cfg)
+        _sync()
+        t0 = time.perf_counter()
+        dvdquant.quantize_(pipe.transformer, cfg)
+        _sync()
+        res["quantize_s"] = round(time.perf_counter() - t0, 1)
+        if dev.type == "cuda":
+            dvdquant.set_backend(pipe.transformer, "fp8")
+        res["compile"] = not args.no_compile
+        if not args.no_compile:
+            pipe.transformer.compile()
+            t0 = time.perf_counter()
+            pipe(num_inference_steps=2, output_type="latent", **dict(kw, generator=torch.Generator().manual_seed(1)))
+            _sync()
+            res["warmup_2_steps_s"] = round(time.perf_counter() - t0, 1)
+            save("warmup")
+        res["dvdquant"] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), args.steps)
+        ctrl = dvdquant.step_controller(pipe.transformer)
+        res["schedule"], res["mean_act_bits"] = list(ctrl.schedule), round(ctrl.mean_bits(), 2)
+    res["bf16"]["denoise_per_step_s"] = round(res["bf16"]["denoise_s"] / res["bf16_steps"], 3)
+    res["dvdquant"]["denoise_per_step_s"] = round(res["dvdquant"]["denoise_s"] / args.steps, 3)
+    res["speedup_denoise_per_step"] = round(res["bf16"]["denoise_per_step_s"] / res["dvdquant"]["denoise_per_step_s"], 3)
+    if res["bf16_steps"] == args.steps:
+        for k in ("call_s", "denoise_s"):
+            res[f"speedup_{k}"] = round(res["bf16"][k] / res["dvdquant"][k], 3)
+    save("done")
+    print(f"\n{args.model} on {res['device']}, CFG {args.guidance}: bf16 {res['bf16_steps']} steps "
+          f"{res['bf16']['call_s']} s (loop {res['bf16']['denoise_s']} s), dvdquant {args.steps} steps "
+          f"{res['dvdquant']['call_s']} s (loop {res['dvdquant']['denoise_s']} s); per step "
+          f"{res['speedup_denoise_per_step']}×; mean activation bits {res['mean_act_bits']}, peak "
+          f"{res['bf16']['peak_gb']} → {res['dvdquant']['peak_gb']} GB")
+
+
+if __name__ == "__main__":
+    main()
