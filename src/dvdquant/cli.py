@@ -39,6 +39,11 @@ def _config_from_args(args):
     return cls(**kw)
 
 
+def _backend(args) -> str:
+    """--backend, defaulting to the kernels ("auto") on a CUDA device and the reference elsewhere."""
+    return args.backend or ("auto" if str(args.device).startswith("cuda") else "simulated")
+
+
 def cmd_demo(args) -> int:
     from .config import DVDQuantConfig
     from .pipeline.demo import DEMO_PROMPTS, format_report, run_demo
@@ -130,7 +135,7 @@ def cmd_generate_pipeline(args) -> int:
         dp.quantize_pipeline(pipe, _config_from_args(args), progress=not args.quiet)
     for name in dp.transformer_names(pipe):
         if api.get_state(getattr(pipe, name)) is not None:
-            api.set_backend(getattr(pipe, name), args.backend, fast_accum=args.fast_accum,
+            api.set_backend(getattr(pipe, name), _backend(args), fast_accum=args.fast_accum,
                             exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm,
                             fuse_projections=not args.no_fuse_projections)
     extra = {"true_cfg_scale": args.true_cfg_scale} if args.true_cfg_scale is not None else {}
@@ -170,7 +175,7 @@ def cmd_generate(args) -> int:
     from .pipeline.video_io import save_video
     model = load_generation_model(args.model, device=args.device)
     if api.get_state(model.transformer) is not None:
-        api.set_backend(model.transformer, args.backend, fast_accum=args.fast_accum,
+        api.set_backend(model.transformer, _backend(args), fast_accum=args.fast_accum,
                         exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm,
                         fuse_projections=not args.no_fuse_projections)
     res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -282,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 4.0; --pipeline: the "
                    "pipeline's own default; HunyuanVideo: its embedded guidance)")
-    g.add_argument("--backend", default="simulated", choices=["simulated", "emulated", "fp8", "auto"],
-                   help="execution path of quantized layers (default: %(default)s)")
+    g.add_argument("--backend", default=None, choices=["simulated", "emulated", "fp8", "auto"],
+                   help="execution path of quantized layers (default: auto — the FP8/INT8 kernels where they "
+                        "apply — on a CUDA --device, else simulated, the exact fp32 reference)")
     g.add_argument("--fast-accum", action="store_true",
                    help="fp8 path: cuBLAS fast FP8 accumulation (faster, not the exact integer GEMM)")
     g.add_argument("--inexact-rotation", action="store_true",
