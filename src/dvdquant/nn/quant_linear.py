@@ -11,19 +11,26 @@ in what they put into it:
 * ``rotation_block``: online Hadamard rotation x·H of the activations (block-diagonal with
   blocks of this order; equal to K for a full rotation). W was rotated offline the same way.
 * ``auto_scale``: ARQ's run-time channel scaling Λ_t from the current tokens' absmax:
-  ``per_channel`` (exact form), ``per_block`` (one scale per token and ``scale_block``
-  channels, the GEMM-friendly form) or ``none``.
+  ``per_channel`` (exact form: Λ_t (1, K) per sample, see below), ``per_block`` (one scale per
+  token and ``scale_block`` channels, the GEMM-friendly form) or ``none``.
 * ``act_balance`` (T, K) fp32, optional: a *calibrated* per-step channel balance used like Λ_t
   (ViDiT-Q-style timestep-aware balancing; replaces ``auto_scale`` when present).
 * ``dyn_alpha`` (optional, DVD-Quant ``smoothing="dynamic"``): run-time smoothing *before* the
-  rotation, s_t = Λ_t^α / max|W_j|^(1−α) with Λ_t the current tokens' per-channel absmax; the
+  rotation, s_t = Λ_t^α / max|W_j|^(1−α) with Λ_t the sample's per-channel absmax; the
   activations become x/s_t and the weight W·diag(s_t)·H is re-quantized (RTN on the layer's grid)
-  every forward from a master copy ``w_master`` (int8 codes of W/max|W_j| with a per-row scale,
-  or float). Per layer
-  and step that is O(N·K·log K) work beside the GEMM's O(M·N·K); it costs master-weight memory.
+  every forward, once per sample, from a master copy ``w_master`` (int8 codes of W/max|W_j| with a
+  per-row scale, or float), and each sample's tokens meet their own weight. Per layer, step and
+  sample that is O(N·K·log K) work beside the GEMM's O(L·N·K); it costs master-weight memory.
 * activations are then quantized per token to ``a_bits`` (the shared :class:`RuntimeState`
   may override it per step: δ-GBS). ``a_bits=16`` makes the layer *weight-only* (W·A16, e.g.
   AdaLN modulation layers): its activations stay in floating point whatever the override says.
+
+Run-time statistics are **per sample** (:mod:`dvdquant.numerics.samples`): an input (B, ..., K)
+with ≥ 3 dims has B samples and Λ_t / s_t are taken over each sample's tokens only, so a prompt's
+output does not depend on the other prompts of its batch or on the other half of classifier-free
+guidance (diffusers video transformers call their block Linears with (B, L, K)). A 2-D input
+(M, K) is one sample. Float GEMMs of the fake-quant order run one per sample (a GEMM's rounding
+may depend on its row count); the exact code GEMM below is batch-independent by construction.
 
 ``forward`` here is the *simulated* path: fp32 fake quantization that computes exactly what
 the integer pipeline computes (x̂ = s·x_q, Ŵ = Δ·(q − z), y = x̂ Ŵᵀ + b). Faster execution
