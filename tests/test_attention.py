@@ -197,7 +197,10 @@ def test_sdpa_with_lse_matches_sdpa_and_logsumexp():
     keep = torch.ones(2, 1, 1, 29, dtype=torch.bool)
     keep[1, ..., 20:] = False
     for mask, causal in ((None, False), (keep, False), (None, True)):
-        out, lse = sdpa_with_lse(q, k, v, attn_mask=mask, is_causal=causal, max_chunk=2 * 3 * 29 * 5)
+        out, lse = sdpa_with_lse(q, k, v, attn_mask=mask, is_causal=causal, max_chunk=3 * 29 * 5)
+        o1, l1 = sdpa_with_lse(q[1:], k[1:], v[1:], attn_mask=None if mask is None else mask[1:],
+                               is_causal=causal, max_chunk=3 * 29 * 5)
+        assert torch.equal(out[1:], o1) and torch.equal(lse[1:], l1)        # per batch element
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal)
         s = qt @ kt.transpose(-1, -2) / math.sqrt(32)
