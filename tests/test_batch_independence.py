@@ -81,10 +81,9 @@ def test_two_dim_input_is_one_group():
     with torch.no_grad():
         flat = m(x.reshape(-1, K))                            # one group of 2·L tokens
         per_sample = m(x).reshape(-1, N)
-    assert not torch.equal(flat, per_sample)
-    lam = x.reshape(-1, K).abs().amax(dim=0)
-    ref = torch.cat([m(x[i:i + 1]) for i in range(2)]).reshape(-1, N)
-    assert torch.equal(per_sample, ref) and lam.shape == (K,)
+        alone = torch.cat([m(x[i:i + 1]) for i in range(2)]).reshape(-1, N)
+        assert torch.equal(per_sample, alone) and not torch.equal(flat, per_sample)
+        assert torch.equal(m(x[0]), alone[:L])                # one sample as (L, K): the same single group
 
 
 def test_dynamic_smoothing_is_per_sample():
