@@ -191,3 +191,43 @@ def test_embedded_generate_one_prompt_alone_equals_in_a_batch_of_four():
     assert torch.equal(batch.initial_noise[2:3], alone.initial_noise)
     assert torch.equal(batch.latents[2:3], alone.latents)
     assert torch.equal(batch.videos[2:3], alone.videos)
+
+
+# --------------------------------------------------------------------------- GPU (skipped without CUDA)
+_GPU = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                          reason="needs an FP8-capable CUDA GPU (sm89+) with triton")
+
+
+@_GPU
+@pytest.mark.parametrize("auto_scale,a_bits", [("none", 4), ("none", 8), ("per_block", 4), ("per_block", 8),
+                                               ("per_channel", 4), ("per_channel", 8)])
+def test_gpu_paths_sample_alone_equals_its_slice(auto_scale, a_bits):
+    """fp8 backend: per-token / per-block scales and the exact integer GEMMs (INT8, FP8 for A4);
+    per_channel falls back to the emulated path (per-sample Λ_t, one cuBLAS GEMM per sample)."""
+    pytest.importorskip("triton")
+    import dvdquant
+    m = _layer(auto_scale, a_bits, 128, "fp8")
+    m.scale_block = 128
+    lin = nn.Sequential(m).cuda()
+    dvdquant.set_backend(lin, "fp8")
+    x = _samples(1, 1000).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        alone = m(x)
+        for batch, pos in ((2, 1), (7, 3), (40, 39)):
+            xb = torch.cat([_samples(batch - 1, batch)[:pos], x.cpu().float(), _samples(batch - 1, batch)[pos:]])
+            assert torch.equal(m(xb.cuda().to(torch.bfloat16))[pos:pos + 1], alone), (batch, pos)
+
+
+@_GPU
+def test_gpu_triton_attention_is_per_batch_element():
+    pytest.importorskip("triton")
+    from dvdquant.kernels.attention_triton import quant_attention
+    g = torch.Generator().manual_seed(0)
+    B, Lq, Lk, H, D = 5, 300, 700, 4, 128
+    q, k, v = (torch.randn(B, n, H, D, generator=g).cuda().to(torch.bfloat16) for n in (Lq, Lk, Lk))
+    k = k + torch.arange(B, device="cuda", dtype=torch.bfloat16).view(B, 1, 1, 1)
+    for fmt in ("int8", "fp8"):
+        full, lse = quant_attention(q, k, v, qk_format=fmt, return_lse=True)
+        for i in (0, 3):
+            one, lse1 = quant_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], qk_format=fmt, return_lse=True)
+            assert torch.equal(full[i:i + 1], one) and torch.equal(lse[i:i + 1], lse1), (fmt, i)
