@@ -22,11 +22,11 @@ from dvdquant.numerics import grids
 K, N, L = 128, 48, 21
 
 
-def _layer(auto_scale: str, a_bits: int, rotation_block, backend: str) -> QuantLinear:
+def _layer(auto_scale: str, a_bits: int, rotation_block, backend: str, k: int = K) -> QuantLinear:
     g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(K, N)
+    lin = nn.Linear(k, N)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
+        lin.weight.copy_(torch.randn(N, k, generator=g) * 0.05)
         lin.bias.copy_(torch.randn(N, generator=g))
     wq = grids.quantize_weight_minmax(lin.weight.detach(), 4, None)
     m = QuantLinear.from_params(lin, wq, a_bits=a_bits, rotation_block=rotation_block, auto_scale=auto_scale,
@@ -35,17 +35,17 @@ def _layer(auto_scale: str, a_bits: int, rotation_block, backend: str) -> QuantL
     return m
 
 
-def _samples(n: int, seed: int) -> torch.Tensor:
-    """(n, L, K) tokens; each sample has its own outlier channel and scale, so a batch-wide Λ_t would move."""
+def _samples(n: int, seed: int, k: int = K) -> torch.Tensor:
+    """(n, L, k) tokens; each sample has its own outlier channel and scale, so a batch-wide Λ_t would move."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, L, K, generator=g) * (torch.rand(n, 1, K, generator=g) * 4 + 0.1)
+    x = torch.randn(n, L, k, generator=g) * (torch.rand(n, 1, k, generator=g) * 4 + 0.1)
     for i in range(n):
-        x[i, :, (7 * i + seed) % K] *= 40.0 * (i + 1)
+        x[i, :, (7 * i + seed) % k] *= 40.0 * (i + 1)
     return x
 
 
 def _in_batch(fn, x_one: torch.Tensor, batch: int, pos: int, seed: int) -> torch.Tensor:
-    others = _samples(batch - 1, seed)
+    others = _samples(batch - 1, seed, x_one.shape[-1])
     xb = torch.cat([others[:pos], x_one, others[pos:]])
     return fn(xb)[pos:pos + 1]
 
@@ -198,26 +198,38 @@ _GPU = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device
                           reason="needs an FP8-capable CUDA GPU (sm89+) with triton")
 
 
+def _check_fp8_backend(auto_scale: str, a_bits: int, device: str) -> None:
+    m = _layer(auto_scale, a_bits, 128, "fp8", k=256)     # per_block: two 128-channel blocks
+    m.scale_block = 128
+    m.to(device)
+    x = _samples(1, 1000, 256).to(device, torch.bfloat16)
+    with torch.no_grad():
+        alone = m(x)
+        for batch, pos in ((2, 1), (7, 3), (40, 39)):
+            got = _in_batch(lambda xb: m(xb.to(device, torch.bfloat16)), x.cpu(), batch, pos, seed=batch)
+            assert torch.equal(got, alone), (batch, pos)
+
+
+FP8_CASES = [("none", 4), ("none", 8), ("per_block", 4), ("per_block", 8), ("per_channel", 4), ("per_channel", 8)]
+
+
+@pytest.mark.parametrize("auto_scale,a_bits", FP8_CASES)
+def test_fp8_backend_on_cpu_falls_back_per_sample(auto_scale, a_bits):
+    """The same check as the GPU test below; on a CPU the fp8 backend runs the emulated path."""
+    _check_fp8_backend(auto_scale, a_bits, "cpu")
+
+
+@pytest.mark.gpu
 @_GPU
-@pytest.mark.parametrize("auto_scale,a_bits", [("none", 4), ("none", 8), ("per_block", 4), ("per_block", 8),
-                                               ("per_channel", 4), ("per_channel", 8)])
+@pytest.mark.parametrize("auto_scale,a_bits", FP8_CASES)
 def test_gpu_paths_sample_alone_equals_its_slice(auto_scale, a_bits):
     """fp8 backend: per-token / per-block scales and the exact integer GEMMs (INT8, FP8 for A4);
     per_channel falls back to the emulated path (per-sample Λ_t, one cuBLAS GEMM per sample)."""
     pytest.importorskip("triton")
-    import dvdquant
-    m = _layer(auto_scale, a_bits, 128, "fp8")
-    m.scale_block = 128
-    lin = nn.Sequential(m).cuda()
-    dvdquant.set_backend(lin, "fp8")
-    x = _samples(1, 1000).cuda().to(torch.bfloat16)
-    with torch.no_grad():
-        alone = m(x)
-        for batch, pos in ((2, 1), (7, 3), (40, 39)):
-            xb = torch.cat([_samples(batch - 1, batch)[:pos], x.cpu().float(), _samples(batch - 1, batch)[pos:]])
-            assert torch.equal(m(xb.cuda().to(torch.bfloat16))[pos:pos + 1], alone), (batch, pos)
+    _check_fp8_backend(auto_scale, a_bits, "cuda")
 
 
+@pytest.mark.gpu
 @_GPU
 def test_gpu_triton_attention_is_per_batch_element():
     pytest.importorskip("triton")
