@@ -167,6 +167,13 @@ def _interpreter_checks() -> dict:
             res[f"{B}x{Lq}x{Lk}x{H}x{D}-{mk}-{fmt}"] = [
                 bool(codes and rel < 1e-4 and dl < 1e-4 and tma and tail < 1e-4),
                 f"codes={codes} rel={rel:.1e} lse={dl:.1e} tma_same={tma} bias_everywhere={tail:.1e}"]
+    # per (batch, head) statistics: a batch element's output and lse do not depend on the others
+    q, k, v = qkv(3, 40, 100, 2, 64, seed=30)
+    k = k + torch.arange(3.0).view(3, 1, 1, 1) * 2.0              # a different K offset per sample
+    for fmt in ("int8", "fp8"):
+        o, lse = quant_attention(q, k, v, qk_format=fmt, block_n=32, block_m=32, return_lse=True)
+        o1, lse1 = quant_attention(q[1:2], k[1:2], v[1:2], qk_format=fmt, block_n=32, block_m=32, return_lse=True)
+        res[f"batch-independent-{fmt}"] = [torch.equal(o[1:2], o1) and torch.equal(lse[1:2], lse1), ""]
     for D in (64, 128):              # the default launch config of each head_dim, reference tiled alike
         q, k, v = qkv(1, 130, 150, 1, D, seed=20 + D)
         o, o2 = quant_attention(q, k, v), quant_attention_reference(q, k, v)
@@ -180,7 +187,7 @@ interp = checks_fixture(__file__)
 
 def test_triton_kernel_matches_reference_in_interpreter(interp):
     bad = {k: v for k, v in interp.items() if not v[0]}
-    assert len(interp) == 14 and not bad, bad
+    assert len(interp) == 16 and not bad, bad
 
 
 def test_sdpa_with_lse_matches_sdpa_and_logsumexp():
@@ -190,7 +197,10 @@ def test_sdpa_with_lse_matches_sdpa_and_logsumexp():
     keep = torch.ones(2, 1, 1, 29, dtype=torch.bool)
     keep[1, ..., 20:] = False
     for mask, causal in ((None, False), (keep, False), (None, True)):
-        out, lse = sdpa_with_lse(q, k, v, attn_mask=mask, is_causal=causal, max_chunk=2 * 3 * 29 * 5)
+        out, lse = sdpa_with_lse(q, k, v, attn_mask=mask, is_causal=causal, max_chunk=3 * 29 * 5)
+        o1, l1 = sdpa_with_lse(q[1:], k[1:], v[1:], attn_mask=None if mask is None else mask[1:],
+                               is_causal=causal, max_chunk=3 * 29 * 5)
+        assert torch.equal(out[1:], o1) and torch.equal(lse[1:], l1)        # per batch element
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal)
         s = qt @ kt.transpose(-1, -2) / math.sqrt(32)

@@ -94,6 +94,11 @@ def _worker(rank: int, world: int, tmp: str, port: int) -> None:
         q, inputs = _seeded_wan()
         dvdquant.quantize_(q, DVDQuantConfig(a_bits=4, bgr=FAST_BGR, gbs=GBSConfig(delta=0.05, warmup_steps=1)))
         ref_q = _forward(q, inputs)
+        # a batch of 2: the sample of `inputs` plus another one with larger activations
+        g = torch.Generator().manual_seed(5)
+        inputs2 = {k: torch.cat([v, torch.randn(v.shape, generator=g) * 3 if v.is_floating_point() else v])
+                   for k, v in inputs.items()}
+        ref_q2 = _forward(q, inputs2)
         ref_gbs, ref_sched = _gbs_run(q, inputs)
         dvdquant.set_backend(q, "emulated")
         ref_emu = _forward(q, inputs)
@@ -102,6 +107,8 @@ def _worker(rank: int, world: int, tmp: str, port: int) -> None:
         state = dvdquant.get_state(q)
         res["group_set"] = state.process_group is not None
         res["q_rel"] = _rel(_forward(q, inputs), ref_q)
+        out2 = _forward(q, inputs2)                       # per-sample Λ_t (2, K) all-reduced over ranks
+        res["q2_rel"] = _rel(out2, ref_q2)
         group, state.process_group = state.process_group, None        # what the all-reduce is for
         res["q_rel_no_reduce"] = _rel(_forward(q, inputs), ref_q)
         state.process_group = group
@@ -178,6 +185,9 @@ def test_context_parallel_matches_single_process(two_ranks):
         assert r["fp32_rel"] < 1e-6
         # per-channel Λ_t all-reduced: the same numbers as one process (up to fp32 summation order)
         assert r["q_rel"] < 1e-5 and r["emu_rel"] < 1e-5
+        # a batch of 2 under CP: the per-sample Λ_t (2, K) reduced over ranks = one device's per-sample Λ_t
+        # (tests/test_batch_independence.py: one device's output for a sample does not depend on the batch)
+        assert r["q2_rel"] < 1e-5
         assert r["q_rel_no_reduce"] > 100 * max(r["q_rel"], 1e-7)    # rank-local Λ_t is visibly wrong
         assert r["gbs_rel"] < 1e-4
         ref_sched, cp_sched = r["gbs_sched"]

@@ -324,8 +324,12 @@ def _fp8_forward_checks() -> dict:
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}"] = [rel < 1e-2, f"rel={rel:.2e}"]
             # the INT8 GEMM for every int-grid step (default): int8 codes, torch._int_mm on CPU (exact too)
             # and the emulated epilogue
-            same = torch.equal(fp8mod.fp8_forward(m, x, bits, per_block=False), emulated_forward(m, x))
+            full = fp8mod.fp8_forward(m, x, bits, per_block=False)
+            same = torch.equal(full, emulated_forward(m, x))
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}-int8-exact"] = [same, ""]
+            # per-token scales and an exact GEMM: a sample's output does not depend on the batch
+            alone = torch.equal(fp8mod.fp8_forward(m, x[1:2], bits, per_block=False), full[1:2])
+            res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}-batch-independent"] = [alone, ""]
             if bits == 4:
                 # A4 on the FP8 GEMM (int8_gemm=False, above): the same codes and scales bit for bit as the emulated path (exact rotation), and the
                 # same output up to the epilogue: torch's CPU _scaled_mm rounds in another order than cuBLAS

@@ -10,11 +10,12 @@ rank's slice of the tokens. What that changes for a quantized layer:
 
 * per-token activation quantization and ARQ ``per_block`` scales (per token and 128 channels)
   are local to a token: unchanged;
-* ARQ ``per_channel`` auto-scaling Λ_t (and dynamic smoothing's s_t) is a *max over tokens*:
-  a rank would see the max over its slice only. :func:`enable_context_parallel` stores the
-  context-parallel process group on the model's :class:`~dvdquant.nn.state.RuntimeState`, and
-  the layers all-reduce (MAX) that (1, K) statistic over it (``RuntimeState.all_tokens_max``):
-  one small collective per layer call, and the same Λ_t as on one device;
+* ARQ ``per_channel`` auto-scaling Λ_t (and dynamic smoothing's s_t) is a *max over each
+  sample's tokens*: a rank would see the max over its slice only. :func:`enable_context_parallel`
+  stores the context-parallel process group on the model's :class:`~dvdquant.nn.state.RuntimeState`,
+  and the layers all-reduce (MAX) that per-sample (B, K) statistic over it
+  (``RuntimeState.all_tokens_max``): one small collective per layer call, and the same Λ_t as on
+  one device;
 * δ-GBS's indicator reads the model output, which the plan has already gathered: every rank
   computes the same L1 change and picks the same bits;
 * cross-attention K/V projections see the full text on every rank (the plan does not split

@@ -174,7 +174,8 @@ def sdpa_with_lse(query, key, value, attn_mask=None, scale=None, is_causal=False
 
     Dispatch layout: ``query`` (B, Lq, H, D), ``key``/``value`` (B, Lk, Hkv, D) → out (B, Lq, H, D)
     in ``query.dtype``, lse (B, Lq, H) fp32 (natural log). For the SDPA fallbacks under ring attention
-    only (rare shapes); queries are processed in chunks of at most ``max_chunk`` score elements.
+    only (rare shapes); queries are processed in chunks of at most ``max_chunk`` score elements per
+    batch element (chunks independent of the batch size, so a sample's bits do not depend on its batch).
     """
     B, Lq, H, D = query.shape
     Lk = key.shape[1]
@@ -187,20 +188,24 @@ def sdpa_with_lse(query, key, value, attn_mask=None, scale=None, is_causal=False
         bias = attn_mask if attn_mask.dtype != torch.bool else \
             torch.zeros(attn_mask.shape, device=q.device).masked_fill_(~attn_mask, float("-inf"))
         bias = bias.float()
+    step = max(1, max_chunk // max(H * Lk, 1))
     outs, lses = [], []
-    step = max(1, max_chunk // max(B * H * Lk, 1))
-    for q0 in range(0, Lq, step):
-        s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, q0:q0 + step], k) * c      # (B, H, chunk, Lk)
-        if bias is not None:
-            s = s + (bias if bias.shape[-2] == 1 else bias[..., q0:q0 + step, :])
-        if is_causal:
-            rows = torch.arange(q0, q0 + s.shape[2], device=s.device)[:, None]
-            s = s.masked_fill(torch.arange(Lk, device=s.device)[None, :] > rows, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)                                          # (B, H, chunk)
-        outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(s - lse[..., None]).nan_to_num_(0.0), v))
-        lses.append(lse)
-    out = torch.cat(outs, dim=2).permute(0, 2, 1, 3).to(query.dtype)
-    return out, torch.cat(lses, dim=2).permute(0, 2, 1)
+    for b in range(B):
+        bb = bias if bias is None or bias.ndim < 4 else bias[b if bias.shape[0] > 1 else 0]
+        for q0 in range(0, Lq, step):
+            s = torch.einsum("hqd,hkd->hqk", q[b, :, q0:q0 + step], k[b]) * c      # (H, chunk, Lk)
+            if bb is not None:
+                s = s + (bb if bb.shape[-2] == 1 else bb[..., q0:q0 + step, :])
+            if is_causal:
+                rows = torch.arange(q0, q0 + s.shape[1], device=s.device)[:, None]
+                s = s.masked_fill(torch.arange(Lk, device=s.device)[None, :] > rows, float("-inf"))
+            lse = torch.logsumexp(s, dim=-1)                                      # (H, chunk)
+            outs.append(torch.einsum("hqk,hkd->hqd", torch.exp(s - lse[..., None]).nan_to_num_(0.0), v[b]))
+            lses.append(lse)
+    n = -(-Lq // step)                                                            # chunks per batch element
+    out = torch.stack([torch.cat(outs[i * n:(i + 1) * n], dim=1) for i in range(B)])   # (B, H, Lq, D)
+    lse = torch.stack([torch.cat(lses[i * n:(i + 1) * n], dim=1) for i in range(B)])   # (B, H, Lq)
+    return out.permute(0, 2, 1, 3).to(query.dtype), lse.permute(0, 2, 1)
 
 
 def _cp_sdpa_lse_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -11,19 +11,26 @@ in what they put into it:
 * ``rotation_block``: online Hadamard rotation x·H of the activations (block-diagonal with
   blocks of this order; equal to K for a full rotation). W was rotated offline the same way.
 * ``auto_scale``: ARQ's run-time channel scaling Λ_t from the current tokens' absmax:
-  ``per_channel`` (exact form), ``per_block`` (one scale per token and ``scale_block``
-  channels, the GEMM-friendly form) or ``none``.
+  ``per_channel`` (exact form: Λ_t (1, K) per sample, see below), ``per_block`` (one scale per
+  token and ``scale_block`` channels, the GEMM-friendly form) or ``none``.
 * ``act_balance`` (T, K) fp32, optional: a *calibrated* per-step channel balance used like Λ_t
   (ViDiT-Q-style timestep-aware balancing; replaces ``auto_scale`` when present).
 * ``dyn_alpha`` (optional, DVD-Quant ``smoothing="dynamic"``): run-time smoothing *before* the
-  rotation, s_t = Λ_t^α / max|W_j|^(1−α) with Λ_t the current tokens' per-channel absmax; the
+  rotation, s_t = Λ_t^α / max|W_j|^(1−α) with Λ_t the sample's per-channel absmax; the
   activations become x/s_t and the weight W·diag(s_t)·H is re-quantized (RTN on the layer's grid)
-  every forward from a master copy ``w_master`` (int8 codes of W/max|W_j| with a per-row scale,
-  or float). Per layer
-  and step that is O(N·K·log K) work beside the GEMM's O(M·N·K); it costs master-weight memory.
+  every forward, once per sample, from a master copy ``w_master`` (int8 codes of W/max|W_j| with a
+  per-row scale, or float), and each sample's tokens meet their own weight. Per layer, step and
+  sample that is O(N·K·log K) work beside the GEMM's O(L·N·K); it costs master-weight memory.
 * activations are then quantized per token to ``a_bits`` (the shared :class:`RuntimeState`
   may override it per step: δ-GBS). ``a_bits=16`` makes the layer *weight-only* (W·A16, e.g.
   AdaLN modulation layers): its activations stay in floating point whatever the override says.
+
+Run-time statistics are **per sample** (:mod:`dvdquant.numerics.samples`): an input (B, ..., K)
+with ≥ 3 dims has B samples and Λ_t / s_t are taken over each sample's tokens only, so a prompt's
+output does not depend on the other prompts of its batch or on the other half of classifier-free
+guidance (diffusers video transformers call their block Linears with (B, L, K)). A 2-D input
+(M, K) is one sample. Float GEMMs of the fake-quant order run one per sample (a GEMM's rounding
+may depend on its row count); the exact code GEMM below is batch-independent by construction.
 
 ``forward`` here is the *simulated* path: fp32 fake quantization that computes exactly what
 the integer pipeline computes (x̂ = s·x_q, Ŵ = Δ·(q − z), y = x̂ Ŵᵀ + b). Faster execution
@@ -49,6 +56,8 @@ from ..numerics import grids
 from ..numerics.hadamard import hadamard_matrix, hadamard_rotate, hadamard_rotate_exact
 from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import pack_int4, unpack_int4
+from ..numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_sample, sample_count,
+                               scale_per_sample)
 from .state import RuntimeState
 
 
@@ -141,9 +150,10 @@ class QuantLinear(nn.Module):
             return self.w_master.float() * self.w_master_scale * self.w_colmax.clamp_min(1e-12)
         return self.w_master.float()
 
-    def dynamic_smoothing(self, x2: torch.Tensor) -> torch.Tensor:
-        """s_t (K,) = Λ_t^α / max|W_j|^(1−α) from the current tokens (M, K); 1 where a channel is all zero."""
-        lam = self._all_tokens(x2.abs().amax(dim=0))
+    def dynamic_smoothing(self, x2: torch.Tensor, samples: int = 1) -> torch.Tensor:
+        """s_t (G, K) = Λ_t^α / max|W_j|^(1−α) per sample of the tokens (M, K) (G = ``samples``,
+        :mod:`~dvdquant.numerics.samples`); 1 where a sample's channel is all zero."""
+        lam = self._all_tokens(per_sample_absmax(x2, samples))
         s = lam.clamp_min(1e-12).pow(self.dyn_alpha) / self.w_colmax.clamp_min(1e-12).pow(1.0 - self.dyn_alpha)
         return torch.where(lam > 0, s, torch.ones_like(s))
 
@@ -177,7 +187,8 @@ class QuantLinear(nn.Module):
         return self.a_bits
 
     def _all_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """A max over tokens, extended to every rank's tokens under context parallelism (RuntimeState)."""
+        """Per-sample maxima over tokens (G, K), extended to every rank's tokens of each sample under
+        context parallelism (RuntimeState)."""
         return t if self.state is None else self.state.all_tokens_max(t)
 
     def _step(self) -> int:
@@ -220,8 +231,12 @@ class QuantLinear(nn.Module):
         if not torch.isfinite(x2.abs().amax()):
             raise NonFiniteError(f"layer {self.layer_name or '?'}: input activations hold NaN/Inf")
 
-    def quantize_input(self, x2: torch.Tensor, bits: int) -> torch.Tensor:
-        """ARQ auto-scaling + per-token fake quantization of transformed tokens (M, K), fp32 out."""
+    def quantize_input(self, x2: torch.Tensor, bits: int, samples: int = 1) -> torch.Tensor:
+        """ARQ auto-scaling + per-token fake quantization of transformed tokens (M, K), fp32 out.
+
+        ``samples``: the G batch elements the M tokens belong to (G contiguous groups); ``per_channel``
+        takes one Λ_t per sample (:mod:`~dvdquant.numerics.samples`).
+        """
         if bits >= 16:
             return x2
         self._require_finite(x2)
@@ -229,9 +244,9 @@ class QuantLinear(nn.Module):
             lam = self.act_balance[min(self._step(), self.act_balance.shape[0] - 1)].unsqueeze(0)
             return self._fake_quant_tokens(x2 / lam, bits) * lam
         if self.auto_scale == "per_channel":
-            lam = self._all_tokens(x2.abs().amax(dim=0, keepdim=True))  # Λ_t: (1, K), over all ranks' tokens
+            lam = self._all_tokens(per_sample_absmax(x2, samples))   # Λ_t: (G, K), over all ranks' tokens
             lam = torch.where(lam > 0, lam, torch.ones_like(lam))
-            return self._fake_quant_tokens(x2 / lam, bits) * lam
+            return scale_per_sample(self._fake_quant_tokens(scale_per_sample(x2, lam, True), bits), lam, False)
         if self.auto_scale == "per_block":
             m, k = x2.shape
             b = self.scale_block if k % self.scale_block == 0 else k
@@ -253,20 +268,24 @@ class QuantLinear(nn.Module):
         """The reference: fp32 fake quantization of exactly the integer pipeline."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()                  # (M, K)
+        samples = sample_count(shape)                                 # statistics per batch element
         bits = self.current_a_bits()
         if self.dyn_alpha is not None and bits < 16:
-            s = self.dynamic_smoothing(x2)                            # (K,), from these tokens
-            x2 = x2 / s
-            w = self.smoothed_weight(s)                               # Q(W·diag(s)·H), (N, K)
-        elif self.dyn_alpha is not None:
+            s = self.dynamic_smoothing(x2, samples)                   # (G, K), from each sample's tokens
+            xq = self.quantize_input(self.transform_input(scale_per_sample(x2, s, True)), bits, samples)
+            # one Q(W·diag(s_g)·H) per sample: s_t is per sample, so is the re-quantized weight
+            ys = [xg @ self.smoothed_weight(sg).t() for xg, sg in zip(rows_per_sample(xq, samples), s)]
+            y = torch.cat(ys) if self.bias is None else torch.cat(ys) + self.bias.float()
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if self.dyn_alpha is not None:
             w = self.smoothed_weight(torch.ones_like(self.w_colmax))
         elif self.per_token_scaling(bits):
             return self._forward_per_token(self.transform_input(x2), bits).to(x.dtype).reshape(
                 *shape[:-1], self.out_features)
         else:
             w = self.dequantized_weight(torch.float32)
-        xq = self.quantize_input(self.transform_input(x2), bits)
-        y = xq @ w.t()                                                # (M, N)
+        xq = self.quantize_input(self.transform_input(x2), bits, samples)
+        y = matmul_per_sample(xq, w, samples)                         # (M, N), one GEMM per sample
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

@@ -28,7 +28,7 @@ class RuntimeState:
     bits_tensor: torch.Tensor = field(default_factory=lambda: torch.full((1,), -1, dtype=torch.int32),
                                       repr=False, compare=False)
     # context parallelism (dvdquant.distributed.enable_context_parallel): the ranks that share one
-    # sequence; statistics taken over tokens (ARQ's per-channel Λ_t) are reduced over it
+    # sequence; per-sample statistics taken over tokens (ARQ's per-channel Λ_t) are reduced over it
     process_group: Optional[object] = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name, value) -> None:
@@ -45,11 +45,13 @@ class RuntimeState:
         self.history.clear()
 
     def all_tokens_max(self, t: torch.Tensor) -> torch.Tensor:
-        """``t``, a max over this rank's tokens, as the max over every rank's tokens of the sequence.
+        """``t``, maxima over this rank's tokens, as the maxima over every rank's tokens of the sequence.
 
-        Under sequence (context) parallelism each rank holds a slice of the tokens, so a per-channel
-        absmax taken locally differs from the single-device one; an all-reduce (MAX) over
-        ``process_group`` restores it. Without a group this returns ``t`` unchanged.
+        Under sequence (context) parallelism each rank holds a slice of every sample's tokens, so a
+        per-channel absmax taken locally differs from the single-device one; an elementwise all-reduce
+        (MAX) over ``process_group`` restores it. ``t`` is per sample, (B, K) for B samples (every rank
+        holds the same samples), so each sample's statistic stays its own. Without a group this
+        returns ``t`` unchanged.
         """
         if self.process_group is None:
             return t
