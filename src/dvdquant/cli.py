@@ -5,7 +5,9 @@
     dvdquant generate --model q/quantized.safetensors --prompt "a red circle moving left on a dark background"
     dvdquant eval --layers --update-docs              # methods × bits vs FP → docs/RESULTS.md, plots, JSON
 
-Errors caused by input (bad bits, unknown words, broken checkpoints) print one line and exit 2.
+Errors caused by input (bad bits, unknown words, broken checkpoints, unwritable outputs) print one
+line and exit 2, before any work where the input can be checked first; Ctrl-C prints one line and
+exits 130. Outputs are written atomically; a folder a failed command created is removed.
 """
 from __future__ import annotations
 
@@ -62,10 +64,16 @@ def _embedded_calibration(prompts=("a red circle moving left on a dark backgroun
 
 
 def cmd_quantize(args) -> int:
-    from . import api, serialization
-    from .pipeline.models_io import EMBEDDED, load_transformer
+    from .fileio import check_output_dir, output_dir
     cfg = _config_from_args(args)
-    out = Path(args.out)
+    with output_dir(check_output_dir(args.out)) as out:
+        return _quantize(args, cfg, out)
+
+
+def _quantize(args, cfg, out: Path) -> int:
+    from . import api, serialization
+    from .fileio import atomic_write_text
+    from .pipeline.models_io import CHECKPOINT_NAME, EMBEDDED, load_transformer
     if args.nproc != 1:                     # layers split over N processes; rank 0 writes the checkpoint
         from .distributed import quantize_multiprocess
         report, ckpt = quantize_multiprocess(args.model, cfg, out, nproc=args.nproc, device=args.device,
@@ -76,8 +84,8 @@ def cmd_quantize(args) -> int:
         transformer, base = load_transformer(args.model, device=args.device)
         calibration = _embedded_calibration() if base == EMBEDDED else None
         report = api.quantize_(transformer, cfg, calibration=calibration, progress=not args.quiet)
-        ckpt = serialization.save(transformer, out / "quantized.safetensors", extra={"base_model": base})
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        ckpt = serialization.save(transformer, out / CHECKPOINT_NAME, extra={"base_model": base})
+    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, default=str))
     print(f"{report.method}: {len(report.layers)} layers in {report.seconds:.2f} s, mean weight rel. error "
           f"{report.mean_w_err:.4f} (MinMax {report.mean_w_err_minmax:.4f}) → {ckpt}")
     return 0
@@ -85,9 +93,14 @@ def cmd_quantize(args) -> int:
 
 def cmd_generate(args) -> int:
     from . import api
+    from .fileio import check_output_file
+    from .pipeline.checks import check_prompts, check_steps
     from .pipeline.generate import generate
     from .pipeline.models_io import load_generation_model
-    from .pipeline.video_io import save_video
+    from .pipeline.video_io import VIDEO_SUFFIXES, save_video
+    check_prompts(args.prompt)
+    check_steps(args.steps)
+    check_output_file(args.out, VIDEO_SUFFIXES)
     model = load_generation_model(args.model, device=args.device)
     if api.get_state(model.transformer) is not None:
         api.set_backend(model.transformer, args.backend, fast_accum=args.fast_accum,
@@ -95,7 +108,7 @@ def cmd_generate(args) -> int:
                         fuse_projections=not args.no_fuse_projections)
     hooks = api.step_hooks(model.transformer, total_steps=args.steps)
     res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, hooks=hooks,
-                   progress=not args.quiet)
+                   progress=not args.quiet, progress_desc=_model_label(model.transformer))
     path = save_video(res.videos if len(args.prompt) == 1 else _tile(res.videos), args.out)
     print(f"wrote {path}")
     return 0
@@ -118,6 +131,16 @@ def cmd_eval(args) -> int:
         written = install_docs(args.from_results or args.out)
         print("updated " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _model_label(transformer) -> str:
+    """'FP', or the method and bits of a quantized transformer (its progress bar's label)."""
+    from . import api
+    cfg = getattr(transformer, api.CONFIG_ATTR, None)
+    if cfg is None:
+        return "FP"
+    name = type(cfg).__name__.removesuffix("Config").replace("DVDQuant", "DVD-Quant")
+    return f"{name} W{cfg.w_bits}A{cfg.a_bits}"
 
 
 def _tile(videos):
@@ -213,8 +236,14 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (DVDQuantError, ValueError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except KeyboardInterrupt:
+        print("dvdquant: interrupted", file=sys.stderr)
+        return 130
+    except (DVDQuantError, ValueError, OSError) as e:
+        if isinstance(e, OSError) and e.strerror:        # e.g. disk full, permissions changed mid-run
+            msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        else:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"dvdquant: error: {msg}", file=sys.stderr)
         return 2
 
