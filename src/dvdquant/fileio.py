@@ -59,11 +59,11 @@ def check_output_dir(path, what: str = "--out") -> Path:
 def check_output_file(path, suffixes: Sequence[str] = (), what: str = "--out") -> Path:
     """An output file: one of ``suffixes`` (if given), not an existing folder, in a writable folder."""
     path = Path(path)
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise DVDQuantError(f"{what} {path}: the extension must be one of {', '.join(suffixes)}")
     if path.is_dir():
         raise DVDQuantError(f"{what} {path} is an existing folder; give a file name ending in "
                             f"{' or '.join(suffixes) or 'an extension'}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise DVDQuantError(f"{what} {path}: the extension must be one of {', '.join(suffixes)}")
     check_writable_folder(path.parent, f"{what} {path}")
     return path
 
