@@ -98,7 +98,9 @@ def format_report(r: dict) -> str:
              "(PSNR in dB over all frames: higher is closer, identical clips give 100; SSIM: 1 = identical):"]
     for p, a, s in zip(r["prompts"], r["psnr_db"], r["ssim"]):
         lines.append(f"  PSNR {a:6.2f} dB  SSIM {s:.4f}  {p}")
-    lines.append("how to read it: on this small model W8A8 stays near 40 dB; W4A4 typically gives 18–25 dB, the "
-                 "weight error dominating, with the same content and motion (docs/RESULTS.md: every method and "
-                 "bit-width over 120 prompts)")
+    lines += ["how to read it: on this small model the 4-bit weights dominate the error. Over 120 prompts "
+              "(docs/RESULTS.md) W8A8 averages 39.9 dB and W4A4 19.5 dB (DVD-Quant 19.85, the best of the "
+              "methods), while a caption classifier recognises shape, colour, motion and background in W4 clips",
+              "as often as in FP ones (94–98 % vs 96.7 %): the clips differ in pixels more than in content "
+              "(compare the rows of frames.png)."]
     return "\n".join(lines) + "\n"
