@@ -1,13 +1,19 @@
 """The README's demo figures and docs/demo_frames.png are what `dvdquant demo` computes.
 
-One demo run at the README's settings (the CLI defaults) per session; its numbers are compared with
-the block that scripts/update_demo_figures.py writes into the README (run that script to refresh it).
-Tolerances only absorb float summation order between CPUs: PSNR ±0.05 dB, SSIM ±0.002.
+One demo run at the README's settings (the CLI defaults) per session, in a fresh process as the script
+and `dvdquant demo` run it: W4A4 rounding amplifies float-order differences over 20 steps, and the
+same demo run inside this pytest process, after other tests, gave clips up to 1 dB apart. Its numbers
+are compared with the block that scripts/update_demo_figures.py writes into the README (run that
+script to refresh it). Tolerances: PSNR ±0.05 dB, SSIM ±0.002, mean pixel difference of the grid < 0.5.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +35,12 @@ def _numbers(block: str, label: str, unit: str = "") -> list[float]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    return figures.run_readme_demo(out), out
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('f', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); m.run_readme_demo(sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / "update_demo_figures.py"), str(out)],
+                   env=env, check=True, timeout=3600)
+    return json.loads((out / "report.json").read_text()), out
 
 
 def test_render_block_roundtrips_through_the_parser():
