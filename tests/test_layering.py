@@ -5,7 +5,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "dvdquant"
 RANK = {"numerics": 0, "kernels": 1, "nn": 2, "algorithms": 3, "baselines": 3, "models": 4, "api": 5,
         "serialization": 6, "pipeline": 7, "eval": 7, "distributed": 7, "cli": 8}
-LEAVES = {"errors", "config", "data", "__init__"}   # importable from anywhere (no internal imports upward)
+LEAVES = {"errors", "config", "data", "fileio", "__init__"}   # importable from anywhere (no internal imports upward)
 
 
 def _internal_imports(path: Path):

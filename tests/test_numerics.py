@@ -29,6 +29,29 @@ def test_pack_edge_cases():
         packing.pack_int4(torch.full((2, 4), 16, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("k", [1, 7, 8, 63, 256])
+def test_pack_bits_roundtrip_and_size(bits, k):
+    g = torch.Generator().manual_seed(bits * 1000 + k)
+    codes = torch.randint(0, 2 ** bits, (3, 2, k), generator=g).to(torch.uint8)
+    packed = packing.pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 2, (k * bits + 7) // 8)
+    assert torch.equal(packing.unpack_bits(packed, bits, k), codes)
+    if bits == 4 and k % 2 == 0:
+        assert torch.equal(packed, packing.pack_int4(codes))          # the int4 layout is the 4-bit stream
+
+
+def test_pack_bits_layout_and_errors():
+    # codes 5, 3, 6 at 3 bits, each LSB first: stream 1,0,1, 1,1,0, 0,1,1 → bytes 0b10011101, 0b1
+    assert packing.pack_bits(torch.tensor([5, 3, 6], dtype=torch.uint8), 3).tolist() == [0b10011101, 0b1]
+    with pytest.raises(ConfigError, match=r"3-bit codes must lie in \[0, 7\]"):
+        packing.pack_bits(torch.tensor([8], dtype=torch.uint8), 3)
+    with pytest.raises(ConfigError, match="1..8 bits"):
+        packing.pack_bits(torch.tensor([1], dtype=torch.uint8), 9)
+    with pytest.raises(ConfigError, match="take 2 bytes per row"):
+        packing.unpack_bits(torch.zeros(3, dtype=torch.uint8), 3, 5)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group", [None, 16])
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -112,3 +112,60 @@ def test_not_a_checkpoint(tmp_path):
     model, _ = TINY_MODELS["wan"]()
     with pytest.raises(CheckpointError, match="not quantized"):
         dvdquant.save(model, tmp_path / "x.safetensors")
+
+
+def _rewrite_header(path, raw: str):
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={"dvdquant": raw})
+
+
+@pytest.mark.parametrize("raw, needle", [("", "broken JSON header"), ("{\"format_version\": 1,", "broken JSON header"),
+                                         ("[1, 2]", "a JSON list, not an object")])
+def test_broken_json_header_is_one_line(saved, raw, needle):
+    _, _, path, _ = saved
+    _rewrite_header(path, raw)
+    with pytest.raises(CheckpointError, match=needle) as e:
+        dvdquant.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpoint_mode_follows_umask(saved):
+    import os
+    _, _, path, _ = saved
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask          # as open() would, not mkstemp's 0600
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
+def test_other_widths_stored_densely(tmp_path, bits):
+    """W3/W5–W7 codes take ⌈K·b/8⌉ bytes per row in the file (version 2), load back bit-exact."""
+    model, inputs = TINY_MODELS["wan"]()
+    model.eval()
+    dvdquant.quantize_(model, DVDQuantConfig(w_bits=bits))
+    path = dvdquant.save(model, tmp_path / "q.safetensors")
+    meta = dvdquant.read_metadata(path)
+    assert meta["format_version"] == 2
+    layers = dict(dvdquant.api.quantized_layers(model))
+    stored = 0
+    with safe_open(str(path), framework="pt") as f:
+        for name, lm in meta["layers"].items():
+            assert lm["packed_bits"] == bits
+            t = f.get_tensor(f"{name}.qweight")
+            assert t.shape == (lm["out_features"], (lm["in_features"] * bits + 7) // 8)
+            stored += t.numel()
+    codes = sum(m.qweight.numel() for m in layers.values())
+    assert stored <= codes * bits / 8 + sum(m.out_features for m in layers.values())
+    loaded = dvdquant.load(path)
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert torch.equal(run(model, inputs), run(loaded, inputs))
+
+
+def test_w4_and_w8_stay_format_version_1(tmp_path):
+    model, _ = TINY_MODELS["wan"]()
+    dvdquant.quantize_(model, DVDQuantConfig(w_bits=8, a_bits=8))
+    path = dvdquant.save(model, tmp_path / "q.safetensors")
+    meta = dvdquant.read_metadata(path)
+    assert meta["format_version"] == 1 and not any("packed_bits" in lm for lm in meta["layers"].values())

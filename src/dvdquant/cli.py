@@ -7,7 +7,9 @@
     dvdquant generate --pipeline Wan2.1-T2V-14B-Diffusers --checkpoint q14b/ --prompt "a cat surfing" --out cat.mp4
     dvdquant eval --layers --update-docs              # methods × bits vs FP → docs/RESULTS.md, plots, JSON
 
-Errors caused by input (bad bits, unknown words, broken checkpoints) print one line and exit 2.
+Errors caused by input (bad bits, unknown words, broken checkpoints, unwritable outputs) print one
+line and exit 2, before any work where the input can be checked first; Ctrl-C prints one line and
+exits 130. Outputs are written atomically; a folder a failed command created is removed.
 """
 from __future__ import annotations
 
@@ -68,13 +70,21 @@ def _embedded_calibration(prompts=("a red circle moving left on a dark backgroun
 
 
 def cmd_quantize(args) -> int:
+    from .fileio import check_output_dir, output_dir
     from .pipeline.diffusers_pipelines import is_pipeline_folder
-    if args.model != "embedded" and is_pipeline_folder(args.model):
-        return cmd_quantize_pipeline(args)
-    from . import api, serialization
-    from .pipeline.models_io import EMBEDDED, load_transformer
+    pipeline = args.model != "embedded" and is_pipeline_folder(args.model)
+    if pipeline and args.nproc != 1:
+        raise DVDQuantError("--nproc applies to a transformer folder or 'embedded', not to a pipeline folder "
+                            f"({args.model}): pass its transformer/ subfolder")
     cfg = _config_from_args(args)
-    out = Path(args.out)
+    with output_dir(check_output_dir(args.out)) as out:
+        return _quantize_pipeline(args, cfg, out) if pipeline else _quantize(args, cfg, out)
+
+
+def _quantize(args, cfg, out: Path) -> int:
+    from . import api, serialization
+    from .fileio import atomic_write_text
+    from .pipeline.models_io import CHECKPOINT_NAME, EMBEDDED, load_transformer
     if args.nproc != 1:                     # layers split over N processes; rank 0 writes the checkpoint
         from .distributed import quantize_multiprocess
         report, ckpt = quantize_multiprocess(args.model, cfg, out, nproc=args.nproc, device=args.device,
@@ -85,26 +95,22 @@ def cmd_quantize(args) -> int:
         transformer, base = load_transformer(args.model, device=args.device)
         calibration = _embedded_calibration() if base == EMBEDDED else None
         report = api.quantize_(transformer, cfg, calibration=calibration, progress=not args.quiet)
-        ckpt = serialization.save(transformer, out / "quantized.safetensors", extra={"base_model": base})
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        ckpt = serialization.save(transformer, out / CHECKPOINT_NAME, extra={"base_model": base})
+    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, default=str))
     print(f"{report.method}: {len(report.layers)} layers in {report.seconds:.2f} s, mean weight rel. error "
           f"{report.mean_w_err:.4f} (MinMax {report.mean_w_err_minmax:.4f}) → {ckpt}")
     return 0
 
 
-def cmd_quantize_pipeline(args) -> int:
+def _quantize_pipeline(args, cfg, out: Path) -> int:
     """``quantize --model <pipeline folder>``: every transformer of the pipeline (Wan 2.2: both)."""
+    from .fileio import atomic_write_text
     from .pipeline.diffusers_pipelines import quantize_pipeline_folder, resolve_dtype
-    if args.nproc != 1:
-        raise DVDQuantError("--nproc applies to a transformer folder or 'embedded', not to a pipeline folder "
-                            f"({args.model}): pass its transformer/ subfolder")
-    cfg = _config_from_args(args)
-    out = Path(args.out)
     rows = quantize_pipeline_folder(args.model, cfg, out, device=args.device, dtype=resolve_dtype("auto", args.device),
                                     progress=not args.quiet)
     reports = {name: report.to_dict() for name, report, _ in rows}
-    (out / "report.json").write_text(json.dumps(reports[rows[0][0]] if len(rows) == 1 else reports, indent=2,
-                                                default=str))
+    atomic_write_text(out / "report.json", json.dumps(reports[rows[0][0]] if len(rows) == 1 else reports, indent=2,
+                                                      default=str))
     for name, report, ckpt in rows:
         print(f"{name}: {report.method}: {len(report.layers)} layers in {report.seconds:.2f} s, mean weight rel. "
               f"error {report.mean_w_err:.4f} (MinMax {report.mean_w_err_minmax:.4f}) → {ckpt}")
@@ -114,8 +120,14 @@ def cmd_quantize_pipeline(args) -> int:
 def cmd_generate_pipeline(args) -> int:
     """``generate --pipeline DIR``: the stock diffusers pipeline with quantized transformer(s)."""
     from . import api
+    from .fileio import check_output_file
     from .pipeline import diffusers_pipelines as dp
-    from .pipeline.video_io import save_video
+    from .pipeline.checks import check_prompts, check_steps
+    from .pipeline.video_io import VIDEO_SUFFIXES, save_video
+    check_prompts(args.prompt)
+    if args.steps is not None:
+        check_steps(args.steps)
+    check_output_file(args.out, VIDEO_SUFFIXES)
     checkpoints = [c for c in (args.checkpoint, args.checkpoint_2) if c]
     if args.model != "embedded":
         raise DVDQuantError("give --pipeline DIR or --model, not both")
@@ -170,16 +182,21 @@ def cmd_generate(args) -> int:
         return cmd_generate_pipeline(args)
     _check_generate_args(args)
     from . import api
+    from .fileio import check_output_file
+    from .pipeline.checks import check_prompts, check_steps
     from .pipeline.generate import generate
     from .pipeline.models_io import load_generation_model
-    from .pipeline.video_io import save_video
+    from .pipeline.video_io import VIDEO_SUFFIXES, save_video
+    check_prompts(args.prompt)
+    check_steps(args.steps)
+    check_output_file(args.out, VIDEO_SUFFIXES)
     model = load_generation_model(args.model, device=args.device)
     if api.get_state(model.transformer) is not None:
         api.set_backend(model.transformer, _backend(args), fast_accum=args.fast_accum,
                         exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm,
                         fuse_projections=not args.no_fuse_projections)
     res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                   progress=not args.quiet)
+                   progress=not args.quiet, progress_desc=_model_label(model.transformer))
     path = save_video(res.videos if len(args.prompt) == 1 else _tile(res.videos), args.out)
     print(f"wrote {path}")
     return 0
@@ -202,6 +219,16 @@ def cmd_eval(args) -> int:
         written = install_docs(args.from_results or args.out)
         print("updated " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _model_label(transformer) -> str:
+    """'FP', or the method and bits of a quantized transformer (its progress bar's label)."""
+    from . import api
+    cfg = getattr(transformer, api.CONFIG_ATTR, None)
+    if cfg is None:
+        return "FP"
+    name = type(cfg).__name__.removesuffix("Config").replace("DVDQuant", "DVD-Quant")
+    return f"{name} W{cfg.w_bits}A{cfg.a_bits}"
 
 
 def _tile(videos):
@@ -334,8 +361,14 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (DVDQuantError, ValueError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except KeyboardInterrupt:
+        print("dvdquant: interrupted", file=sys.stderr)
+        return 130
+    except (DVDQuantError, ValueError, OSError) as e:
+        if isinstance(e, OSError) and e.strerror:        # e.g. disk full, permissions changed mid-run
+            msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        else:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"dvdquant: error: {msg}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,8 @@
 """Quantized checkpoints: safetensors tensors + a versioned JSON header; atomic writes.
 
-One ``.safetensors`` file holds the whole quantized model's state dict — packed int4 codes
-(``*.qweight``, uint8, two codes per byte), fp32 scales and zero points, smoothing/balance
+One ``.safetensors`` file holds the whole quantized model's state dict — packed weight codes
+(``*.qweight``, uint8: int4 two per byte; other widths below 8 bits packed densely, ⌈K·b/8⌉ bytes
+per row, the layer's header entry saying ``packed_bits``), fp32 scales and zero points, smoothing/balance
 tables, and the untouched high-precision layers — and, in the safetensors metadata under the
 key ``"dvdquant"``, a JSON document:
 
@@ -9,15 +10,15 @@ key ``"dvdquant"``, a JSON document:
 ``model_class`` and ``model_config`` (the diffusers config, so the model can be rebuilt with
 no original weights), ``layers`` (per-layer settings) and ``tensors_sha256`` (over every
 tensor, in sorted name order). Loading checks all of it and raises :class:`CheckpointError`
-with one line for a truncated/corrupted file, an unknown version, or another model.
+with one line for a truncated/corrupted file, a broken header, an unknown version, or another
+model. Format version 2 is version 1 plus dense ``packed_bits`` layers; a checkpoint without such
+layers is written as version 1, so older readers still load it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -30,12 +31,15 @@ from . import __version__
 from .api import CONFIG_ATTR, _set_submodule, attach_runtime, quantized_layers
 from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError
+from .fileio import atomic_path
 from .nn import attention as qattn
 from .nn.quant_linear import QuantLinear
 from .nn.state import RuntimeState, get_state
+from .numerics.packing import pack_bits, unpack_bits
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                 # written when a layer is dense-packed; else 1
+READ_VERSIONS = (1, 2)
 _LAYER_KEYS = ("in_features", "out_features", "w_bits", "group_size", "a_bits", "a8_format", "rotation_block",
                "auto_scale", "scale_block")
 
@@ -58,6 +62,27 @@ def _layer_meta(m: QuantLinear) -> dict:
     return d
 
 
+def _dense_bits(m: QuantLinear) -> Optional[int]:
+    """The width at which ``m``'s codes are stored densely, or None (int4-packed or 8-bit: as in memory)."""
+    return None if m.packed or m.w_bits >= 8 else int(m.w_bits)
+
+
+def _pack_dense(tensors: dict, layers: dict) -> None:
+    for name, lm in layers.items():
+        if lm.get("packed_bits"):
+            tensors[f"{name}.qweight"] = pack_bits(tensors[f"{name}.qweight"], lm["packed_bits"])
+
+
+def _unpack_dense(tensors: dict, meta: dict, path: Path) -> None:
+    for name, lm in meta["layers"].items():
+        bits, key = lm.get("packed_bits"), f"{name}.qweight"
+        if bits and key in tensors:
+            try:
+                tensors[key] = unpack_bits(tensors[key], int(bits), int(lm["in_features"]))
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint {path}: layer {name}: {e}") from None
+
+
 def _model_config(model: nn.Module) -> Optional[dict]:
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -78,23 +103,20 @@ def save(model: nn.Module, path, extra: Optional[dict] = None) -> Path:
                               f"({len(dynamic)} layers, e.g. {dynamic[0]}): their master weights are not in the format")
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    layers = {n: dict(_layer_meta(m), **({"packed_bits": _dense_bits(m)} if _dense_bits(m) else {}))
+              for n, m in quantized_layers(model)}
+    _pack_dense(tensors, layers)
+    dense = any("packed_bits" in lm for lm in layers.values())
     meta = {
-        "format_version": FORMAT_VERSION, "library_version": __version__,
+        "format_version": FORMAT_VERSION if dense else 1, "library_version": __version__,
         "method": type(getattr(model, CONFIG_ATTR)).__name__, "config": config_to_dict(getattr(model, CONFIG_ATTR)),
         "model_class": type(model).__name__, "model_module": type(model).__module__,
         "model_config": _model_config(model),
-        "layers": {n: _layer_meta(m) for n, m in quantized_layers(model)},
+        "layers": layers,
         "tensors_sha256": tensors_sha256(tensors), "extra": extra or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"dvdquant": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"dvdquant": json.dumps(meta)})
     log.info("saved %d quantized layers to %s", len(meta["layers"]), path)
     return path
 
@@ -111,10 +133,16 @@ def read_metadata(path) -> dict:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not safetensors): {e}") from None
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a dvdquant checkpoint (no 'dvdquant' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format_version") != FORMAT_VERSION:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} has a broken JSON header ({e.msg} at char {e.pos})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} has a broken header (a JSON {type(meta).__name__}, not an object)")
+    if meta.get("format_version") not in READ_VERSIONS:
         raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')!r}; "
-                              f"this dvdquant ({__version__}) reads version {FORMAT_VERSION}")
+                              f"this dvdquant ({__version__}) reads versions "
+                              f"{', '.join(map(str, READ_VERSIONS))}")
     return meta
 
 
@@ -124,8 +152,9 @@ def _read_tensors(path: Path, meta: dict) -> dict:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted: {e}") from None
-    if tensors_sha256(tensors) != meta["tensors_sha256"]:
+    if tensors_sha256(tensors) != meta.get("tensors_sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupted: tensor SHA-256 does not match its header")
+    _unpack_dense(tensors, meta, path)
     return tensors
 
 

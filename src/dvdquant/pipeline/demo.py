@@ -2,20 +2,22 @@
 
 Runs on a fresh CPU machine in well under two minutes: a few prompts, FP and quantized
 generations from the same seeds and initial noise, an MP4 + GIF side-by-side grid, a PNG frame
-grid and a short text/JSON report (fidelity, time to quantize, weight memory).
+grid and a short text/JSON report (fidelity, time to quantize, weight memory). The output
+folder is checked before any work and removed again if the demo created it and does not finish.
 """
 from __future__ import annotations
 
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
 
 from .. import api
 from ..config import DVDQuantConfig
 from ..eval.video_metrics import psnr, ssim
+from ..fileio import atomic_write_text, check_output_dir, output_dir
+from .checks import check_prompts, check_steps
 from .generate import generate
 from .models_io import weight_bytes
 from .video_io import frame_grid_png, save_video
@@ -41,28 +43,33 @@ def side_by_side(a: torch.Tensor, b: torch.Tensor, gap: int = 2) -> torch.Tensor
 
 def run_demo(out_dir="dvdquant_demo", steps: int = 20, seed: int = 0, config: DVDQuantConfig | None = None,
              prompts=DEMO_PROMPTS, progress: bool = True) -> dict:
+    prompts, steps = check_prompts(prompts), check_steps(steps)
+    check_output_dir(out_dir)
+    with output_dir(out_dir) as out:
+        return _run_demo(out, steps, seed, config or DVDQuantConfig(w_bits=4, a_bits=4), prompts, progress)
+
+
+def _run_demo(out, steps, seed, config, prompts, progress) -> dict:
     from ..models.embedded import load_embedded
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = config or DVDQuantConfig(w_bits=4, a_bits=4)
+    tag = f"W{config.w_bits}A{config.a_bits}"
     model = load_embedded()
-    fp = generate(model, list(prompts), seed=seed, steps=steps, progress=progress)
+    fp = generate(model, prompts, seed=seed, steps=steps, progress=progress, progress_desc="FP")
 
     qmodel = copy.copy(model)
     qmodel.transformer = copy.deepcopy(model.transformer)
     report = api.quantize_(qmodel.transformer, config, progress=progress)
     t0 = time.perf_counter()
-    q = generate(qmodel, list(prompts), seed=seed, steps=steps, progress=progress)
+    q = generate(qmodel, prompts, seed=seed, steps=steps, progress=progress, progress_desc=f"DVD-Quant {tag}")
     gen_s = time.perf_counter() - t0
 
     mosaic = side_by_side(fp.videos, q.videos)
     save_video(mosaic, out / "side_by_side.mp4")
     save_video(mosaic, out / "side_by_side.gif")
-    rows = [clip for pair in zip(fp.videos, q.videos) for clip in pair]       # FP, W4A4 per prompt
-    labels = [f"{tag} #{i + 1}" for i in range(len(prompts)) for tag in ("FP", "W4A4")]
+    rows = [clip for pair in zip(fp.videos, q.videos) for clip in pair]       # FP, quantized per prompt
+    labels = [f"{t} #{i + 1}" for i in range(len(prompts)) for t in ("FP", tag)]
     frame_grid_png(rows, out / "frames.png", row_labels=labels, scale=2)
     result = {
-        "prompts": list(prompts), "steps": steps, "seed": seed, "method": "DVD-Quant W4A4 (BGR + ARQ), simulated"
+        "prompts": list(prompts), "steps": steps, "seed": seed, "method": f"DVD-Quant {tag} (BGR + ARQ), simulated"
         + (f", {config.attention} attention" if config.attention != "none" else ""),
         "layers_quantized": len(report.layers), "quantize_seconds": round(report.seconds, 3),
         "mean_weight_rel_error": round(report.mean_w_err, 5),
@@ -73,17 +80,25 @@ def run_demo(out_dir="dvdquant_demo", steps: int = 20, seed: int = 0, config: DV
         "transformer_weight_mb_quantized": round(weight_bytes(qmodel.transformer) / 2 ** 20, 2),
         "quantized_generation_seconds": round(gen_s, 2),
     }
-    (out / "report.json").write_text(json.dumps(result, indent=2))
-    (out / "report.txt").write_text(format_report(result))
+    atomic_write_text(out / "report.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "report.txt", format_report(result))
     return result
 
 
 def format_report(r: dict) -> str:
     lines = [f"dvdquant demo — {r['method']}, {r['steps']} steps, seed {r['seed']}",
-             f"quantized {r['layers_quantized']} layers in {r['quantize_seconds']} s "
-             f"(weight rel. error {r['mean_weight_rel_error']} vs MinMax {r['mean_weight_rel_error_minmax']})",
+             f"quantized {r['layers_quantized']} layers in {r['quantize_seconds']} s; mean relative weight error "
+             f"‖W − Ŵ‖/‖W‖ {r['mean_weight_rel_error']} (MinMax rounding at the same bits: "
+             f"{r['mean_weight_rel_error_minmax']}; lower is better)",
              f"transformer weights: {r['transformer_weight_mb_fp32']} MB fp32 → "
-             f"{r['transformer_weight_mb_quantized']} MB quantized (packed int4 + scales + FP embedders)"]
+             f"{r['transformer_weight_mb_quantized']} MB quantized (packed int4 + scales + FP embedders)",
+             "fidelity of each quantized clip to the FP clip of the same prompt, seed and initial noise",
+             "(PSNR in dB over all frames: higher is closer, identical clips give 100; SSIM: 1 = identical):"]
     for p, a, s in zip(r["prompts"], r["psnr_db"], r["ssim"]):
         lines.append(f"  PSNR {a:6.2f} dB  SSIM {s:.4f}  {p}")
+    lines += ["how to read it: on this small model the 4-bit weights dominate the error. Over 120 prompts "
+              "(docs/RESULTS.md) W8A8 averages 39.9 dB and W4A4 19.5 dB (DVD-Quant 19.85, the best of the "
+              "methods), while a caption classifier recognises shape, colour, motion and background in W4 clips",
+              "as often as in FP ones (94–98 % vs 96.7 %): the clips differ in pixels more than in content "
+              "(compare the rows of frames.png)."]
     return "\n".join(lines) + "\n"

@@ -79,12 +79,13 @@ def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, s
              guidance: float = 4.0, latents: torch.Tensor | None = None,
              progress: bool = True, text_encoder=None, tokenizer=None,
              num_frames: int | None = None, height: int | None = None, width: int | None = None,
-             shift: float | None = None) -> GenerationResult:
+             shift: float | None = None, progress_desc: str = "denoise") -> GenerationResult:
     """Sample clips for ``prompts`` with a flow-matching Euler sampler and CFG.
 
     ``model_or_transformer``: an :class:`~dvdquant.models.embedded.EmbeddedModel` or a bare
     transformer (then pass ``text_encoder`` and ``tokenizer``). ``latents`` (B, C, F, H, W)
-    overrides the seeded initial noise. Frame count, size and scheduler shift default to the embedded model's config.
+    overrides the seeded initial noise. Frame count, size and scheduler shift default to the embedded
+    model's config. ``progress_desc`` labels the progress bar (e.g. which model runs).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     transformer, text_encoder, tokenizer, config = _unpack_model(model_or_transformer, text_encoder, tokenizer)
@@ -107,7 +108,7 @@ def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, s
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(steps, device=device)
-    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="denoise")):
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc=progress_desc)):
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = t.expand(x_in.shape[0]).to(device)
         with _step_context(transformer, "cond_uncond" if use_cfg else "cond", i, steps):

@@ -12,6 +12,18 @@ from ..errors import DVDQuantError
 
 log = logging.getLogger(__name__)
 EMBEDDED = "embedded"
+CHECKPOINT_NAME = "quantized.safetensors"          # what ``dvdquant quantize --out DIR`` writes in DIR
+
+
+def checkpoint_path(spec) -> Path:
+    """A checkpoint file, or the folder ``quantize`` wrote (then its quantized.safetensors)."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise DVDQuantError(f"--model {path} is a folder without {CHECKPOINT_NAME} (the file `dvdquant quantize "
+                                "--out` writes); give the checkpoint file")
+        return path / CHECKPOINT_NAME
+    return path
 
 
 def load_generation_model(spec: str, device="cpu"):
@@ -19,7 +31,7 @@ def load_generation_model(spec: str, device="cpu"):
     from ..models.embedded import load_embedded
     if spec == EMBEDDED:
         return load_embedded(device=device)
-    path = Path(spec)
+    path = checkpoint_path(spec)
     meta = serialization.read_metadata(path)
     if meta.get("extra", {}).get("base_model") != EMBEDDED:
         raise DVDQuantError(f"{path} is a checkpoint of {meta['model_class']}, not of the embedded model: "

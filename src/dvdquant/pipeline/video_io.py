@@ -13,7 +13,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..fileio import atomic_path
+
 log = logging.getLogger(__name__)
+VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 def _to_uint8(videos: torch.Tensor, scale: int) -> np.ndarray:
@@ -28,22 +31,22 @@ def _to_uint8(videos: torch.Tensor, scale: int) -> np.ndarray:
 
 
 def save_video(videos: torch.Tensor, path: str | Path, *, fps: int = 8, scale: int = 4) -> Path:
-    """Write an MP4 (imageio-ffmpeg) or a GIF, chosen by the file extension."""
+    """Write an MP4 (imageio-ffmpeg) or a GIF, chosen by the file extension, atomically."""
     import imageio.v2 as imageio
 
     path = Path(path)
-    frames = _to_uint8(videos, scale)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
-    if suffix == ".gif":
-        imageio.mimsave(path, list(frames), duration=1000 / fps, loop=0)
-    elif suffix == ".mp4":
-        h, w = frames.shape[1:3]
-        pad = ((0, 0), (0, -h % 16), (0, -w % 16), (0, 0))  # codec macro blocks
-        imageio.mimsave(path, list(np.pad(frames, pad)), fps=fps, codec="libx264", quality=8,
-                        macro_block_size=16)
-    else:
+    if suffix not in VIDEO_SUFFIXES:
         raise ValueError(f"unsupported video extension {suffix!r} for {path}: use .mp4 or .gif")
+    frames = _to_uint8(videos, scale)
+    with atomic_path(path) as tmp:
+        if suffix == ".gif":
+            imageio.mimsave(tmp, list(frames), format="GIF", duration=1000 / fps, loop=0)
+        else:
+            h, w = frames.shape[1:3]
+            pad = ((0, 0), (0, -h % 16), (0, -w % 16), (0, 0))  # codec macro blocks
+            imageio.mimsave(tmp, list(np.pad(frames, pad)), format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                            macro_block_size=16)
     return path
 
 
@@ -71,6 +74,6 @@ def frame_grid_png(clips: Sequence[torch.Tensor] | torch.Tensor, path: str | Pat
         if row_labels:
             draw.text((4, r * (h + gap) + h // 2 - 5), row_labels[r], fill=(0, 0, 0))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
     return path
