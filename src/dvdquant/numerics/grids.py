@@ -144,8 +144,32 @@ def quantize_act_per_token_int(x: torch.Tensor, bits: int) -> tuple[torch.Tensor
 
 def fake_quant_act_per_token_int(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize-dequantize per token on the symmetric int grid; fp32 out."""
-    codes, scale = quantize_act_per_token_int(x, bits)
-    return codes.float() * scale
+    return fake_quant_act_rows(x, bits, "int")
+
+
+def fake_quant_act_rows(x: torch.Tensor, bits: int, fmt: str = "int",
+                        amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``codes.float() * scale`` of :func:`quantize_act_per_token_int` (``fmt="int"``) or of
+    :func:`quantize_act_per_token_fp8_e4m3` (``"fp8"``, ``bits`` ignored) for each row of ``x``
+    (..., C): the same bits, in one fp32 output buffer, without the int8 round trip.
+
+    ``amax``: the rows' max |x| (..., 1) fp32, if the caller has it. Integer codes are the int8
+    codes as floats: after the clamp they are integers in [−qmax, qmax]; the one value the int8
+    cast changes is NaN, which only 0/0 produces here (a row whose scale underflowed to 0), and
+    which that cast maps to 0 (checked on CPU, done always elsewhere).
+    """
+    xf = x.float()
+    if amax is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+    if fmt == "fp8":
+        scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+        return (xf / scale).to(torch.float8_e4m3fn).float().mul_(scale)
+    qmax = act_qmax(bits)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    q = torch.div(xf, scale).round_().clamp_(-qmax, qmax)
+    if q.device.type != "cpu" or not bool((scale > 0).all()):
+        q.nan_to_num_(0.0)
+    return q.mul_(scale)
 
 
 def quantize_act_per_token_fp8_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +182,7 @@ def quantize_act_per_token_fp8_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def fake_quant_act_per_token_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize per token to FP8 e4m3 with ``s = amax / 448``; fp32 out."""
-    codes, scale = quantize_act_per_token_fp8_e4m3(x)
-    return codes.float() * scale
+    return fake_quant_act_rows(x, 8, "fp8")
 
 
 def weight_int_max(bits: int) -> int:
