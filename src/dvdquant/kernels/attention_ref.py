@@ -52,6 +52,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..numerics.grids import round_to_e4m3_
+
 DEFAULT_BLOCK_N = 128   # keys per tile of the online softmax (K scales are per key)
 BLOCK_N_BY_HEAD_DIM = {64: 64, 128: 128}   # key tile per head_dim: the H200 launch sweep's winners (attention.md)
 LOG2E = 1.4426950408889634
@@ -246,7 +248,7 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, (torch.cat(lses) + shift).permute(0, 2, 1).contiguous()
 
 
-def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_scores: int = 1 << 18):
+def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_scores: int = 1 << 20):
     """The online softmax of the kernel, vectorised over key tiles.
 
     The kernel visits key tiles j = 0, 1, … keeping a running max m_j (cummax of tile maxima)
@@ -258,7 +260,7 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_sco
 
     Steps whose result cannot depend on how a tensor is split (the exact integer-code Q·Kᵀ, IEEE
     multiplies and subtractions, maxima, the e4m3 cast) run a few (batch, head) pairs at a time,
-    about ``chunk_scores`` scores each, in cache. The others run once over all heads: exp2 (its
+    about ``chunk_scores`` scores each (fewer, larger temporaries). The others run once over all heads: exp2 (its
     vectorised and scalar forms may differ in the last bit, and which elements take the scalar
     form depends on the tensor's size and threads) and the fp32 sums (l and P·V).
     """
@@ -285,8 +287,8 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_sco
     w = torch.exp2(m_use - m_use[..., -1:]).masked_fill_(dead, 0.0)         # (B, H, Lq, nb)
     l = (p.sum(dim=-1) * w).sum(dim=-1)                                     # (B, H, Lq), 448 units
     p8 = torch.empty_like(p)
-    for b, hs in chunks:
-        p8[b, hs].copy_(p[b, hs].to(E4M3)).mul_(w[b, hs, ..., None])      # e4m3(448 p) · weight
+    for b, hs in chunks:                                                    # e4m3(448 p) · weight
+        round_to_e4m3_(p8[b, hs].copy_(p[b, hs])).mul_(w[b, hs, ..., None])
     acc = p8.view(B, H, Lq, lkp) @ v8t.transpose(-1, -2)                   # (B, H, Lq, D)
     lc = l.clamp_min(L_FLOOR)
     lse = (m_run[..., -1] + torch.log2(lc) - LOG2_P_SCALE) * LN2

@@ -225,10 +225,11 @@ class QuantLinear(nn.Module):
             return grids.quantize_act_per_token_fp8_e4m3(x2)
         return grids.quantize_act_per_token_int(x2, bits)
 
-    def _fake_quant_tokens(self, x2: torch.Tensor, bits: int, amax: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``codes.float() * scale`` of :meth:`_quantize_tokens` per row, as a fresh fp32 tensor."""
+    def _fake_quant_tokens(self, x2: torch.Tensor, bits: int, amax: Optional[torch.Tensor] = None,
+                           lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``codes.float() * scale`` of :meth:`_quantize_tokens` per row (of ``x2 / lam``, times ``lam``), fresh fp32."""
         fmt = "fp8" if bits == 8 and self.a8_format == "fp8_e4m3" else "int"
-        return grids.fake_quant_act_rows(x2, bits, fmt, amax)
+        return grids.fake_quant_act_rows(x2, bits, fmt, amax, lam)
 
     def _require_finite(self, x2: torch.Tensor, amax: Optional[torch.Tensor] = None) -> None:
         """Raise unless ``x2`` is finite; ``amax``: max |x2| over any partition of it (rows, columns), if known."""
@@ -242,13 +243,13 @@ class QuantLinear(nn.Module):
         if self.act_balance is not None:                              # calibrated Λ for this step
             self._require_finite(x2)
             lam = self.act_balance[min(self._step(), self.act_balance.shape[0] - 1)].unsqueeze(0)
-            return self._fake_quant_tokens(x2 / lam, bits).mul_(lam)
+            return self._fake_quant_tokens(x2, bits, lam=lam)
         if self.auto_scale == "per_channel":
             colmax = x2.abs().amax(dim=0, keepdim=True)
             self._require_finite(x2, colmax)
             lam = self._all_tokens(colmax)                            # Λ_t: (1, K), over all ranks' tokens
             lam = torch.where(lam > 0, lam, torch.ones_like(lam))
-            return self._fake_quant_tokens(x2 / lam, bits).mul_(lam)
+            return self._fake_quant_tokens(x2, bits, lam=lam)
         m, k = x2.shape
         b = self.scale_block if self.auto_scale == "per_block" and k % self.scale_block == 0 else k
         xb = x2.reshape(m * (k // b), b)                              # one scale per (token, block)
