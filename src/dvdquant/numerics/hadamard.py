@@ -24,8 +24,9 @@ the simulated, emulated and FP8 paths share (the offline weight rotation uses th
 
 After the snap every entry is an integer multiple of u below 2^15·u in magnitude, so each
 ±1 sum of up to R ≤ 512 of them is an integer below 2^24 units: exact in fp32, in any order,
-on CPU, in cuBLAS and in the tensor cores of the fused Triton kernel alike (larger R are
-summed in fp64, where they are exact too). Without the snap, the fp32 sum of a wide-range
+on CPU, in cuBLAS and in the tensor cores of the fused Triton kernel alike. Larger R round
+their exact sum once to fp32 (:func:`exact_pm1_rotation_sum`: exact fp32 stages up to 512
+terms, then one rounding fp32 add for R = 1024, fp64 otherwise). Without the snap, the fp32 sum of a wide-range
 segment rounds differently per summation order, a rotated value on a quantizer's rounding
 boundary moves one code, and over a 4-bit diffusion trajectory that difference grows into a
 different clip. The snap's error is at most u/2 = 2^-15 of the segment's largest entry.
