@@ -52,6 +52,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..numerics.grids import round_to_e4m3_
+
 DEFAULT_BLOCK_N = 128   # keys per tile of the online softmax (K scales are per key)
 BLOCK_N_BY_HEAD_DIM = {64: 64, 128: 128}   # key tile per head_dim: the H200 launch sweep's winners (attention.md)
 LOG2E = 1.4426950408889634
@@ -247,7 +249,7 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, (torch.cat(lses) + shift).permute(0, 2, 1).contiguous()
 
 
-def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
+def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_scores: int = 1 << 20):
     """The online softmax of the kernel, vectorised over key tiles.
 
     The kernel visits key tiles j = 0, 1, … keeping a running max m_j (cummax of tile maxima)
@@ -256,29 +258,47 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int):
     — the values the kernel rounds to e4m3 — and enters the sums with weight 2^(m_j − m_last). The
     codes are identical to the kernel's; sums differ only in fp32 rounding order.
     Returns acc/l (B, H, Lq, D) in V-code units (P and l both in 448 units) and lse (B, H, Lq).
+
+    Steps whose result cannot depend on how a tensor is split (the exact integer-code Q·Kᵀ, IEEE
+    multiplies and subtractions, maxima, the e4m3 cast) run a few (batch, head) pairs at a time,
+    about ``chunk_scores`` scores each (fewer, larger temporaries). The others run once over all heads: exp2 (its
+    vectorised and scalar forms may differ in the last bit, and which elements take the scalar
+    form depends on the tensor's size and threads) and the fp32 sums (l and P·V).
     """
     B, H, Lq, _ = q8.shape
     lkp = k8.shape[2]
     nb = lkp // block_n
-    col = k_scale[:, :, None, :]                                            # (B, H, 1, Lkp) per-key scales
-    s = (q8 @ k8.transpose(-1, -2)).mul_(col).mul_(rowfac[..., None])      # (B, H, Lq, Lkp) log2 scores
-    if bias is not None:
-        s += bias[:, :, None, :]
-    elif lk < lkp:
-        s[..., lk:] = float("-inf")
-    s = s.view(B, H, Lq, nb, block_n)
-    m_run = torch.cummax(s.amax(dim=-1), dim=-1).values                    # (B, H, Lq, nb) running max
+    hb = 1 if bias is None else bias.shape[1]
+    p = torch.empty(B, H, Lq, nb, block_n, dtype=torch.float32, device=q8.device)
+    m_run = torch.empty(B, H, Lq, nb, dtype=torch.float32, device=q8.device)
+    chunks = _head_chunks(B, H, max(1, chunk_scores // max(Lq * lkp, 1)))
+    for b, hs in chunks:
+        s = torch.matmul(q8[b, hs], k8[b, hs].transpose(-1, -2), out=p[b, hs].view(-1, Lq, lkp))
+        s.mul_(k_scale[b, hs, None, :]).mul_(rowfac[b, hs, :, None])     # log2 scores
+        if bias is not None:
+            s += bias[b, hs if hb > 1 else slice(0, 1), None, :]
+        elif lk < lkp:
+            s[..., lk:] = float("-inf")
+        torch.cummax(p[b, hs].amax(dim=-1), dim=-1, out=(m_run[b, hs], torch.empty(0, dtype=torch.long)))
+        m_c = m_run[b, hs]
+        p[b, hs].sub_((m_c.masked_fill(m_c == float("-inf"), 0.0) - LOG2_P_SCALE)[..., None])
     dead = m_run == float("-inf")                                           # no unmasked key yet
     m_use = m_run.masked_fill(dead, 0.0)
-    p = s.sub_((m_use - LOG2_P_SCALE)[..., None]).exp2_()                   # 448·P of each tile, as the kernel has it
-    m_last = m_use[..., -1:]
-    w = torch.exp2(m_use - m_last).masked_fill_(dead, 0.0)                   # (B, H, Lq, nb)
+    p.exp2_()                                                               # 448·P of each tile, as the kernel has it
+    w = torch.exp2(m_use - m_use[..., -1:]).masked_fill_(dead, 0.0)         # (B, H, Lq, nb)
     l = (p.sum(dim=-1) * w).sum(dim=-1)                                     # (B, H, Lq), 448 units
-    p8 = p.to(E4M3).float().mul_(w[..., None])                              # e4m3(448 p) · weight
+    p8 = torch.empty_like(p)
+    for b, hs in chunks:                                                    # e4m3(448 p) · weight
+        round_to_e4m3_(p8[b, hs].copy_(p[b, hs])).mul_(w[b, hs, ..., None])
     acc = p8.view(B, H, Lq, lkp) @ v8t.transpose(-1, -2)                   # (B, H, Lq, D)
     lc = l.clamp_min(L_FLOOR)
     lse = (m_run[..., -1] + torch.log2(lc) - LOG2_P_SCALE) * LN2
     return acc / lc[..., None], lse
+
+
+def _head_chunks(B: int, H: int, step: int) -> list:
+    """(batch index, head slice) pairs covering every (batch, head), ``step`` heads at a time."""
+    return [(b, slice(h0, min(H, h0 + step))) for b in range(B) for h0 in range(0, H, step)]
 
 
 __all__ = ["QuantKV", "quant_attention_reference", "quantize_kv_reference", "quantize_q_reference", "kv_stats",

@@ -59,6 +59,7 @@ from ..numerics.packing import pack_int4, unpack_int4
 from ..numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_sample, sample_count,
                                scale_per_sample)
 from .state import RuntimeState
+from .weight_cache import DecodedWeights
 
 
 class QuantLinear(nn.Module):
@@ -96,6 +97,7 @@ class QuantLinear(nn.Module):
         self.fp8_exact_rotation = True  # fp8 path: the snapped, exact rotation (False: cheaper, inexact)
         self.fp8_int8_gemm = True  # fp8 path: int-grid steps on the exact INT8 GEMM (False: FP8 GEMM, A6/A8 e4m3)
         self._h_cache: dict = {}
+        self._decoded = DecodedWeights()  # fp32 decodings of the packed weight, never saved
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -173,6 +175,17 @@ class QuantLinear(nn.Module):
         """Ŵ (N, K) in the transformed (smoothed, rotated) input basis."""
         return grids.dequantize_weight(self.weight_params(), dtype)
 
+    def _decoded_weight(self, kind: str) -> torch.Tensor:
+        """Read-only fp32 decodings for the forward, cached until the weight buffers change
+        (:mod:`.weight_cache`): ``"w_hat"`` = Ŵ (N, K), ``"w_int"`` = q − z (N, K), one group per row."""
+        if "_decoded" not in self.__dict__:                            # modules unpickled from older versions
+            self._decoded = DecodedWeights()
+        if kind == "w_hat":
+            build = lambda: self.dequantized_weight(torch.float32)   # noqa: E731
+        else:
+            build = lambda: self.weight_params().codes.float() - self.w_zero   # noqa: E731
+        return self._decoded.get(kind, (self.qweight, self.w_scale, self.w_zero), build)
+
     # ---------------------------------------------------------------- activation side
     def current_a_bits(self) -> int:
         """This call's activation bits: the RuntimeState override (δ-GBS), except for weight-only layers.
@@ -223,12 +236,15 @@ class QuantLinear(nn.Module):
             return grids.quantize_act_per_token_fp8_e4m3(x2)
         return grids.quantize_act_per_token_int(x2, bits)
 
-    def _fake_quant_tokens(self, x2: torch.Tensor, bits: int) -> torch.Tensor:
-        codes, scale = self._quantize_tokens(x2, bits)
-        return codes.float() * scale
+    def _fake_quant_tokens(self, x2: torch.Tensor, bits: int, amax: Optional[torch.Tensor] = None,
+                           lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``codes.float() * scale`` of :meth:`_quantize_tokens` per row (of ``x2 / lam``, times ``lam``), fresh fp32."""
+        fmt = "fp8" if bits == 8 and self.a8_format == "fp8_e4m3" else "int"
+        return grids.fake_quant_act_rows(x2, bits, fmt, amax, lam)
 
-    def _require_finite(self, x2: torch.Tensor) -> None:
-        if not torch.isfinite(x2.abs().amax()):
+    def _require_finite(self, x2: torch.Tensor, amax: Optional[torch.Tensor] = None) -> None:
+        """Raise unless ``x2`` is finite; ``amax``: max |x2| over any partition of it (rows, columns), if known."""
+        if not torch.isfinite((x2.abs() if amax is None else amax).amax()):
             raise NonFiniteError(f"layer {self.layer_name or '?'}: input activations hold NaN/Inf")
 
     def quantize_input(self, x2: torch.Tensor, bits: int, samples: int = 1) -> torch.Tensor:
@@ -239,20 +255,23 @@ class QuantLinear(nn.Module):
         """
         if bits >= 16:
             return x2
-        self._require_finite(x2)
         if self.act_balance is not None:                              # calibrated Λ for this step
+            self._require_finite(x2)
             lam = self.act_balance[min(self._step(), self.act_balance.shape[0] - 1)].unsqueeze(0)
-            return self._fake_quant_tokens(x2 / lam, bits) * lam
+            return self._fake_quant_tokens(x2, bits, lam=lam)
         if self.auto_scale == "per_channel":
-            lam = self._all_tokens(per_sample_absmax(x2, samples))   # Λ_t: (G, K), over all ranks' tokens
+            amax = per_sample_absmax(x2, samples)                    # (G, K): this rank's tokens
+            self._require_finite(x2, amax)
+            lam = self._all_tokens(amax)                              # Λ_t per sample, over all ranks' tokens
             lam = torch.where(lam > 0, lam, torch.ones_like(lam))
-            return scale_per_sample(self._fake_quant_tokens(scale_per_sample(x2, lam, True), bits), lam, False)
-        if self.auto_scale == "per_block":
-            m, k = x2.shape
-            b = self.scale_block if k % self.scale_block == 0 else k
-            xb = x2.reshape(m * (k // b), b)                          # one scale per (token, block)
-            return self._fake_quant_tokens(xb, bits).reshape(m, k)
-        return self._fake_quant_tokens(x2, bits)
+            xs = x2.reshape(samples, -1, x2.shape[1])                 # (G, L, K): each sample's own Λ_t
+            return self._fake_quant_tokens(xs, bits, lam=lam.unsqueeze(1)).reshape(x2.shape)
+        m, k = x2.shape
+        b = self.scale_block if self.auto_scale == "per_block" and k % self.scale_block == 0 else k
+        xb = x2.reshape(m * (k // b), b)                              # one scale per (token, block)
+        amax = xb.abs().amax(dim=-1, keepdim=True)
+        self._require_finite(x2, amax)
+        return self._fake_quant_tokens(xb, bits, amax).reshape(m, k)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,19 +302,18 @@ class QuantLinear(nn.Module):
             return self._forward_per_token(self.transform_input(x2), bits).to(x.dtype).reshape(
                 *shape[:-1], self.out_features)
         else:
-            w = self.dequantized_weight(torch.float32)
+            w = self._decoded_weight("w_hat")
         xq = self.quantize_input(self.transform_input(x2), bits, samples)
         y = matmul_per_sample(xq, w, samples)                         # (M, N), one GEMM per sample
         if self.bias is not None:
-            y = y + self.bias.float()
+            y += self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _forward_per_token(self, xt: torch.Tensor, bits: int) -> torch.Tensor:
         """y (M, N) fp32 = ((Σ c·W_int) · Δ) · s + b from transformed tokens ``xt`` (M, K)."""
         self._require_finite(xt)
         codes, s = self._quantize_tokens(xt, bits)                    # (M, K), (M, 1)
-        p = self.weight_params()
-        w_int = p.codes.float() - p.zero                              # (N, K) integers, zero (N, 1)
+        w_int = self._decoded_weight("w_int")                         # (N, K) integers q − z
         fp8 = codes.dtype == torch.float8_e4m3fn
         pmax = None if fp8 else grids.act_qmax(bits) * grids.weight_int_max(self.w_bits)
         return linear_per_token_per_channel(codes, s, w_int, self.w_scale, self.bias, pmax)

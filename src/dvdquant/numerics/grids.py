@@ -144,8 +144,38 @@ def quantize_act_per_token_int(x: torch.Tensor, bits: int) -> tuple[torch.Tensor
 
 def fake_quant_act_per_token_int(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize-dequantize per token on the symmetric int grid; fp32 out."""
-    codes, scale = quantize_act_per_token_int(x, bits)
-    return codes.float() * scale
+    return fake_quant_act_rows(x, bits, "int")
+
+
+def fake_quant_act_rows(x: torch.Tensor, bits: int, fmt: str = "int", amax: Optional[torch.Tensor] = None,
+                        lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``codes.float() * scale`` of :func:`quantize_act_per_token_int` (``fmt="int"``) or of
+    :func:`quantize_act_per_token_fp8_e4m3` (``"fp8"``, ``bits`` ignored) for each row of ``x``
+    (..., C): the same bits, as a fresh fp32 tensor, without the int8 / float8 round trip.
+
+    ``lam`` (1, C) fp32, optional: quantize the rows of ``x / lam`` and multiply the result by
+    ``lam`` (ARQ's channel balance), i.e. ``fake_quant(x / lam) * lam``. ``amax``: max |x| per
+    row (..., 1), if the caller has it (only without ``lam``). Integer codes are the int8 codes
+    as floats: after the clamp they are integers in [−qmax, qmax]; the one value the int8 cast
+    changes is NaN, which only 0/0 produces here (a row whose scale underflowed to 0), and which
+    that cast maps to 0 (checked on CPU, done always elsewhere). FP8 codes are rounded by
+    :func:`round_to_e4m3_`. Zero codes may differ from the casts' in sign only (−0 from below
+    for int codes, +0 for e4m3), which no later product or sum tells apart.
+    """
+    xf = x.float() if lam is None else x.float() / lam
+    if amax is None or lam is not None:
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+    qmax = FP8_E4M3_MAX if fmt == "fp8" else act_qmax(bits)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    t = xf.div_(scale) if lam is not None else xf / scale                  # a fresh buffer, then in place
+    if fmt == "fp8":
+        round_to_e4m3_(t)                                                   # = .to(float8_e4m3fn).float()
+    else:
+        t.round_().clamp_(-qmax, qmax)
+        if t.device.type != "cpu" or not bool((scale > 0).all()):
+            t.nan_to_num_(0.0)
+    t.mul_(scale)
+    return t if lam is None else t.mul_(lam)
 
 
 def quantize_act_per_token_fp8_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,10 +186,23 @@ def quantize_act_per_token_fp8_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torc
     return (xf / scale).to(torch.float8_e4m3fn), scale
 
 
+def round_to_e4m3_(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 ``x`` in place to the values of ``x.to(torch.float8_e4m3fn).float()`` on the CPU,
+    without the float8 round trip (a slow conversion there): round to nearest even onto the e4m3
+    grid (3 mantissa bits, subnormal step 2^-9), saturating at ±448 as that cast does (Inf too);
+    NaN stays NaN. Zeros come out +0 (the cast keeps −0), which no later product or sum tells apart.
+
+    ``(x + m) − m`` with m = 1.5·2^(e + 20), e = max(exponent of |x|, −6), rounds x to a multiple of
+    2^(e − 3) in two IEEE operations (the sum lands in a binade whose ulp is that step).
+    """
+    e = ((x.view(torch.int32) >> 23) & 0xFF).clamp_(127 - 6, 127 + 9)      # biased exponent, subnormals at 2^-6
+    magic = ((e + 20) << 23 | 0x400000).view(torch.float32)
+    return x.add_(magic).sub_(magic).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+
+
 def fake_quant_act_per_token_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize per token to FP8 e4m3 with ``s = amax / 448``; fp32 out."""
-    codes, scale = quantize_act_per_token_fp8_e4m3(x)
-    return codes.float() * scale
+    return fake_quant_act_rows(x, 8, "fp8")
 
 
 def weight_int_max(bits: int) -> int:

@@ -24,8 +24,9 @@ the simulated, emulated and FP8 paths share (the offline weight rotation uses th
 
 After the snap every entry is an integer multiple of u below 2^15·u in magnitude, so each
 ±1 sum of up to R ≤ 512 of them is an integer below 2^24 units: exact in fp32, in any order,
-on CPU, in cuBLAS and in the tensor cores of the fused Triton kernel alike (larger R are
-summed in fp64, where they are exact too). Without the snap, the fp32 sum of a wide-range
+on CPU, in cuBLAS and in the tensor cores of the fused Triton kernel alike. Larger R round
+their exact sum once to fp32 (:func:`exact_pm1_rotation_sum`: exact fp32 stages up to 512
+terms, then one rounding fp32 add for R = 1024, fp64 otherwise). Without the snap, the fp32 sum of a wide-range
 segment rounds differently per summation order, a rotated value on a quantizer's rounding
 boundary moves one code, and over a 4-bit diffusion trajectory that difference grows into a
 different clip. The snap's error is at most u/2 = 2^-15 of the segment's largest entry.
@@ -199,7 +200,7 @@ def snap_to_rotation_grid(x: torch.Tensor, block: int) -> torch.Tensor:
     n = xf.shape[-1]
     seg = xf.reshape(*xf.shape[:-1], n // block, block)
     magic = snap_magic(seg.abs().amax(dim=-1, keepdim=True))
-    return ((seg + magic) - magic).reshape(xf.shape)
+    return (seg + magic).sub_(magic).reshape(xf.shape)
 
 
 @lru_cache(maxsize=64)
@@ -216,23 +217,68 @@ def fp32_matmul_is_ieee(device) -> bool:
     return not (torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
 
-def _exact_stage(v: torch.Tensor, f: torch.Tensor, bound_units: int) -> torch.Tensor:
-    """v @ f for a ±1 factor f: IEEE fp32 when every sum stays within 2^24 grid units, else fp64 (both exact)."""
-    if bound_units <= 2 ** 24 and fp32_matmul_is_ieee(v.device):
-        return v.float() @ f.to(dtype=torch.float32, device=v.device)
-    return v.double() @ f.to(device=v.device)
+_EXACT_UNITS = 2 ** 24                 # fp32 holds every integer up to 2^24 exactly
+_SNAP_UNITS = 2 ** (SNAP_BITS + 1)     # a snapped entry is below 2^15 grid units in magnitude
+SYLVESTER_MATMUL = 256                 # the first ±1 stage: a dense fp32 matmul over this many columns
+
+
+@lru_cache(maxsize=64)
+def _sylvester_pm1(p: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The ±1 Sylvester matrix of order p (a power of two), H_2^{⊗log2 p}, on ``device``."""
+    return torch.sign(hadamard_matrix(p, torch.float64)).to(dtype=dtype, device=device)
+
+
+def _butterfly(v: torch.Tensor, h: int) -> torch.Tensor:
+    """One Sylvester stage over dim −2 of ``v`` (..., P, C): rows j and j + h of each 2h-group → (sum, difference)."""
+    *lead, p, c = v.shape
+    pairs = v.reshape(*lead, p // (2 * h), 2, h, c)
+    out = torch.empty_like(pairs)
+    torch.add(pairs[..., 0, :, :], pairs[..., 1, :, :], out=out[..., 0, :, :])
+    torch.sub(pairs[..., 0, :, :], pairs[..., 1, :, :], out=out[..., 1, :, :])
+    return out.reshape(v.shape)
+
+
+def exact_pm1_rotation_sum(xs: torch.Tensor, block: int) -> torch.Tensor:
+    """xs (..., n) · blockdiag(S_block, …) for the ±1 pattern S = A ⊗ B of the order-``block`` matrix,
+    summed exactly and rounded once to fp32, for entries that are multiples of one grid unit u per
+    (row, block) segment below 2^15·u in magnitude (:func:`snap_to_rotation_grid`).
+
+    The Sylvester factor B = H_2^{⊗a} runs as a dense fp32 matmul over its last
+    ``SYLVESTER_MATMUL`` columns, then one add/subtract stage per remaining factor H_2, then the
+    Paley factor A as a matmul. Every stage is exact in fp32 while its sums stay within 2^24 grid
+    units; a final H_2 stage (no A after it) may go past, since one fp32 add of two exact values
+    rounds once, as required. Any other stage past 2^24 units runs in fp64 (exact here), rounded
+    once at the end. Without an IEEE fp32 matmul (TF32, reduced precision) everything runs in fp64.
+    """
+    n = _check_block(xs, block)
+    a, b = _pm1_factors_f64(block)
+    base, p2 = a.shape[0], b.shape[0]
+    ieee = fp32_matmul_is_ieee(xs.device)
+    dt = torch.float32 if ieee and _SNAP_UNITS * min(p2, SYLVESTER_MATMUL) <= _EXACT_UNITS else torch.float64
+    p_lo = min(p2, SYLVESTER_MATMUL)
+    v = xs.to(dt).reshape(-1, base, p2 // p_lo, p_lo)                       # (rows·n/block, base, p_hi, p_lo)
+    v = v @ _sylvester_pm1(p_lo, dt, str(xs.device))
+    units, h = p_lo, 1
+    while h < p2 // p_lo:                                                 # remaining H_2 factors of B
+        units *= 2
+        last = base == 1 and h * 2 == p2 // p_lo
+        if v.dtype == torch.float32 and units > _EXACT_UNITS // _SNAP_UNITS and not last:
+            v = v.double()
+        v = _butterfly(v, h)
+        h *= 2
+    if base > 1:                                                          # Aᵀ·V (A need not be symmetric)
+        if v.dtype == torch.float32 and (units * base > _EXACT_UNITS // _SNAP_UNITS or not ieee):
+            v = v.double()
+        af = a.to(dtype=v.dtype, device=v.device)
+        v = (v.reshape(-1, base, p2).transpose(-1, -2) @ af).transpose(-1, -2)
+    return v.float().reshape(xs.shape)
 
 
 def hadamard_rotate_exact(x: torch.Tensor, block: int) -> torch.Tensor:
     """The online activation rotation (module doc): snap, exact ±1 sums, then · fp32(1/√R); fp32 out."""
-    n = _check_block(x, block)
-    a, b = _pm1_factors_f64(block)
-    base, p2 = a.shape[0], b.shape[0]
-    xs = snap_to_rotation_grid(x, block)
-    v = xs.reshape(*xs.shape[:-1], n // block, base, p2)
-    v = _exact_stage(v, b, 2 ** 15 * p2)                                   # (..., n/block, base, p2)
-    v = _exact_stage(v.transpose(-1, -2), a, 2 ** 15 * block).transpose(-1, -2)   # Aᵀ·V·B (A symmetric or not)
-    return v.float().reshape(xs.shape) * inv_sqrt_r(block)
+    _check_block(x, block)
+    y = exact_pm1_rotation_sum(snap_to_rotation_grid(x, block), block)
+    return y.mul_(inv_sqrt_r(block))
 
 
 def rotate_pm1_exact(x: torch.Tensor, h_block: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,133 @@
+"""The simulated path's numerics as they were before the fast CPU reference (test-only, frozen).
+
+``tests/test_fast_reference.py`` asserts that today's faster implementations compute exactly
+these bits (``torch.equal``) on the same machine. A frozen copy, not stored outputs: the fp32
+GEMMs of the fake-quant order and of P·V round in a BLAS- and thread-dependent order, so stored
+outputs would only hold on the machine that wrote them. Do not "optimise" this file.
+"""
+from __future__ import annotations
+
+import torch
+
+from dvdquant.kernels.attention_ref import E4M3, L_FLOOR, LN2, LOG2_P_SCALE
+from dvdquant.numerics import grids
+from dvdquant.numerics.hadamard import _pm1_factors_f64, fp32_matmul_is_ieee, inv_sqrt_r, snap_magic
+
+
+# ----------------------------------------------------------------------------- rotation
+def _snap(x, block):
+    xf = x.float()
+    n = xf.shape[-1]
+    seg = xf.reshape(*xf.shape[:-1], n // block, block)
+    magic = snap_magic(seg.abs().amax(dim=-1, keepdim=True))
+    return ((seg + magic) - magic).reshape(xf.shape)
+
+
+def _exact_stage(v, f, bound_units):
+    if bound_units <= 2 ** 24 and fp32_matmul_is_ieee(v.device):
+        return v.float() @ f.to(dtype=torch.float32, device=v.device)
+    return v.double() @ f.to(device=v.device)
+
+
+def hadamard_rotate_exact(x, block):
+    n = x.shape[-1]
+    a, b = _pm1_factors_f64(block)
+    base, p2 = a.shape[0], b.shape[0]
+    xs = _snap(x, block)
+    v = xs.reshape(*xs.shape[:-1], n // block, base, p2)
+    v = _exact_stage(v, b, 2 ** 15 * p2)
+    v = _exact_stage(v.transpose(-1, -2), a, 2 ** 15 * block).transpose(-1, -2)
+    return v.float().reshape(xs.shape) * inv_sqrt_r(block)
+
+
+# ----------------------------------------------------------------------------- QuantLinear.forward_simulated
+def _quantize_tokens(m, x2, bits):
+    if bits == 8 and m.a8_format == "fp8_e4m3":
+        return grids.quantize_act_per_token_fp8_e4m3(x2)
+    return grids.quantize_act_per_token_int(x2, bits)
+
+
+def _fake_quant_tokens(m, x2, bits):
+    codes, scale = _quantize_tokens(m, x2, bits)
+    return codes.float() * scale
+
+
+def _transform_input(m, x2):
+    if m.smooth is not None:
+        x2 = x2 / m.smooth[min(m._step(), m.smooth.shape[0] - 1)]
+    if m.rotation_block:
+        x2 = hadamard_rotate_exact(x2, m.rotation_block)
+    return x2
+
+
+def quantize_input(m, x2, bits):
+    if bits >= 16:
+        return x2
+    m._require_finite(x2)
+    if m.act_balance is not None:
+        lam = m.act_balance[min(m._step(), m.act_balance.shape[0] - 1)].unsqueeze(0)
+        return _fake_quant_tokens(m, x2 / lam, bits) * lam
+    if m.auto_scale == "per_channel":
+        lam = m._all_tokens(x2.abs().amax(dim=0, keepdim=True))
+        lam = torch.where(lam > 0, lam, torch.ones_like(lam))
+        return _fake_quant_tokens(m, x2 / lam, bits) * lam
+    if m.auto_scale == "per_block":
+        mm, k = x2.shape
+        b = m.scale_block if k % m.scale_block == 0 else k
+        return _fake_quant_tokens(m, x2.reshape(mm * (k // b), b), bits).reshape(mm, k)
+    return _fake_quant_tokens(m, x2, bits)
+
+
+def forward_simulated(m, x):
+    from dvdquant.numerics.linear import linear_per_token_per_channel
+    shape = x.shape
+    x2 = x.reshape(-1, m.in_features).float()
+    bits = m.current_a_bits()
+    if m.dyn_alpha is not None and bits < 16:
+        s = m.dynamic_smoothing(x2)
+        x2 = x2 / s
+        w = m.smoothed_weight(s)
+    elif m.dyn_alpha is not None:
+        w = m.smoothed_weight(torch.ones_like(m.w_colmax))
+    elif m.per_token_scaling(bits):
+        xt = _transform_input(m, x2)
+        m._require_finite(xt)
+        codes, s = _quantize_tokens(m, xt, bits)
+        p = m.weight_params()
+        w_int = p.codes.float() - p.zero
+        pmax = None if codes.dtype == torch.float8_e4m3fn else grids.act_qmax(bits) * grids.weight_int_max(m.w_bits)
+        y = linear_per_token_per_channel(codes, s, w_int, m.w_scale, m.bias, pmax)
+        return y.to(x.dtype).reshape(*shape[:-1], m.out_features)
+    else:
+        w = m.dequantized_weight(torch.float32)
+    xq = quantize_input(m, _transform_input(m, x2), bits)
+    y = xq @ w.t()
+    if m.bias is not None:
+        y = y + m.bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], m.out_features)
+
+
+# ----------------------------------------------------------------------------- 8-bit attention, online softmax
+def attend(q8, rowfac, k8, k_scale, v8t, bias, lk, block_n):
+    B, H, Lq, _ = q8.shape
+    lkp = k8.shape[2]
+    nb = lkp // block_n
+    col = k_scale[:, :, None, :]
+    s = (q8 @ k8.transpose(-1, -2)).mul_(col).mul_(rowfac[..., None])
+    if bias is not None:
+        s += bias[:, :, None, :]
+    elif lk < lkp:
+        s[..., lk:] = float("-inf")
+    s = s.view(B, H, Lq, nb, block_n)
+    m_run = torch.cummax(s.amax(dim=-1), dim=-1).values
+    dead = m_run == float("-inf")
+    m_use = m_run.masked_fill(dead, 0.0)
+    p = s.sub_((m_use - LOG2_P_SCALE)[..., None]).exp2_()
+    m_last = m_use[..., -1:]
+    w = torch.exp2(m_use - m_last).masked_fill_(dead, 0.0)
+    l = (p.sum(dim=-1) * w).sum(dim=-1)
+    p8 = p.to(E4M3).float().mul_(w[..., None])
+    acc = p8.view(B, H, Lq, lkp) @ v8t.transpose(-1, -2)
+    lc = l.clamp_min(L_FLOOR)
+    lse = (m_run[..., -1] + torch.log2(lc) - LOG2_P_SCALE) * LN2
+    return acc / lc[..., None], lse
