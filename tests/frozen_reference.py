@@ -1,4 +1,5 @@
-"""The simulated path's numerics as they were before the fast CPU reference (test-only, frozen).
+"""The simulated path's numerics as they were before the fast CPU reference (test-only, frozen),
+with run-time statistics per sample (ARQ's Λ_t, dynamic smoothing's s_t; numerics/samples.py).
 
 ``tests/test_fast_reference.py`` asserts that today's faster implementations compute exactly
 these bits (``torch.equal``) on the same machine. A frozen copy, not stored outputs: the fp32
@@ -12,6 +13,8 @@ import torch
 from dvdquant.kernels.attention_ref import E4M3, L_FLOOR, LN2, LOG2_P_SCALE
 from dvdquant.numerics import grids
 from dvdquant.numerics.hadamard import _pm1_factors_f64, fp32_matmul_is_ieee, inv_sqrt_r, snap_magic
+from dvdquant.numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_sample, sample_count,
+                                       scale_per_sample)
 
 
 # ----------------------------------------------------------------------------- rotation
@@ -60,7 +63,7 @@ def _transform_input(m, x2):
     return x2
 
 
-def quantize_input(m, x2, bits):
+def quantize_input(m, x2, bits, samples=1):
     if bits >= 16:
         return x2
     m._require_finite(x2)
@@ -68,9 +71,9 @@ def quantize_input(m, x2, bits):
         lam = m.act_balance[min(m._step(), m.act_balance.shape[0] - 1)].unsqueeze(0)
         return _fake_quant_tokens(m, x2 / lam, bits) * lam
     if m.auto_scale == "per_channel":
-        lam = m._all_tokens(x2.abs().amax(dim=0, keepdim=True))
+        lam = m._all_tokens(per_sample_absmax(x2, samples))
         lam = torch.where(lam > 0, lam, torch.ones_like(lam))
-        return _fake_quant_tokens(m, x2 / lam, bits) * lam
+        return scale_per_sample(_fake_quant_tokens(m, scale_per_sample(x2, lam, True), bits), lam, False)
     if m.auto_scale == "per_block":
         mm, k = x2.shape
         b = m.scale_block if k % m.scale_block == 0 else k
@@ -82,12 +85,15 @@ def forward_simulated(m, x):
     from dvdquant.numerics.linear import linear_per_token_per_channel
     shape = x.shape
     x2 = x.reshape(-1, m.in_features).float()
+    samples = sample_count(shape)
     bits = m.current_a_bits()
     if m.dyn_alpha is not None and bits < 16:
-        s = m.dynamic_smoothing(x2)
-        x2 = x2 / s
-        w = m.smoothed_weight(s)
-    elif m.dyn_alpha is not None:
+        s = m.dynamic_smoothing(x2, samples)
+        xq = quantize_input(m, _transform_input(m, scale_per_sample(x2, s, True)), bits, samples)
+        ys = [xg @ m.smoothed_weight(sg).t() for xg, sg in zip(rows_per_sample(xq, samples), s)]
+        y = torch.cat(ys) if m.bias is None else torch.cat(ys) + m.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], m.out_features)
+    if m.dyn_alpha is not None:
         w = m.smoothed_weight(torch.ones_like(m.w_colmax))
     elif m.per_token_scaling(bits):
         xt = _transform_input(m, x2)
@@ -100,8 +106,8 @@ def forward_simulated(m, x):
         return y.to(x.dtype).reshape(*shape[:-1], m.out_features)
     else:
         w = m.dequantized_weight(torch.float32)
-    xq = quantize_input(m, _transform_input(m, x2), bits)
-    y = xq @ w.t()
+    xq = quantize_input(m, _transform_input(m, x2), bits, samples)
+    y = matmul_per_sample(xq, w, samples)
     if m.bias is not None:
         y = y + m.bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], m.out_features)

@@ -206,7 +206,7 @@ def test_cli_quantize_single_transformer_pipeline(saved_folders, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--prompt", ""], "empty prompt"),
+    (["--prompt", ""], "prompt 1 is empty"),
     (["--prompt", " ".join(["red"] * 20)], "at most 16"),
     (["--prompt", "a cat", "--checkpoint", "CKPT_WAN"], "WanTransformer3DModel"),
     (["--prompt", "a cat", "--checkpoint", "CKPT_WAN", "--method", "minmax"], "not both"),
