@@ -13,13 +13,13 @@ import itertools
 import frozen_reference as frozen
 import pytest
 import torch
-import torch.nn as nn
 
 from dvdquant.kernels import attention_ref
 from dvdquant.nn import QuantLinear, RuntimeState
 from dvdquant.nn import weight_cache
 from dvdquant.numerics import grids
 from dvdquant.numerics.hadamard import hadamard_rotate_exact
+from test_kernels_emulated import make_layer
 
 E4M3 = torch.float8_e4m3fn
 
@@ -91,21 +91,6 @@ def test_round_to_e4m3_equals_the_float8_cast():
     got = grids.round_to_e4m3_(x.clone())
     assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[~ref.isnan()], ref[~ref.isnan()])
     assert torch.isnan(grids.round_to_e4m3_(torch.tensor([float("nan")]))).all()
-
-
-def make_layer(k, n, *, w_bits=4, group_size=None, a_bits=4, a8_format="int", rotation_block=None,
-               auto_scale="none", scale_block=64, smooth_steps=0, balance_steps=0, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
-        if bias:
-            lin.bias.copy_(torch.randn(n, generator=g))
-    wq = grids.quantize_weight_minmax(lin.weight.detach(), w_bits, group_size)
-    smooth = torch.rand(smooth_steps, k, generator=g) + 0.5 if smooth_steps else None
-    balance = torch.rand(balance_steps, k, generator=g) + 0.5 if balance_steps else None
-    return QuantLinear.from_params(lin, wq, a_bits=a_bits, a8_format=a8_format, rotation_block=rotation_block,
-                                   auto_scale=auto_scale, scale_block=scale_block, smooth=smooth, act_balance=balance)
 
 
 def tokens(shape, seed=1):
