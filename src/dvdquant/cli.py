@@ -41,9 +41,15 @@ def _config_from_args(args):
     return cls(**kw)
 
 
-def _backend(args) -> str:
-    """--backend, defaulting to the kernels ("auto") on a CUDA device and the reference elsewhere."""
-    return args.backend or ("auto" if str(args.device).startswith("cuda") else "simulated")
+def _set_backend(transformer, args) -> None:
+    """The execution options of ``generate`` on a quantized transformer (no-op on an FP one); --backend
+    defaults to the kernels ("auto") on a CUDA device and to the simulated reference elsewhere."""
+    from . import api
+    if api.get_state(transformer) is None:
+        return
+    backend = args.backend or ("auto" if str(args.device).startswith("cuda") else "simulated")
+    api.set_backend(transformer, backend, fast_accum=args.fast_accum, exact_rotation=not args.inexact_rotation,
+                    int8_gemm=not args.no_int8_gemm, fuse_projections=not args.no_fuse_projections)
 
 
 def cmd_demo(args) -> int:
@@ -119,7 +125,6 @@ def _quantize_pipeline(args, cfg, out: Path) -> int:
 
 def cmd_generate_pipeline(args) -> int:
     """``generate --pipeline DIR``: the stock diffusers pipeline with quantized transformer(s)."""
-    from . import api
     from .fileio import check_output_file
     from .pipeline import diffusers_pipelines as dp
     from .pipeline.checks import check_prompts, check_steps
@@ -146,10 +151,7 @@ def cmd_generate_pipeline(args) -> int:
         args.method = args.method or "dvdquant"
         dp.quantize_pipeline(pipe, _config_from_args(args), progress=not args.quiet)
     for name in dp.transformer_names(pipe):
-        if api.get_state(getattr(pipe, name)) is not None:
-            api.set_backend(getattr(pipe, name), _backend(args), fast_accum=args.fast_accum,
-                            exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm,
-                            fuse_projections=not args.no_fuse_projections)
+        _set_backend(getattr(pipe, name), args)
     extra = {"true_cfg_scale": args.true_cfg_scale} if args.true_cfg_scale is not None else {}
     res = dp.run_pipeline(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                           frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
@@ -181,7 +183,6 @@ def cmd_generate(args) -> int:
     if args.pipeline:
         return cmd_generate_pipeline(args)
     _check_generate_args(args)
-    from . import api
     from .fileio import check_output_file
     from .pipeline.checks import check_prompts, check_steps
     from .pipeline.generate import generate
@@ -191,10 +192,7 @@ def cmd_generate(args) -> int:
     check_steps(args.steps)
     check_output_file(args.out, VIDEO_SUFFIXES)
     model = load_generation_model(args.model, device=args.device)
-    if api.get_state(model.transformer) is not None:
-        api.set_backend(model.transformer, _backend(args), fast_accum=args.fast_accum,
-                        exact_rotation=not args.inexact_rotation, int8_gemm=not args.no_int8_gemm,
-                        fuse_projections=not args.no_fuse_projections)
+    _set_backend(model.transformer, args)
     res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                    progress=not args.quiet, progress_desc=_model_label(model.transformer))
     path = save_video(res.videos if len(args.prompt) == 1 else _tile(res.videos), args.out)

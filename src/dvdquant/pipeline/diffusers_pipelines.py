@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .. import api, serialization
 from ..nn.state import get_state
 from ..errors import DVDQuantError
-from .models_io import _from_pretrained, dtype_kwarg
+from .models_io import CHECKPOINT_NAME, _from_pretrained, dtype_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 SUPPORTED = {"WanPipeline": ("transformer", "transformer_2"), "HunyuanVideoPipeline": ("transformer",),
              "CogVideoXPipeline": ("transformer",), "LTXPipeline": ("transformer",),
              "MochiPipeline": ("transformer",)}
-SINGLE_CHECKPOINT = "quantized.safetensors"      # `dvdquant quantize` output for one transformer
 FPS = {"WanPipeline": 16, "HunyuanVideoPipeline": 24, "CogVideoXPipeline": 8, "LTXPipeline": 24, "MochiPipeline": 30}
 CALIBRATION_PROMPTS = ("a red ball bouncing on the grass", "a white car moving left on a road at night")
 
@@ -156,7 +155,7 @@ def checkpoint_files(pipe, checkpoints: Sequence) -> dict:
     checkpoints = [Path(c) for c in checkpoints if c is not None]
     if len(checkpoints) == 1 and checkpoints[0].is_dir():
         d = checkpoints[0]
-        files = [d / SINGLE_CHECKPOINT] if len(names) == 1 and (d / SINGLE_CHECKPOINT).is_file() \
+        files = [d / CHECKPOINT_NAME] if len(names) == 1 and (d / CHECKPOINT_NAME).is_file() \
             else [d / f"{n}.safetensors" for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -302,7 +301,7 @@ def quantize_pipeline_folder(folder, config, out, device="cpu", dtype=None, prog
     out = Path(out)
     rows = []
     for name, report in reports.items():
-        fname = SINGLE_CHECKPOINT if len(reports) == 1 else f"{name}.safetensors"
+        fname = CHECKPOINT_NAME if len(reports) == 1 else f"{name}.safetensors"
         ckpt = serialization.save(getattr(pipe, name), out / fname,
                                   extra={"base_model": str(folder), "pipeline": type(pipe).__name__,
                                          "component": name})
