@@ -11,8 +11,9 @@ What one call does:
    background occurs; N a multiple of 24 balances every factor exactly; the default 120 makes
    one clip 0.83 adherence points, so a 1-point tolerance is resolvable). Never tuned on results.
 2. **Noise**: one initial-noise tensor, clip i seeded with ``seed + i``, shared by the FP run and
-   by every quantized run; clips are sampled in fixed batches of ``batch_size`` prompts (ARQ's
-   Λ_t is an absmax over the current tokens, so the batch is held fixed across methods).
+   by every quantized run; clips are sampled in fixed batches of ``batch_size`` prompts (run-time
+   statistics are per sample, but δ-GBS's output change is taken over the batch, so the batch is
+   held fixed across methods).
 3. **FP reference**, then an FP *rerun* compared against it: the FP row must be exact.
 4. **Each run**: a deep copy of the FP transformer is quantized with ``dvdquant.quantize_``
    (SmoothQuant and ViDiT-Q-style get ``calibration=`` a short generation on separate
