@@ -186,18 +186,24 @@ def quantize_act_per_token_fp8_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torc
     return (xf / scale).to(torch.float8_e4m3fn), scale
 
 
-def round_to_e4m3_(x: torch.Tensor) -> torch.Tensor:
-    """Round fp32 ``x`` in place to the values of ``x.to(torch.float8_e4m3fn).float()`` on the CPU,
-    without the float8 round trip (a slow conversion there): round to nearest even onto the e4m3
-    grid (3 mantissa bits, subnormal step 2^-9), saturating at ±448 as that cast does (Inf too);
-    NaN stays NaN. Zeros come out +0 (the cast keeps −0), which no later product or sum tells apart.
+def round_to_e4m3_(x: torch.Tensor, out: Optional[torch.Tensor] = None, work: Optional[torch.Tensor] = None,
+                   saturate: bool = True) -> torch.Tensor:
+    """Round fp32 ``x`` to the values of ``x.to(torch.float8_e4m3fn).float()``, in place (or into
+    ``out``), without the float8 round trip: round to nearest even onto the e4m3 grid (3 mantissa
+    bits, subnormal step 2^-9), saturating at ±448 as that cast does (Inf too); NaN stays NaN.
+    Zeros come out +0 (the cast keeps −0), which no later product or sum tells apart.
 
-    ``(x + m) − m`` with m = 1.5·2^(e + 20), e = max(exponent of |x|, −6), rounds x to a multiple of
-    2^(e − 3) in two IEEE operations (the sum lands in a binade whose ulp is that step).
+    ``(x + m) − m`` with m = 1.5·2^(e + 20), 2^e = the power of two of |x| clamped to [2^-6, 2^9]
+    (taken from the exponent bits), rounds x to a multiple of 2^(e − 3) in two IEEE operations
+    (the sum lands in a binade whose ulp is that step). ``work``: an int32 buffer of x's shape to
+    build m in (saves an allocation in loops); ``saturate=False`` skips the final clamp, for
+    callers whose |x| ≤ 448 already (it changes nothing there).
     """
-    e = ((x.view(torch.int32) >> 23) & 0xFF).clamp_(127 - 6, 127 + 9)      # biased exponent, subnormals at 2^-6
-    magic = ((e + 20) << 23 | 0x400000).view(torch.float32)
-    return x.add_(magic).sub_(magic).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    bits = torch.bitwise_and(x.view(torch.int32), 0x7F800000, out=work)
+    magic = bits.view(torch.float32).clamp_(2.0 ** -6, 2.0 ** 9).mul_(1.5 * 2 ** 20)
+    y = x.add_(magic) if out is None else torch.add(x, magic, out=out)
+    y.sub_(magic)
+    return y.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX) if saturate else y
 
 
 def fake_quant_act_per_token_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
