@@ -9,8 +9,8 @@ Public API::
 """
 __version__ = "0.1.0"
 
-from .api import (LayerReport, QuantReport, quantize_, quantized_layers, set_backend, share_step_controller,
-                  step_controller)
+from .api import (LayerReport, QuantReport, quantize_, quantized_layers, restack_step_hook, set_backend,
+                  share_step_controller, step_controller)
 from .config import (BGRConfig, DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig,
                      ViDiTQConfig)
 from .errors import CheckpointError, ConfigError, DVDQuantError, NonFiniteError
@@ -20,6 +20,7 @@ from .serialization import load, read_metadata, save
 
 
 __all__ = ["quantize_", "quantized_layers", "set_backend", "step_controller", "share_step_controller",
+           "restack_step_hook",
            "LayerReport", "QuantReport", "BGRConfig", "DVDQuantConfig", "GBSConfig", "MinMaxConfig", "QuaRotConfig", "SmoothQuantConfig",
            "ViDiTQConfig", "CheckpointError", "ConfigError", "DVDQuantError", "NonFiniteError", "QuantLinear",
            "RuntimeState", "get_state", "load", "raise_if_nonfinite", "read_metadata", "save", "__version__"]

@@ -29,7 +29,8 @@ from .nn import attention as qattn
 from .nn.fused import install_fused_projections, remove_fused_projections
 from .nn.quant_linear import QuantLinear
 from .nn.state import STATE_ATTR, RuntimeState, get_state
-from .nn.step_hooks import StepTracker, install_step_hook, remove_step_hook, step_tracker
+from .nn.step_hooks import (StepTracker, install_step_hook, refuse_hooked_layers, remove_step_hook,  # noqa: F401
+                             restack_step_hook, step_tracker)
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "_dvdquant_config"
@@ -118,6 +119,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     method = get_method(config)
     targets = select_linears(model, config.skip, config.quantize_modulation, filter_fn)
     configs = _per_layer(model, config, [n for n, _ in targets])
+    refuse_hooked_layers(model, configs)
     state = RuntimeState()
     t0 = time.perf_counter()
     stats = None
@@ -209,8 +211,9 @@ def _new_tracker(states: list, config) -> StepTracker:
 
 def step_controller(model: nn.Module) -> Optional[StepTracker]:
     """The step runtime of a quantized model: ``.schedule`` (activation bits per step of the current or
-    last pipeline call), ``.changes``, ``.indicators``, ``.mean_bits()``, ``.reset()``, ``.total_steps``.
-    None for a model that ``quantize_`` / ``load`` did not prepare."""
+    last pipeline call; 0 for a step served from a cache), ``.coverage`` (share of a full step's block
+    work that ran), ``.skipped_steps()``, ``.changes``, ``.indicators``, ``.mean_bits()`` (over the work
+    that ran), ``.reset()``, ``.total_steps``. None for a model that ``quantize_`` / ``load`` did not prepare."""
     return step_tracker(model)
 
 

@@ -35,6 +35,7 @@ from .fileio import atomic_path
 from .nn import attention as qattn
 from .nn.quant_linear import QuantLinear
 from .nn.state import RuntimeState, get_state
+from .nn.step_hooks import refuse_hooked_layers
 from .numerics.packing import pack_bits, unpack_bits
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def load(path, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
     if model is None:
         model = _build_model(meta, device)
     _check_same_model(model, meta, path)
+    refuse_hooked_layers(model, meta["layers"])
     state = RuntimeState()
     for name, lm in meta["layers"].items():
         try:

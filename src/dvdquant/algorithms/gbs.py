@@ -9,6 +9,13 @@ at ``high_bits`` and the sum resets. The first ``warmup_steps`` (and the last
 ``final_high_steps``, when the pipeline tells the number of steps) run high. δ → 0 is W4A8,
 δ → ∞ is W4A4.
 
+Steps served from a cache (the tracker's coverage, :mod:`dvdquant.nn.step_hooks`): a skipped step
+(coverage 0) adds nothing and leaves the accumulator and a pending high-bit step as they were, so
+the choice carries over to the next step that runs, whose change is measured against the last
+step that ran; a partly skipped step adds its change, and at ``high_bits`` it resets the share of
+the sum it covered (acc ← acc·(1 − coverage); a full step resets it all). The ``indicators`` are
+``nan`` for skipped steps.
+
 Across a bit switch the measured change also holds the switch's own quantization noise, so with
 ``GBSConfig.indicator="same_bits"`` (default) a switch counts min(measured change, last change
 measured between equal-bit steps); ``"raw"`` keeps the paper's indicator. Both look only at the
@@ -33,7 +40,8 @@ class FixedBits:
     def choose(self, step_index: int, total_steps: Optional[int]) -> Optional[int]:
         return None
 
-    def observe(self, step_index: int, bits: Optional[int], change: Optional[float]) -> None:
+    def observe(self, step_index: int, bits: Optional[int], change: Optional[float],
+                coverage: float = 1.0) -> None:
         pass
 
 
@@ -56,13 +64,16 @@ class GBSController:
     def choose(self, step_index: int, total_steps: Optional[int]) -> int:
         c = self.config
         late = total_steps is not None and step_index >= total_steps - c.final_high_steps
-        bits = c.high_bits if step_index < c.warmup_steps or late or self.force_high else c.low_bits
-        if bits == c.high_bits:
-            self.acc = 0.0
-        self.force_high = False
-        return bits
+        return c.high_bits if step_index < c.warmup_steps or late or self.force_high else c.low_bits
 
-    def observe(self, step_index: int, bits: Optional[int], change: Optional[float]) -> None:
+    def observe(self, step_index: int, bits: Optional[int], change: Optional[float],
+                coverage: float = 1.0) -> None:
+        if coverage <= 0:                                     # served from a cache: the choice carries over
+            self.indicators.append(float("nan"))
+            return
+        if bits == self.config.high_bits:
+            self.acc *= 1.0 - min(coverage, 1.0)              # what ran at high bits is reset
+        self.force_high = False
         if change is None:
             self.indicators.append(float("nan"))
         else:

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .step_work import run_probe
+
 log = logging.getLogger(__name__)
 
 FUSED_ATTR = "_dvdquant_fused"       # on an attention module: the attribute names installed here
@@ -49,6 +51,8 @@ class FusedProjection:
             plan = plan_forward(lead, x.device, bits)
             if plan.path == "fp8" and not plan.per_block:
                 from ..kernels.fp8 import fp8_forward_fused
+                for m in self.members:                   # the members' forwards are bypassed: count their work
+                    run_probe(m, x)
                 return fp8_forward_fused(self.members, x)
         return torch.cat([m(x) for m in self.members], dim=-1)
 

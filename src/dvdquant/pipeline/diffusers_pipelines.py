@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import api, serialization
 from ..nn.state import get_state
+from ..nn.step_hooks import SKIP
 from ..errors import DVDQuantError
 from .models_io import CHECKPOINT_NAME, _from_pretrained, dtype_kwarg
 
@@ -224,18 +225,27 @@ def check_prompt_template(pipe, prompts: Sequence[str], template: Optional[dict]
 class PipelineResult:
     frames: torch.Tensor               # (B, F, H, W, 3) float32 in [0, 1], CPU; or latents (output_type="latent")
     schedule: list                     # activation bits per step ([] for an unquantized pipeline)
-    mean_bits: Optional[float]         # mean of ``schedule``; None for an unquantized pipeline
+    mean_bits: Optional[float]         # mean bits over the work that ran; None for an unquantized pipeline
     seconds: float
 
 
+def step_label(bits: int, coverage: float = 1.0) -> str:
+    """``skip`` for a step served from a cache, else ``A4`` / ``A8``, with the share of the block work that
+    ran for a partly skipped step (``A4 50%``)."""
+    if bits == SKIP or coverage <= 0:
+        return "skip"
+    return f"A{bits}" + (f" {coverage:.0%}" if coverage < 1 else "")
+
+
 def _step_bar(pipe, steps: int, progress: bool):
-    """(callback_on_step_end, bar): a tqdm bar advanced once per step, showing that step's activation bits."""
+    """(callback_on_step_end, bar): a tqdm bar advanced once per step, showing that step's activation bits
+    (``skip`` when a cache served it)."""
     ctrl = api.step_controller(pipe.transformer) if get_state(pipe.transformer) is not None else None
     bar = tqdm(total=steps, desc="denoise", disable=not progress, leave=False)
 
     def callback(_pipe, i, t, kwargs):
         if ctrl is not None and ctrl.schedule:
-            bar.set_postfix_str(f"A{ctrl.schedule[-1]}", refresh=False)
+            bar.set_postfix_str(step_label(ctrl.schedule[-1], ctrl.current_coverage()), refresh=False)
         bar.update(1)
         return {}
     return callback, bar, ctrl
@@ -282,14 +292,14 @@ def run_pipeline(pipe, prompts, *, negative_prompt=None, steps: Optional[int] = 
 
 
 def format_schedule(schedule: Sequence[int]) -> str:
-    """``A8 A8 A4 ...`` with runs compressed: ``A8x2 A4x3 A8``."""
+    """``A8 A8 A4 ...`` with runs compressed: ``A8x2 A4x3 A8``; a skipped step is ``skip``."""
     runs = []
     for b in schedule:
         if runs and runs[-1][0] == b:
             runs[-1][1] += 1
         else:
             runs.append([b, 1])
-    return " ".join(f"A{b}" + (f"x{n}" if n > 1 else "") for b, n in runs)
+    return " ".join(step_label(b) + (f"x{n}" if n > 1 else "") for b, n in runs)
 
 
 def quantize_pipeline_folder(folder, config, out, device="cpu", dtype=None, progress: bool = True) -> list:
