@@ -188,8 +188,7 @@ class ViDiTQConfig(_Common):
 
 
 # ----------------------------------------------------------------------------- (de)serialization
-_CONFIG_CLASSES = {c.__name__: c for c in (DVDQuantConfig, MinMaxConfig, SmoothQuantConfig, QuaRotConfig,
-                                           ViDiTQConfig)}
+# The list of config classes is the method registry's (algorithms/registry.py: config_from_dict).
 _NESTED = {"bgr": BGRConfig, "gbs": GBSConfig}
 
 
@@ -201,12 +200,9 @@ def config_to_dict(cfg) -> dict:
     return {"type": type(cfg).__name__, "fields": d}
 
 
-def config_from_dict(d: dict):
-    """Inverse of :func:`config_to_dict`; raises ConfigError on an unknown type."""
-    cls = _CONFIG_CLASSES.get(d.get("type"))
-    if cls is None:
-        raise ConfigError(f"unknown config type {d.get('type')!r} (known: {', '.join(_CONFIG_CLASSES)})")
-    fields = dict(d["fields"])
+def config_from_fields(cls, fields: dict):
+    """``cls(**fields)`` from :func:`config_to_dict`'s ``fields`` (nested configs and ``skip`` restored)."""
+    fields = dict(fields)
     for key, sub in _NESTED.items():
         if fields.get(key) is not None:
             fields[key] = sub(**fields[key])

@@ -27,9 +27,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from ._version import __version__
+from .algorithms.registry import config_from_dict
 from .api import CONFIG_ATTR, _set_submodule, attach_runtime, quantized_layers
-from .config import config_from_dict, config_to_dict
+from .config import config_to_dict
 from .errors import CheckpointError
 from .fileio import atomic_path
 from .nn import attention as qattn
