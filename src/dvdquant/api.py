@@ -76,7 +76,8 @@ class QuantReport:
         return "\n".join([head] + rows)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (replacing what was there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -138,7 +139,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
             meth = method if cfg is config else get_method(cfg)
             qmod, info = meth.quantize_layer(name, linear, cfg, stats if cfg is config else None)
             qmod.state, qmod.layer_name = state, name
-            _set_submodule(model, name, qmod)
+            set_submodule(model, name, qmod)
             layers.append(LayerReport(name, linear.in_features, linear.out_features, meth.name,
                                       cfg.w_bits, cfg.a_bits, info.w_err_minmax, info.w_err, info.extras))
     state.reset()

@@ -76,16 +76,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _embedded_calibration(prompts=("a red circle moving left on a dark background",
-                                   "a blue square growing on a striped background"), steps: int = 8):
-    """Calibration for baselines that need statistics: a short generation with the embedded model."""
-    def calibrate(transformer):
-        from .models.embedded import load_embedded
-        from .pipeline.generate import generate
-        base = load_embedded()
-        base.transformer = transformer
-        generate(base, list(prompts), steps=steps, progress=False)
-    return calibrate
+CALIBRATION_PROMPTS = ("a red circle moving left on a dark background", "a blue square growing on a striped background")
+
+
+def _calibration(base: str, cfg):
+    """``quantize``'s calibration for methods that need statistics: 8 steps of the embedded model on two
+    captions (None for data-free methods, and for other models: the library then raises)."""
+    from .algorithms import get_method
+    from .pipeline.models_io import EMBEDDED
+    if base != EMBEDDED or get_method(cfg).data_free:
+        return None
+    from .models.embedded import load_embedded
+    from .pipeline.generate import calibration_generation
+    return calibration_generation(load_embedded(), CALIBRATION_PROMPTS, steps=8)
 
 
 def cmd_quantize(args) -> int:
@@ -103,7 +106,7 @@ def cmd_quantize(args) -> int:
 def _quantize(args, cfg, out: Path) -> int:
     from . import api, serialization
     from .fileio import atomic_write_text
-    from .pipeline.models_io import CHECKPOINT_NAME, EMBEDDED, load_transformer
+    from .pipeline.models_io import CHECKPOINT_NAME, load_transformer
     if args.nproc != 1:                     # layers split over N processes; rank 0 writes the checkpoint
         from .distributed import quantize_multiprocess
         report, ckpt = quantize_multiprocess(args.model, cfg, out, nproc=args.nproc, device=args.device,
@@ -112,7 +115,7 @@ def _quantize(args, cfg, out: Path) -> int:
             return 0
     else:
         transformer, base = load_transformer(args.model, device=args.device)
-        calibration = _embedded_calibration() if base == EMBEDDED else None
+        calibration = _calibration(base, cfg)
         report = api.quantize_(transformer, cfg, calibration=calibration, progress=not args.quiet)
         ckpt = serialization.save(transformer, out / CHECKPOINT_NAME, extra={"base_model": base})
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, default=str))

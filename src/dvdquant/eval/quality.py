@@ -55,7 +55,7 @@ from ..algorithms import GBSController, registered_methods
 from ..config import DVDQuantConfig, GBSConfig, config_to_dict
 from ..data import FACTOR_NAMES, Factors, generate_clips, make_caption, parse_caption, sample_combinations
 from ..errors import DVDQuantError
-from . import video_metrics as vm
+from ..numerics import video_metrics as vm
 
 log = logging.getLogger(__name__)
 
@@ -305,14 +305,9 @@ def _gbs_summary(samples: Samples, cfg) -> Optional[dict]:
 
 def _calibration_fn(model, steps: int, guidance: float, seed: int) -> Callable:
     """calibration(transformer): a short FP generation on captions not in the eval set."""
-    from ..pipeline.generate import generate
+    from ..pipeline.generate import calibration_generation
     prompts = [make_caption(f) for f in sample_combinations(CALIBRATION_PROMPTS, seed=CALIBRATION_SEED)]
-
-    def calibrate(transformer):
-        m = copy.copy(model)
-        m.transformer = transformer
-        generate(m, prompts, seed=seed + 100_000, steps=steps, guidance=guidance, progress=False)
-    return calibrate
+    return calibration_generation(model, prompts, steps=steps, guidance=guidance, seed=seed + 100_000)
 
 
 def _device_name(device: torch.device) -> str:

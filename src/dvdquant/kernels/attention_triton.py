@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Optional
 
 import torch
@@ -60,6 +59,7 @@ import triton.language as tl
 
 from .attention_ref import (DEFAULT_BLOCK_N, LOG2_P_SCALE as _LOG2_P_SCALE, LOG2E, QMAX, QuantKV, block_n_for,
                             first_biased_tile, head_strides, key_bias)
+from .env import interpreting
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,6 @@ DEFAULT_BLOCK_M = 64
 LOG2_P_SCALE = tl.constexpr(_LOG2_P_SCALE)   # e4m3(448·p): 448 as an exponent offset (attention_ref item 4)
 STATS_CHUNK = 2048       # keys per partial sum of kv_stats_triton (fixed: part of the numerics)
 STATS_TILE = 64          # keys per tile inside a chunk
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from .triton_act_quant import interpreting
-from .w4_gemm import grouped_tile, tile_coords
+from .env import interpreting
 
 # Launch parameters. benchmarks/tune_int8_gemm.py swept 12 configurations at the 8 HunyuanVideo / Wan 14B
 # layer shapes, M = 16k and 64k, on an H100 (docs/results/speed.md §0e): the persistent TMA kernel with
@@ -39,6 +38,30 @@ from .w4_gemm import grouped_tile, tile_coords
 # tiles are the same (up to 1.87×); it serves GPUs without TMA (sm80/sm89).
 DEFAULT_CONFIG = {"block_m": 128, "block_n": 256, "block_k": 128, "group_m": 8, "num_warps": 8, "num_stages": 4,
                   "tma": False}
+
+
+@triton.jit
+def tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile (pid_m, pid_n) of program / work item ``pid`` of an (M, N) GEMM.
+
+    Tiles are ordered in groups of GROUP_M row tiles, so consecutive programs share weight tiles
+    in L2 (the usual grouped ordering)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of an (M, N) GEMM: row indices (BLOCK_M,) and column indices (BLOCK_N,),
+    in :func:`tile_coords` order."""
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit

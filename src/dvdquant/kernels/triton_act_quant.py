@@ -76,7 +76,6 @@ Per-block mode (scale per 128 channels) is a single pass: each tile is its own s
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from functools import lru_cache
 from typing import Optional
@@ -87,16 +86,12 @@ import triton.language as tl
 
 from ..errors import ConfigError
 from ..numerics.hadamard import inv_sqrt_r
+from .env import interpreting
 from .quant_jit import bad_rows, flag_nonfinite, quantize_codes, quantize_codes_recip, recip_ok, row_abs_max, scale_of
 
 log = logging.getLogger(__name__)
 
 FP8_MAX = 448.0
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------- kernel
@@ -142,11 +137,10 @@ def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr, SCALE: tl.constex
 def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r, magic,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                       ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, HOIST_H: tl.constexpr, ROT_R: tl.constexpr,
-                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr, EVICT: tl.constexpr, SCALE_OUT: tl.constexpr):
+                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr, SCALE_OUT: tl.constexpr):
     """One (BLOCK_M, BLOCK_K) tile of x / smooth · H in fp32, and the snap constants it used.
 
-    ``EVICT``: the L2 eviction policy of the token load ("" default, "evict_last" keeps the tile for
-    a re-read, "evict_first" marks it dead). ``SCALE_OUT=False`` leaves the rotated tile without its
+    ``SCALE_OUT=False`` leaves the rotated tile without its
     1/√R factor (the first pass scales the row amax instead: x ↦ RN(x/√R) is monotone, so
     max RN(|x|·c) = RN(max |x| · c), one multiply per row instead of one per element).
     ``MAGIC_IN``: ``magic`` (BLOCK_M,) holds this tile's snap constants (computed by an earlier
@@ -157,7 +151,7 @@ def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_x
         hk = tl.arange(0, BLOCK_K)
         h = tl.load(h_ptr + hk[:, None] * BLOCK_K + hk[None, :])
     mask = mask_m[:, None] & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     if HAS_SMOOTH:
         sm = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
         x = tl.math.div_rn(x.to(tl.float32), sm[None, :])
@@ -181,13 +175,10 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
                      ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, PER_BLOCK: tl.constexpr,
                      FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, HOIST_H: tl.constexpr,
                      HAS_FLAG: tl.constexpr, ROT_R: tl.constexpr, SNAP: tl.constexpr, SNAP_CACHE: tl.constexpr,
-                     REVERSE: tl.constexpr = False, EVICT1: tl.constexpr = "", EVICT2: tl.constexpr = "",
                      FMA_DIV: tl.constexpr = False):
     """Grid: (cdiv(M, BLOCK_M),). Each program quantizes BLOCK_M whole rows.
 
-    Per-token mode reads each row twice. ``REVERSE``: the second pass walks the row's tiles from the
-    last to the first, so it starts on the tiles the first pass read last, the ones most likely still
-    in L2. ``EVICT1`` / ``EVICT2``: the L2 eviction policies of the two passes' loads. ``FMA_DIV``: the
+    Per-token mode reads each row twice. ``FMA_DIV``: the
     second pass divides by the row scale through its reciprocal and one fma correction
     (:func:`.quant_jit.quantize_codes_recip`) when every row of the program allows it, else with ``div_rn``.
     ``HAS_FLAG``: rows whose scale came out +inf (NaN/Inf input) write ``flag_id`` into the
@@ -208,7 +199,7 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         for k0 in range(0, K, BLOCK_K):
             x, _ = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                      no_magic, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H, ROT_R,
-                                     False, SNAP, EVICT1, True)
+                                     False, SNAP, True)
             s = scale_of(row_abs_max(x), qmax, inv_qmax, SCALE_BY_RECIP)
             bad = tl.maximum(bad, bad_rows(s, mask_m))
             c = quantize_codes(x, s, qmax, FP8_FMT)
@@ -221,7 +212,7 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         for k0 in range(0, K, BLOCK_K):
             x, tile_magic = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm,
                                               inv_sqrt_r, no_magic, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE,
-                                              HOIST_H, ROT_R, False, SNAP, EVICT1, False)
+                                              HOIST_H, ROT_R, False, SNAP, False)
             if SNAP_CACHE:
                 tl.store(magic_ptr + rows.to(tl.int64) + (k0 // BLOCK_K) * M, tile_magic, mask=mask_m)
             amax = tl.maximum(amax, row_abs_max(x))
@@ -232,19 +223,14 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         if FMA_DIV:
             fast = recip_ok(s, mask_m)
             r = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), s)
-        last = (tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K
-        for kf in range(0, K, BLOCK_K):
-            if REVERSE:
-                k0 = last - kf
-            else:
-                k0 = kf
+        for k0 in range(0, K, BLOCK_K):
             if SNAP_CACHE:
                 cached = tl.load(magic_ptr + rows.to(tl.int64) + (k0 // BLOCK_K) * M, mask=mask_m, other=0.0)
             else:
                 cached = no_magic
             x, _ = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                      cached, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H, ROT_R,
-                                     SNAP_CACHE, SNAP, EVICT2, True)
+                                     SNAP_CACHE, SNAP, True)
             if FMA_DIV:
                 if fast:
                     c = quantize_codes_recip(x, s, r, qmax, FP8_FMT)
@@ -260,75 +246,9 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         flag_nonfinite(flag_ptr, flag_id, bad)
 
 
-@triton.jit
-def _rot_tile(x_ptrs, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-              TILE: tl.constexpr, ROT_R: tl.constexpr):
-    """(BLOCK_M, TILE) tokens, snapped, times the (TILE, TILE) ±1 tile, fp32, then · 1/√R once."""
-    a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-    h = tl.load(h_ptrs)
-    af = a.to(tl.float32)
-    magic = snap_magic(af, BLOCK_M, TILE, ROT_R)
-    if ROT_R == TILE:
-        magic = magic[:, None]
-    xs = (af + magic) - magic                                             # snapped: still bf16/fp16-exact
-    if IEEE_DOT:
-        xr = tl.dot(xs, h, input_precision="ieee")
-    else:
-        xr = tl.dot(xs.to(a.dtype), h)
-    return xr * inv_sqrt_r
-
-
-@triton.jit(do_not_specialize=["flag_id"])
-def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
-                         M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
-                         BLOCK_M: tl.constexpr, TILE: tl.constexpr, PER_BLOCK: tl.constexpr,
-                         FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, IEEE_DOT: tl.constexpr,
-                         HAS_FLAG: tl.constexpr, ROT_R: tl.constexpr):
-    """Rotated bf16/fp16 tokens, written as a matmul: grid (cdiv(M, BLOCK_M),).
-
-    Each K-tile is ``tl.dot(x_tile, S)`` with S the (TILE, TILE) block-diagonal ±1 tile, both
-    operands loaded straight from global memory so that Triton's software pipeliner stages them
-    in shared memory (cp.async) and feeds the tensor cores from there (wgmma on sm90) — the
-    standard GEMM dataflow, with no register → shared-memory layout conversion of the operands.
-    ±1 times a bf16/fp16 value is exact, sums are fp32; ``· inv_sqrt_r`` once afterwards.
-    """
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = rows < M
-    kk = tl.arange(0, TILE)
-    rows64 = rows.to(tl.int64)
-    x_ptrs = x_ptr + rows64[:, None] * stride_xm + kk[None, :]           # (BLOCK_M, TILE)
-    q_ptrs = q_ptr + rows64[:, None] * stride_qm + kk[None, :]
-    h_ptrs = h_ptr + kk[:, None] * TILE + kk[None, :]                    # (TILE, TILE), L2-resident
-    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    if PER_BLOCK:                       # one pass: every tile is its own scale group
-        for k0 in range(0, K, TILE):
-            xr = _rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT, BLOCK_M, TILE, ROT_R)
-            s = scale_of(row_abs_max(xr), qmax, inv_qmax, SCALE_BY_RECIP)
-            bad = tl.maximum(bad, bad_rows(s, mask_m))
-            c = quantize_codes(xr, s, qmax, FP8_FMT)
-            tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
-            tl.store(s_ptr + rows * stride_sm + (k0 // TILE) * stride_sg, s, mask=mask_m)
-    else:                               # two passes: row amax, then quantize (re-read mostly from L2)
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, TILE):
-            amax = tl.maximum(amax, row_abs_max(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT, BLOCK_M, TILE, ROT_R)))
-        s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
-        bad = bad_rows(s, mask_m)
-        for k0 in range(0, K, TILE):
-            c = quantize_codes(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT, BLOCK_M, TILE, ROT_R), s, qmax, FP8_FMT)
-            tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
-        tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
-    if HAS_FLAG:
-        flag_nonfinite(flag_ptr, flag_id, bad)
-
-
 # ---------------------------------------------------------------------------------- launcher
 # Launch parameters (tuned on an H100, see docs/KERNELS.md).
 DEFAULT_CONFIG = {"block_m": 64, "num_warps": 8, "num_stages": 3, "hoist_h": True, "block_k": 256}
-# Launch parameters of the matmul-form rotated kernel (``act_quant_rot_kernel``; swept by
-# benchmarks/tune_act_quant.py, see docs/results/speed.md).
-ROT_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 3}
 
 
 # Few tokens (text conditioning: 256–512 rows) fill too few SMs with 64-row programs: a call on (512, 5120)
@@ -415,7 +335,7 @@ def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device)
 
 def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[torch.Tensor] = None,
               h_block: Optional[torch.Tensor] = None, block: Optional[int] = None,
-              scales_k_major: bool = False, config: Optional[dict] = None, kernel: str = "auto",
+              scales_k_major: bool = False, config: Optional[dict] = None,
               nonfinite_flag: Optional[torch.Tensor] = None, flag_id: int = 0,
               codes_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize tokens ``x`` (M, K) bf16/fp16/fp32 to FP8 (or int8) codes (M, K) and fp32 scales (M, G).
@@ -430,22 +350,12 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     ``config``: launch parameters overriding :data:`DEFAULT_CONFIG` (block_m, num_warps,
     num_stages, hoist_h, block_k for the unrotated case; ``snap_cache``: keep the first pass's
     snap constants for the second, default on; ``snap=False``: skip the snap, which makes the
-    rotation inexact — ``set_backend(..., exact_rotation=False)``; the matmul-form kernel always
-    snaps; per token, :data:`PER_TOKEN_CONFIG` on top: ``fma_div`` — divide through the reciprocal,
-    same bits —, 4 warps; opt-in second-pass variants, measured no faster: ``reverse``, ``evict1`` /
-    ``evict2``) or, for the matmul-form kernel, :data:`ROT_CONFIG`.
-    ``kernel``: ``"auto"``/``"legacy"`` run :func:`act_quant_kernel` (±1 tile hoisted into
-    registers); ``"mm"`` runs a fused rotation of bf16/fp16 tokens without ``smooth`` through the
-    matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23× *slower* on an H200
-    (docs/results/speed.md) and is kept as a selectable, tested variant for other chips.
-    Both compute the same function (same ±1 dot, same 1/√R factor, same quantizer from
-    :mod:`.quant_jit`).
+    rotation inexact — ``set_backend(..., exact_rotation=False)``; per token, :data:`PER_TOKEN_CONFIG`
+    on top: ``fma_div`` — divide through the reciprocal, same bits —, 4 warps).
     ``nonfinite_flag``: a (1,) int32 device tensor; if any row's input held NaN/Inf (scale +inf)
     the kernel writes ``min(flag, flag_id)`` into it — detection without a host sync
     (:mod:`dvdquant.kernels.finite`).
     """
-    if kernel not in ("auto", "mm", "legacy"):
-        raise ConfigError(f"unknown act_quant kernel {kernel!r}")
     if x.dim() != 2:
         raise ConfigError(f"act_quant expects 2-D tokens (M, K), got shape {tuple(x.shape)}")
     if fmt not in ("int", "fp8"):
@@ -458,14 +368,7 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         raise ConfigError(f"int-grid codes of {bits} bits are not all exact in FP8 e4m3 (need 2..5; int8 codes for more)")
     m, k = x.shape
     r = None if h_block is None else h_block.shape[0]
-    mm_ok = r is not None and smooth is None and x.dtype in (torch.bfloat16, torch.float16)
-    if kernel == "mm" and not mm_ok:
-        raise ConfigError("the matmul-form kernel needs a fused rotation of bf16/fp16 tokens without smooth")
-    use_mm = mm_ok and kernel == "mm"   # "auto" keeps the register-hoisted kernel: faster on the H200 (speed.md)
-    if use_mm:
-        cfg = dict(ROT_CONFIG, **(config or {}))
-    else:
-        cfg = rows_config(m, _sm_count(x.device.index or 0) if x.is_cuda else 0, config, per_token=block is None)
+    cfg = rows_config(m, _sm_count(x.device.index or 0) if x.is_cuda else 0, config, per_token=block is None)
     if not fusable_rotation(k, r, block):
         raise ConfigError(f"rotation of order {r} cannot be fused for K={k}, block={block}: rotate first")
     if block is not None and (not _is_pow2(block) or k % block):
@@ -485,15 +388,6 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     flag = nonfinite_flag if has_flag else scales
     qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
     inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)   # fp32 1/qmax, as CUDA torch
-    if use_mm:
-        ieee = interpreting()           # bf16 tl.dot is broken in Triton 3.9's interpreter
-        h = _hadamard_tile(h_block, tile, torch.float32 if ieee else x.dtype, x.device)
-        act_quant_rot_kernel[(triton.cdiv(m, cfg["block_m"]),)](
-            x, h, codes, scales, flag, int(flag_id), m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1),
-            qmax, inv_qmax, inv_sqrt_r(r),
-            BLOCK_M=cfg["block_m"], TILE=tile, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
-            SCALE_BY_RECIP=x.is_cuda, IEEE_DOT=ieee, HAS_FLAG=has_flag, ROT_R=r, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return codes, scales
     rot_mode = 0 if interpreting() else (1 if x.dtype == torch.bfloat16 and smooth is None else 3)
     h = None
     if r:
@@ -510,8 +404,8 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         BLOCK_M=cfg["block_m"], BLOCK_K=tile, HAS_SMOOTH=sm is not None, ROTATE=h is not None,
         ROT_MODE=rot_mode, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
         SCALE_BY_RECIP=x.is_cuda, HOIST_H=cfg["hoist_h"], HAS_FLAG=has_flag, ROT_R=r or tile, SNAP=snap,
-        SNAP_CACHE=snap_cache, REVERSE=bool(cfg.get("reverse", False)), EVICT1=cfg.get("evict1", ""),
-        EVICT2=cfg.get("evict2", ""), FMA_DIV=bool(cfg.get("fma_div", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        SNAP_CACHE=snap_cache, FMA_DIV=bool(cfg.get("fma_div", False)), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return codes, scales
 
 
