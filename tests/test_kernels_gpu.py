@@ -152,7 +152,7 @@ def test_int4_codes_exact_through_scaled_mm():
 @pytest.mark.parametrize("k", [3072, 15360, 30720])
 def test_fast_accum_on_mixed_sign_int_codes_within_bound(k):
     """Fast FP8 accumulation is *not* exact on int-grid codes: Hopper's accumulator drops low bits
-    once the running sums grow (benchmarks/probe_fast_accum.py, H100: 22–49 % rel. L2 on same-sign
+    once the running sums grow (`probe_fast_accum.py`, a removed probe (git history), H100: 22–49 % rel. L2 on same-sign
     data at K ≥ 15360). On zero-mean codes × weights it stays within the issue's per-layer bound;
     that, and nothing more, is what the opt-in ``fast_accum`` promises."""
     g = torch.Generator(device=DEV).manual_seed(k)
@@ -365,7 +365,7 @@ def test_fused_projections_equal_unfused(compiled, model):
         if compiled and model == "hunyuan":
             # two different graphs: inductor rounds the glue after the projections (QK-norm, RoPE of the
             # joint sequence) differently. H100: rel. L2 0.22 % fused vs unfused in one run (0 in another), less
-            # than compiling alone moves the output (0.83 % compiled vs eager; benchmarks/probe_fused_compile.py)
+            # than compiling alone moves the output (0.83 % compiled vs eager; `probe_fused_compile.py`, a removed probe (git history))
             assert rel < 1e-2
         else:
             assert torch.equal(out, ref)

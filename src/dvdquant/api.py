@@ -163,8 +163,8 @@ def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exa
 
     By default the fp8 path computes the emulated path's bits for int-grid layers with per-token
     scales (exact rotation; exact integer GEMM: INT8 tensor cores, or FP8 ones with exact
-    accumulation for A4 below sm90; the same epilogue order), so its clips are the emulated ones. Opt-in trades of that exactness for
-    speed (docs/results/speed.md):
+    accumulation for A4 below sm90; the same epilogue order), so its clips are the emulated ones. Opt-in trades
+    of that exactness for speed (docs/KERNELS.md):
 
     ``fast_accum``: let cuBLAS accumulate the per-token FP8 GEMMs in the tensor cores'
     reduced-precision accumulator (``use_fast_accum``); the GEMM is then no longer the exact
@@ -174,7 +174,7 @@ def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exa
     rounding boundary can move one step.
 
     ``int8_gemm=False``: run int-grid steps on the FP8 GEMM instead of INT8 tensor cores: A4 codes
-    through cuBLAS' exact FP8 GEMM (the same bits, slower on an H100), A6/A8 as FP8 e4m3 values (a
+    through cuBLAS' exact FP8 GEMM (the same bits, slower on sm90), A6/A8 as FP8 e4m3 values (a
     different 8-bit grid, logged once per layer). ``fast_accum=True`` also sends A4 to cuBLAS.
 
     ``fuse_projections`` (any backend but "simulated"): where the model adapter lists sibling

@@ -157,8 +157,8 @@ class MinMaxConfig(_Common):
 
 
 @dataclass(frozen=True)
-class SmoothQuantConfig(_Common):
-    """SmoothQuant: static per-channel smoothing from calibration statistics, then RTN."""
+class _Smoothed(_Common):
+    """A baseline with static smoothing s_j = max|X_j|^α / max|W_j|^(1−α)."""
 
     alpha: float = 0.5
 
@@ -166,6 +166,11 @@ class SmoothQuantConfig(_Common):
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(_Smoothed):
+    """SmoothQuant: static per-channel smoothing from calibration statistics, then RTN."""
 
 
 @dataclass(frozen=True)
@@ -176,15 +181,8 @@ class QuaRotConfig(_Common):
 
 
 @dataclass(frozen=True)
-class ViDiTQConfig(_Common):
+class ViDiTQConfig(_Smoothed):
     """ViDiT-Q style: dynamic per-token activations + timestep-aware channel balancing."""
-
-    alpha: float = 0.5
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
 # ----------------------------------------------------------------------------- (de)serialization

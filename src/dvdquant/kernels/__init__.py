@@ -38,6 +38,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..errors import ConfigError
+from ..numerics.grids import is_weight_only
 from .emulated import emulated_forward
 from .env import log_once, triton_available
 from .finite import finite_check_mode, first_nonfinite_layer, raise_if_nonfinite
@@ -82,7 +83,7 @@ def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple
     if backend == "emulated":
         return Plan("emulated")
     cap = capability if capability is not None else device_capability(device)
-    if module.a_bits >= 16:
+    if is_weight_only(module.a_bits):
         return _weight_only_plan(module, cap)      # weight-only layers: their own path, not a fallback
     if cap is None or cap < (8, 9):
         why = "" if backend == "auto" else "fp8 backend needs an FP8-capable CUDA device (sm89+)"

@@ -13,11 +13,9 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
   K ≤ 159k) with ``use_fast_accum=False``, so A4 is the integer GEMM, exactly, up to the
   final scaling and the bf16 output rounding. ``fast_accum=True`` (opt-in, per layer:
   ``module.fp8_fast_accum``, set by ``dvdquant.set_backend(..., fast_accum=True)``) lets cuBLAS
-  keep the sums in the tensor cores' reduced-precision accumulator: 1.2–1.3× faster per layer,
-  exact while the running sums stay small, but low bits are dropped once they grow (H100,
-  ``benchmarks/probe_fast_accum.py``: rel. L2 1.2e-4 on mixed-sign int codes at K = 15360, 22 %
-  on same-sign ones; docs/results/speed.md §0a). Rotated activations are zero-mean, which is
-  why it can be worth it. The per-block GEMM keeps exact accumulation.
+  keep the sums in the tensor cores' reduced-precision accumulator: faster, exact while the
+  running sums stay small, but low bits are dropped once they grow (docs/KERNELS.md). Rotated
+  activations are zero-mean, which is why it can be worth it. The per-block GEMM keeps exact accumulation.
 * per-(token, 128-channel) scales (ARQ ``per_block``, G = K/128): ``_scaled_mm``'s blockwise
   1×128 scaling: scale_a (M, K/128), scale_b (K/128, N) holding Δ[n] in every k-block (exact: Δ
   is constant along K).
@@ -28,7 +26,7 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
   with ``a8_format="int"`` that is a different (finer near zero, coarser at the top) 8-bit grid
   than the simulated path: logged once per layer.
 
-``_scaled_mm`` layout rules (torch 2.11, H100; nanochat's fp8.py states the same)
+``_scaled_mm`` layout rules (torch 2.11)
 -------------------------------------------------------------------------------
 * ``mat1`` row-major (M, K), ``mat2`` column-major (K, N): pass the contiguous (N, K)
   weight as ``w.t()``.
@@ -45,6 +43,7 @@ from typing import Optional
 import torch
 
 from ..errors import NonFiniteError
+from ..numerics.grids import is_weight_only
 from ..numerics.hadamard import cached_hadamard, hadamard_rotate, hadamard_rotate_exact
 from .env import log_once
 from .expand import ExpansionPool
@@ -98,7 +97,7 @@ def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
     A weight-only layer (``default_bits`` ≥ 16) keeps its A16 whatever the override says (δ-GBS
     switches activation quantizers, and it has none).
     """
-    if default_bits >= 16:
+    if is_weight_only(default_bits):
         return default_bits
     b = int(bits.reshape(-1)[0]) if bits.numel() else -1
     return default_bits if b < 0 else b
@@ -107,8 +106,7 @@ def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
 def int8_tensor_cores_for_a4(device: torch.device) -> bool:
     """Whether A4 (≤ 5-bit) int-grid steps take the INT8 GEMM on ``device`` (with ``int8_gemm=True``).
 
-    Measured faster than cuBLAS' exact FP8 GEMM only on sm90 (H100: the persistent TMA kernel,
-    1.5–2.0× bf16 vs 1.2–1.7× for ``_scaled_mm`` on the same codes; docs/results/speed.md §0e). On
+    Faster than cuBLAS' exact FP8 GEMM only on sm90 (the persistent TMA kernel; docs/KERNELS.md). On
     sm89 A4 stays on cuBLAS FP8. On CPU both are exact and ``_int_mm`` is the cheaper emulation."""
     if device.type != "cuda":
         return True

@@ -1,77 +1,34 @@
-"""Fused activation quantization: (smooth) → Hadamard rotation → per-token amax → FP8 codes.
+"""Fused activation quantization: (smooth) → Hadamard rotation → per-token amax → FP8 or int8 codes.
 
-Why one kernel
---------------
-At video sizes (M = 16k–64k tokens) the FP8 GEMM of a DiT linear takes 0.3–4 ms. Spelled out
-in torch, the activation side (divide, rotate, amax, divide, round, clamp, cast) is 6–8
-passes over an (M, K) tensor and costs as much as the GEMM. This kernel reads the bf16/fp32
-tokens, does everything in registers, and writes 1-byte codes plus one fp32 scale per token
-(or per token and 128-channel block): about 3 bytes moved per element instead of ~30.
+One kernel reads the bf16/fp16/fp32 tokens once (twice for per-token scales) and writes 1-byte
+codes plus fp32 scales. For each token row ``x`` (K,), the contract of
+:mod:`dvdquant.numerics.grids` and of :func:`act_quant_reference` (bit-equal)::
 
-What it computes (the contract of :mod:`dvdquant.numerics.grids`)
------------------------------------------------------------------
-For each token row ``x`` (K,)::
-
-    x  ← x / smooth                      (optional static divisor, fp32, correctly rounded)
-    x  ← x · blockdiag(H_R, …, H_R)      (optional Hadamard rotation, blocks of order R)
+    x  ← x / smooth                      (optional static divisor, fp32, correctly rounded: div_rn)
+    x  ← x · blockdiag(H_R, …, H_R)      (optional rotation: numerics.hadamard.rotate_pm1_exact)
     a  = max |x|     over the row, or over each ``BLOCK_K``-wide block (per_block scaling)
     s  = a / qmax    if a > 0 else 1      (qmax = 2^(b−1)−1 for the int grid, 448 for FP8)
-    int grid: c = clamp(round_half_even(x / s), −qmax, qmax)   stored as float8_e4m3fn (exact
-              for b ≤ 5, since every integer |c| ≤ 16 is an e4m3 value)
-    FP8:      c = round_to_e4m3_nearest_even(x / s)             stored as float8_e4m3fn
+    int grid: c = clamp(round_half_even(x / s), −qmax, qmax)    (e4m3 for b ≤ 5, or int8)
+    FP8:      c = round_to_e4m3_nearest_even(x / s)
 
-Exactness notes (checked against the torch reference below, on CPU in Triton's interpreter
-and on the H100):
+Exactness: division is IEEE round-to-nearest (``div_rn``, or the reciprocal plus one fma
+correction, which gives the same quotients: ``quant_jit.quantize_codes_recip``); rounding uses
+the exact ``(y + 1.5·2^23) − 1.5·2^23`` trick, e4m3 rounding is done in fp32 at the value's own
+exponent before the cast. NaN/Inf inputs make the row's scale +inf (detectable from the scales).
 
-* ``/`` on fp32 in Triton compiles to an approximate division on NVIDIA GPUs; we use
-  ``tl.math.div_rn`` (IEEE round-to-nearest), which matches torch's ``/``. With per-token scales
-  the second pass divides by default through the row scale's reciprocal plus one fma correction,
-  which gives the same correctly rounded quotients (``quant_jit.quantize_codes_recip``).
-* Round-half-to-even (``torch.round``): ``libdevice.rint`` does not run in the interpreter,
-  so we use the classic exact trick ``(y + 1.5·2^23) − 1.5·2^23`` (valid for |y| < 2^22,
-  here |y| ≤ qmax), which rounds half to even under the default IEEE mode on both.
-* FP8 rounding: the interpreter of Triton 3.9 mis-rounds fp32 → e4m3 casts that carry into
-  the next binade (e.g. −31.19 → −16). We therefore round to the e4m3 grid ourselves with the
-  same trick at the value's own exponent (ulp = 2^(e−3), e ≥ −6 for subnormals) and cast an
-  already-representable value, which is exact everywhere.
-* NaN/Inf inputs make the row's scale +inf (NaN is mapped to +inf in the amax), so a caller
-  can detect them from the (M, G) scales without another pass over the data.
+Rotation in the kernel: each (row, R-block) segment is snapped to the grid u = 2^(⌊log2 max⌋ − 14)
+(as the torch reference does), multiplied by the ±1 tile with ``tl.dot`` and then by fp32(1/√R);
+after the snap every partial sum is an exact multiple of u, so any accumulation order gives the
+reference's result. ``ROT_MODE``: 1 — one bf16 dot (bf16 input, no smoothing); 3 — the snapped fp32
+tile split exactly into three bf16 parts; 0 — IEEE fp32 dot (Triton's interpreter only). In-kernel
+rotations: R a power of two, 16 ≤ R ≤ 128, R | BLOCK_K, K % BLOCK_K == 0; others are applied by
+the caller first (:func:`fusable_rotation`). ``SNAP=False`` (opt-in ``exact_rotation=False``) skips
+the snap: cheaper, no longer exact.
 
-Rotation inside the kernel
---------------------------
-The rotation is the one :func:`dvdquant.numerics.hadamard.hadamard_rotate_exact` defines, bit
-for bit: each (row, R-block) segment of the tile is first *snapped* to the grid
-u = 2^(⌊log2 max|segment|⌋ − 14) (the same integer exponent arithmetic as the torch function),
-then multiplied by a (BLOCK_K, BLOCK_K) block-diagonal matrix of *unnormalised* ±1 Hadamard
-blocks with a small ``tl.dot``, then by fp32(1/√R) once. After the snap every product is an
-integer multiple of u and every partial sum stays below 2^22·u, so the tensor cores' fp32
-accumulation is exact whatever its order, and the result equals the reference's exactly.
-Modes (``ROT_MODE``):
-
-* 1 — bf16 input, no smoothing: one bf16 tensor-core dot (a snapped bf16 value is still bf16);
-* 3 — fp32 values (fp32/fp16 input or after smoothing): the snapped tile (≤ 16 significant
-  bits) is split exactly into bf16 parts hi + mid + lo and rotated with three bf16 dots (an
-  IEEE fp32 dot would cost more than the GEMM);
-* 0 — IEEE fp32 dot; used under ``TRITON_INTERPRET=1`` only, where bf16 ``tl.dot`` is broken
-  in Triton 3.9's interpreter.
-
-Supported in-kernel: R a power of two, 16 ≤ R ≤ 128, R | BLOCK_K, K % BLOCK_K == 0 (R = 256
-ran out of shared memory on the H100 with the tuned launch config). Other rotations
-(R = 256, non-power-of-two orders such as 12·2^a, or a full rotation of order K) are
-done by the caller with a torch matmul first, then this kernel runs with rotation off.
-
-Two passes over K
------------------
-A per-token scale needs the amax of the whole row before any element can be quantized, and a
-row of 3072–15360 fp32 values does not fit in registers for the 16+ rows a ``tl.dot`` needs.
-So per-token mode makes two passes over the row's tiles: the first computes the amax (and the
-rotation), the second recomputes the rotation and quantizes. At K ≥ 12k the re-read comes
-mostly from HBM, and the kernel runs at the bandwidth of 2 reads + 1 write (≈ 5/3 of a bf16 →
-fp8 copy). Single-pass layouts that keep whole rows in registers were measured on an H100 in
-session 5 (``benchmarks/probe_act_row.py``, docs/results/speed.md §0a) and were *slower*: the
-load → reduce → write chain of a 24 KB row per program is latency-bound, and the rotation as a
-dot over a row's k-blocks costs layout conversions; so this kernel stays.
-Per-block mode (scale per 128 channels) is a single pass: each tile is its own scale group.
+Per-token scales take two passes over the row's tiles (amax, then quantize; the first pass can
+keep its snap constants for the second: ``SNAP_CACHE``); per-block scales one pass. Launch
+parameters: :data:`DEFAULT_CONFIG`, :data:`PER_TOKEN_CONFIG`, :data:`SMALL_M_CONFIG`
+(docs/KERNELS.md says how they were chosen).
 """
 from __future__ import annotations
 
@@ -251,15 +208,13 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
 DEFAULT_CONFIG = {"block_m": 64, "num_warps": 8, "num_stages": 3, "hoist_h": True, "block_k": 256}
 
 
-# Few tokens (text conditioning: 256–512 rows) fill too few SMs with 64-row programs: a call on (512, 5120)
-# bf16 tokens took 0.17 ms, 80 such calls per Wan 14B step (benchmarks/probe_act_calls.py, H100). Below one
-# wave of 64-row programs the launcher takes 16-row programs (4 warps) instead: 4× the programs.
+# Few tokens (text conditioning: 256–512 rows) fill too few SMs with 64-row programs: below one wave of
+# 64-row programs the launcher takes 16-row programs (4 warps) instead, 4× the programs.
 SMALL_M_CONFIG = {"block_m": 16, "num_warps": 4}
 
 # Per-token scales (two passes): the second pass divides by the row scale through its reciprocal and one
-# fma correction instead of IEEE div.rn (same quotients, see quant_jit.quantize_codes_recip), with 4 warps
-# per 64-row program (8 warps ran out of registers for two programs per SM). 1.23–1.30× faster on an H100
-# at M = 16k–64k, K = 3072–15360 (benchmarks/tune_act_quant.py --kernel l2; docs/results/speed.md §0g).
+# fma correction instead of IEEE div.rn (same quotients, see quant_jit.quantize_codes_recip), 4 warps per
+# 64-row program (two programs per SM).
 PER_TOKEN_CONFIG = {"num_warps": 4, "fma_div": True}
 
 
@@ -315,7 +270,7 @@ def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device)
 
     The sign pattern is read on the host, which for a CUDA ``h_block`` is a device→host copy, i.e.
     a synchronisation; it happens once per (tensor, in-place version), not once per call, so the
-    hot path never blocks the CPU (a sync per layer cost ~0.24 ms per call on an H200).
+    hot path never blocks the CPU.
     """
     # an in-place write to an inference-mode block is not noticed (blocks are built once, never written)
     key = (id(h_block), tensor_version(h_block), tile, dtype, str(device))

@@ -1,8 +1,7 @@
 """Sibling projections (Q/K/V) run as one on the fp8 path: one activation quantization, one GEMM.
 
 Why this file exists: Q, K and V of an attention module read the same tokens. As three QuantLinears
-they rotate and quantize those tokens three times — the activation kernel costs a third to a half of
-an INT8 GEMM at video-DiT shapes (docs/results/speed.md §0e) — and run three narrower GEMMs. Some
+they rotate and quantize those tokens three times and run three narrower GEMMs. Some
 diffusers processors (Wan's) already know a fused form: with ``attn.fused_projections`` set they
 call ``attn.to_qkv(x)`` once and split the output. :func:`install_fused_projections` gives them that
 attribute as a :class:`FusedProjection`, which quantizes the tokens once and runs one GEMM over the

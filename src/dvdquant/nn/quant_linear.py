@@ -192,7 +192,7 @@ class QuantLinear(nn.Module):
         A layer configured with ``a_bits=16`` is weight-only and never switched; it does not read
         the state at all, so a compiled model installs no guard on it for such layers.
         """
-        if self.a_bits >= 16:
+        if grids.is_weight_only(self.a_bits):
             return self.a_bits
         if self.state is not None and self.state.a_bits is not None:
             return self.state.a_bits
