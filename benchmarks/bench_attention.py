@@ -231,7 +231,7 @@ def sweep(reps: int, quick: bool, shape=(1, 24, 32768, 128), grid=None, formats=
     q, k, v = inputs(B, H, L, D)
     flops = 4 * B * H * L * L * D
     rows = []
-    # session 6 (H100, benchmarks/probe_attn_variants.py): 64 query rows on 4 warps (the default) beat every
+    # session 6 (H100, `probe_attn_variants.py`, a removed probe (git history)): 64 query rows on 4 warps (the default) beat every
     # 128-row config, which spill at 255 registers; the 128-row ones stay in the grid as the comparison
     if grid is None:
         grid = [(64, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3), (128, 128, 8, 4)]

@@ -27,14 +27,12 @@ import itertools
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 log = logging.getLogger("bench_int4_gemv")
 

@@ -10,18 +10,17 @@ For each (K → N) of HunyuanVideo and Wan 2.1 14B and each token count M it tim
   ``fp8_gemm_fast`` the same with ``use_fast_accum=True`` (opt-in ``fast_accum``), and
   ``fast_rel`` its relative L2 difference from the exact GEMM on these A4 codes;
 * ``act_a4`` / ``act_a8`` / ``act_a4_blk`` — the fused activation kernel (Hadamard-128
-  rotation; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot`` without rotation,
-  ``act_a4_mm`` the matmul-form rotated kernel (``kernel="mm"``); what the exact rotation's snap
-  costs: ``act_a4_nocache`` recomputes the snap constants in the second pass, ``act_a4_nosnap``
-  skips the snap (an inexact rotation, the kernel before session 8; ``a4_nosnap`` the whole layer);
+  rotation; int4 grid / FP8 e4m3 / per-(token,128) scales), ``act_a4_norot`` without rotation;
+  what the exact rotation's snap costs: ``act_a4_nocache`` recomputes the snap constants in the second
+  pass, ``act_a4_nosnap`` skips the snap (an inexact rotation; ``a4_nosnap`` the whole layer);
 * ``expand``    — packed int4 → FP8 weight expansion into a reused buffer;
 * ``a4`` / ``a8`` — the whole layer: activation kernel + expansion + GEMM; ``a4_fast`` with the
   fast-accumulation GEMM; ``a8_int`` the 8-bit int grid (int8 codes, int8 expansion,
   the Triton INT8 GEMM with the fused exact epilogue: the path A6/A8 int steps take by default),
-  ``act_a8_int`` its activation kernel; ``a4_int`` the same for A4 codes (the default A4 path on sm90
-  since session 9; ``a4`` is then the ``int8_gemm=False`` path), ``act_a4_int`` its activation kernel;
-  ``a4_persist`` — the same with a persistent FP8 weight (no expansion);
-  ``a4_blk_<recipe>`` — per-block scales through blockwise ``_scaled_mm`` (each recipe that runs).
+  ``act_a8_int`` its activation kernel; ``a4_int`` the same for A4 codes (the default A4 path on sm90;
+  ``a4`` is then the ``int8_gemm=False`` path), ``act_a4_int`` its activation kernel;
+  ``a4_persist`` — ``a4`` on an already expanded weight (no expansion: the ceiling of caching it);
+  ``a4_blk_1x128`` — per-block scales through blockwise ``_scaled_mm`` (``kernels.fp8.gemm_blockwise``).
 
 ``--lean`` times only what the issue's per-layer target is about, side by side: bf16, the INT8 GEMM alone,
 and the default A4 layer (activation kernel + int8 expansion + INT8 GEMM) with the activation kernel's
@@ -39,13 +38,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 SHAPES = [("hunyuan", 3072, 3072), ("hunyuan", 3072, 12288), ("hunyuan", 12288, 3072),
           ("hunyuan", 3072, 21504), ("hunyuan", 15360, 3072),
@@ -69,7 +66,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
 
     from dvdquant.kernels.expand import expand_int4_to_fp8
     from dvdquant.kernels.expand import expand_int4_to_int8
-    from dvdquant.kernels.fp8 import BLOCKWISE_GEMMS, gemm_int8_rowwise, gemm_rowwise
+    from dvdquant.kernels.fp8 import gemm_blockwise, gemm_int8_rowwise, gemm_rowwise
     from dvdquant.kernels.triton_act_quant import act_quant
     from dvdquant.numerics.hadamard import hadamard_matrix
 
@@ -80,7 +77,6 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
     buf = torch.empty(n, k, device=dev, dtype=torch.float8_e4m3fn)
 
     act4 = lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=cfg)          # noqa: E731
-    act4_mm = lambda: act_quant(x, bits=4, fmt="int", h_block=h, kernel="mm")      # noqa: E731
     act8 = lambda: act_quant(x, bits=8, fmt="fp8", h_block=h, config=cfg)          # noqa: E731
     act4b = lambda: act_quant(x, bits=4, h_block=h, block=128, scales_k_major=True, config=cfg)  # noqa: E731
     expand = lambda: expand_int4_to_fp8(packed, zero, out=buf)                     # noqa: E731
@@ -99,7 +95,6 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
     act4_nosnap = lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=dict(cfg or {}, snap=False))  # noqa: E731
     r["act_a4_nocache"] = t(lambda: act_quant(x, bits=4, fmt="int", h_block=h, config=dict(cfg or {}, snap_cache=False)))
     r["act_a4_nosnap"] = t(act4_nosnap)
-    r["act_a4_mm"] = t(act4_mm)
     r["expand"] = t(expand)
 
     def full(act, do_expand=True, fast=False):
@@ -128,7 +123,7 @@ def bench_shape(k: int, n: int, m: int, rep: int, cfg: dict = None, blockwise: b
     r["a4_int"] = t(a4_int)
     del buf_i8
     qb, sb = act4b()
-    for name, fn in (BLOCKWISE_GEMMS.items() if blockwise else ()):
+    for name, fn in ({"1x128": gemm_blockwise}.items() if blockwise else ()):
         try:
             fn(qb, sb, w8, w_scale, bias, torch.bfloat16)
             torch.cuda.synchronize()
@@ -231,7 +226,7 @@ def markdown(rows: list, device: str) -> str:
     head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "fast GEMM ×", "A4 ×", "A4 fast ×", "fast rel", "A8 ×", "A4 persist ×",
                                                            "A4 no-snap ×", "A8 int ×", "A4 int8 ×"] + \
         [f"A4 blk {b} ×" for b in blk] + ["act A4 ms", "act A4 no-cache ms", "act A4 no-snap ms", "act A8 ms",
-                                           "act blk ms", "act norot ms", "act A4 mm ms", "expand ms", "GEMM ms"]
+                                           "act blk ms", "act norot ms", "expand ms", "GEMM ms"]
     out = [f"Device: {device}. Speedups are bf16 time / path time (>1 = faster), medians of do_bench.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -242,7 +237,7 @@ def markdown(rows: list, device: str) -> str:
                  f"{r['speedup_a4_int']:.2f}"]
         cells += [f"{r.get('speedup_a4_blk_' + b, float('nan')):.2f}" for b in blk]
         cells += [f"{r[c]:.3f}" for c in ("act_a4", "act_a4_nocache", "act_a4_nosnap", "act_a8", "act_a4_blk",
-                                          "act_a4_norot", "act_a4_mm", "expand", "fp8_gemm")]
+                                          "act_a4_norot", "expand", "fp8_gemm")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -255,7 +250,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 16k only")
     ap.add_argument("--no-blockwise", action="store_true", help="skip the per-block (1x128) GEMM recipes")
     ap.add_argument("--act-config", default=None,
-                    help="JSON launch config of the rotated act_quant kernel (see tune_act_quant.py)")
+                    help="JSON launch config of the rotated act_quant kernel (keys of triton_act_quant.DEFAULT_CONFIG)")
     ap.add_argument("--lean", action="store_true",
                     help="only bf16, the INT8 GEMM and the default A4 layer with the default and --candidates act configs")
     ap.add_argument("--candidates", default="[]", help="--lean: JSON list of act_quant launch configs to compare")

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 log = logging.getLogger("bench_pipeline")
 
 SIZES = {"wan14b": dict(height=480, width=832, num_frames=81, text_len=512, text_dim=4096),

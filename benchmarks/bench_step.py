@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 log = logging.getLogger("bench_step")
 
 GEMM_KEYS = ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "scaled_mm", "sm90_", "wgmma")

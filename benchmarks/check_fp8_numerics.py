@@ -27,12 +27,10 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 log = logging.getLogger("check_fp8_numerics")
 PROMPTS = ["a red circle moving left on a striped background", "a blue square moving up on a dark background",
@@ -75,7 +73,7 @@ def _timed_generation(model, backend: str, steps: int, fast_accum: bool = False,
 
 def run_config(name, cfg, steps: int, record_steps, device: str = "cuda", fast_accum: bool = False) -> dict:
     import dvdquant
-    from dvdquant.eval.video_metrics import psnr
+    from dvdquant.numerics.video_metrics import psnr
     from dvdquant.kernels import plan_forward
     from dvdquant.models.embedded import load_embedded
 

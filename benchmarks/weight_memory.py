@@ -20,16 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "src"))
 log = logging.getLogger("weight_memory")
 
 MODELS = {"wan14b": "Wan 2.1 14B", "hunyuan": "HunyuanVideo 13B"}
@@ -60,7 +56,7 @@ def count_weight_bytes(model: nn.Module, config) -> dict:
             weight_only_fp += _bytes([lin.weight])
         q = QuantLinear(lin.in_features, lin.out_features, w_bits=cfg.w_bits, group_size=cfg.group_size,
                         a_bits=cfg.a_bits, has_bias=lin.bias is not None, bias_dtype=lin.weight.dtype, device=device)
-        api._set_submodule(model, name, q)
+        api.set_submodule(model, name, q)
     qmods = [m for m in model.modules() if isinstance(m, QuantLinear)]
     codes = _bytes(m.qweight for m in qmods)
     scales = _bytes(t for m in qmods for t in (m.w_scale, m.w_zero))

@@ -51,33 +51,21 @@ def test_act_quant_kernel_compiles_for_sm90(rot_r, block_k, per_block, rot_mode,
            **{n: "i32" for n in _INTS[1:]}, "qmax": "fp32", "inv_qmax": "fp32", "inv_sqrt_r": "fp32"}
     const = dict(BLOCK_M=block_m, BLOCK_K=block_k, HAS_SMOOTH=False, ROTATE=rotate, ROT_MODE=rot_mode if rotate else 1,
                  PER_BLOCK=per_block, FP8_FMT=False, SCALE_BY_RECIP=True, HOIST_H=True, HAS_FLAG=True,
-                 ROT_R=rot_r, SNAP=snap, SNAP_CACHE=snap_cache, REVERSE=False, EVICT1="", EVICT2="",
+                 ROT_R=rot_r, SNAP=snap, SNAP_CACHE=snap_cache,
                  FMA_DIV=not per_block)                # per token: the fma division (PER_TOKEN_CONFIG)
     assert _compile(act_quant_kernel, sig, const, num_warps=warps).asm["cubin"]
 
 
-@pytest.mark.parametrize("reverse,evict,fma_div", [(True, False, True), (False, True, False), (True, True, False)])
-def test_act_quant_second_pass_variants_compile_for_sm90(reverse, evict, fma_div):
-    """The opt-in second-pass variants (backwards walk, L2 eviction hints, div.rn) build too."""
+def test_act_quant_div_rn_second_pass_compiles_for_sm90():
+    """Per-token scales with ``fma_div`` off (the second pass divides with div.rn) build too."""
     from dvdquant.kernels.triton_act_quant import act_quant_kernel
     sig = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "h_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32",
            "flag_ptr": "*i32", "flag_id": "i32", "magic_ptr": "*fp32",
            **{n: "i32" for n in _INTS[1:]}, "qmax": "fp32", "inv_qmax": "fp32", "inv_sqrt_r": "fp32"}
     const = dict(BLOCK_M=64, BLOCK_K=128, HAS_SMOOTH=False, ROTATE=True, ROT_MODE=1, PER_BLOCK=False, FP8_FMT=False,
                  SCALE_BY_RECIP=True, HOIST_H=True, HAS_FLAG=True, ROT_R=128, SNAP=True, SNAP_CACHE=True,
-                 REVERSE=reverse, EVICT1="evict_last" if evict else "", EVICT2="evict_first" if evict else "",
-                 FMA_DIV=fma_div)
+                 FMA_DIV=False)
     assert _compile(act_quant_kernel, sig, const, num_warps=4).asm["cubin"]
-
-
-@pytest.mark.parametrize("per_block", [False, True])
-def test_matmul_form_kernel_compiles_for_sm90(per_block):
-    from dvdquant.kernels.triton_act_quant import act_quant_rot_kernel
-    sig = {"x_ptr": "*bf16", "h_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "flag_ptr": "*i32",
-           **{n: "i32" for n in _INTS}, "qmax": "fp32", "inv_qmax": "fp32", "inv_sqrt_r": "fp32"}
-    const = dict(BLOCK_M=64, TILE=128, PER_BLOCK=per_block, FP8_FMT=False, SCALE_BY_RECIP=True, IEEE_DOT=False,
-                 HAS_FLAG=True, ROT_R=128)
-    assert _compile(act_quant_rot_kernel, sig, const, num_warps=4).asm["cubin"]
 
 
 @pytest.mark.parametrize("has_bias,block_k", [(True, 128), (False, 64)])

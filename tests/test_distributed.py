@@ -25,8 +25,8 @@ import torch
 import dvdquant
 from dvdquant import BGRConfig, DVDQuantConfig, GBSConfig
 from dvdquant.cli import main as cli_main
-from dvdquant.distributed import (_check_launch, enable_context_parallel, partition_layers,
-                                  quantize_sharded)
+from dvdquant.distributed import enable_context_parallel, partition_layers, quantize_sharded
+from dvdquant.distributed.launcher import _check_launch
 from dvdquant.errors import DVDQuantError
 from tiny_models import tiny_wan
 

@@ -6,7 +6,7 @@ import torch
 
 from dvdquant.data import FACTOR_NAMES
 from dvdquant.errors import CheckpointError
-from dvdquant.eval.video_metrics import PSNR_CAP
+from dvdquant.numerics.video_metrics import PSNR_CAP
 
 
 @pytest.fixture(scope="module")

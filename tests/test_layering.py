@@ -1,11 +1,13 @@
-"""Imports point one way: cli → pipeline/eval → models → algorithms/baselines → nn → kernels → numerics."""
+"""Imports point one way: cli → pipeline/eval/distributed → serialization → api → algorithms/baselines → nn →
+kernels → numerics; ``models/`` (adapters as data, the embedded model) imports none of them: api, pipeline and
+eval read it."""
 import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dvdquant"
-RANK = {"numerics": 0, "kernels": 1, "nn": 2, "algorithms": 3, "baselines": 3, "models": 4, "api": 5,
+RANK = {"models": -1, "numerics": 0, "kernels": 1, "nn": 2, "algorithms": 3, "baselines": 3, "api": 5,
         "serialization": 6, "pipeline": 7, "eval": 7, "distributed": 7, "cli": 8}
-LEAVES = {"errors", "config", "data", "fileio", "__init__"}   # importable from anywhere (no internal imports upward)
+LEAVES = {"errors", "config", "data", "fileio", "_version", "__init__"}   # importable from anywhere (no internal imports upward)
 
 
 def _internal_imports(path: Path):

@@ -7,7 +7,7 @@ Public API::
     video = pipe(prompt).frames                      # any diffusers pipeline: δ-GBS runs as its hook
     dvdquant.step_controller(pipe.transformer).schedule
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .api import (LayerReport, QuantReport, quantize_, quantized_layers, restack_step_hook, set_backend,
                   share_step_controller, step_controller)

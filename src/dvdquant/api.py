@@ -77,7 +77,8 @@ class QuantReport:
         return "\n".join([head] + rows)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (replacing what was there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -140,7 +141,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
             meth = method if cfg is config else get_method(cfg)
             qmod, info = meth.quantize_layer(name, linear, cfg, stats if cfg is config else None)
             qmod.state, qmod.layer_name = state, name
-            _set_submodule(model, name, qmod)
+            set_submodule(model, name, qmod)
             layers.append(LayerReport(name, linear.in_features, linear.out_features, meth.name,
                                       cfg.w_bits, cfg.a_bits, info.w_err_minmax, info.w_err, info.extras))
     state.reset()
@@ -164,8 +165,8 @@ def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exa
 
     By default the fp8 path computes the emulated path's bits for int-grid layers with per-token
     scales (exact rotation; exact integer GEMM: INT8 tensor cores, or FP8 ones with exact
-    accumulation for A4 below sm90; the same epilogue order), so its clips are the emulated ones. Opt-in trades of that exactness for
-    speed (docs/results/speed.md):
+    accumulation for A4 below sm90; the same epilogue order), so its clips are the emulated ones. Opt-in trades
+    of that exactness for speed (docs/KERNELS.md):
 
     ``fast_accum``: let cuBLAS accumulate the per-token FP8 GEMMs in the tensor cores'
     reduced-precision accumulator (``use_fast_accum``); the GEMM is then no longer the exact
@@ -175,7 +176,7 @@ def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exa
     rounding boundary can move one step.
 
     ``int8_gemm=False``: run int-grid steps on the FP8 GEMM instead of INT8 tensor cores: A4 codes
-    through cuBLAS' exact FP8 GEMM (the same bits, slower on an H100), A6/A8 as FP8 e4m3 values (a
+    through cuBLAS' exact FP8 GEMM (the same bits, slower on sm90), A6/A8 as FP8 e4m3 values (a
     different 8-bit grid, logged once per layer). ``fast_accum=True`` also sends A4 to cuBLAS.
 
     ``fuse_projections`` (any backend but "simulated"): where the model adapter lists sibling

@@ -23,21 +23,34 @@ from .errors import DVDQuantError
 
 log = logging.getLogger("dvdquant")
 
-METHOD_CONFIGS = {"dvdquant": "DVDQuantConfig", "minmax": "MinMaxConfig", "smoothquant": "SmoothQuantConfig",
-                  "quarot": "QuaRotConfig", "viditq": "ViDiTQConfig"}
+
+
+def _method_names() -> list[str]:
+    """``--method`` choices: the registered quantization methods (algorithms/registry.py)."""
+    from .algorithms import registered_methods
+    return sorted(registered_methods())
+
+
+def _fields(cls) -> set:
+    import dataclasses
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _config_from_args(args):
-    from . import config as cfgmod
-    cls = getattr(cfgmod, METHOD_CONFIGS[args.method])
+    """The method's config class from the registry, with the options its fields take: ``--delta`` sets
+    ``gbs`` and ``--attention`` sets ``attention`` where the config has them (DVD-Quant's)."""
+    from .algorithms import method_by_name, registered_methods
+    from .config import GBSConfig
+    cls = method_by_name(args.method).config_cls
     kw = dict(w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size,
               quantize_modulation=args.quantize_modulation)
-    if args.method == "dvdquant" and args.delta is not None:
-        kw["gbs"] = cfgmod.GBSConfig(delta=args.delta)
-    if args.method == "dvdquant":
+    if "gbs" in _fields(cls) and args.delta is not None:
+        kw["gbs"] = GBSConfig(delta=args.delta)
+    if "attention" in _fields(cls):
         kw["attention"] = args.attention
     elif args.attention != "int8":
-        raise DVDQuantError(f"--attention applies to --method dvdquant only (got --method {args.method})")
+        takers = " / ".join(n for n, m in registered_methods().items() if "attention" in _fields(m.config_cls))
+        raise DVDQuantError(f"--attention applies to --method {takers} only (got --method {args.method})")
     return cls(**kw)
 
 
@@ -63,16 +76,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _embedded_calibration(prompts=("a red circle moving left on a dark background",
-                                   "a blue square growing on a striped background"), steps: int = 8):
-    """Calibration for baselines that need statistics: a short generation with the embedded model."""
-    def calibrate(transformer):
-        from .models.embedded import load_embedded
-        from .pipeline.generate import generate
-        base = load_embedded()
-        base.transformer = transformer
-        generate(base, list(prompts), steps=steps, progress=False)
-    return calibrate
+CALIBRATION_PROMPTS = ("a red circle moving left on a dark background", "a blue square growing on a striped background")
+
+
+def _calibration(base: str, cfg):
+    """``quantize``'s calibration for methods that need statistics: 8 steps of the embedded model on two
+    captions (None for data-free methods, and for other models: the library then raises)."""
+    from .algorithms import get_method
+    from .pipeline.models_io import EMBEDDED
+    if base != EMBEDDED or get_method(cfg).data_free:
+        return None
+    from .models.embedded import load_embedded
+    from .pipeline.generate import calibration_generation
+    return calibration_generation(load_embedded(), CALIBRATION_PROMPTS, steps=8)
 
 
 def cmd_quantize(args) -> int:
@@ -90,7 +106,7 @@ def cmd_quantize(args) -> int:
 def _quantize(args, cfg, out: Path) -> int:
     from . import api, serialization
     from .fileio import atomic_write_text
-    from .pipeline.models_io import CHECKPOINT_NAME, EMBEDDED, load_transformer
+    from .pipeline.models_io import CHECKPOINT_NAME, load_transformer
     if args.nproc != 1:                     # layers split over N processes; rank 0 writes the checkpoint
         from .distributed import quantize_multiprocess
         report, ckpt = quantize_multiprocess(args.model, cfg, out, nproc=args.nproc, device=args.device,
@@ -99,7 +115,7 @@ def _quantize(args, cfg, out: Path) -> int:
             return 0
     else:
         transformer, base = load_transformer(args.model, device=args.device)
-        calibration = _embedded_calibration() if base == EMBEDDED else None
+        calibration = _calibration(base, cfg)
         report = api.quantize_(transformer, cfg, calibration=calibration, progress=not args.quiet)
         ckpt = serialization.save(transformer, out / CHECKPOINT_NAME, extra={"base_model": base})
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, default=str))
@@ -241,7 +257,7 @@ def _add_pipeline_args(g) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="quantized transformer (.safetensors), or the --out folder "
                    "of `dvdquant quantize --model DIR` (Wan 2.2: transformer.safetensors + transformer_2.safetensors)")
     p.add_argument("--checkpoint-2", metavar="PATH", help="Wan 2.2: the low-noise expert's (transformer_2) checkpoint")
-    p.add_argument("--method", choices=sorted(METHOD_CONFIGS) + ["fp"], default=None,
+    p.add_argument("--method", choices=_method_names() + ["fp"], default=None,
                    help="no --checkpoint: quantize now with this method (default: dvdquant), or 'fp' for none")
     p.add_argument("--w-bits", type=int, default=None, help="weight bits, 2..8 (default: 4)")
     p.add_argument("--a-bits", type=int, default=None, help="activation bits: 4, 6, 8 or 16 (default: 4)")
@@ -283,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default="embedded", help="'embedded', a diffusers transformer directory, or a "
                    "diffusers pipeline folder (its transformer; Wan 2.2: both, as transformer.safetensors and "
                    "transformer_2.safetensors)")
-    q.add_argument("--method", choices=sorted(METHOD_CONFIGS), default="dvdquant")
+    q.add_argument("--method", choices=_method_names(), default="dvdquant")
     q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default: %(default)s)")
     q.add_argument("--a-bits", type=int, default=4, help="activation bits: 4, 6, 8 or 16 (default: %(default)s)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
@@ -330,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="quality of methods × bit-widths vs FP on the embedded model: table, plots, JSON")
     e.add_argument("--model", default="embedded", help="'embedded', 'random' (untrained, development) or a model folder")
-    e.add_argument("--methods", default="all", help="comma list of minmax, smoothquant, quarot, viditq, dvdquant, "
-                   "dvdquant-no-bgr, dvdquant-no-rotation, dvdquant-no-autoscale, dvdquant-no-gbs (default: all)")
+    from .eval.quality import METHODS
+    e.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)} (default: all)")
     e.add_argument("--bits", default="all", help="comma list of W8A8, W4A8, W4A6, W4A4 (default: all)")
     e.add_argument("--prompts", type=int, default=120, help="number of fixed prompts; a multiple of 24 balances "
                    "every factor (default: %(default)s)")

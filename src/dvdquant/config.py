@@ -157,8 +157,8 @@ class MinMaxConfig(_Common):
 
 
 @dataclass(frozen=True)
-class SmoothQuantConfig(_Common):
-    """SmoothQuant: static per-channel smoothing from calibration statistics, then RTN."""
+class _Smoothed(_Common):
+    """A baseline with static smoothing s_j = max|X_j|^α / max|W_j|^(1−α)."""
 
     alpha: float = 0.5
 
@@ -166,6 +166,11 @@ class SmoothQuantConfig(_Common):
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(_Smoothed):
+    """SmoothQuant: static per-channel smoothing from calibration statistics, then RTN."""
 
 
 @dataclass(frozen=True)
@@ -176,20 +181,12 @@ class QuaRotConfig(_Common):
 
 
 @dataclass(frozen=True)
-class ViDiTQConfig(_Common):
+class ViDiTQConfig(_Smoothed):
     """ViDiT-Q style: dynamic per-token activations + timestep-aware channel balancing."""
-
-    alpha: float = 0.5
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
 # ----------------------------------------------------------------------------- (de)serialization
-_CONFIG_CLASSES = {c.__name__: c for c in (DVDQuantConfig, MinMaxConfig, SmoothQuantConfig, QuaRotConfig,
-                                           ViDiTQConfig)}
+# The list of config classes is the method registry's (algorithms/registry.py: config_from_dict).
 _NESTED = {"bgr": BGRConfig, "gbs": GBSConfig}
 
 
@@ -201,12 +198,9 @@ def config_to_dict(cfg) -> dict:
     return {"type": type(cfg).__name__, "fields": d}
 
 
-def config_from_dict(d: dict):
-    """Inverse of :func:`config_to_dict`; raises ConfigError on an unknown type."""
-    cls = _CONFIG_CLASSES.get(d.get("type"))
-    if cls is None:
-        raise ConfigError(f"unknown config type {d.get('type')!r} (known: {', '.join(_CONFIG_CLASSES)})")
-    fields = dict(d["fields"])
+def config_from_fields(cls, fields: dict):
+    """``cls(**fields)`` from :func:`config_to_dict`'s ``fields`` (nested configs and ``skip`` restored)."""
+    fields = dict(fields)
     for key, sub in _NESTED.items():
         if fields.get(key) is not None:
             fields[key] = sub(**fields[key])

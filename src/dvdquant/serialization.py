@@ -27,9 +27,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .api import CONFIG_ATTR, _set_submodule, attach_runtime, quantized_layers
-from .config import config_from_dict, config_to_dict
+from ._version import __version__
+from .algorithms.registry import config_from_dict
+from .api import CONFIG_ATTR, attach_runtime, quantized_layers, set_submodule
+from .config import config_to_dict
 from .errors import CheckpointError
 from .fileio import atomic_path
 from .nn import attention as qattn
@@ -55,12 +56,23 @@ def tensors_sha256(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def _layer_meta(m: QuantLinear) -> dict:
+def layer_meta(m: QuantLinear) -> dict:
+    """A quantized layer's settings as stored in a checkpoint header (see :func:`quant_linear_from_meta`)."""
     d = {k: getattr(m, k) for k in _LAYER_KEYS}
     d.update(has_bias=m.bias is not None, smooth_steps=0 if m.smooth is None else m.smooth.shape[0],
              balance_steps=0 if m.act_balance is None else m.act_balance.shape[0],
              bias_dtype=str(m.bias.dtype).replace("torch.", "") if m.bias is not None else "float32")
     return d
+
+
+def quant_linear_from_meta(meta: dict, device) -> QuantLinear:
+    """An empty QuantLinear (tensors to be loaded) with the settings of :func:`layer_meta`'s entry."""
+    return QuantLinear(meta["in_features"], meta["out_features"], w_bits=meta["w_bits"],
+                       group_size=meta["group_size"], a_bits=meta["a_bits"], a8_format=meta["a8_format"],
+                       rotation_block=meta["rotation_block"], auto_scale=meta["auto_scale"],
+                       scale_block=meta["scale_block"], has_bias=meta["has_bias"],
+                       smooth_steps=meta["smooth_steps"], balance_steps=meta["balance_steps"],
+                       bias_dtype=getattr(torch, meta["bias_dtype"]), device=device)
 
 
 def _dense_bits(m: QuantLinear) -> Optional[int]:
@@ -104,7 +116,7 @@ def save(model: nn.Module, path, extra: Optional[dict] = None) -> Path:
                               f"({len(dynamic)} layers, e.g. {dynamic[0]}): their master weights are not in the format")
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    layers = {n: dict(_layer_meta(m), **({"packed_bits": _dense_bits(m)} if _dense_bits(m) else {}))
+    layers = {n: dict(layer_meta(m), **({"packed_bits": _dense_bits(m)} if _dense_bits(m) else {}))
               for n, m in quantized_layers(model)}
     _pack_dense(tensors, layers)
     dense = any("packed_bits" in lm for lm in layers.values())
@@ -211,13 +223,9 @@ def load(path, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
             old = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"checkpoint {path} names layer {name}, which this model lacks") from None
-        q = QuantLinear(lm["in_features"], lm["out_features"], w_bits=lm["w_bits"], group_size=lm["group_size"],
-                        a_bits=lm["a_bits"], a8_format=lm["a8_format"], rotation_block=lm["rotation_block"],
-                        auto_scale=lm["auto_scale"], scale_block=lm["scale_block"], has_bias=lm["has_bias"],
-                        smooth_steps=lm["smooth_steps"], balance_steps=lm["balance_steps"],
-                        bias_dtype=getattr(torch, lm["bias_dtype"]), device=device)
+        q = quant_linear_from_meta(lm, device)
         q.state, q.layer_name = state, name
-        _set_submodule(model, name, q)
+        set_submodule(model, name, q)
         del old
     _check_zero_points(tensors, meta, path)
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -46,5 +46,5 @@ def dvdquant_layer(name: str, linear: nn.Linear, cfg: DVDQuantConfig, stats=None
 
 
 register_method(QuantMethod(
-    name="dvdquant", config_cls=DVDQuantConfig, quantize_layer=dvdquant_layer, data_free=True,
+    name="dvdquant", config_cls=DVDQuantConfig, quantize_layer=dvdquant_layer, data_free=True, label="DVD-Quant", baseline=False,
     description="BGR weights + ARQ rotated, auto-scaled per-token activations (+ δ-GBS)"))

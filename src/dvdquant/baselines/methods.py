@@ -76,13 +76,14 @@ def _collect(label: str):
     return collect
 
 
-register_method(QuantMethod("minmax", MinMaxConfig, minmax_layer, data_free=True,
+# Registration order is the order of the evaluation's baseline rows.
+register_method(QuantMethod("minmax", MinMaxConfig, minmax_layer, data_free=True, label="MinMax",
                             description="MinMax/RTN weights, per-token activations"))
-register_method(QuantMethod("quarot", QuaRotConfig, quarot_layer, data_free=True,
-                            description="Hadamard rotation + RTN weights, per-token activations"))
 register_method(QuantMethod("smoothquant", SmoothQuantConfig, smoothquant_layer,
-                            collect=_collect("SmoothQuant"), data_free=False,
+                            collect=_collect("SmoothQuant"), data_free=False, label="SmoothQuant",
                             description="calibrated per-channel smoothing + RTN"))
+register_method(QuantMethod("quarot", QuaRotConfig, quarot_layer, data_free=True, label="QuaRot",
+                            description="Hadamard rotation + RTN weights, per-token activations"))
 register_method(QuantMethod("viditq", ViDiTQConfig, viditq_layer, collect=_collect("ViDiT-Q"),
-                            data_free=False,
+                            data_free=False, label="ViDiT-Q-style",
                             description="static smoothing + calibrated timestep-aware channel balance + RTN"))

@@ -1,7 +1,8 @@
-"""Evaluation: prompt-adherence classifier, fidelity/temporal metrics, the quality report.
+"""Evaluation: prompt-adherence classifier, the quality report (fidelity/temporal metrics:
+:mod:`dvdquant.numerics.video_metrics`).
 
 ``evaluate`` (methods × bit-widths on the embedded model, :mod:`dvdquant.eval.quality`) is
-imported lazily, so that ``import dvdquant.eval.video_metrics`` stays light.
+imported lazily, so that ``import dvdquant.eval.classifier`` stays light.
 """
 
 __all__ = ["evaluate", "METHODS", "BITS"]

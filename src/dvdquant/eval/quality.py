@@ -51,12 +51,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import api
-from ..algorithms import GBSController
-from ..config import (DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig, ViDiTQConfig,
-                      config_to_dict)
+from ..algorithms import GBSController, registered_methods
+from ..config import DVDQuantConfig, GBSConfig, config_to_dict
 from ..data import FACTOR_NAMES, Factors, generate_clips, make_caption, parse_caption, sample_combinations
 from ..errors import DVDQuantError
-from . import video_metrics as vm
+from ..numerics import video_metrics as vm
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +120,14 @@ def _static(cls):
     return lambda b: cls(w_bits=b.w_bits, a_bits=b.a_bits)
 
 
+def baseline_specs() -> tuple:
+    """One row per registered baseline method (algorithms/registry.py), in registration order."""
+    return tuple(MethodSpec(m.name, m.display(), "baseline", _static(m.config_cls), calibrated=not m.data_free)
+                 for m in registered_methods().values() if m.baseline)
+
+
 METHODS: dict[str, MethodSpec] = {m.key: m for m in (
-    MethodSpec("minmax", "MinMax", "baseline", _static(MinMaxConfig)),
-    MethodSpec("smoothquant", "SmoothQuant", "baseline", _static(SmoothQuantConfig), calibrated=True),
-    MethodSpec("quarot", "QuaRot", "baseline", _static(QuaRotConfig)),
-    MethodSpec("viditq", "ViDiT-Q-style", "baseline", _static(ViDiTQConfig), calibrated=True),
+    *baseline_specs(),
     MethodSpec("dvdquant", "DVD-Quant", "dvdquant", dvdquant_config),
     MethodSpec("dvdquant-no-bgr", "DVD-Quant − BGR", "ablation",
                lambda b: dvdquant_config(b, bgr=None), only_bits=LOW_BITS, ablates="BGR"),
@@ -303,14 +305,9 @@ def _gbs_summary(samples: Samples, cfg) -> Optional[dict]:
 
 def _calibration_fn(model, steps: int, guidance: float, seed: int) -> Callable:
     """calibration(transformer): a short FP generation on captions not in the eval set."""
-    from ..pipeline.generate import generate
+    from ..pipeline.generate import calibration_generation
     prompts = [make_caption(f) for f in sample_combinations(CALIBRATION_PROMPTS, seed=CALIBRATION_SEED)]
-
-    def calibrate(transformer):
-        m = copy.copy(model)
-        m.transformer = transformer
-        generate(m, prompts, seed=seed + 100_000, steps=steps, guidance=guidance, progress=False)
-    return calibrate
+    return calibration_generation(model, prompts, steps=steps, guidance=guidance, seed=seed + 100_000)
 
 
 def _device_name(device: torch.device) -> str:

@@ -16,11 +16,12 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..algorithms import registered_methods
 from ..data import FACTOR_NAMES
 
 BEGIN, END = "<!-- BEGIN quality -->", "<!-- END quality -->"
 EPS = 1e-3   # points: adherence is a float32 mean, so one clip of 120 is 0.83333 ± 1e-5
-BASELINES = ("minmax", "smoothquant", "quarot", "viditq")
+BASELINES = tuple(n for n, m in registered_methods().items() if m.baseline)   # the method registry's
 WEAK_BASELINES = ("minmax", "smoothquant", "quarot")
 IMG_SQNR, IMG_GBS, IMG_FRAMES = "quality_sqnr_w4a4.png", "quality_gbs_schedule.png", "quality_frames_w4a4.png"
 REPO_DOCS = Path(__file__).resolve().parents[3] / "docs"

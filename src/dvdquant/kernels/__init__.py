@@ -38,13 +38,14 @@ from typing import Optional, Tuple
 import torch
 
 from ..errors import ConfigError
+from ..numerics.grids import is_weight_only
 from .emulated import emulated_forward
+from .env import log_once, triton_available
 from .finite import finite_check_mode, first_nonfinite_layer, raise_if_nonfinite
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("emulated", "fp8", "auto")
-_LOGGED: set = set()
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,6 @@ class Plan:
     fmt: str = "int"          # fp8 path: "int" (int-grid codes: e4m3 ≤ 5 bits, int8 + INT8 GEMM 6–8) or "fp8"
     per_block: bool = False   # fp8 path: per-(token, 128-channel) activation scales
     note: str = ""            # fp8 path: a numerics difference worth one log line
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def device_capability(device) -> Optional[Tuple[int, int]]:
@@ -90,7 +83,7 @@ def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple
     if backend == "emulated":
         return Plan("emulated")
     cap = capability if capability is not None else device_capability(device)
-    if module.a_bits >= 16:
+    if is_weight_only(module.a_bits):
         return _weight_only_plan(module, cap)      # weight-only layers: their own path, not a fallback
     if cap is None or cap < (8, 9):
         why = "" if backend == "auto" else "fp8 backend needs an FP8-capable CUDA device (sm89+)"
@@ -114,7 +107,7 @@ def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple
     if per_block and (module.scale_block != 128 or cap < (9, 0)):
         return Plan("emulated", f"per_block scaling needs scale_block=128 on sm90 "
                                 f"(got {module.scale_block}, sm{cap[0]}{cap[1]})")
-    if not _triton_available():
+    if not triton_available():
         return Plan("emulated", "triton is not installed")
     if bits is None or bits <= 5:
         return Plan("fp8", fmt="int", per_block=per_block)
@@ -132,15 +125,13 @@ def _weight_only_plan(module, cap: Optional[Tuple[int, int]]) -> Plan:
     gemv_ok = (cap is not None and module.w_bits == 4 and module.packed
                and module.group_size in (None, k) and not module.rotation_block
                and getattr(module, "smooth", None) is None and getattr(module, "act_balance", None) is None
-               and module.auto_scale != "per_channel" and k % 2 == 0 and _triton_available())
+               and module.auto_scale != "per_channel" and k % 2 == 0 and triton_available())
     return Plan("int4_gemv" if gemv_ok else "emulated")
 
 
 def _log_once(module, msg: str) -> None:
-    key = (getattr(module, "layer_name", "") or id(module), msg)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.info("layer %s: %s", key[0], msg)
+    name = getattr(module, "layer_name", "") or id(module)
+    log_once(log, ("layer", name, msg), "layer %s: %s", name, msg)
 
 
 def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,8 @@ issues, for key tile j,
 
 K and Vᵀ tiles arrive by TMA into a ring of ``stages`` shared-memory slots (3 at head_dim 128, 2 at 64),
 each refilled as soon as the MMAs reading it are done; two programs (one warpgroup each) share an SM.
-Measured on an H100 (session 7, ``docs/results/attention.md``): 1.02–1.05× the Triton kernel at head_dim
-128 and 1.06–1.10× at 64, kernel alone; ``quant_attention`` therefore runs it by default on sm_90
-(``impl="auto"``). ptxas places the wait for P·V before the softmax's first shuffle, so less overlaps than
-the schedule above promises; the session-7 probes (``benchmarks/probe_attn_gluon.py``) and Nsight Compute
-profile record what else was tried and why the kernel stays latency-bound.
+``quant_attention`` runs it by default on sm_90 (``impl="auto"``), where it measured faster than the
+Triton kernel (docs/ATTENTION.md).
 
 Numerics: those of :mod:`.attention_ref` and of the Triton kernel (same codes, same per-key K scales, 448 in
 the exponent, e4m3 P, fp32 running accumulator, key-padding masks as a per-key bias), with one difference
@@ -48,8 +45,7 @@ LOG2_P_SCALE = gl.constexpr(_LOG2_P_SCALE)
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 GLUON_BLOCK_M = 64   # query rows per program: one warpgroup, two programs per SM
-# K/Vᵀ ring depth per head_dim (H100 sweeps, session 7, docs/results/attention.md); 3 × 32 KB slots at
-# head_dim 128 still fit two programs per SM.
+# K/Vᵀ ring depth per head_dim; 3 × 32 KB slots at head_dim 128 still fit two programs per SM.
 GLUON_STAGES_BY_HEAD_DIM = {128: 3, 64: 2}
 
 

@@ -1,11 +1,8 @@
 """8-bit attention, the reference: exactly the numerics of the Triton kernel, in plain torch.
 
-Why this file exists: the quantized attention kernel (:mod:`.attention_triton`) only runs on
-GPUs (or, slowly, in Triton's interpreter). This module computes the *same* quantized
-attention with ordinary torch ops on any device, so that (1) CI checks the kernel against it
-on tiny shapes, (2) CPU runs of a quantized model (tests, the demo, quality tables) see the
-accuracy of the GPU kernel rather than of bf16 SDPA, and (3) the numerics are written down
-once, readably. See ``docs/ATTENTION.md`` for the derivation.
+The same quantized attention as :mod:`.attention_triton` with ordinary torch ops on any device:
+the kernels are tested against it, and CPU runs of a quantized model see the kernel's accuracy.
+Derivation: ``docs/ATTENTION.md``.
 
 Layout: diffusers' dispatch layout, ``q`` (B, Lq, H, D), ``k``/``v`` (B, Lk, H, D).
 Internally everything is (B, H, L, D).
@@ -17,9 +14,7 @@ The scheme (SageAttention-style, data-free: every scale comes from the current t
    no large shared offset, so its 8-bit grid is much finer.
 2. **Q and K per token**, INT8 (``qk_format="int8"``, s = amax/127, round half to even) or FP8
    e4m3 (``"fp8"``, s = amax/448). In the kernel a score is t_ij · sq_i · sk_j: a row factor
-   and a column factor on the integer dot product, one vector load per key tile. (Per-key
-   K scales replaced one scale per 128-key tile in session 3: the worst rel. L2 on the
-   embedded model's inputs fell from 2.0 % to 1.7 %.)
+   and a column factor on the integer dot product, one vector load per key tile.
 3. **Online softmax over key tiles of ``block_n``** (FlashAttention), in the log2 domain:
    s = (q8·k8ᵀ) · sq_i · sk_j · scale · log2(e); m = running row max; p = 2^(s − m)
    (computed as 448·p, item 4). The row sum l accumulates the fp32 values.
@@ -34,8 +29,7 @@ The scheme (SageAttention-style, data-free: every scale comes from the current t
    and centring V shrinks both V's and P's rounding errors in absolute terms.
 6. **Accumulation**: Q·Kᵀ codes sum exactly (int32, or fp32 for e4m3 codes); P·V in fp32,
    tile by tile into one running accumulator rescaled by the online softmax (the kernel lets
-   the tensor cores add each tile's products into it; session 6 measured the same error
-   against fp32 SDPA as a separate per-tile accumulator, docs/results/attention.md).
+   the tensor cores add each tile's products into it).
    out = acc · amax_V'/448 / l' + mean(V); lse = (m + log2 l' − log2 448)·ln 2 + scale·q·mean(K)
    (natural log, of the true scores: smoothing shifted each row by q·mean(K)).
 
@@ -55,7 +49,7 @@ import torch
 from ..numerics.grids import round_to_e4m3_
 
 DEFAULT_BLOCK_N = 128   # keys per tile of the online softmax (K scales are per key)
-BLOCK_N_BY_HEAD_DIM = {64: 64, 128: 128}   # key tile per head_dim: the H200 launch sweep's winners (attention.md)
+BLOCK_N_BY_HEAD_DIM = {64: 64, 128: 128}   # key tile per head_dim (part of the numerics: P is rounded per tile)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 QMAX = {"int8": 127.0, "fp8": 448.0}

@@ -1,57 +1,30 @@
 """8-bit attention, the Triton kernel: INT8 (or FP8) Q·Kᵀ, FP8 P·V, fp32 online softmax.
 
-Why this file exists: at video sizes attention is 46–76 % of a denoising step (DESIGN §3),
-so quantizing only the linear layers cannot make a step 2× faster. Hopper's FP8/INT8 tensor
-cores run twice the bf16 rate; this kernel puts both attention matmuls on them.
+The numerics are those of :mod:`.attention_ref` (read its docstring first); this file decides
+where each step happens:
 
-The numerics are those of :mod:`.attention_ref` (read its docstring first); this file only
-decides *where* each step happens:
+* ``_kv_stats_partial_kernel`` + ``_kv_stats_final_kernel``: K mean, V mean and V's per-channel
+  amax|V − mean| in one read, summed in a fixed order (chunks of ``STATS_CHUNK`` keys, then the
+  chunk partials in order), so a head's statistics are the same bits whatever else is in the call
+  (number of heads, layout, context-parallel split).
+* ``_quant_kv_kernel`` (key tiles × batch·heads): K centred, int8/e4m3 codes and one fp32 scale
+  per key; V centred, per-channel e4m3, written transposed (D, Lkp) as FP8 wgmma wants it.
+* ``_attn_fwd_kernel`` (query tiles × batch·heads): Q read in (B, Lq, H, D) and quantized per
+  token in registers, then the FlashAttention loop over key tiles (code dot → one multiply by
+  sq·sk·scale·log2 e → running max, exp2 with 448 folded into the exponent, P as e4m3(448·p) →
+  dot with the V tile); ragged tiles and key-padding masks by constexpr branches; the epilogue
+  rescales by V's channel scales, divides by l, adds mean(V), stores (B, Lq, H, D).
 
-* ``_quant_kv_kernel`` — one pass over K and V (grid: key tiles × batch·heads). Per tile of
-  ``BLOCK_N`` keys it centres K by its mean, takes each key's amax, writes int8/e4m3 codes
-  and one fp32 scale per key; it centres V, scales it per channel into e4m3 and writes it
-  *transposed* (D, Lkp), so P·V's B operand is K-major as FP8 wgmma requires. Means and
-  V's per-channel amax come from ``kv_stats_triton`` (below).
-* ``_kv_stats_partial_kernel`` + ``_kv_stats_final_kernel`` — K mean, V mean and V's
-  per-channel amax|V − mean| in one read of K and V, summed in a *fixed order*: chunks of
-  ``STATS_CHUNK`` keys (a constant, not a function of the launch), each summed tile by tile,
-  then the chunk partials added in chunk order by one program per (batch, head). A head's
-  statistics are therefore the same bits whatever else is in the call — how many heads, which
-  layout. torch's reductions choose their split from the whole tensor's shape, so with them the
-  same head got a different last bit when context parallelism (Ulysses) gave each GPU half the
-  heads, and the 8-bit codes downstream moved (``docs/results/multigpu.md``).
-* ``_attn_fwd_kernel`` — grid: query tiles × batch·heads. Q is read in the model's layout
-  (B, Lq, H, D) once per program and quantized per token in registers (no extra pass).
-  Then the FlashAttention loop over key tiles: ``tl.dot`` of codes (int32 or fp32
-  accumulator) → one multiply by (sq_i · sk_j · scale · log2 e) → running max, exp2 with
-  448 folded into the exponent's offset, row sum → P as e4m3(448·p) → ``tl.dot`` with the
-  V tile accumulating into the rescaled running fp32 accumulator. Full tiles run unmasked;
-  a ragged last tile and key-padding masks (an additive per-key bias) are handled by
-  constexpr branches. The epilogue rescales by V's channel scales, divides by l, adds
-  mean(V) and stores (B, Lq, H, D) directly.
-
-Launch (H100, ``benchmarks/probe_attn_variants.py``, session 6): every 128-row config hit
-Triton's 255-register ceiling with spills. 64-row query tiles on one warpgroup (4 warps) use
-the same registers per thread but half the threads, so two programs share an SM and one's
-softmax overlaps the other's MMAs — the overlap FlashAttention-3 schedules by hand. With the
-single accumulator (64 registers fewer) and the folded 448 this is 1.16–1.20× the previous
-128×128 / 8-warp kernel at head_dim 128, 1.07× at 64.
-
-Tolerance against the reference (same ``block_n``): the same codes except where fp32
-results differ in the last bit (``exp2`` approximations, fused multiply-adds, summation
-order in the tensor cores) and push a value across an 8-bit rounding boundary; measured on
-CPU (interpreter) and H100 in ``tests/test_attention*.py`` and ``docs/results/attention.md``.
-
-In Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) fp32 → e4m3 casts that carry
-into the next binade are mis-rounded (Triton 3.9), so there the kernel first rounds to the
-e4m3 grid with exact fp32 arithmetic (``EXACT_FP8``); on GPUs the hardware cast (round to
-nearest even, saturating) gives the same values faster.
+Launch parameters per head_dim: :data:`LAUNCH_BY_HEAD_DIM` (docs/ATTENTION.md says how they were
+chosen). Against the reference (same ``block_n``): the same codes except where fp32 results
+differ in the last bit and cross an 8-bit rounding boundary (``tests/test_attention*.py``).
+Under ``TRITON_INTERPRET=1`` fp32 → e4m3 casts are rounded with exact fp32 arithmetic first
+(``EXACT_FP8``: Triton 3.9's interpreter mis-rounds casts that carry into the next binade).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Optional
 
 import torch
@@ -60,6 +33,7 @@ import triton.language as tl
 
 from .attention_ref import (DEFAULT_BLOCK_N, LOG2_P_SCALE as _LOG2_P_SCALE, LOG2E, QMAX, QuantKV, block_n_for,
                             first_biased_tile, head_strides, key_bias)
+from .env import interpreting
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +47,6 @@ DEFAULT_BLOCK_M = 64
 LOG2_P_SCALE = tl.constexpr(_LOG2_P_SCALE)   # e4m3(448·p): 448 as an exponent offset (attention_ref item 4)
 STATS_CHUNK = 2048       # keys per partial sum of kv_stats_triton (fixed: part of the numerics)
 STATS_TILE = 64          # keys per tile inside a chunk
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -345,12 +315,9 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block
     return QuantKV(k8, ks, v8t, 1.0 / v_inv, v_mean, k_mean, Lk, block_n)
 
 
-# Launch configs per head_dim (block_m, num_warps, num_stages; block_n from attention_ref.block_n_for),
-# from the H100 sweeps of benchmarks/probe_attn_variants.py (session 6): 64 query rows on one warpgroup,
-# two programs per SM, at both head_dims (docs/results/attention.md, "Session 6").
-# ``use_tma``: K/V tiles through tensor descriptors (TMA) on sm90+ — at head_dim 128 with these tiles
-# 1.06–1.07× the pointer loads in two of the three H100 runs (equal in the third); at 64, 5 % slower
-# (benchmarks/bench_attention.py --tma). Same output either way.
+# Launch configs per head_dim: query tile rows, warps, pipeline stages, and ``use_tma`` (K/V tiles through
+# tensor descriptors on sm90+); the key tile comes from attention_ref.block_n_for. Any of them leaves the
+# output unchanged; docs/ATTENTION.md ("Launch") says how they were chosen. The tile size to change is here.
 LAUNCH_BY_HEAD_DIM = {128: dict(block_m=DEFAULT_BLOCK_M, num_warps=4, num_stages=3, use_tma=True),
                       64: dict(block_m=DEFAULT_BLOCK_M, num_warps=4, num_stages=3, use_tma=False)}
 

@@ -10,12 +10,9 @@ but every integer in [−15, 15] is exactly representable in FP8 e4m3, so
 and Δ (N,) goes into ``_scaled_mm``'s per-column scale. No activation-sum correction term is
 needed (the zero point is folded into the FP8 integers).
 
-Memory vs speed: the packed weight is 0.5 byte/parameter; an FP8 copy is 1 byte/parameter.
-Expanding into a *reusable per-shape buffer* right before each GEMM keeps only one layer's
-FP8 weight alive per distinct (N, K) (a few tens of MB for a 14B model) at the cost of one
-memory-bound pass (read N·K/2 bytes, write N·K bytes: ~30 µs for 13824×5120 at 3 TB/s,
-against a ~1–4 ms GEMM at video M). Keeping a persistent FP8 copy per layer skips that pass
-but triples the weight memory (packed + FP8) — see docs/KERNELS.md for the measured trade-off.
+Memory: the packed weight is 0.5 byte/parameter. Expanding into a *reusable per-shape buffer*
+right before each GEMM keeps only one layer's FP8 weight alive per distinct (N, K), at the cost
+of one memory-bound pass (read N·K/2 bytes, write N·K bytes) per call.
 
 The same table-driven kernel writes int8 (q − z) for the INT8 tensor-core GEMM of 6–8-bit
 integer activations (:func:`expand_int4_to_int8`); only the lookup table differs.

@@ -13,16 +13,12 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
   K ≤ 159k) with ``use_fast_accum=False``, so A4 is the integer GEMM, exactly, up to the
   final scaling and the bf16 output rounding. ``fast_accum=True`` (opt-in, per layer:
   ``module.fp8_fast_accum``, set by ``dvdquant.set_backend(..., fast_accum=True)``) lets cuBLAS
-  keep the sums in the tensor cores' reduced-precision accumulator: 1.2–1.3× faster per layer,
-  exact while the running sums stay small, but low bits are dropped once they grow (H100,
-  ``benchmarks/probe_fast_accum.py``: rel. L2 1.2e-4 on mixed-sign int codes at K = 15360, 22 %
-  on same-sign ones; docs/results/speed.md §0a). Rotated activations are zero-mean, which is
-  why it can be worth it. The per-block recipes keep exact accumulation.
+  keep the sums in the tensor cores' reduced-precision accumulator: faster, exact while the
+  running sums stay small, but low bits are dropped once they grow (docs/KERNELS.md). Rotated
+  activations are zero-mean, which is why it can be worth it. The per-block GEMM keeps exact accumulation.
 * per-(token, 128-channel) scales (ARQ ``per_block``, G = K/128): ``_scaled_mm``'s blockwise
-  scaling. Two recipes, both tried at run time (whichever this torch/cuBLAS accepts wins):
-  ``"1x128"`` — scale_a (M, K/128) 1×128, scale_b (K/128, N) 1×128 holding Δ[n] in every
-  k-block (exact: Δ is constant along K); ``"128x128"`` — scale_b (K/128, N/128) of ones and
-  Δ applied after the GEMM in fp32 (one extra pass over the output).
+  1×128 scaling: scale_a (M, K/128), scale_b (K/128, N) holding Δ[n] in every k-block (exact: Δ
+  is constant along K).
 * Int-grid steps with per-token scales take int8 codes and the exact INT8 GEMM by default
   (:func:`gemm_int8_rowwise`; A6/A8 everywhere, A4 on sm90: :func:`act_format_for`). Otherwise
   A6 / A8 steps use FP8 e4m3 activations (``s = amax/448``), as the method's A8 "fp8_e4m3"
@@ -30,7 +26,7 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
   with ``a8_format="int"`` that is a different (finer near zero, coarser at the top) 8-bit grid
   than the simulated path: logged once per layer.
 
-``_scaled_mm`` layout rules (torch 2.11, H100; nanochat's fp8.py states the same)
+``_scaled_mm`` layout rules (torch 2.11)
 -------------------------------------------------------------------------------
 * ``mat1`` row-major (M, K), ``mat2`` column-major (K, N): pass the contiguous (N, K)
   weight as ``w.t()``.
@@ -42,39 +38,32 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Optional
 
 import torch
 
 from ..errors import NonFiniteError
-from ..numerics.hadamard import hadamard_matrix, hadamard_rotate, hadamard_rotate_exact
-from .expand import ExpansionPool, expand_int4_to_fp8
+from ..numerics.grids import is_weight_only
+from ..numerics.hadamard import cached_hadamard, hadamard_rotate, hadamard_rotate_exact
+from .env import log_once
+from .expand import ExpansionPool
 from .finite import device_flag, finite_check_mode, layer_id
-from .triton_act_quant import act_quant, fusable_rotation, tensor_version
+from .triton_act_quant import act_quant, fusable_rotation
 
 log = logging.getLogger(__name__)
 
 _POOL = ExpansionPool()
-_BLOCKWISE_RECIPE: dict = {}           # device → recipe that worked ("1x128" / "128x128")
 
 
 # ---------------------------------------------------------------------------------- weights
 def fp8_weight(module) -> torch.Tensor:
-    """(q − z) as FP8 (N, K): a pooled buffer, or a persistent copy if the layer asks for one.
-
-    ``module.fp8_weight_cache == "persistent"`` keeps one FP8 copy per layer (faster, +1 byte
-    per parameter); anything else (default) expands into the shared per-shape pool.
-    """
-    if getattr(module, "fp8_weight_cache", "expand") == "persistent":
-        return _persistent_weight(module.qweight, module.w_zero)
+    """(q − z) as FP8 (N, K), expanded into the shared per-shape pool."""
     return _POOL.expand(module.qweight, module.w_zero)
 
 
 def release_weight_buffers() -> None:
-    """Free the expansion pool and every persistent FP8 copy."""
+    """Free the expansion pool."""
     _POOL.clear()
-    _PERSISTENT.clear()
 
 
 # ---------------------------------------------------------------------------------- GEMMs
@@ -91,7 +80,9 @@ def gemm_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: to
                             bias=bias, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
-def _gemm_block_1x128(q, s_kmajor, w8, w_scale, bias, out_dtype):
+def gemm_blockwise(q, s_kmajor, w8, w_scale, bias, out_dtype):
+    """Per-(token, 128-channel) scaled GEMM: q (M, K) fp8, s_kmajor (M, K/128) a view of a contiguous
+    (K/128, M) buffer, w8 (N, K) fp8, w_scale (N, 1) → (M, N) out_dtype, exact accumulation."""
     k, n = q.shape[1], w8.shape[0]
     sb = w_scale.reshape(1, n).expand(k // 128, n).contiguous()         # (K/128, N): Δ per k-block
     y = torch._scaled_mm(q, w8.t(), scale_a=s_kmajor, scale_b=sb, out_dtype=out_dtype,
@@ -99,70 +90,14 @@ def _gemm_block_1x128(q, s_kmajor, w8, w_scale, bias, out_dtype):
     return y if bias is None else y + bias
 
 
-def _gemm_block_128x128(q, s_kmajor, w8, w_scale, bias, out_dtype, b_kmajor=True):
-    k, n = q.shape[1], w8.shape[0]
-    ones = torch.ones(n // 128, k // 128, device=q.device, dtype=torch.float32)
-    ones = ones.t() if b_kmajor else ones.t().contiguous()              # (K/128, N/128) of ones
-    y = torch._scaled_mm(q, w8.t(), scale_a=s_kmajor, scale_b=ones, out_dtype=torch.float32,
-                         use_fast_accum=False)
-    y = y * w_scale.reshape(1, n)                                        # Δ after the GEMM
-    return (y if bias is None else y + bias.float()).to(out_dtype)
-
-
-def _variant(fn, a_contiguous=False, **kw):
-    def run(q, s_kmajor, *args):
-        return fn(q, s_kmajor.contiguous() if a_contiguous else s_kmajor, *args, **kw)
-    return run
-
-
-# Recipes tried in this order; the layouts of the scale tensors that cuBLAS wants differ between
-# torch versions, so each layout is its own entry and the first that runs is remembered.
-BLOCKWISE_GEMMS = {
-    "1x128": _gemm_block_1x128,
-    "1x128-a_rowmajor": _variant(_gemm_block_1x128, a_contiguous=True),
-    "128x128": _gemm_block_128x128,
-    "128x128-b_rowmajor": _variant(_gemm_block_128x128, b_kmajor=False),
-    "128x128-ab_rowmajor": _variant(_gemm_block_128x128, a_contiguous=True, b_kmajor=False),
-}
-
-
-def gemm_blockwise(q, s_kmajor, w8, w_scale, bias, out_dtype, recipe: Optional[str] = None):
-    """Per-(token, 128-channel) scaled GEMM; picks the first recipe this torch accepts."""
-    dev = str(q.device)
-    order = [recipe] if recipe else ([_BLOCKWISE_RECIPE[dev]] if dev in _BLOCKWISE_RECIPE
-                                     else list(BLOCKWISE_GEMMS))
-    err: Optional[Exception] = None
-    for name in order:
-        try:
-            y = BLOCKWISE_GEMMS[name](q, s_kmajor, w8, w_scale, bias, out_dtype)
-        except (RuntimeError, ValueError, NotImplementedError) as e:  # no such recipe here
-            log.info("blockwise _scaled_mm recipe %s unavailable on %s: %s", name, dev, str(e)[:200])
-            err = e
-            continue
-        _BLOCKWISE_RECIPE[dev] = name
-        return y
-    raise RuntimeError(f"no blockwise FP8 GEMM recipe works on {dev}") from err
-
-
 # ---------------------------------------------------------------------------------- forward
-_HADAMARD: dict = {}
-_NOTED: set = set()
-
-
-def _hadamard(r: int, device) -> torch.Tensor:
-    key = (r, str(device))
-    if key not in _HADAMARD:
-        _HADAMARD[key] = hadamard_matrix(r, torch.float32, device)
-    return _HADAMARD[key]
-
-
 def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
     """The step's activation bits: the shared override in ``bits`` (CPU int32, −1 = none) or the layer's.
 
     A weight-only layer (``default_bits`` ≥ 16) keeps its A16 whatever the override says (δ-GBS
     switches activation quantizers, and it has none).
     """
-    if default_bits >= 16:
+    if is_weight_only(default_bits):
         return default_bits
     b = int(bits.reshape(-1)[0]) if bits.numel() else -1
     return default_bits if b < 0 else b
@@ -171,8 +106,7 @@ def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
 def int8_tensor_cores_for_a4(device: torch.device) -> bool:
     """Whether A4 (≤ 5-bit) int-grid steps take the INT8 GEMM on ``device`` (with ``int8_gemm=True``).
 
-    Measured faster than cuBLAS' exact FP8 GEMM only on sm90 (H100: the persistent TMA kernel,
-    1.5–2.0× bf16 vs 1.2–1.7× for ``_scaled_mm`` on the same codes; docs/results/speed.md §0e). On
+    Faster than cuBLAS' exact FP8 GEMM only on sm90 (the persistent TMA kernel; docs/KERNELS.md). On
     sm89 A4 stays on cuBLAS FP8. On CPU both are exact and ``_int_mm`` is the cheaper emulation."""
     if device.type != "cuda":
         return True
@@ -199,10 +133,8 @@ def act_format_for(bits: int, a8_fp8: bool, layer_name: str, per_block: bool = F
         return "fp8"
     if int8_gemm and not per_block:
         return "int8"
-    if (layer_name, bits) not in _NOTED:
-        _NOTED.add((layer_name, bits))
-        log.info("layer %s: A%d int-grid codes are not exact in e4m3: using FP8 e4m3 activations "
-                 "(s = amax/448)", layer_name or "?", bits)
+    log_once(log, ("e4m3", layer_name, bits), "layer %s: A%d int-grid codes are not exact in e4m3: using FP8 "
+             "e4m3 activations (s = amax/448)", layer_name or "?", bits)
     return "fp8"
 
 
@@ -262,33 +194,17 @@ def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torc
         x2 = hadamard_rotate_exact(xf, r) if exact_rotation else hadamard_rotate(xf, r)
         smooth = None
     elif r:
-        h = _hadamard(r, x2.device)
+        h = cached_hadamard(r, x2.device)
     return act_quant(x2, bits=bits, fmt=fmt, smooth=smooth, h_block=h, block=scale_block,
                      scales_k_major=scale_block is not None, nonfinite_flag=nonfinite_flag, flag_id=flag_id,
                      config=None if exact_rotation else {"snap": False}, codes_dtype=codes_dtype)
-
-
-def _persistent_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
-    """One FP8 copy per packed weight tensor, rebuilt when the weight or zero point is written to."""
-    ver = (qweight.data_ptr(), tensor_version(qweight), tensor_version(w_zero))
-    key = id(qweight)
-    hit = _PERSISTENT.get(key)
-    if hit is None or hit[0] != ver:
-        if hit is None:                           # drop the copy when the packed weight dies
-            weakref.finalize(qweight, _PERSISTENT.pop, key, None)
-        hit = (ver, expand_int4_to_fp8(qweight, w_zero))
-        _PERSISTENT[key] = hit
-    return hit[1]
-
-
-_PERSISTENT: dict = {}     # id(qweight) → ((data_ptr, versions), FP8 copy); entries die with the weight
 
 
 @torch.library.custom_op("dvdquant::w4_linear_fp8", mutates_args=())
 def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
                   bias: Optional[torch.Tensor], smooth: Optional[torch.Tensor], bits: torch.Tensor,
                   default_bits: int, rotation_block: int, a8_fp8: bool, per_block: bool, scale_block: int,
-                  persistent: bool, layer_name: str, fast_accum: bool = False,
+                  layer_name: str, fast_accum: bool = False,
                   exact_rotation: bool = True, int8_gemm: bool = True) -> torch.Tensor:
     """One W4 linear on the FP8 path: x2 (M, K) bf16/fp16/fp32 → (M, N) bf16/fp16.
 
@@ -298,11 +214,7 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
     The weight expansion into the shared per-shape buffer happens inside too, so no compiled
     graph ever holds a pooled buffer across two layers.
     """
-    def expand(dtype):
-        if persistent and dtype == torch.float8_e4m3fn:
-            return _persistent_weight(qweight, w_zero)
-        return _POOL.expand(qweight, w_zero, dtype)
-    return _w4_linear(x2, expand, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8, per_block,
+    return _w4_linear(x2, lambda dtype: _POOL.expand(qweight, w_zero, dtype), w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8, per_block,
                       scale_block, layer_name, fast_accum, exact_rotation, int8_gemm)
 
 
@@ -366,7 +278,7 @@ def _w4_linear_fp8_fused_fake(x2, qweights, w_zeros, w_scale, bias, bits, defaul
 
 @w4_linear_fp8.register_fake
 def _w4_linear_fp8_fake(x2, qweight, w_zero, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8,
-                        per_block, scale_block, persistent, layer_name, fast_accum=False, exact_rotation=True,
+                        per_block, scale_block, layer_name, fast_accum=False, exact_rotation=True,
                         int8_gemm=True):
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     return x2.new_empty((x2.shape[0], qweight.shape[0]), dtype=out_dtype)
@@ -407,8 +319,7 @@ def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Option
     y = w4_linear_fp8(x2, module.qweight, module.w_zero, module.w_scale, module.bias, _selected_smooth(module),
                       _bits_tensor(module, bits), int(module.a_bits), int(module.rotation_block or 0),
                       getattr(module, "a8_format", "int") == "fp8_e4m3", bool(per_block),
-                      int(module.scale_block), getattr(module, "fp8_weight_cache", "expand") == "persistent",
-                      str(module.layer_name or ""), *_path_options(module))
+                      int(module.scale_block), str(module.layer_name or ""), *_path_options(module))
     return y.to(x.dtype).reshape(*shape[:-1], module.out_features)
 
 

@@ -95,12 +95,9 @@ def int4_gemv_kernel(x_ptr, p_ptr, z_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
 
 
 def default_config(m: int) -> dict:
-    """Launch config for M rows, from the sweep of benchmarks/bench_int4_gemv.py (H200, session 4):
-    16 weight rows per program (1,152 programs for N = 18432), one pipeline stage, and a K step
-    that keeps the (M, N, K) fp32 product tile at 128 values per thread — M ≤ 2: 512 codes
-    (256 bytes per row per step) with 2·M warps; M ≤ 4: 256 codes, 4 warps; … M = 16: 64 codes.
-    The sweep's winners at M = 1 / 2 were (16, 512, 2, 1) and (16, 512, 4, 1), 1.4–2.9× faster
-    than the first guess (32, 256 / 128, 4)."""
+    """Launch config for M rows (``benchmarks/bench_int4_gemv.py`` sweeps alternatives): 16 weight rows
+    per program, one pipeline stage, and a K step that keeps the (M, N, K) fp32 product tile at 128
+    values per thread — M ≤ 2: 512 codes with 2·M warps; M ≤ 4: 256 codes, 4 warps; … M = 16: 64 codes."""
     block_m = triton.next_power_of_2(max(m, 1))
     if block_m <= 2:
         return {"block_n": 16, "block_k": 512, "num_warps": 2 * block_m, "num_stages": 1}

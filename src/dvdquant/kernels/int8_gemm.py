@@ -1,13 +1,10 @@
 """INT8 tensor-core GEMM with the emulated path's epilogue fused: the exact int-grid linear.
 
-Why it exists: on the fp8 path (``set_backend(..., int8_gemm=True)``, the default) int-grid
-activation steps run on their own grid (int8 codes, |c| ≤ 127) against int8 weights q − z (|w| ≤ 15):
-the 6–8-bit steps everywhere (their codes are not all e4m3 values), and on sm90 the ≤ 5-bit ones too,
-where the persistent TMA kernel below beats cuBLAS' exact FP8 GEMM (1.50–1.94× bf16 vs 1.24–1.68×,
-H100, docs/results/speed.md §0e). ``torch._int_mm``
-computes those sums exactly but writes an int32 (M, N) tensor, and the scaling then costs several
-more passes over the output (0.29–0.77× bf16 on an H100, docs/results/speed.md §0d). This kernel
-keeps the int32 accumulator in registers and applies the epilogue before its single store::
+On the fp8 path (``set_backend(..., int8_gemm=True)``, the default) int-grid activation steps run on
+their own grid (int8 codes, |c| ≤ 127) against int8 weights q − z (|w| ≤ 15): the 6–8-bit steps
+everywhere (their codes are not all e4m3 values), and on sm90 the ≤ 5-bit ones too (the persistent
+TMA kernel below). Unlike ``torch._int_mm`` (an int32 (M, N) output, then more passes to scale it),
+this kernel keeps the int32 accumulator in registers and applies the epilogue before its single store::
 
     y[m, n] = bf16( ((fp32(acc[m, n]) · Δ[n]) · s[m]) + b[n] )      acc = Σ_k c[m, k] · w[n, k] (int32)
 
@@ -29,16 +26,36 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from .triton_act_quant import interpreting
-from .w4_gemm import grouped_tile, tile_coords
+from .env import interpreting
 
-# Launch parameters. benchmarks/tune_int8_gemm.py swept 12 configurations at the 8 HunyuanVideo / Wan 14B
-# layer shapes, M = 16k and 64k, on an H100 (docs/results/speed.md §0e): the persistent TMA kernel with
-# 128 × 256 × 128 tiles, 8 warps and 4 stages was best or within 5 % of best at 15 of 16 points
-# (1.50–1.94× bf16 cuBLAS; cuBLAS' exact FP8 GEMM 1.24–1.68× in the same run). The pointer kernel's best
-# tiles are the same (up to 1.87×); it serves GPUs without TMA (sm80/sm89).
+# Launch parameters (tiles, warps, stages; the same for the persistent TMA kernel and the pointer kernel that
+# serves GPUs without TMA). docs/KERNELS.md says how they were chosen.
 DEFAULT_CONFIG = {"block_m": 128, "block_n": 256, "block_k": 128, "group_m": 8, "num_warps": 8, "num_stages": 4,
                   "tma": False}
+
+
+@triton.jit
+def tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile (pid_m, pid_n) of program / work item ``pid`` of an (M, N) GEMM.
+
+    Tiles are ordered in groups of GROUP_M row tiles, so consecutive programs share weight tiles
+    in L2 (the usual grouped ordering)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of an (M, N) GEMM: row indices (BLOCK_M,) and column indices (BLOCK_N,),
+    in :func:`tile_coords` order."""
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit

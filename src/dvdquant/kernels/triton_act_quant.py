@@ -1,82 +1,38 @@
-"""Fused activation quantization: (smooth) → Hadamard rotation → per-token amax → FP8 codes.
+"""Fused activation quantization: (smooth) → Hadamard rotation → per-token amax → FP8 or int8 codes.
 
-Why one kernel
---------------
-At video sizes (M = 16k–64k tokens) the FP8 GEMM of a DiT linear takes 0.3–4 ms. Spelled out
-in torch, the activation side (divide, rotate, amax, divide, round, clamp, cast) is 6–8
-passes over an (M, K) tensor and costs as much as the GEMM. This kernel reads the bf16/fp32
-tokens, does everything in registers, and writes 1-byte codes plus one fp32 scale per token
-(or per token and 128-channel block): about 3 bytes moved per element instead of ~30.
+One kernel reads the bf16/fp16/fp32 tokens once (twice for per-token scales) and writes 1-byte
+codes plus fp32 scales. For each token row ``x`` (K,), the contract of
+:mod:`dvdquant.numerics.grids` and of :func:`act_quant_reference` (bit-equal)::
 
-What it computes (the contract of :mod:`dvdquant.numerics.grids`)
------------------------------------------------------------------
-For each token row ``x`` (K,)::
-
-    x  ← x / smooth                      (optional static divisor, fp32, correctly rounded)
-    x  ← x · blockdiag(H_R, …, H_R)      (optional Hadamard rotation, blocks of order R)
+    x  ← x / smooth                      (optional static divisor, fp32, correctly rounded: div_rn)
+    x  ← x · blockdiag(H_R, …, H_R)      (optional rotation: numerics.hadamard.rotate_pm1_exact)
     a  = max |x|     over the row, or over each ``BLOCK_K``-wide block (per_block scaling)
     s  = a / qmax    if a > 0 else 1      (qmax = 2^(b−1)−1 for the int grid, 448 for FP8)
-    int grid: c = clamp(round_half_even(x / s), −qmax, qmax)   stored as float8_e4m3fn (exact
-              for b ≤ 5, since every integer |c| ≤ 16 is an e4m3 value)
-    FP8:      c = round_to_e4m3_nearest_even(x / s)             stored as float8_e4m3fn
+    int grid: c = clamp(round_half_even(x / s), −qmax, qmax)    (e4m3 for b ≤ 5, or int8)
+    FP8:      c = round_to_e4m3_nearest_even(x / s)
 
-Exactness notes (checked against the torch reference below, on CPU in Triton's interpreter
-and on the H100):
+Exactness: division is IEEE round-to-nearest (``div_rn``, or the reciprocal plus one fma
+correction, which gives the same quotients: ``quant_jit.quantize_codes_recip``); rounding uses
+the exact ``(y + 1.5·2^23) − 1.5·2^23`` trick, e4m3 rounding is done in fp32 at the value's own
+exponent before the cast. NaN/Inf inputs make the row's scale +inf (detectable from the scales).
 
-* ``/`` on fp32 in Triton compiles to an approximate division on NVIDIA GPUs; we use
-  ``tl.math.div_rn`` (IEEE round-to-nearest), which matches torch's ``/``. With per-token scales
-  the second pass divides by default through the row scale's reciprocal plus one fma correction,
-  which gives the same correctly rounded quotients (``quant_jit.quantize_codes_recip``).
-* Round-half-to-even (``torch.round``): ``libdevice.rint`` does not run in the interpreter,
-  so we use the classic exact trick ``(y + 1.5·2^23) − 1.5·2^23`` (valid for |y| < 2^22,
-  here |y| ≤ qmax), which rounds half to even under the default IEEE mode on both.
-* FP8 rounding: the interpreter of Triton 3.9 mis-rounds fp32 → e4m3 casts that carry into
-  the next binade (e.g. −31.19 → −16). We therefore round to the e4m3 grid ourselves with the
-  same trick at the value's own exponent (ulp = 2^(e−3), e ≥ −6 for subnormals) and cast an
-  already-representable value, which is exact everywhere.
-* NaN/Inf inputs make the row's scale +inf (NaN is mapped to +inf in the amax), so a caller
-  can detect them from the (M, G) scales without another pass over the data.
+Rotation in the kernel: each (row, R-block) segment is snapped to the grid u = 2^(⌊log2 max⌋ − 14)
+(as the torch reference does), multiplied by the ±1 tile with ``tl.dot`` and then by fp32(1/√R);
+after the snap every partial sum is an exact multiple of u, so any accumulation order gives the
+reference's result. ``ROT_MODE``: 1 — one bf16 dot (bf16 input, no smoothing); 3 — the snapped fp32
+tile split exactly into three bf16 parts; 0 — IEEE fp32 dot (Triton's interpreter only). In-kernel
+rotations: R a power of two, 16 ≤ R ≤ 128, R | BLOCK_K, K % BLOCK_K == 0; others are applied by
+the caller first (:func:`fusable_rotation`). ``SNAP=False`` (opt-in ``exact_rotation=False``) skips
+the snap: cheaper, no longer exact.
 
-Rotation inside the kernel
---------------------------
-The rotation is the one :func:`dvdquant.numerics.hadamard.hadamard_rotate_exact` defines, bit
-for bit: each (row, R-block) segment of the tile is first *snapped* to the grid
-u = 2^(⌊log2 max|segment|⌋ − 14) (the same integer exponent arithmetic as the torch function),
-then multiplied by a (BLOCK_K, BLOCK_K) block-diagonal matrix of *unnormalised* ±1 Hadamard
-blocks with a small ``tl.dot``, then by fp32(1/√R) once. After the snap every product is an
-integer multiple of u and every partial sum stays below 2^22·u, so the tensor cores' fp32
-accumulation is exact whatever its order, and the result equals the reference's exactly.
-Modes (``ROT_MODE``):
-
-* 1 — bf16 input, no smoothing: one bf16 tensor-core dot (a snapped bf16 value is still bf16);
-* 3 — fp32 values (fp32/fp16 input or after smoothing): the snapped tile (≤ 16 significant
-  bits) is split exactly into bf16 parts hi + mid + lo and rotated with three bf16 dots (an
-  IEEE fp32 dot would cost more than the GEMM);
-* 0 — IEEE fp32 dot; used under ``TRITON_INTERPRET=1`` only, where bf16 ``tl.dot`` is broken
-  in Triton 3.9's interpreter.
-
-Supported in-kernel: R a power of two, 16 ≤ R ≤ 128, R | BLOCK_K, K % BLOCK_K == 0 (R = 256
-ran out of shared memory on the H100 with the tuned launch config). Other rotations
-(R = 256, non-power-of-two orders such as 12·2^a, or a full rotation of order K) are
-done by the caller with a torch matmul first, then this kernel runs with rotation off.
-
-Two passes over K
------------------
-A per-token scale needs the amax of the whole row before any element can be quantized, and a
-row of 3072–15360 fp32 values does not fit in registers for the 16+ rows a ``tl.dot`` needs.
-So per-token mode makes two passes over the row's tiles: the first computes the amax (and the
-rotation), the second recomputes the rotation and quantizes. At K ≥ 12k the re-read comes
-mostly from HBM, and the kernel runs at the bandwidth of 2 reads + 1 write (≈ 5/3 of a bf16 →
-fp8 copy). Single-pass layouts that keep whole rows in registers were measured on an H100 in
-session 5 (``benchmarks/probe_act_row.py``, docs/results/speed.md §0a) and were *slower*: the
-load → reduce → write chain of a 24 KB row per program is latency-bound, and the rotation as a
-dot over a row's k-blocks costs layout conversions; so this kernel stays.
-Per-block mode (scale per 128 channels) is a single pass: each tile is its own scale group.
+Per-token scales take two passes over the row's tiles (amax, then quantize; the first pass can
+keep its snap constants for the second: ``SNAP_CACHE``); per-block scales one pass. Launch
+parameters: :data:`DEFAULT_CONFIG`, :data:`PER_TOKEN_CONFIG`, :data:`SMALL_M_CONFIG`
+(docs/KERNELS.md says how they were chosen).
 """
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from functools import lru_cache
 from typing import Optional
@@ -87,16 +43,12 @@ import triton.language as tl
 
 from ..errors import ConfigError
 from ..numerics.hadamard import inv_sqrt_r
+from .env import interpreting
 from .quant_jit import bad_rows, flag_nonfinite, quantize_codes, quantize_codes_recip, recip_ok, row_abs_max, scale_of
 
 log = logging.getLogger(__name__)
 
 FP8_MAX = 448.0
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------- kernel
@@ -142,11 +94,10 @@ def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr, SCALE: tl.constex
 def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r, magic,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                       ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, HOIST_H: tl.constexpr, ROT_R: tl.constexpr,
-                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr, EVICT: tl.constexpr, SCALE_OUT: tl.constexpr):
+                      MAGIC_IN: tl.constexpr, SNAP: tl.constexpr, SCALE_OUT: tl.constexpr):
     """One (BLOCK_M, BLOCK_K) tile of x / smooth · H in fp32, and the snap constants it used.
 
-    ``EVICT``: the L2 eviction policy of the token load ("" default, "evict_last" keeps the tile for
-    a re-read, "evict_first" marks it dead). ``SCALE_OUT=False`` leaves the rotated tile without its
+    ``SCALE_OUT=False`` leaves the rotated tile without its
     1/√R factor (the first pass scales the row amax instead: x ↦ RN(x/√R) is monotone, so
     max RN(|x|·c) = RN(max |x| · c), one multiply per row instead of one per element).
     ``MAGIC_IN``: ``magic`` (BLOCK_M,) holds this tile's snap constants (computed by an earlier
@@ -157,7 +108,7 @@ def _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_x
         hk = tl.arange(0, BLOCK_K)
         h = tl.load(h_ptr + hk[:, None] * BLOCK_K + hk[None, :])
     mask = mask_m[:, None] & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     if HAS_SMOOTH:
         sm = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
         x = tl.math.div_rn(x.to(tl.float32), sm[None, :])
@@ -181,13 +132,10 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
                      ROTATE: tl.constexpr, ROT_MODE: tl.constexpr, PER_BLOCK: tl.constexpr,
                      FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, HOIST_H: tl.constexpr,
                      HAS_FLAG: tl.constexpr, ROT_R: tl.constexpr, SNAP: tl.constexpr, SNAP_CACHE: tl.constexpr,
-                     REVERSE: tl.constexpr = False, EVICT1: tl.constexpr = "", EVICT2: tl.constexpr = "",
                      FMA_DIV: tl.constexpr = False):
     """Grid: (cdiv(M, BLOCK_M),). Each program quantizes BLOCK_M whole rows.
 
-    Per-token mode reads each row twice. ``REVERSE``: the second pass walks the row's tiles from the
-    last to the first, so it starts on the tiles the first pass read last, the ones most likely still
-    in L2. ``EVICT1`` / ``EVICT2``: the L2 eviction policies of the two passes' loads. ``FMA_DIV``: the
+    Per-token mode reads each row twice. ``FMA_DIV``: the
     second pass divides by the row scale through its reciprocal and one fma correction
     (:func:`.quant_jit.quantize_codes_recip`) when every row of the program allows it, else with ``div_rn``.
     ``HAS_FLAG``: rows whose scale came out +inf (NaN/Inf input) write ``flag_id`` into the
@@ -208,7 +156,7 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         for k0 in range(0, K, BLOCK_K):
             x, _ = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                      no_magic, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H, ROT_R,
-                                     False, SNAP, EVICT1, True)
+                                     False, SNAP, True)
             s = scale_of(row_abs_max(x), qmax, inv_qmax, SCALE_BY_RECIP)
             bad = tl.maximum(bad, bad_rows(s, mask_m))
             c = quantize_codes(x, s, qmax, FP8_FMT)
@@ -221,7 +169,7 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         for k0 in range(0, K, BLOCK_K):
             x, tile_magic = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm,
                                               inv_sqrt_r, no_magic, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE,
-                                              HOIST_H, ROT_R, False, SNAP, EVICT1, False)
+                                              HOIST_H, ROT_R, False, SNAP, False)
             if SNAP_CACHE:
                 tl.store(magic_ptr + rows.to(tl.int64) + (k0 // BLOCK_K) * M, tile_magic, mask=mask_m)
             amax = tl.maximum(amax, row_abs_max(x))
@@ -232,19 +180,14 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         if FMA_DIV:
             fast = recip_ok(s, mask_m)
             r = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), s)
-        last = (tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K
-        for kf in range(0, K, BLOCK_K):
-            if REVERSE:
-                k0 = last - kf
-            else:
-                k0 = kf
+        for k0 in range(0, K, BLOCK_K):
             if SNAP_CACHE:
                 cached = tl.load(magic_ptr + rows.to(tl.int64) + (k0 // BLOCK_K) * M, mask=mask_m, other=0.0)
             else:
                 cached = no_magic
             x, _ = _load_transformed(x_ptr, smooth_ptr, h_ptr, h, rows, mask_m, k0, K, stride_xm, inv_sqrt_r,
                                      cached, BLOCK_M, BLOCK_K, HAS_SMOOTH, ROTATE, ROT_MODE, HOIST_H, ROT_R,
-                                     SNAP_CACHE, SNAP, EVICT2, True)
+                                     SNAP_CACHE, SNAP, True)
             if FMA_DIV:
                 if fast:
                     c = quantize_codes_recip(x, s, r, qmax, FP8_FMT)
@@ -260,86 +203,18 @@ def act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id, 
         flag_nonfinite(flag_ptr, flag_id, bad)
 
 
-@triton.jit
-def _rot_tile(x_ptrs, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-              TILE: tl.constexpr, ROT_R: tl.constexpr):
-    """(BLOCK_M, TILE) tokens, snapped, times the (TILE, TILE) ±1 tile, fp32, then · 1/√R once."""
-    a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-    h = tl.load(h_ptrs)
-    af = a.to(tl.float32)
-    magic = snap_magic(af, BLOCK_M, TILE, ROT_R)
-    if ROT_R == TILE:
-        magic = magic[:, None]
-    xs = (af + magic) - magic                                             # snapped: still bf16/fp16-exact
-    if IEEE_DOT:
-        xr = tl.dot(xs, h, input_precision="ieee")
-    else:
-        xr = tl.dot(xs.to(a.dtype), h)
-    return xr * inv_sqrt_r
-
-
-@triton.jit(do_not_specialize=["flag_id"])
-def act_quant_rot_kernel(x_ptr, h_ptr, q_ptr, s_ptr, flag_ptr, flag_id,
-                         M, K, stride_xm, stride_qm, stride_sm, stride_sg, qmax, inv_qmax, inv_sqrt_r,
-                         BLOCK_M: tl.constexpr, TILE: tl.constexpr, PER_BLOCK: tl.constexpr,
-                         FP8_FMT: tl.constexpr, SCALE_BY_RECIP: tl.constexpr, IEEE_DOT: tl.constexpr,
-                         HAS_FLAG: tl.constexpr, ROT_R: tl.constexpr):
-    """Rotated bf16/fp16 tokens, written as a matmul: grid (cdiv(M, BLOCK_M),).
-
-    Each K-tile is ``tl.dot(x_tile, S)`` with S the (TILE, TILE) block-diagonal ±1 tile, both
-    operands loaded straight from global memory so that Triton's software pipeliner stages them
-    in shared memory (cp.async) and feeds the tensor cores from there (wgmma on sm90) — the
-    standard GEMM dataflow, with no register → shared-memory layout conversion of the operands.
-    ±1 times a bf16/fp16 value is exact, sums are fp32; ``· inv_sqrt_r`` once afterwards.
-    """
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = rows < M
-    kk = tl.arange(0, TILE)
-    rows64 = rows.to(tl.int64)
-    x_ptrs = x_ptr + rows64[:, None] * stride_xm + kk[None, :]           # (BLOCK_M, TILE)
-    q_ptrs = q_ptr + rows64[:, None] * stride_qm + kk[None, :]
-    h_ptrs = h_ptr + kk[:, None] * TILE + kk[None, :]                    # (TILE, TILE), L2-resident
-    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    if PER_BLOCK:                       # one pass: every tile is its own scale group
-        for k0 in range(0, K, TILE):
-            xr = _rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT, BLOCK_M, TILE, ROT_R)
-            s = scale_of(row_abs_max(xr), qmax, inv_qmax, SCALE_BY_RECIP)
-            bad = tl.maximum(bad, bad_rows(s, mask_m))
-            c = quantize_codes(xr, s, qmax, FP8_FMT)
-            tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
-            tl.store(s_ptr + rows * stride_sm + (k0 // TILE) * stride_sg, s, mask=mask_m)
-    else:                               # two passes: row amax, then quantize (re-read mostly from L2)
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, TILE):
-            amax = tl.maximum(amax, row_abs_max(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT, BLOCK_M, TILE, ROT_R)))
-        s = scale_of(amax, qmax, inv_qmax, SCALE_BY_RECIP)
-        bad = bad_rows(s, mask_m)
-        for k0 in range(0, K, TILE):
-            c = quantize_codes(_rot_tile(x_ptrs + k0, h_ptrs, mask_m, inv_sqrt_r, IEEE_DOT, BLOCK_M, TILE, ROT_R), s, qmax, FP8_FMT)
-            tl.store(q_ptrs + k0, c.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
-        tl.store(s_ptr + rows * stride_sm, s, mask=mask_m)
-    if HAS_FLAG:
-        flag_nonfinite(flag_ptr, flag_id, bad)
-
-
 # ---------------------------------------------------------------------------------- launcher
 # Launch parameters (tuned on an H100, see docs/KERNELS.md).
 DEFAULT_CONFIG = {"block_m": 64, "num_warps": 8, "num_stages": 3, "hoist_h": True, "block_k": 256}
-# Launch parameters of the matmul-form rotated kernel (``act_quant_rot_kernel``; swept by
-# benchmarks/tune_act_quant.py, see docs/results/speed.md).
-ROT_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 3}
 
 
-# Few tokens (text conditioning: 256–512 rows) fill too few SMs with 64-row programs: a call on (512, 5120)
-# bf16 tokens took 0.17 ms, 80 such calls per Wan 14B step (benchmarks/probe_act_calls.py, H100). Below one
-# wave of 64-row programs the launcher takes 16-row programs (4 warps) instead: 4× the programs.
+# Few tokens (text conditioning: 256–512 rows) fill too few SMs with 64-row programs: below one wave of
+# 64-row programs the launcher takes 16-row programs (4 warps) instead, 4× the programs.
 SMALL_M_CONFIG = {"block_m": 16, "num_warps": 4}
 
 # Per-token scales (two passes): the second pass divides by the row scale through its reciprocal and one
-# fma correction instead of IEEE div.rn (same quotients, see quant_jit.quantize_codes_recip), with 4 warps
-# per 64-row program (8 warps ran out of registers for two programs per SM). 1.23–1.30× faster on an H100
-# at M = 16k–64k, K = 3072–15360 (benchmarks/tune_act_quant.py --kernel l2; docs/results/speed.md §0g).
+# fma correction instead of IEEE div.rn (same quotients, see quant_jit.quantize_codes_recip), 4 warps per
+# 64-row program (two programs per SM).
 PER_TOKEN_CONFIG = {"num_warps": 4, "fma_div": True}
 
 
@@ -395,7 +270,7 @@ def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device)
 
     The sign pattern is read on the host, which for a CUDA ``h_block`` is a device→host copy, i.e.
     a synchronisation; it happens once per (tensor, in-place version), not once per call, so the
-    hot path never blocks the CPU (a sync per layer cost ~0.24 ms per call on an H200).
+    hot path never blocks the CPU.
     """
     # an in-place write to an inference-mode block is not noticed (blocks are built once, never written)
     key = (id(h_block), tensor_version(h_block), tile, dtype, str(device))
@@ -415,7 +290,7 @@ def _hadamard_tile(h_block: torch.Tensor, tile: int, dtype: torch.dtype, device)
 
 def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[torch.Tensor] = None,
               h_block: Optional[torch.Tensor] = None, block: Optional[int] = None,
-              scales_k_major: bool = False, config: Optional[dict] = None, kernel: str = "auto",
+              scales_k_major: bool = False, config: Optional[dict] = None,
               nonfinite_flag: Optional[torch.Tensor] = None, flag_id: int = 0,
               codes_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize tokens ``x`` (M, K) bf16/fp16/fp32 to FP8 (or int8) codes (M, K) and fp32 scales (M, G).
@@ -430,22 +305,12 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     ``config``: launch parameters overriding :data:`DEFAULT_CONFIG` (block_m, num_warps,
     num_stages, hoist_h, block_k for the unrotated case; ``snap_cache``: keep the first pass's
     snap constants for the second, default on; ``snap=False``: skip the snap, which makes the
-    rotation inexact — ``set_backend(..., exact_rotation=False)``; the matmul-form kernel always
-    snaps; per token, :data:`PER_TOKEN_CONFIG` on top: ``fma_div`` — divide through the reciprocal,
-    same bits —, 4 warps; opt-in second-pass variants, measured no faster: ``reverse``, ``evict1`` /
-    ``evict2``) or, for the matmul-form kernel, :data:`ROT_CONFIG`.
-    ``kernel``: ``"auto"``/``"legacy"`` run :func:`act_quant_kernel` (±1 tile hoisted into
-    registers); ``"mm"`` runs a fused rotation of bf16/fp16 tokens without ``smooth`` through the
-    matmul-form :func:`act_quant_rot_kernel`, which measured 1.12–1.23× *slower* on an H200
-    (docs/results/speed.md) and is kept as a selectable, tested variant for other chips.
-    Both compute the same function (same ±1 dot, same 1/√R factor, same quantizer from
-    :mod:`.quant_jit`).
+    rotation inexact — ``set_backend(..., exact_rotation=False)``; per token, :data:`PER_TOKEN_CONFIG`
+    on top: ``fma_div`` — divide through the reciprocal, same bits —, 4 warps).
     ``nonfinite_flag``: a (1,) int32 device tensor; if any row's input held NaN/Inf (scale +inf)
     the kernel writes ``min(flag, flag_id)`` into it — detection without a host sync
     (:mod:`dvdquant.kernels.finite`).
     """
-    if kernel not in ("auto", "mm", "legacy"):
-        raise ConfigError(f"unknown act_quant kernel {kernel!r}")
     if x.dim() != 2:
         raise ConfigError(f"act_quant expects 2-D tokens (M, K), got shape {tuple(x.shape)}")
     if fmt not in ("int", "fp8"):
@@ -458,14 +323,7 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         raise ConfigError(f"int-grid codes of {bits} bits are not all exact in FP8 e4m3 (need 2..5; int8 codes for more)")
     m, k = x.shape
     r = None if h_block is None else h_block.shape[0]
-    mm_ok = r is not None and smooth is None and x.dtype in (torch.bfloat16, torch.float16)
-    if kernel == "mm" and not mm_ok:
-        raise ConfigError("the matmul-form kernel needs a fused rotation of bf16/fp16 tokens without smooth")
-    use_mm = mm_ok and kernel == "mm"   # "auto" keeps the register-hoisted kernel: faster on the H200 (speed.md)
-    if use_mm:
-        cfg = dict(ROT_CONFIG, **(config or {}))
-    else:
-        cfg = rows_config(m, _sm_count(x.device.index or 0) if x.is_cuda else 0, config, per_token=block is None)
+    cfg = rows_config(m, _sm_count(x.device.index or 0) if x.is_cuda else 0, config, per_token=block is None)
     if not fusable_rotation(k, r, block):
         raise ConfigError(f"rotation of order {r} cannot be fused for K={k}, block={block}: rotate first")
     if block is not None and (not _is_pow2(block) or k % block):
@@ -485,15 +343,6 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     flag = nonfinite_flag if has_flag else scales
     qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
     inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)   # fp32 1/qmax, as CUDA torch
-    if use_mm:
-        ieee = interpreting()           # bf16 tl.dot is broken in Triton 3.9's interpreter
-        h = _hadamard_tile(h_block, tile, torch.float32 if ieee else x.dtype, x.device)
-        act_quant_rot_kernel[(triton.cdiv(m, cfg["block_m"]),)](
-            x, h, codes, scales, flag, int(flag_id), m, k, x.stride(0), codes.stride(0), scales.stride(0), scales.stride(1),
-            qmax, inv_qmax, inv_sqrt_r(r),
-            BLOCK_M=cfg["block_m"], TILE=tile, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
-            SCALE_BY_RECIP=x.is_cuda, IEEE_DOT=ieee, HAS_FLAG=has_flag, ROT_R=r, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return codes, scales
     rot_mode = 0 if interpreting() else (1 if x.dtype == torch.bfloat16 and smooth is None else 3)
     h = None
     if r:
@@ -510,8 +359,8 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
         BLOCK_M=cfg["block_m"], BLOCK_K=tile, HAS_SMOOTH=sm is not None, ROTATE=h is not None,
         ROT_MODE=rot_mode, PER_BLOCK=block is not None, FP8_FMT=fmt == "fp8",
         SCALE_BY_RECIP=x.is_cuda, HOIST_H=cfg["hoist_h"], HAS_FLAG=has_flag, ROT_R=r or tile, SNAP=snap,
-        SNAP_CACHE=snap_cache, REVERSE=bool(cfg.get("reverse", False)), EVICT1=cfg.get("evict1", ""),
-        EVICT2=cfg.get("evict2", ""), FMA_DIV=bool(cfg.get("fma_div", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        SNAP_CACHE=snap_cache, FMA_DIV=bool(cfg.get("fma_div", False)), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return codes, scales
 
 

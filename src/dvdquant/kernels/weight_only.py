@@ -1,9 +1,8 @@
 """Weight-only (W4A16) layers on CUDA: the int4 GEMV for a few tokens, the emulated matmul otherwise.
 
 Why: AdaLN modulation layers (``quantize_modulation=True``) keep bf16 activations and see one
-token per sample. On the emulated path each call dequantizes the whole int4 weight to fp32
-(1.06 ms for a 3072 → 18432 layer on an H200, ×80 layers per HunyuanVideo step); the GEMV of
-:mod:`.int4_gemv` reads the packed bytes once instead.
+token per sample. On the emulated path each call dequantizes the whole int4 weight to fp32; the
+GEMV of :mod:`.int4_gemv` reads the packed bytes once instead.
 
 ``dvdquant::w4a16_linear`` is a custom op so that ``torch.compile`` treats the layer as one opaque
 call (a Triton launch with Python-side validation cannot be traced), exactly like the FP8 op.

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Tuple
@@ -43,6 +42,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..kernels import device_capability
+from ..kernels.env import interpreting, log_once, triton_available
 from ..kernels.attention_ref import QK_FORMATS, is_key_padding_mask, quant_attention_reference
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,10 @@ MODES = ("none",) + QK_FORMATS
 # against 32k+ video keys), and averaging so few keys leaves P·V's e4m3 rounding visible (measured on
 # the embedded model: 2.7–3.0 % rel. L2 at 12 keys vs 1.0–1.3 % for its 512-key self-attention).
 MIN_CROSS_KEYS = 256
-_LOGGED: set = set()
 
 
 def _log_once(msg: str) -> None:
-    if msg not in _LOGGED:
-        _LOGGED.add(msg)
-        log.info("dvdquant attention: %s", msg)
+    log_once(log, ("attention", msg), "dvdquant attention: %s", msg)
 
 
 # ----------------------------------------------------------------------------- per-call plan
@@ -71,14 +68,6 @@ class AttnPlan:
 
     path: str
     reason: str = ""
-
-
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def plan_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -110,10 +99,10 @@ def plan_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if path == "emulated":
         return AttnPlan("emulated") if dev in ("cpu", "cuda") else AttnPlan("sdpa", f"no emulated path on {dev}")
     cap = capability if capability is not None else device_capability(query.device)
-    if cap is not None and cap >= (8, 9) and _triton_ok():
+    if cap is not None and cap >= (8, 9) and triton_available():
         return AttnPlan("triton")
     if path == "triton":
-        if dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_ok():
+        if dev == "cpu" and interpreting() and triton_available():
             return AttnPlan("triton")                            # Triton's interpreter (CI)
         return AttnPlan("sdpa", f"the triton path needs an FP8-capable CUDA GPU (sm89+) with Triton, not {dev} "
                                 f"{'' if cap is None else cap}")
@@ -295,7 +284,8 @@ class CogVideoXQuantAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
-def _attention_modules(model: nn.Module):
+def attention_modules(model: nn.Module) -> list:
+    """(name, module) of ``model``'s diffusers attention modules that have a processor."""
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention, MochiAttention
     classes = (Attention, MochiAttention, AttentionModuleMixin)
@@ -317,7 +307,7 @@ def install_quantized_attention(model: nn.Module, mode: str = "int8", backend: s
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
     member = register_backends()[backend_value(mode, backend)]
     counts = {"dispatch": 0, "replaced": 0, "sdpa": 0}
-    for name, module in _attention_modules(model):
+    for name, module in attention_modules(model):
         proc = module.processor
         if type(proc) is CogVideoXAttnProcessor2_0:
             new = CogVideoXQuantAttnProcessor()
@@ -365,7 +355,7 @@ def capture_attention_inputs(model: nn.Module, callback):
     if member not in _AttentionBackendRegistry._backends:
         native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
         _AttentionBackendRegistry.register(member, constraints=[])(_capture_backend(native))
-    procs = [m.processor for _, m in _attention_modules(model) if hasattr(m.processor, "_attention_backend")]
+    procs = [m.processor for _, m in attention_modules(model) if hasattr(m.processor, "_attention_backend")]
     saved = [p._attention_backend for p in procs]
     for p in procs:
         p._attention_backend = member
@@ -381,7 +371,7 @@ def capture_attention_inputs(model: nn.Module, callback):
 def remove_quantized_attention(model: nn.Module) -> int:
     """Undo :func:`install_quantized_attention`; returns the number of modules restored."""
     restored = 0
-    for _, module in _attention_modules(model):
+    for _, module in attention_modules(model):
         proc = module.processor
         if not hasattr(proc, PREV_ATTR):
             continue

@@ -1,8 +1,7 @@
 """Sibling projections (Q/K/V) run as one on the fp8 path: one activation quantization, one GEMM.
 
 Why this file exists: Q, K and V of an attention module read the same tokens. As three QuantLinears
-they rotate and quantize those tokens three times — the activation kernel costs a third to a half of
-an INT8 GEMM at video-DiT shapes (docs/results/speed.md §0e) — and run three narrower GEMMs. Some
+they rotate and quantize those tokens three times and run three narrower GEMMs. Some
 diffusers processors (Wan's) already know a fused form: with ``attn.fused_projections`` set they
 call ``attn.to_qkv(x)`` once and split the output. :func:`install_fused_projections` gives them that
 attribute as a :class:`FusedProjection`, which quantizes the tokens once and runs one GEMM over the
@@ -81,8 +80,6 @@ def incompatibility(members: list) -> Optional[str]:
         return "members need packed 4-bit weights"
     if any(getattr(m, a, None) is not None for m in members for a in ("smooth", "act_balance", "dyn_alpha")):
         return "per-layer input smoothing or balancing"
-    if any(getattr(m, "fp8_weight_cache", "expand") != "expand" for m in members):
-        return "a member keeps a persistent FP8 weight"
     if len({m.bias is None for m in members}) > 1:
         return "some members have a bias and some not"
     return None

@@ -53,7 +53,7 @@ import torch.nn as nn
 
 from ..errors import DVDQuantError, NonFiniteError
 from ..numerics import grids
-from ..numerics.hadamard import hadamard_matrix, hadamard_rotate, hadamard_rotate_exact
+from ..numerics.hadamard import hadamard_rotate, hadamard_rotate_exact
 from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import pack_int4, unpack_int4
 from ..numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_sample, sample_count,
@@ -96,7 +96,6 @@ class QuantLinear(nn.Module):
         self.fp8_fast_accum = False  # fp8 path: cuBLAS fast (reduced-precision) FP8 accumulation, opt-in
         self.fp8_exact_rotation = True  # fp8 path: the snapped, exact rotation (False: cheaper, inexact)
         self.fp8_int8_gemm = True  # fp8 path: int-grid steps on the exact INT8 GEMM (False: FP8 GEMM, A6/A8 e4m3)
-        self._h_cache: dict = {}
         self._decoded = DecodedWeights()  # fp32 decodings of the packed weight, never saved
 
     # ---------------------------------------------------------------- construction
@@ -193,7 +192,7 @@ class QuantLinear(nn.Module):
         A layer configured with ``a_bits=16`` is weight-only and never switched; it does not read
         the state at all, so a compiled model installs no guard on it for such layers.
         """
-        if self.a_bits >= 16:
+        if grids.is_weight_only(self.a_bits):
             return self.a_bits
         if self.state is not None and self.state.a_bits is not None:
             return self.state.a_bits
@@ -214,13 +213,6 @@ class QuantLinear(nn.Module):
         if self.rotation_block:
             x2 = hadamard_rotate_exact(x2, self.rotation_block)          # x·H: snapped, exact ±1 sums, · 1/√R
         return x2
-
-    def hadamard_block(self, device) -> torch.Tensor:
-        """The (b, b) fp32 Hadamard block of the online rotation, cached per device."""
-        key = str(device)
-        if key not in self._h_cache:
-            self._h_cache[key] = hadamard_matrix(self.rotation_block, torch.float32, device)
-        return self._h_cache[key]
 
     def per_token_scaling(self, bits: int) -> bool:
         """Whether this call's product has one activation scale per token and one weight step per

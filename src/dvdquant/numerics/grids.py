@@ -37,6 +37,15 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"{what} holds {n_bad} NaN/Inf value(s); refusing to quantize it")
 
 
+WEIGHT_ONLY_BITS = 16
+
+
+def is_weight_only(a_bits: int) -> bool:
+    """A16 means weight-only: the activations stay in floating point and δ-GBS never switches the layer.
+    The one place that rule is written (QuantLinear, the kernels' planner and the FP8 op ask here)."""
+    return a_bits >= WEIGHT_ONLY_BITS
+
+
 def act_qmax(bits: int) -> int:
     """Largest code of a symmetric ``bits``-bit activation grid (4 → 7, 8 → 127)."""
     if bits not in (2, 3, 4, 5, 6, 7, 8):

@@ -147,6 +147,17 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> 
     return _hadamard_f64(n).to(dtype=dtype, device=device)
 
 
+@lru_cache(maxsize=64)
+def _hadamard_on(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return hadamard_matrix(n, dtype, device)
+
+
+def cached_hadamard(n: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`hadamard_matrix` of order ``n`` on ``device``, built once per (n, dtype, device) and shared:
+    the one cache of the online rotation's blocks (QuantLinear and the FP8 path). Never write to it."""
+    return _hadamard_on(n, dtype, str(torch.device(device)))
+
+
 def largest_hadamard_block(n: int, limit: Optional[int] = None) -> int:
     """Largest constructible order b dividing n (and ≤ limit, if given)."""
     divisors = [b for b in range(1, n + 1) if n % b == 0 and (limit is None or b <= limit)]

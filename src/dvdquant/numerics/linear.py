@@ -1,16 +1,14 @@
 """The quantized linear with per-token activation scales and per-channel weight steps, in the
 operation order of the FP8 tensor-core GEMM, so that every path computes the same bits.
 
-Why this exists
----------------
 With activation codes c (M, K), per-token scales s (M, 1), weight integers W_int = q − z (N, K)
 and per-channel steps Δ (N, 1), the layer is ``y = s · Δ · (c @ W_intᵀ) + b``. Fake
 quantization spells it ``(c·s) @ (Δ·W_int)ᵀ``: every product rounds in fp32 and the sum's
 order depends on the device's GEMM, so the simulated path, the emulated path and the FP8 path
 agree only to ~1e-7 relative. On a 4-bit diffusion trajectory such differences move
 quantizer codes and grow into different clips. Here the sum is taken *exactly* and then
-scaled in the order cuBLAS' row-wise scaled FP8 GEMM applies in its epilogue (measured on an
-H100, ``benchmarks/probe_scaled_mm_exactness.py``: 100 % of outputs)::
+scaled in the order cuBLAS' row-wise scaled FP8 GEMM applies in its epilogue (checked on an
+H100 against ``_scaled_mm``: every output equal)::
 
     acc = Σ_k c[m, k] · W_int[n, k]          exact (integers: fp32 within 2^24, else fp64)
     y   = ((acc · Δ[n]) · s[m]) + b[n]        fp32, one rounding per operation

@@ -15,7 +15,7 @@ import torch
 
 from .. import api
 from ..config import DVDQuantConfig
-from ..eval.video_metrics import psnr, ssim
+from ..numerics.video_metrics import psnr, ssim
 from ..fileio import atomic_write_text, check_output_dir, output_dir
 from .checks import check_prompts, check_steps
 from .generate import generate

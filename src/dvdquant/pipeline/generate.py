@@ -125,3 +125,16 @@ def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, s
     x = x.float().cpu()
     videos = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).contiguous()  # (B, F, H, W, 3)
     return GenerationResult(videos=videos, latents=x, initial_noise=noise)
+
+
+def calibration_generation(model, prompts: Sequence[str], *, steps: int, seed: int = 0,
+                           guidance: float = 4.0):
+    """``calibration(transformer)`` for ``quantize_``: a short FP generation of ``prompts`` with ``model``'s
+    pipeline (an ``EmbeddedModel``), ``transformer`` in place of its own (for the calibrated baselines)."""
+    import copy
+
+    def calibrate(transformer):
+        m = copy.copy(model)
+        m.transformer = transformer
+        generate(m, list(prompts), seed=seed, steps=steps, guidance=guidance, progress=False)
+    return calibrate

@@ -47,17 +47,23 @@ def load_transformer(spec: str, device="cpu") -> tuple[torch.nn.Module, str]:
         from ..models.embedded import load_embedded
         return load_embedded(device=device).transformer, EMBEDDED
     path = Path(spec)
-    cfg_file = path / "config.json"
+    cls, _ = diffusers_model_class(spec)
+    log.info("loading %s from %s", cls.__name__, path)
+    return _from_pretrained(cls, path).to(device), str(path)
+
+
+def diffusers_model_class(spec: str) -> tuple[type, dict]:
+    """(diffusers class, config dict) of the model directory ``spec``, from its config.json."""
+    cfg_file = Path(spec) / "config.json"
     if not cfg_file.is_file():
         raise DVDQuantError(f"--model {spec!r} is neither 'embedded' nor a diffusers model directory "
                             "(no config.json)")
-    class_name = json.loads(cfg_file.read_text()).get("_class_name")
+    cfg = json.loads(cfg_file.read_text())
     import diffusers
-    cls = getattr(diffusers, class_name or "", None)
+    cls = getattr(diffusers, cfg.get("_class_name") or "", None)
     if cls is None:
-        raise DVDQuantError(f"{cfg_file} names class {class_name!r}, which diffusers does not provide")
-    log.info("loading %s from %s", class_name, path)
-    return _from_pretrained(cls, path).to(device), str(path)
+        raise DVDQuantError(f"{cfg_file} names class {cfg.get('_class_name')!r}, which diffusers does not provide")
+    return cls, cfg
 
 
 def dtype_kwarg(dtype) -> dict:
