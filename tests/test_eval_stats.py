@@ -176,3 +176,20 @@ def test_merge_split_runs(tmp_path):
         store.merge_runs([a, c])
     with pytest.raises(DVDQuantError, match="holds no results.json"):
         store.merge_runs([tmp_path / "nothing"])
+
+
+def test_merge_lists_rows_not_run(tmp_path):
+    meta = {"model": "embedded", "prompts": ["p"], "steps": 2, "device": "CPU", "created": "2026",
+            "wall_seconds": 1.0, "methods": ["minmax", "quarot"], "bits": ["W4A4"],
+            "planned": [["minmax", "W4A4"], ["quarot", "W4A4"]]}
+    row = _row("minmax", "W4A4", 20.0)
+    a = _write(tmp_path / "a", {"meta": {**meta, "incomplete": "1 of 2 runs done; not run: quarot W4A4"},
+                                "fp": {}, "runs": [row], "failed": []})
+    b = _write(tmp_path / "b", {"meta": {**meta, "methods": ["quarot"], "planned": [["quarot", "W4A4"]]}, "fp": {},
+                                "runs": [], "failed": [{"method": "quarot", "bits": "W4A4", "error": "x"}]})
+    merged, _, _ = store.merge_runs([a, b])
+    assert "incomplete" not in merged["meta"] and len(merged["failed"]) == 1
+    c = _write(tmp_path / "c", {"meta": {**meta, "methods": ["dvdquant"], "planned": [["dvdquant", "W4A4"]]},
+                                "fp": {}, "runs": [], "failed": []})
+    merged, _, _ = store.merge_runs([a, c])
+    assert merged["meta"]["incomplete"] == "not run: quarot W4A4, dvdquant W4A4"

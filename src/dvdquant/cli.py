@@ -210,7 +210,8 @@ def cmd_eval(args) -> int:
         out = args.out or "eval_out"
         evaluate(args.model, methods=args.methods, bits=args.bits, prompts=args.prompts, steps=args.steps,
                  seed=args.seed, device=args.device, out_dir=out, layers=args.layers, guidance=args.guidance,
-                 batch_size=args.batch_size, fd_bootstrap=args.fd_bootstrap, progress=not args.quiet)
+                 batch_size=args.batch_size, fd_bootstrap=args.fd_bootstrap,
+                 time_limit=None if args.time_limit is None else 60.0 * args.time_limit, progress=not args.quiet)
         results = finish([out])
     print(render_markdown(results, img_prefix=""), end="")
     print(f"wrote {out}/results.json, quality.md and plots")
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layers", action="store_true", help="also per-layer, per-step SQNR of every quantized Linear")
     e.add_argument("--fd-bootstrap", type=int, default=1000, metavar="N",
                    help="seeded prompt resamples for the Fréchet distance's interval (default: %(default)s)")
+    e.add_argument("--time-limit", type=float, metavar="MIN",
+                   help="start no row that would end past MIN minutes (estimated by the longest row so far); "
+                   "the rows left are listed, to run in another call and merge")
     e.add_argument("--out", help="output folder (default: eval_out; with --from-results: its folder if only one)")
     e.add_argument("--update-docs", action="store_true",
                    help="write the report into docs/RESULTS.md (quality section), docs/results.json, docs/img/")

@@ -392,12 +392,15 @@ def evaluate(model_spec: str = "embedded", methods: Sequence[str] | str | None =
              bits: Sequence[str] | str | None = None, prompts: int | Sequence[str] | None = None,
              steps: int = 20, seed: int = 0, device=None, out_dir=None, *, layers: bool = False,
              guidance: float = 4.0, batch_size: int = DEFAULT_BATCH, fd_bootstrap: int = FD_BOOTSTRAP,
-             progress: bool = True) -> dict:
+             time_limit: Optional[float] = None, progress: bool = True) -> dict:
     """Evaluate methods × bit-widths against the FP model; returns (and optionally writes) the raw run.
 
     ``methods``/``bits``: keys of :data:`METHODS` / :data:`BITS` (list or comma string; None = all).
     ``prompts``: an int N (fixed construction, default 120) or a list of captions.
     ``fd_bootstrap``: prompt resamples for the Fréchet distance's interval (seeded, fixed).
+    ``time_limit``: seconds; a row is not started when the time so far plus the longest row yet
+    would pass it (the rows left are listed in ``meta["incomplete"]``; run them in another call
+    and merge).
     ``out_dir``: if given, receives results.json (results.partial.json after each row while
     running), layers.json (``layers=True``) and grid.pt; :func:`dvdquant.eval.report.finish`
     turns one or several such folders into the report.
@@ -449,13 +452,22 @@ def evaluate(model_spec: str = "embedded", methods: Sequence[str] | str | None =
             "runs": sorted(rows, key=lambda r: runs.index((r["method"], r["bits"]))),
             "failed": failed,
         }
+        res["meta"]["planned"] = [list(r) for r in runs]
         if not complete:
-            res["meta"]["incomplete"] = f"{len(rows) + len(failed)} of {len(runs)} runs done"
+            done = {(r["method"], r["bits"]) for r in rows} | {(f["method"], f["bits"]) for f in failed}
+            left = [f"{m} {b}" for m, b in order if (m, b) not in done]
+            res["meta"]["incomplete"] = f"{len(done)} of {len(runs)} runs done; not run: {', '.join(left)}"
         return res
 
     bar = tqdm(order, desc="eval", disable=not progress)
+    longest, stopped = 0.0, False
     for mkey, bkey in bar:
+        if time_limit is not None and time.perf_counter() - t_start + longest > time_limit:
+            log.warning("time limit of %.0f s: %s %s and the rows after it are not run", time_limit, mkey, bkey)
+            stopped = True
+            break
         bar.set_postfix_str(f"{METHODS[mkey].label} {bkey}")
+        t_row = time.perf_counter()
         try:
             row, videos, lr = _one_run(model, mkey, bkey, captions, factors, noise, fp,
                                        fp_block["reference"]["correct"], classifier, fd, fp_weights, gen)
@@ -475,8 +487,9 @@ def evaluate(model_spec: str = "embedded", methods: Sequence[str] | str | None =
             store.save_grid(grid, out / store.GRID)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        longest = max(longest, time.perf_counter() - t_row)
 
-    results = assemble(complete=True)
+    results = assemble(complete=not stopped)
     if out is not None:
         store.dump(results, out / store.RESULTS)
         if layers:

@@ -342,6 +342,10 @@ def render_markdown(results: dict, img_prefix: str = "img/") -> str:
           "“DVD-Quant − δ-GBS (static A4)” is the W4A6 configuration with δ-GBS off: every step A4 (the same "
           "numerics as DVD-Quant W4A4). Ablations replace one field of `DVDQuantConfig()`: `bgr=None` (MinMax "
           "weights), `rotation=False`, `auto_scale=\"none\"`."]
+    L += ["", "`--update-docs` writes this section, `docs/results.json` and `docs/img/quality_*.png`. A run made "
+          "elsewhere, or split across calls (the same `--prompts`, `--steps`, `--seed`, other `--methods` / `--bits` "
+          "into separate `--out` folders), is installed with `dvdquant eval --from-results DIR [DIR ...] --out DIR "
+          "--update-docs`."]
     exact = "bit-identical" if fp["rerun_exact"] else "**not** bit-identical (non-deterministic kernels)"
     L += ["", f"FP row: a second FP generation compared with the first, {exact}."]
     if meta.get("fp_identical_across_parts") is False:
@@ -432,7 +436,8 @@ def _notes(results) -> list[str]:
                        "(a weaker baseline than ViDiT-Q; see the report to the lead).")
             break
     if results["meta"].get("incomplete"):
-        out.append(f"**Incomplete run** ({results['meta']['incomplete']}): the device time ran out; rows missing.")
+        out.append(f"**Incomplete run** ({results['meta']['incomplete']}): rows missing (run them in another call "
+                   "and merge with `--from-results`).")
     for f in results.get("failed", []):
         out.append(f"{f['method']} at {f['bits']} failed and is missing from the table: {f['error']}")
     if "random" in results["meta"]["model"]:

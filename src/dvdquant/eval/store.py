@@ -115,9 +115,8 @@ def merge_runs(run_dirs: Sequence, method_order: Sequence[str] = (), bits_order:
             grid.setdefault(k, v)
         fp_hashes.add(m.get("fp_sha256"))
         info.append({"dir": str(d), "methods": m["methods"], "bits": m["bits"], "layers": m.get("layers"),
-                     "device": m.get("device"),
-                     "created": m.get("created"), "wall_seconds": m.get("wall_seconds"),
-                     "incomplete": m.get("incomplete")})
+                     "device": m.get("device"), "created": m.get("created"),
+                     "wall_seconds": m.get("wall_seconds")})
     methods = _ordered(list(dict.fromkeys(x for _, r, _ in parts for x in r["meta"]["methods"])), method_order)
     bits = _ordered(list(dict.fromkeys(x for _, r, _ in parts for x in r["meta"]["bits"])), bits_order)
     runs.sort(key=lambda r: (bits.index(r["bits"]) if r["bits"] in bits else len(bits),
@@ -128,10 +127,14 @@ def merge_runs(run_dirs: Sequence, method_order: Sequence[str] = (), bits_order:
     meta.update(methods=methods, bits=bits, parts=info, layers=any(p["layers"] for p in info), device=" + ".join(devices),
                 created=max(p["created"] for p in info), wall_seconds=sum(p["wall_seconds"] or 0 for p in info),
                 fp_identical_across_parts=len(fp_hashes) == 1)
-    incomplete = [f"{p['dir']}: {p['incomplete']}" for p in info if p["incomplete"]]
+    failed = [f for f in failed if (f["method"], f["bits"]) not in seen]     # failed once, run again later
     meta.pop("incomplete", None)
-    if incomplete:
-        meta["incomplete"] = "; ".join(incomplete)
+    planned = [tuple(x) for _, r, _ in parts for x in r["meta"].get("planned", [])]
+    done = set(seen) | {(f["method"], f["bits"]) for f in failed}
+    missing = list(dict.fromkeys(f"{m} {b}" for m, b in planned if (m, b) not in done))
+    if missing:
+        meta["incomplete"] = f"not run: {', '.join(missing)}"
+    meta["planned"] = [list(x) for x in dict.fromkeys(planned)]
     merged = {**first, "meta": meta, "runs": runs, "failed": failed}
     merged["fp"] = dict(first["fp"], rerun_exact=all(r["fp"].get("rerun_exact") for _, r, _ in parts))
     return merged, (layers or None), grid
