@@ -368,9 +368,10 @@ def _references(model, classifier, factors, captions, noise, gen: dict, fd_boots
                           FD_BOOTSTRAP_SEED, device=gen["device"])
     floor = generate_clips(len(factors), seed=REAL_SEED + 1, factors=factors)
     from .classifier import adherence
+    floor_adh = adherence(floor.videos, factors, classifier)
     real_stats = {"real_clips": len(real),
                   "fd_real_floor": frechet_distance(classifier_features(classifier, floor.videos), fd.real),
-                  "real_clip_adherence": {k: 100.0 * v for k, v in adherence(floor.videos, factors, classifier).items()}}
+                  "real_clip_adherence": {k: 100.0 * v for k, v in floor_adh.items()}}
     ref = compare(fp, fp, factors, classifier, fd)
     row = compare(fp, fp2, factors, classifier, fd, ref["per_clip"]["correct"])
     row["metrics"]["generation_seconds"] = fp.seconds

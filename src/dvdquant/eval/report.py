@@ -405,6 +405,8 @@ def _observations(results) -> list[str]:
     by_bits: dict = {}
     for r in runs:
         by_bits.setdefault(r["bits"], []).append(r)
+    if not runs:
+        return out
     psnr = {b: sum(r["metrics"]["psnr_db"] for r in rs) / len(rs) for b, rs in by_bits.items()}
     out.append("Mean PSNR over the rows of each bit-width: " + ", ".join(f"{b} {v:.1f} dB" for b, v in psnr.items())
                + ".")

@@ -124,7 +124,8 @@ def merge_runs(run_dirs: Sequence, method_order: Sequence[str] = (), bits_order:
     if len(fp_hashes) > 1:
         log.warning("the FP clips differ between the merged calls (non-deterministic kernels?)")
     devices = list(dict.fromkeys(p["device"] for p in info))
-    meta.update(methods=methods, bits=bits, parts=info, layers=any(p["layers"] for p in info), device=" + ".join(devices),
+    meta.update(methods=methods, bits=bits, parts=info, layers=any(p["layers"] for p in info),
+                device=" + ".join(devices),
                 created=max(p["created"] for p in info), wall_seconds=sum(p["wall_seconds"] or 0 for p in info),
                 fp_identical_across_parts=len(fp_hashes) == 1)
     failed = [f for f in failed if (f["method"], f["bits"]) not in seen]     # failed once, run again later
