@@ -46,9 +46,10 @@ def clip_values(row: dict, metric: str) -> Optional[list]:
 def row_interval(row: dict, metric: str) -> Optional[Interval]:
     """Interval of a row's mean (t) or, for "fd", of its FD (bootstrap); None without per-clip data."""
     if metric == "fd":
-        reps = row.get("fd_bootstrap")
-        n = len(clip_values(row, "psnr_db") or [])
-        return percentile_interval(row["metrics"]["fd"], reps, n) if reps else None
+        reps, point = row.get("fd_bootstrap"), row["metrics"].get("fd")
+        if not reps or point is None:
+            return None
+        return percentile_interval(point, [x for x in reps if x is not None], len(clip_values(row, "psnr_db") or []))
     v = clip_values(row, metric)
     return mean_interval(v) if v is not None else None
 
@@ -57,10 +58,11 @@ def diff_interval(a: dict, b: dict, metric: str) -> Optional[Interval]:
     """Interval of a − b, paired over prompts (t) or over shared prompt resamples (FD, bootstrap)."""
     if metric == "fd":
         ra, rb = a.get("fd_bootstrap"), b.get("fd_bootstrap")
-        if not ra or not rb or len(ra) != len(rb):
+        fa, fb = a["metrics"].get("fd"), b["metrics"].get("fd")
+        if not ra or not rb or len(ra) != len(rb) or fa is None or fb is None:
             return None
         n = len(clip_values(a, "psnr_db") or [])
-        return percentile_interval(a["metrics"]["fd"] - b["metrics"]["fd"], [x - y for x, y in zip(ra, rb)], n)
+        return percentile_interval(fa - fb, [x - y for x, y in zip(ra, rb) if x is not None and y is not None], n)
     va, vb = clip_values(a, metric), clip_values(b, metric)
     return paired_interval(va, vb) if va is not None and vb is not None else None
 
