@@ -70,7 +70,7 @@ from ..data import FACTOR_NAMES, Factors, generate_clips, make_caption, parse_ca
 from ..errors import DVDQuantError
 from . import store
 from . import video_metrics as vm
-from .frechet import FrechetBootstrap, frechet_distance
+from .frechet import FrechetBootstrap
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ def _references(model, classifier, factors, captions, noise, gen: dict, fd_boots
     from .classifier import adherence
     floor_adh = adherence(floor.videos, factors, classifier)
     real_stats = {"real_clips": len(real),
-                  "fd_real_floor": frechet_distance(classifier_features(classifier, floor.videos), fd.real),
+                  "fd_real_floor": fd.point(classifier_features(classifier, floor.videos)),
                   "real_clip_adherence": {k: 100.0 * v for k, v in floor_adh.items()}}
     ref = compare(fp, fp, factors, classifier, fd)
     row = compare(fp, fp2, factors, classifier, fd, ref["per_clip"]["correct"])
