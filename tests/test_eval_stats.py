@@ -10,8 +10,8 @@ from dvdquant.errors import DVDQuantError
 from dvdquant.eval import compare as cmp
 from dvdquant.eval import report, store
 from dvdquant.eval.frechet import FrechetBootstrap, frechet_distance, frechet_distance_reference
-from dvdquant.eval.stats import (bootstrap_indices, mean_interval, paired_interval, percentile_interval,
-                                 prompts_needed, t_quantile, verdict)
+from dvdquant.eval.stats import (bootstrap_indices, bootstrap_interval, mean_interval, normal_quantile,
+                                 paired_interval, percentile_interval, prompts_needed, t_quantile, verdict)
 
 
 # ----------------------------------------------------------------------------- stats
@@ -47,6 +47,9 @@ def test_bootstrap_is_seeded():
     a, b = bootstrap_indices(7, 50, seed=3), bootstrap_indices(7, 50, seed=3)
     assert torch.equal(a, b) and a.shape == (50, 7) and int(a.max()) < 7
     assert not torch.equal(a, bootstrap_indices(7, 50, seed=4))
+    iv = bootstrap_interval(10.0, [1.0, 3.0] * 50, n=7)                       # SD of the replicates ≈ 1.005
+    assert iv.mean == 10.0 and iv.half_width == pytest.approx(1.959964 * math.sqrt(100 / 99), rel=1e-6)
+    assert normal_quantile(0.975) == pytest.approx(1.959963985, rel=1e-9)
     iv = percentile_interval(1.0, [float(i) for i in range(101)], n=7)
     assert (iv.lo, iv.hi, iv.method) == (pytest.approx(2.5), pytest.approx(97.5), "bootstrap")
 

@@ -2,9 +2,9 @@
 
 Per-clip metrics (PSNR / SSIM / flicker / rel. L2 vs the FP clip of the same prompt and noise,
 adherence per clip) get Student-t intervals: of a row's mean, and of the mean of per-prompt
-differences between two rows (paired over prompt + noise). The Fréchet distance gets percentile
-bootstrap intervals over prompt resamples that every row shares (seeded), of the row's FD and of
-FD_A − FD_B. A difference counts as a win or a loss only when its interval excludes 0.
+differences between two rows (paired over prompt + noise). The Fréchet distance gets normal
+bootstrap intervals (± 1.96 · SD of the replicates) over prompt resamples that every row shares
+(seeded), of the row's FD and of FD_A − FD_B. A difference counts as a win or a loss only when its interval excludes 0.
 
 :func:`comparisons` pairs DVD-Quant with each baseline at each bit-width, and each ablation or
 variant with DVD-Quant at its bit-width ("A − B": the first named minus the second).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
-from .stats import Interval, mean_interval, paired_interval, percentile_interval, prompts_needed, verdict
+from .stats import Interval, bootstrap_interval, mean_interval, paired_interval, prompts_needed, verdict
 
 # key -> (label, higher is better, scale of a per-clip value)
 METRICS = {
@@ -49,7 +49,7 @@ def row_interval(row: dict, metric: str) -> Optional[Interval]:
         reps, point = row.get("fd_bootstrap"), row["metrics"].get("fd")
         if not reps or point is None:
             return None
-        return percentile_interval(point, [x for x in reps if x is not None], len(clip_values(row, "psnr_db") or []))
+        return bootstrap_interval(point, [x for x in reps if x is not None], len(clip_values(row, "psnr_db") or []))
     v = clip_values(row, metric)
     return mean_interval(v) if v is not None else None
 
@@ -62,7 +62,7 @@ def diff_interval(a: dict, b: dict, metric: str) -> Optional[Interval]:
         if not ra or not rb or len(ra) != len(rb) or fa is None or fb is None:
             return None
         n = len(clip_values(a, "psnr_db") or [])
-        return percentile_interval(fa - fb, [x - y for x, y in zip(ra, rb) if x is not None and y is not None], n)
+        return bootstrap_interval(fa - fb, [x - y for x, y in zip(ra, rb) if x is not None and y is not None], n)
     va, vb = clip_values(a, metric), clip_values(b, metric)
     return paired_interval(va, vb) if va is not None and vb is not None else None
 
@@ -89,6 +89,12 @@ def comparisons(results: dict) -> list[dict]:
         out.append({"a": key(a), "b": key(b), "a_label": a["label"], "b_label": b["label"], "bits": r["bits"],
                     "kind": r["family"], "ablates": r.get("ablates", ""), "metrics": difference(a, b)})
     return out
+
+
+def pair_label(c: dict) -> str:
+    """'A − B' of a comparison, labels with a sign of their own in parentheses."""
+    par = [f"({x})" if any(ch in x for ch in "−+") else x for x in (c["a_label"], c["b_label"])]
+    return f"{par[0]} − {par[1]}"
 
 
 def significantly_best(rows: list[dict], metric: str) -> Optional[dict]:
@@ -119,8 +125,8 @@ def psnr_power(comps: list[dict], n: int) -> Optional[dict]:
     worst = max(ivs, key=lambda iv: iv["sd"])
     wc = next(c for c in comps if c["metrics"].get("psnr_db") is worst)
     return {"n": n, "target_half_width_db": TARGET_HALF_WIDTH_DB, "half_width_min": min(hws),
-            "half_width_max": max(hws), "sd_max": worst["sd"], "sd_max_pair": f"{wc['a_label']} − {wc['b_label']} "
-            f"{wc['bits']}", "sd_median": statistics.median(sds),
+            "half_width_max": max(hws), "sd_max": worst["sd"], "sd_max_pair": f"{pair_label(wc)} {wc['bits']}",
+            "sd_median": statistics.median(sds),
             "prompts_needed_max_sd": prompts_needed(worst["sd"], TARGET_HALF_WIDTH_DB),
             "prompts_needed_median_sd": prompts_needed(statistics.median(sds), TARGET_HALF_WIDTH_DB),
             "met": max(hws) <= TARGET_HALF_WIDTH_DB}

@@ -341,13 +341,16 @@ def _one_run(model, mkey: str, bkey: str, captions, factors, noise, fp: Samples,
     finally:
         if recorder is not None:
             recorder.close()
+    t0 = time.perf_counter()
     cmp = compare(fp, q, factors, classifier, fd, fp_correct)
+    compare_seconds = time.perf_counter() - t0
     gbs = _gbs_summary(q, qcfg)
     row = {
         "method": mkey, "label": spec.label, "family": spec.family, "bits": bkey, "ablates": spec.ablates,
         "config": config_to_dict(qcfg), **cmp,
         "avg_act_bits": gbs["avg_act_bits"] if gbs else float(qcfg.a_bits),
         "cost": {"quantize_seconds": report.seconds, "calibration_passes": report.calibration_passes,
+                 "metrics_seconds": compare_seconds,
                  "layers": len(report.layers), "mean_w_err": report.mean_w_err,
                  "mean_w_err_minmax": report.mean_w_err_minmax,
                  "calibrated_steps": report.layers[0].extras.get("calibrated_steps") if report.layers else None},

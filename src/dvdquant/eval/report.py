@@ -171,8 +171,8 @@ def analyse(results: dict) -> dict:
     """``results`` with "analysis" (paired comparisons, PSNR power) and "acceptance" (re)computed."""
     comps = cmp.comparisons(results)
     results["analysis"] = {
-        "intervals": "per-clip metrics: paired Student-t over prompts (same prompt and noise); FD: percentile "
-                     "bootstrap over seeded prompt resamples shared by all rows; 95 %",
+        "intervals": "per-clip metrics: paired Student-t over prompts (same prompt and noise); FD: normal "
+                     "bootstrap (± 1.96 SD) over seeded prompt resamples shared by all rows; 95 %",
         "comparisons": comps,
         "psnr_power": cmp.psnr_power(comps, results["meta"]["n_prompts"]),
     }
@@ -247,8 +247,6 @@ def _stat_cell(row: dict, metric: str, nd: int) -> str:
         return _fmt(v, f"{{:.{nd}f}}")
     if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
         return f"{iv.mean:.{nd}f}"
-    if iv.method == "bootstrap":
-        return f"{iv.mean:.{nd}f} [{iv.lo:.{nd}f}, {iv.hi:.{nd}f}]"
     return f"{iv.mean:.{nd}f} ± {iv.half_width:.{nd}f}"
 
 
@@ -288,7 +286,7 @@ def _comparison_table(results: dict) -> list[str]:
     L = ["| A − B | W/A | " + " | ".join(f"Δ {cmp.METRICS[m][0]}" for m in cols) + " |",
          "|---|---|" + "---|" * len(cols)]
     for c in comps:
-        L.append(f"| {c['a_label']} − {c['b_label']} | {c['bits']} | "
+        L.append(f"| {cmp.pair_label(c)} | {c['bits']} | "
                  + " | ".join(_diff_cell(c["metrics"].get(m), ND[m]) for m in cols) + " |")
     return L
 
@@ -329,7 +327,7 @@ def render_markdown(results: dict, img_prefix: str = "img/") -> str:
         "at 100 dB), mean ± the 95 % Student-t half-width over prompts. Flicker vs FP: mean |Δ_t(q) − Δ_t(FP)| of "
         f"consecutive-frame changes (FP's own mean |Δ_t|: {fp['frame_consistency']:.4f}). FD: Fréchet distance in "
         f"the classifier's 256-d feature space to {meta['real_clips']} real generator clips of the same "
-        f"combinations, [95 % percentile bootstrap interval over {reps} seeded resamples of the prompts] (sampling "
+        f"combinations, ± 1.96 × the SD of its values on {reps} seeded bootstrap resamples of the prompts (sampling "
         f"floor, {n} other real clips: {meta['fd_real_floor']:.2f}). Adherence (secondary: it saturates): the "
         "evaluator classifier reads all four captioned factors (% of clips; one clip = "
         f"{100.0 / n:.2f} points; real clips: {meta['real_clip_adherence']['all']:.1f} %; per factor in "

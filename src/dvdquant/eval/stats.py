@@ -2,8 +2,9 @@
 
 * :func:`paired_interval` — mean of ``a[i] − b[i]`` over the same prompt + noise with a Student-t
   interval (``t_{1−α/2, n−1} · sd / √n``); :func:`mean_interval` the same for one sample;
-* :func:`percentile_interval` — percentile interval of bootstrap replicates (the Fréchet distance,
-  :mod:`dvdquant.eval.frechet`, resamples prompts with :func:`bootstrap_indices`, seeded);
+* :func:`bootstrap_interval` — the statistic ± z · SD of its bootstrap replicates (the Fréchet
+  distance, :mod:`dvdquant.eval.frechet`, resamples prompts with :func:`bootstrap_indices`, seeded);
+  :func:`percentile_interval` — percentiles of the replicates;
 * :func:`verdict` — "better" / "worse" only when the interval excludes 0, else "inside the noise";
 * :func:`prompts_needed` — n ≈ (z · sd / h)² for a half-width h.
 
@@ -28,8 +29,8 @@ class Interval:
     lo: float
     hi: float
     n: int                      # prompts (pairs)
-    sd: Optional[float] = None  # SD of the per-prompt differences (t intervals)
-    method: str = "t"           # "t" (Student-t, paired) or "bootstrap" (percentile, over prompts)
+    sd: Optional[float] = None  # SD of the per-prompt values / differences (t), of the replicates (bootstrap)
+    method: str = "t"           # "t" (Student-t, paired) or "bootstrap" (normal, over prompt resamples)
 
     @property
     def half_width(self) -> float:
@@ -153,6 +154,36 @@ def bootstrap_indices(n: int, reps: int, seed: int) -> torch.Tensor:
     """(reps, n) indices drawn with replacement from range(n); the same for the same (n, reps, seed)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randint(0, n, (reps, n), generator=g)
+
+
+def normal_quantile(p: float) -> float:
+    """The p-quantile of the standard normal distribution (bisection on erf)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"normal_quantile needs 0 < p < 1, got {p}")
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if 0.5 * math.erfc(-mid / math.sqrt(2.0)) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2.0
+
+
+def bootstrap_interval(point: float, replicates: Sequence[float], n: int, level: float = LEVEL) -> Interval:
+    """Normal bootstrap interval: the statistic on all prompts ± z · SD of its bootstrap replicates.
+
+    Centred on ``point`` on purpose: a resample repeats prompts, which biases a covariance-based
+    statistic such as the Fréchet distance upward, so replicate percentiles can miss the point.
+    """
+    r = [x for x in _floats(replicates) if math.isfinite(x)]
+    if len(r) < 2:
+        nan = float("nan")
+        return Interval(point, nan, nan, n, None, "bootstrap")
+    m = math.fsum(r) / len(r)
+    sd = math.sqrt(math.fsum((x - m) ** 2 for x in r) / (len(r) - 1))
+    h = normal_quantile(0.5 + level / 2.0) * sd
+    return Interval(point, point - h, point + h, n, sd, "bootstrap")
 
 
 def percentile_interval(point: float, replicates: Sequence[float], n: int, level: float = LEVEL) -> Interval:
