@@ -53,3 +53,23 @@ def test_numerics_and_kernels_never_import_diffusers():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 assert not any(n.split(".")[0] == "diffusers" for n in names), f"{path}:{node.lineno}"
+
+
+def test_eval_modules_import_without_cycles():
+    """Inside eval/, imports form no cycle (report may import quality's tables, quality never imports report)."""
+    graph = {}
+    for path in (SRC / "eval").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dvdquant.eval."):
+                deps.add(node.module.split(".")[2])
+        graph[path.stem] = {d.split(".")[0] for d in deps} - {path.stem}
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, seen + (d,))) for d in graph.get(start, ()))
+    cycles = sorted(m for m in graph if reaches(m, m))
+    assert not cycles, f"eval modules in an import cycle: {cycles}"
+    assert not reaches("quality", "report")

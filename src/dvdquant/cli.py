@@ -217,20 +217,22 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval.report import install_docs, load_results, render_markdown
+    from .eval.report import finish, install_docs, render_markdown
     if args.from_results:
-        results = load_results(args.from_results)
+        out = args.out or (args.from_results[0] if len(args.from_results) == 1 else None)
+        results = finish(args.from_results, out)
     else:
         from .eval.quality import evaluate
-        results = evaluate(args.model, methods=args.methods, bits=args.bits, prompts=args.prompts,
-                           steps=args.steps, seed=args.seed, device=args.device, out_dir=args.out,
-                           layers=args.layers, guidance=args.guidance, batch_size=args.batch_size,
-                           progress=not args.quiet)
+        out = args.out or "eval_out"
+        evaluate(args.model, methods=args.methods, bits=args.bits, prompts=args.prompts, steps=args.steps,
+                 seed=args.seed, device=args.device, out_dir=out, layers=args.layers, guidance=args.guidance,
+                 batch_size=args.batch_size, fd_bootstrap=args.fd_bootstrap,
+                 time_limit=None if args.time_limit is None else 60.0 * args.time_limit, progress=not args.quiet)
+        results = finish([out])
     print(render_markdown(results, img_prefix=""), end="")
-    if not args.from_results:
-        print(f"wrote {args.out}/results.json, quality.md and plots")
+    print(f"wrote {out}/results.json, quality.md and plots")
     if args.update_docs:
-        written = install_docs(args.from_results or args.out)
+        written = install_docs(out)
         print("updated " + ", ".join(str(p) for p in written))
     return 0
 
@@ -358,10 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts per sampling batch, the same for every method (default: %(default)s)")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
     e.add_argument("--layers", action="store_true", help="also per-layer, per-step SQNR of every quantized Linear")
-    e.add_argument("--out", default="eval_out", help="output folder (default: %(default)s)")
+    e.add_argument("--fd-bootstrap", type=int, default=1000, metavar="N",
+                   help="seeded prompt resamples for the Fréchet distance's interval (default: %(default)s)")
+    e.add_argument("--time-limit", type=float, metavar="MIN",
+                   help="start no row that would end past MIN minutes (estimated by the longest row so far); "
+                   "the rows left are listed, to run in another call and merge")
+    e.add_argument("--out", help="output folder (default: eval_out; with --from-results: its folder if only one)")
     e.add_argument("--update-docs", action="store_true",
                    help="write the report into docs/RESULTS.md (quality section), docs/results.json, docs/img/")
-    e.add_argument("--from-results", metavar="DIR", help="no evaluation: report a finished run's DIR/results.json")
+    e.add_argument("--from-results", metavar="DIR", nargs="+",
+                   help="no evaluation: report finished runs (one DIR, or the parts of a run split by --methods / "
+                   "--bits with the same prompts, steps and seed: merged into --out)")
     e.set_defaults(func=cmd_eval)
 
     for sp in (d, q, g, e):

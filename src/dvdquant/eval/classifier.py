@@ -87,15 +87,20 @@ def classify(clips: torch.Tensor, classifier: ClipClassifier | None = None) -> d
     return (classifier or _cached("cpu")).classify(clips)
 
 
-def adherence(clips: torch.Tensor, factors: list[Factors],
-              classifier: ClipClassifier | None = None) -> dict[str, float]:
-    """Fraction of clips whose predicted factor equals the captioned one, per factor, plus 'all'."""
+def adherence_per_clip(clips: torch.Tensor, factors: list[Factors],
+                       classifier: ClipClassifier | None = None) -> dict[str, torch.Tensor]:
+    """Per clip (bool, (B,)): predicted factor equals the captioned one, per factor, plus 'all'."""
     pred = classify(clips, classifier)
     want = {k: torch.tensor([f.indices()[k] for f in factors]) for k in FACTOR_NAMES}
     hits = {k: pred[k] == want[k] for k in FACTOR_NAMES}
-    acc = {k: hits[k].float().mean().item() for k in FACTOR_NAMES}
-    acc["all"] = torch.stack(list(hits.values())).all(0).float().mean().item()
-    return acc
+    hits["all"] = torch.stack(list(hits.values())).all(0)
+    return hits
+
+
+def adherence(clips: torch.Tensor, factors: list[Factors],
+              classifier: ClipClassifier | None = None) -> dict[str, float]:
+    """Fraction of clips whose predicted factor equals the captioned one, per factor, plus 'all'."""
+    return {k: v.float().mean().item() for k, v in adherence_per_clip(clips, factors, classifier).items()}
 
 
 def _augment(videos: torch.Tensor, g: torch.Generator) -> torch.Tensor:

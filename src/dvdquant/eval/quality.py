@@ -20,15 +20,26 @@ What one call does:
    calibration prompts; DVD-Quant and the other baselines are data-free), clips are generated
    through the model's diffusers step hook (δ-GBS or fixed bits), then compared with FP:
 
-   * fidelity: PSNR, SSIM of the clips, relative L2 of the final sample;
-   * prompt adherence: the evaluator classifier's accuracy per factor (and all four at once);
+   * fidelity: PSNR and SSIM of each decoded clip vs the FP clip of the same prompt and noise,
+     relative L2 of the final sample;
+   * temporal: flicker vs FP (mean |Δ_t(q) − Δ_t(FP)| of consecutive-frame changes) and the
+     clip's own frame consistency;
+   * prompt adherence (secondary: it saturates): per clip and factor, whether the evaluator
+     classifier reads the captioned value;
    * distribution: Fréchet distance in the classifier's feature space to real generator clips
-     of the same factor combinations;
-   * temporal: frame consistency of the clip and flicker relative to the FP clip;
+     of the same factor combinations, on all prompts and on ``fd_bootstrap`` seeded resamples of
+     the prompts (:class:`dvdquant.eval.frechet.FrechetBootstrap`);
    * cost: seconds to quantize (calibration included), calibration forward passes;
    * δ-GBS: per-step bit schedule of every batch, low-bit fraction, average activation bits;
    * optionally (``layers=True``) per-layer, per-step SQNR of every quantized Linear's output
      against the FP layer on the same input (:mod:`dvdquant.eval.layers`).
+
+Every per-clip value is kept (``per_clip`` of each row in results.json), so that
+:mod:`dvdquant.eval.report` can give each method-vs-method difference as a paired mean with a 95 %
+interval, and runs split across calls (other methods / bits, same prompts and seeds) can be merged
+(:func:`dvdquant.eval.store.merge_runs`). ``out_dir`` receives the raw run (results.json,
+layers.json, grid.pt); the report (quality.md, plots, intervals, acceptance) is
+:func:`dvdquant.eval.report.finish`.
 
 Methods are keys of :data:`METHODS`; bit-widths keys of :data:`BITS`. "DVD-Quant" is
 ``DVDQuantConfig()`` with only the bit-widths replaced, its ablations ``dataclasses.replace`` of
@@ -40,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import logging
 import math
 import platform
@@ -56,6 +68,8 @@ from ..config import DVDQuantConfig, GBSConfig, config_to_dict
 from ..data import FACTOR_NAMES, Factors, generate_clips, make_caption, parse_caption, sample_combinations
 from ..errors import DVDQuantError
 from ..numerics import video_metrics as vm
+from . import store
+from .frechet import FrechetBootstrap
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +82,8 @@ CALIBRATION_SEED = 1
 REAL_SEED = 424242            # real generator clips for the Fréchet distance
 REAL_PER_PROMPT = 4           # real clips per evaluated combination
 GRID_PROMPTS = 2              # clips shown in the frame grid
+FD_BOOTSTRAP = 1000           # prompt resamples for the Fréchet distance's interval
+FD_BOOTSTRAP_SEED = 20261206  # fixed: every call of a split run resamples the same prompts
 
 
 # ----------------------------------------------------------------------------- methods × bit-widths
@@ -241,48 +257,33 @@ def classifier_features(classifier, videos: torch.Tensor, chunk: int = 256) -> t
                       for i in range(0, videos.shape[0], chunk)])
 
 
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to features a (N, D) and b (M, D), float64.
-
-    tr((Σ_a Σ_b)^½) is computed as Σ √λ of the symmetric PSD matrix Σ_a^½ Σ_b Σ_a^½.
-    """
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        return float("nan")                                   # no covariance from one sample
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
-    e, v = torch.linalg.eigh(s_a)
-    root_a = (v * e.clamp_min(0).sqrt()) @ v.T
-    m = root_a @ s_b @ root_a
-    lam = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0)
-    fd = (mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * lam.sqrt().sum()
-    return max(float(fd), 0.0)
-
-
 # ----------------------------------------------------------------------------- metrics
 def _mean(t: torch.Tensor) -> float:
     return float(t.double().mean())
 
 
-def compare(fp: Samples, q: Samples, factors: list[Factors], classifier, real_feats: torch.Tensor,
-            fp_adherence: Optional[dict] = None) -> dict:
-    """All clip-level metrics of ``q`` against the FP samples (and real clips for the FD)."""
-    from .classifier import adherence
-    p = vm.psnr(fp.videos, q.videos)
-    adh = {k: 100.0 * v for k, v in adherence(q.videos, factors, classifier).items()}
-    out = {
-        "psnr_db": _mean(p), "psnr_db_min": float(p.min()),
-        "ssim": _mean(vm.ssim(fp.videos, q.videos)),
-        "rel_l2": _mean(vm.relative_l2(fp.latents, q.latents)),
-        "adherence": adh,
-        "fd": frechet_distance(classifier_features(classifier, q.videos), real_feats),
-        "frame_consistency": _mean(vm.frame_consistency(q.videos)),
-        "flicker_vs_fp": _mean(vm.flicker_vs(fp.videos, q.videos)),
-        "generation_seconds": q.seconds,
+def compare(fp: Samples, q: Samples, factors: list[Factors], classifier, fd: FrechetBootstrap,
+            fp_correct: Optional[dict] = None) -> dict:
+    """Clip metrics of ``q`` against the FP samples: {"metrics": means, "per_clip", "fd_bootstrap"}."""
+    from .classifier import adherence_per_clip
+    clip = {
+        "psnr_db": vm.psnr(fp.videos, q.videos),
+        "ssim": vm.ssim(fp.videos, q.videos),
+        "rel_l2": vm.relative_l2(fp.latents, q.latents),
+        "flicker_vs_fp": vm.flicker_vs(fp.videos, q.videos),
+        "frame_consistency": vm.frame_consistency(q.videos),
     }
-    if fp_adherence is not None:
-        out["adherence_drop"] = {k: fp_adherence[k] - adh[k] for k in adh}
-    return out
+    correct = adherence_per_clip(q.videos, factors, classifier)
+    adh = {k: 100.0 * _mean(v) for k, v in correct.items()}
+    feats = classifier_features(classifier, q.videos)
+    metrics = {k: _mean(v) for k, v in clip.items()}
+    metrics.update(psnr_db_min=float(clip["psnr_db"].min()), adherence=adh, fd=fd.point(feats),
+                   generation_seconds=q.seconds)
+    if fp_correct is not None:
+        metrics["adherence_drop"] = {k: 100.0 * (sum(fp_correct[k]) / len(fp_correct[k])) - adh[k] for k in adh}
+    per_clip = {k: v.double().tolist() for k, v in clip.items()}
+    per_clip["correct"] = {k: v.int().tolist() for k, v in correct.items()}
+    return {"metrics": metrics, "per_clip": per_clip, "fd_bootstrap": fd.replicates(feats)}
 
 
 def _gbs_summary(samples: Samples, cfg) -> Optional[dict]:
@@ -317,8 +318,8 @@ def _device_name(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- the evaluation
-def _one_run(model, mkey: str, bkey: str, captions, factors, noise, fp: Samples, fp_ref: dict, classifier,
-             real_feats, fp_weights: Optional[dict], gen: dict):
+def _one_run(model, mkey: str, bkey: str, captions, factors, noise, fp: Samples, fp_correct: dict, classifier,
+             fd: FrechetBootstrap, fp_weights: Optional[dict], gen: dict):
     """Quantize a copy of the FP transformer with one method × bit-width, sample, compare with FP."""
     spec, dev, steps = METHODS[mkey], gen["device"], gen["steps"]
     qcfg = spec.build(BITS[bkey])
@@ -337,13 +338,16 @@ def _one_run(model, mkey: str, bkey: str, captions, factors, noise, fp: Samples,
     finally:
         if recorder is not None:
             recorder.close()
-    metrics = compare(fp, q, factors, classifier, real_feats, fp_ref["adherence"])
+    t0 = time.perf_counter()
+    cmp = compare(fp, q, factors, classifier, fd, fp_correct)
+    compare_seconds = time.perf_counter() - t0
     gbs = _gbs_summary(q, qcfg)
     row = {
         "method": mkey, "label": spec.label, "family": spec.family, "bits": bkey, "ablates": spec.ablates,
-        "config": config_to_dict(qcfg), "metrics": metrics,
+        "config": config_to_dict(qcfg), **cmp,
         "avg_act_bits": gbs["avg_act_bits"] if gbs else float(qcfg.a_bits),
         "cost": {"quantize_seconds": report.seconds, "calibration_passes": report.calibration_passes,
+                 "metrics_seconds": compare_seconds,
                  "layers": len(report.layers), "mean_w_err": report.mean_w_err,
                  "mean_w_err_minmax": report.mean_w_err_minmax,
                  "calibrated_steps": report.layers[0].extras.get("calibrated_steps") if report.layers else None},
@@ -355,18 +359,56 @@ def _one_run(model, mkey: str, bkey: str, captions, factors, noise, fp: Samples,
     return row, q.videos, lr
 
 
+def _references(model, classifier, factors, captions, noise, gen: dict, fd_bootstrap: int):
+    """FP samples, the FP block of results.json, the FD bootstrap and the real-clip statistics."""
+    fp = _generate_all(model, captions, noise, **gen)
+    fp2 = _generate_all(model, captions, noise, **gen)
+    real = generate_clips(len(factors) * REAL_PER_PROMPT, seed=REAL_SEED, factors=factors * REAL_PER_PROMPT)
+    fd = FrechetBootstrap(classifier_features(classifier, real.videos), len(factors), fd_bootstrap,
+                          FD_BOOTSTRAP_SEED, device=gen["device"])
+    floor = generate_clips(len(factors), seed=REAL_SEED + 1, factors=factors)
+    from .classifier import adherence
+    floor_adh = adherence(floor.videos, factors, classifier)
+    real_stats = {"real_clips": len(real),
+                  "fd_real_floor": fd.point(classifier_features(classifier, floor.videos)),
+                  "real_clip_adherence": {k: 100.0 * v for k, v in floor_adh.items()}}
+    ref = compare(fp, fp, factors, classifier, fd)
+    row = compare(fp, fp2, factors, classifier, fd, ref["per_clip"]["correct"])
+    row["metrics"]["generation_seconds"] = fp.seconds
+    exact = bool(torch.equal(fp.videos, fp2.videos) and torch.equal(fp.latents, fp2.latents))
+    if not exact:
+        log.warning("FP rerun differs from the FP reference (non-deterministic kernels on %s)", gen["device"])
+    fp_block = {"label": "FP (fp32)", "bits": "FP", "metrics": row["metrics"], "per_clip": row["per_clip"],
+                "fd_bootstrap": row["fd_bootstrap"], "rerun_exact": exact,
+                "adherence": ref["metrics"]["adherence"], "fd": ref["metrics"]["fd"],
+                "frame_consistency": ref["metrics"]["frame_consistency"],
+                "reference": {"correct": ref["per_clip"]["correct"],
+                              "frame_consistency": ref["per_clip"]["frame_consistency"],
+                              "fd_bootstrap": ref["fd_bootstrap"]}}
+    sha = hashlib.sha256(fp.videos.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return fp, fp_block, fd, dict(real_stats, fp_sha256=sha)
+
+
 def evaluate(model_spec: str = "embedded", methods: Sequence[str] | str | None = None,
              bits: Sequence[str] | str | None = None, prompts: int | Sequence[str] | None = None,
              steps: int = 20, seed: int = 0, device=None, out_dir=None, *, layers: bool = False,
-             guidance: float = 4.0, batch_size: int = DEFAULT_BATCH, progress: bool = True) -> dict:
-    """Evaluate methods × bit-widths against the FP model; returns (and optionally writes) results.
+             guidance: float = 4.0, batch_size: int = DEFAULT_BATCH, fd_bootstrap: int = FD_BOOTSTRAP,
+             time_limit: Optional[float] = None, progress: bool = True) -> dict:
+    """Evaluate methods × bit-widths against the FP model; returns (and optionally writes) the raw run.
 
     ``methods``/``bits``: keys of :data:`METHODS` / :data:`BITS` (list or comma string; None = all).
     ``prompts``: an int N (fixed construction, default 120) or a list of captions.
-    ``out_dir``: if given, writes results.json, layers.json (``layers=True``), quality.md and PNGs
-    (see :func:`dvdquant.eval.report.write_outputs`).
+    ``fd_bootstrap``: prompt resamples for the Fréchet distance's interval (seeded, fixed).
+    ``time_limit``: seconds; a row is not started when the time so far plus the longest row yet
+    would pass it (the rows left are listed in ``meta["incomplete"]``; run them in another call
+    and merge).
+    ``out_dir``: if given, receives results.json (results.partial.json after each row while
+    running), layers.json (``layers=True``) and grid.pt; :func:`dvdquant.eval.report.finish`
+    turns one or several such folders into the report.
     """
     runs = plan_runs(methods, bits)
+    if fd_bootstrap < 0:
+        raise ValueError(f"fd_bootstrap must be >= 0, got {fd_bootstrap}")
     dev = _resolve_device(device)
     factors = eval_prompts(prompts)
     captions = [make_caption(f) for f in factors]
@@ -377,40 +419,23 @@ def evaluate(model_spec: str = "embedded", methods: Sequence[str] | str | None =
     noise = initial_noise(len(captions), (tcfg.in_channels, cfg.num_frames, cfg.height, cfg.width), seed)
     gen = dict(steps=steps, guidance=guidance, batch_size=batch_size, device=dev)
     t_start = time.perf_counter()
-
-    # FP reference, FP rerun (must be exact), real clips for the Fréchet distance
-    fp = _generate_all(model, captions, noise, **gen)
-    fp2 = _generate_all(model, captions, noise, **gen)
-    real = generate_clips(len(factors) * REAL_PER_PROMPT, seed=REAL_SEED, factors=factors * REAL_PER_PROMPT)
-    real_feats = classifier_features(classifier, real.videos)
-    floor = generate_clips(len(factors), seed=REAL_SEED + 1, factors=factors)
-    fd_floor = frechet_distance(classifier_features(classifier, floor.videos), real_feats)
-    from .classifier import adherence
-    real_adh = {k: 100.0 * v for k, v in adherence(floor.videos, factors, classifier).items()}
-    fp_ref = compare(fp, fp, factors, classifier, real_feats)
-    fp_row = compare(fp, fp2, factors, classifier, real_feats, fp_ref["adherence"])
-    fp_row["generation_seconds"] = fp.seconds
-    fp_exact = bool(torch.equal(fp.videos, fp2.videos) and torch.equal(fp.latents, fp2.latents))
-    if not fp_exact:
-        log.warning("FP rerun differs from the FP reference (non-deterministic kernels on %s)", dev)
+    fp, fp_block, fd, ref_meta = _references(model, classifier, factors, captions, noise, gen, fd_bootstrap)
 
     grid = {"FP": fp.videos[:GRID_PROMPTS]}
-    rows, layer_out = [], {}
+    rows, layer_out, failed = [], {}, []
     fp_weights = None
     if layers:
         from .layers import fp_linear_weights
         fp_weights = fp_linear_weights(model.transformer)
     order = sorted(runs, key=lambda r: RUN_PRIORITY.index(r[1]) if r[1] in RUN_PRIORITY else len(RUN_PRIORITY))
-    partial = None
+    out = None
     if out_dir is not None:
         from pathlib import Path
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        partial = Path(out_dir) / "results.partial.json"
-    failed: list = []
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
 
     def assemble(complete: bool) -> dict:
         import diffusers
-        done = sorted(rows, key=lambda r: runs.index((r["method"], r["bits"])))
         res = {
             "meta": {
                 "model": model_spec, "model_description": model_desc, "device": _device_name(dev),
@@ -419,29 +444,34 @@ def evaluate(model_spec: str = "embedded", methods: Sequence[str] | str | None =
                 "prompts": captions, "n_prompts": len(captions), "prompt_seed": PROMPT_SEED,
                 "steps": steps, "seed": seed, "guidance": guidance, "batch_size": batch_size,
                 "methods": _parse_list(methods, METHODS, "method"), "bits": _parse_list(bits, BITS, "bit-width"),
-                "layers": layers, "real_clips": len(real), "real_seed": REAL_SEED,
+                "layers": layers, "real_seed": REAL_SEED, **ref_meta,
+                "fd_bootstrap": {"reps": fd_bootstrap, "seed": FD_BOOTSTRAP_SEED},
                 "calibration": {"prompts": CALIBRATION_PROMPTS, "prompt_seed": CALIBRATION_SEED, "steps": steps},
-                "fd_real_floor": fd_floor, "real_clip_adherence": real_adh,
                 "wall_seconds": time.perf_counter() - t_start,
             },
-            "fp": {"label": "FP (fp32)", "bits": "FP", "metrics": fp_row, "rerun_exact": fp_exact,
-                   "adherence": fp_ref["adherence"], "fd": fp_ref["fd"],
-                   "frame_consistency": fp_ref["frame_consistency"]},
-            "runs": done,
+            "fp": fp_block,
+            "runs": sorted(rows, key=lambda r: runs.index((r["method"], r["bits"]))),
             "failed": failed,
         }
+        res["meta"]["planned"] = [list(r) for r in runs]
         if not complete:
-            res["meta"]["incomplete"] = f"{len(rows) + len(failed)} of {len(runs)} runs done"
-        from .report import acceptance
-        res["acceptance"] = acceptance(res)
+            done = {(r["method"], r["bits"]) for r in rows} | {(f["method"], f["bits"]) for f in failed}
+            left = [f"{m} {b}" for m, b in order if (m, b) not in done]
+            res["meta"]["incomplete"] = f"{len(done)} of {len(runs)} runs done; not run: {', '.join(left)}"
         return res
 
     bar = tqdm(order, desc="eval", disable=not progress)
+    longest, stopped = 0.0, False
     for mkey, bkey in bar:
+        if time_limit is not None and time.perf_counter() - t_start + longest > time_limit:
+            log.warning("time limit of %.0f s: %s %s and the rows after it are not run", time_limit, mkey, bkey)
+            stopped = True
+            break
         bar.set_postfix_str(f"{METHODS[mkey].label} {bkey}")
+        t_row = time.perf_counter()
         try:
-            row, videos, lr = _one_run(model, mkey, bkey, captions, factors, noise, fp, fp_ref, classifier,
-                                       real_feats, fp_weights, gen)
+            row, videos, lr = _one_run(model, mkey, bkey, captions, factors, noise, fp,
+                                       fp_block["reference"]["correct"], classifier, fd, fp_weights, gen)
         except (DVDQuantError, RuntimeError, ValueError) as e:      # keep the other runs' results
             log.error("%s %s failed: %s", mkey, bkey, e)
             failed.append({"method": mkey, "bits": bkey, "error": f"{type(e).__name__}: {e}"})
@@ -451,22 +481,21 @@ def evaluate(model_spec: str = "embedded", methods: Sequence[str] | str | None =
             layer_out[f"{mkey}@{bkey}"] = lr
         if bkey == "W4A4":
             grid[row["label"]] = videos[:GRID_PROMPTS]
-        if partial is not None:                       # what survives a run cut short
-            from .report import IMG_FRAMES, _dump
-            _dump(assemble(complete=False), partial)
+        if out is not None:                           # what survives a run cut short
+            store.dump(assemble(complete=False), out / store.PARTIAL)
             if layers:
-                _dump(layer_out, partial.with_name("layers.json"), 3)
-            if bkey == "W4A4":
-                from .plots import frame_grid
-                frame_grid(grid, partial.with_name(IMG_FRAMES))
+                store.dump(layer_out, out / store.LAYERS, 3)
+            store.save_grid(grid, out / store.GRID)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        longest = max(longest, time.perf_counter() - t_row)
 
-    results = assemble(complete=True)
-    from .report import write_outputs
-    if out_dir is not None:
-        write_outputs(results, out_dir, layer_out if layers else None, grid)
+    results = assemble(complete=not stopped)
+    if out is not None:
+        store.dump(results, out / store.RESULTS)
+        if layers:
+            store.dump(layer_out, out / store.LAYERS, 3)
+        store.save_grid(grid, out / store.GRID)
+        (out / store.PARTIAL).unlink(missing_ok=True)
     results["layers"] = layer_out if layers else None
-    if partial is not None and partial.exists():
-        partial.unlink()
     return results

@@ -1,12 +1,16 @@
-"""Turning :func:`dvdquant.eval.quality.evaluate` results into files: JSON, a Markdown report, plots.
+"""Turning evaluation runs (:func:`dvdquant.eval.quality.evaluate`) into the report: intervals, checks, files.
 
-* :func:`acceptance` — the issue's acceptance targets, checked on the numbers (never tuned);
-* :func:`render_markdown` — the report section (Table-1-style: rows method × bits, best per
-  bit-width in bold), with the command that regenerates it and the device it ran on;
-* :func:`write_outputs` — results.json, layers.json, quality.md and PNGs into one folder;
-* :func:`install_docs` — put a finished run into ``docs/``: the section between
+* :func:`finish` — one run folder, or several folders of a run split by method / bits (merged by
+  :func:`dvdquant.eval.store.merge_runs`), analysed and written as results.json, quality.md, PNGs;
+* :func:`analyse` — paired 95 % intervals (:mod:`dvdquant.eval.compare`) and :func:`acceptance`:
+  the issue's targets, each passing only on differences whose interval excludes 0;
+* :func:`render_markdown` — the report section: rows method × bits with intervals, the paired
+  differences, the prompts a ±0.3 dB PSNR interval needs, the command(s) that regenerate it;
+* :func:`install_docs` — put a finished report into ``docs/``: the section between
   ``<!-- BEGIN quality -->`` / ``<!-- END quality -->`` of ``docs/RESULTS.md`` (other sections
   untouched; markers appended if absent), ``docs/results.json`` and ``docs/img/quality_*.png``.
+
+This module imports :mod:`dvdquant.eval.quality` (its method and bit-width tables), never the reverse.
 """
 from __future__ import annotations
 
@@ -14,17 +18,23 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..algorithms import registered_methods
 from ..data import FACTOR_NAMES
+from ..errors import DVDQuantError
+from . import compare as cmp
+from . import store
+from .stats import paired_interval, verdict
 
 BEGIN, END = "<!-- BEGIN quality -->", "<!-- END quality -->"
-EPS = 1e-3   # points: adherence is a float32 mean, so one clip of 120 is 0.83333 ± 1e-5
 BASELINES = tuple(n for n, m in registered_methods().items() if m.baseline)   # the method registry's
 WEAK_BASELINES = ("minmax", "smoothquant", "quarot")
 IMG_SQNR, IMG_GBS, IMG_FRAMES = "quality_sqnr_w4a4.png", "quality_gbs_schedule.png", "quality_frames_w4a4.png"
 REPO_DOCS = Path(__file__).resolve().parents[3] / "docs"
+HEADLINE_BITS = ("W4A4", "W4A6", "W4A8")
+ABLATION_CHECKS = {"dvdquant-no-bgr": "W4A4", "dvdquant-no-rotation": "W4A4", "dvdquant-no-autoscale": "W4A4",
+                   "dvdquant-no-gbs": "W4A6"}   # ablation -> bit-width where it must lose something
 
 
 # ----------------------------------------------------------------------------- acceptance
@@ -37,123 +47,155 @@ def _sg(x: float, nd: int = 1) -> str:
     return f"{x + 0.0:+.{nd}f}"
 
 
-def _adh(row) -> dict:
-    return row["metrics"]["adherence"]
+def _iv(d, nd: int = 2, unit: str = "") -> str:
+    """'+0.42 [−0.10, +0.94] dB (inside the noise)' from an interval dict with a verdict."""
+    if d is None:
+        return "—"
+    lo, hi = d.get("lo"), d.get("hi")
+    rng = f" [{_sg(lo, nd)}, {_sg(hi, nd)}]" if lo is not None and hi is not None and math.isfinite(lo) \
+        and math.isfinite(hi) else ""
+    tail = f" ({d['verdict']})" if d.get("verdict") else ""
+    return f"{_sg(d['mean'], nd)}{rng}{unit}{tail}"
+
+
+ND = {"psnr_db": 2, "ssim": 4, "flicker_vs_fp": 4, "fd": 2, "adherence_all": 1, "rel_l2": 4}
+UNIT = {"psnr_db": " dB", "adherence_all": " pts"}
+
+
+def _diff(a, b, metric) -> Optional[dict]:
+    iv = cmp.diff_interval(a, b, metric)
+    return None if iv is None else {**iv.to_dict(), "verdict": verdict(iv, cmp.METRICS[metric][1])}
+
+
+def _vs_baselines(add, idx, bits: str, metrics: Sequence[str], name: str) -> None:
+    """One check: DVD-Quant better than every baseline at ``bits`` in every metric (intervals exclude 0)."""
+    dvd = idx.get(("dvdquant", bits))
+    base = [idx[(m, bits)] for m in BASELINES if (m, bits) in idx]
+    if dvd is None or not base:
+        return
+    ok, parts = True, []
+    for r in base:
+        ds = {m: _diff(dvd, r, m) for m in metrics}
+        ok &= all(d is not None and d["verdict"] == "better" for d in ds.values())
+        parts.append(f"vs {r['label']}: " + ", ".join(f"{cmp.METRICS[m][0].split(' (')[0]} "
+                                                     f"{_iv(d, ND[m], UNIT.get(m, ''))}" for m, d in ds.items()))
+    add(name, ok, "; ".join(parts))
+
+
+def _within_fp(row, fp_correct: dict, tol: float) -> tuple[bool, str]:
+    """Adherence drop vs FP per factor (paired, points): passes when every upper bound ≤ tol."""
+    parts, ok = [], True
+    for k in list(FACTOR_NAMES) + ["all"]:
+        iv = paired_interval([100.0 * x for x in fp_correct[k]], [100.0 * x for x in row["per_clip"]["correct"][k]])
+        if k != "all":
+            ok &= math.isfinite(iv.hi) and iv.hi <= tol + 1e-9
+        parts.append(f"{k} {_iv(iv.to_dict(), 1)}")
+    return ok, "drop vs FP (points, 95 % interval): " + ", ".join(parts)
 
 
 def acceptance(results: dict) -> dict:
-    """Checks of the issue's targets; each {"name", "ok" (True/False/None = not evaluated), "detail"}."""
-    idx, fp_adh = _idx(results), results["fp"]["adherence"]
-    n = results["meta"]["n_prompts"]
-    one_clip = 100.0 / n
+    """Checks of the issue's targets; each {"name", "ok" (True/False/None = not evaluated), "detail"}.
+
+    A "better" / "loses something" check passes only when the paired 95 % interval excludes 0;
+    a "within x points" check only when the interval's upper end is within x.
+    """
+    idx = _idx(results)
     checks: list = []
 
     def add(name, ok, detail):
         checks.append({"name": name, "ok": ok, "detail": detail})
 
-    def within(row, tol):
-        drops = {k: fp_adh[k] - _adh(row)[k] for k in list(FACTOR_NAMES) + ["all"]}
-        worst = max(drops[k] for k in FACTOR_NAMES)
-        detail = ", ".join(f"{k} {_sg(-d)}" for k, d in drops.items())
-        return worst <= tol + EPS, f"adherence vs FP (points): {detail}"
-
-    dvd = idx.get(("dvdquant", "W4A4"))
-    base = [idx[(m, "W4A4")] for m in BASELINES if (m, "W4A4") in idx]
-    if dvd is not None and base:
-        best = max(base, key=lambda r: r["metrics"]["psnr_db"])
-        add("W4A4: DVD-Quant has the best PSNR of all methods",
-            dvd["metrics"]["psnr_db"] > best["metrics"]["psnr_db"],
-            f"DVD-Quant {dvd['metrics']['psnr_db']:.2f} dB; best other {best['label']} "
-            f"{best['metrics']['psnr_db']:.2f} dB")
-        besta = max(base, key=lambda r: _adh(r)["all"])
-        add("W4A4: DVD-Quant has the best adherence of all methods",
-            _adh(dvd)["all"] >= _adh(besta)["all"] - EPS,
-            f"all-factor adherence DVD-Quant {_adh(dvd)['all']:.1f} %; best other {besta['label']} "
-            f"{_adh(besta)['all']:.1f} %")
-    if dvd is not None:
-        ok, detail = within(dvd, 3.0)
-        add("W4A4: DVD-Quant within 3 points of FP adherence on every factor", ok, detail)
-        gaps = []
-        clear = True
-        for m in WEAK_BASELINES:
-            r = idx.get((m, "W4A4"))
-            if r is None:
-                continue
-            dp = dvd["metrics"]["psnr_db"] - r["metrics"]["psnr_db"]
-            da = _adh(dvd)["all"] - _adh(r)["all"]
-            df = {k: _adh(dvd)[k] - _adh(r)[k] for k in FACTOR_NAMES}
-            clear &= dp >= 1.0 and da >= one_clip - EPS
-            gaps.append(f"{r['label']} vs DVD-Quant: PSNR {_sg(-dp, 2)} dB, adherence(all) {_sg(-da)} pts "
-                        f"({', '.join(f'{k} {_sg(-v)}' for k, v in df.items())})")
-        if gaps:
-            add("W4A4: MinMax / SmoothQuant / QuaRot clearly worse (≥ 1 dB PSNR and ≥ 1 clip of adherence)",
-                clear, "; ".join(gaps))
-    for b in ("W4A8", "W4A6"):
+    if not all("per_clip" in r for r in results["runs"]):
+        add("per-clip metrics present (intervals need them)", False, "results.json predates per-clip metrics")
+        return {"checks": checks, "ablation_losses": [], "most_important_part_w4a4": None}
+    for b in HEADLINE_BITS:
+        _vs_baselines(add, idx, b, ("psnr_db",),
+                      f"{b}: DVD-Quant has a higher clip PSNR vs FP than every baseline (paired 95 % interval "
+                      "excludes 0)")
+    _vs_baselines(add, idx, "W4A4", ("ssim", "flicker_vs_fp", "fd"),
+                  "W4A4: DVD-Quant beats every baseline in SSIM, flicker and FD too (intervals exclude 0)")
+    _vs_baselines(add, idx, "W4A4", ("adherence_all",),
+                  "W4A4: DVD-Quant has a higher all-factor adherence than every baseline (secondary metric)")
+    fp_correct = results["fp"]["reference"]["correct"]
+    for b, tol in (("W4A4", 3.0), ("W4A8", 1.0), ("W4A6", 1.0)):
         r = idx.get(("dvdquant", b))
         if r is not None:
-            ok, detail = within(r, 1.0)
-            add(f"{b}: DVD-Quant within 1 point of FP adherence on every factor", ok, detail)
+            ok, detail = _within_fp(r, fp_correct, tol)
+            add(f"{b}: DVD-Quant within {tol:g} point{'s' if tol != 1 else ''} of FP adherence on every factor "
+                "(upper end of the interval)", ok, detail)
+    dvd = idx.get(("dvdquant", "W4A4"))
+    if dvd is not None:
+        gaps, clear = [], True
+        for m in WEAK_BASELINES:
+            r = idx.get((m, "W4A4"))
+            if r is not None:
+                d = _diff(dvd, r, "psnr_db")
+                clear &= d["verdict"] == "better" and d["mean"] >= 1.0
+                gaps.append(f"DVD-Quant − {r['label']}: PSNR {_iv(d, 2, ' dB')}")
+        if gaps:
+            add("W4A4: MinMax / SmoothQuant / QuaRot clearly worse (PSNR ≥ 1 dB below DVD-Quant, interval "
+                "excludes 0)", clear, "; ".join(gaps))
 
     with_attn, no_attn = idx.get(("dvdquant", "W4A8")), idx.get(("dvdquant-no-qattn", "W4A8"))
     if with_attn is not None and no_attn is not None and with_attn["config"]["fields"].get("attention", "none") != "none":
-        gaps = {k: _adh(with_attn)[k] - _adh(no_attn)[k] for k in list(FACTOR_NAMES) + ["all"]}
-        add("W4A8: with 8-bit attention within 1 point of W4A8 without it (issue #6)",
-            all(v >= -1.0 - EPS for v in gaps.values()),
-            "adherence with − without (points): " + ", ".join(f"{k} {_sg(v)}" for k, v in gaps.items())
-            + f"; PSNR {with_attn['metrics']['psnr_db']:.2f} vs {no_attn['metrics']['psnr_db']:.2f} dB")
+        ds = {k: paired_interval([100.0 * x for x in with_attn["per_clip"]["correct"][k]],
+                                 [100.0 * x for x in no_attn["per_clip"]["correct"][k]]).to_dict()
+              for k in list(FACTOR_NAMES) + ["all"]}
+        add("W4A8: with 8-bit attention within 1 point of W4A8 without it (issue #6; lower end of the interval)",
+            all(math.isfinite(d["lo"]) and d["lo"] >= -1.0 - 1e-9 for d in ds.values()),
+            "adherence with − without (points): " + ", ".join(f"{k} {_iv(d, 1)}" for k, d in ds.items())
+            + f"; PSNR {_iv(_diff(with_attn, no_attn, 'psnr_db'), 2, ' dB')}")
 
     losses = []
-    for key, ref_bits in (("dvdquant-no-bgr", "W4A4"), ("dvdquant-no-rotation", "W4A4"),
-                          ("dvdquant-no-autoscale", "W4A4"), ("dvdquant-no-gbs", "W4A6")):
-        a, ref = idx.get((key, ref_bits)), idx.get(("dvdquant", ref_bits))
+    for akey, bits in ABLATION_CHECKS.items():
+        a, ref = idx.get((akey, bits)), idx.get(("dvdquant", bits))
         if a is None or ref is None:
             continue
-        am, rm = a["metrics"], ref["metrics"]
-        loss = {"ablation": a["ablates"], "bits": ref_bits,
-                "psnr_drop_db": rm["psnr_db"] - am["psnr_db"], "ssim_drop": rm["ssim"] - am["ssim"],
-                "rel_l2_increase": am["rel_l2"] - rm["rel_l2"],
-                "adherence_drop": {k: _adh(ref)[k] - _adh(a)[k] for k in list(FACTOR_NAMES) + ["all"]},
-                "fd_increase": am["fd"] - rm["fd"], "flicker_increase": am["flicker_vs_fp"] - rm["flicker_vs_fp"]}
-        if a.get("layer_sqnr_mean_db") is not None and ref.get("layer_sqnr_mean_db") is not None:
-            loss["layer_sqnr_drop_db"] = ref["layer_sqnr_mean_db"] - a["layer_sqnr_mean_db"]
-        measurable = loss["psnr_drop_db"] >= 0.1 or loss["adherence_drop"]["all"] >= one_clip - EPS
-        losses.append(loss)
-        add(f"{ref_bits}: removing {a['ablates']} loses something measurable (≥ 0.1 dB PSNR or ≥ 1 clip)",
-            measurable, f"without it: PSNR {_sg(-loss['psnr_drop_db'], 2)} dB, SSIM {_sg(-loss['ssim_drop'], 4)}, "
-            f"adherence(all) {_sg(-loss['adherence_drop']['all'])} pts, FD {_sg(loss['fd_increase'], 2)}, "
-            f"flicker {_sg(loss['flicker_increase'], 4)}"
-            + (f", layer SQNR {_sg(-loss['layer_sqnr_drop_db'], 2)} dB" if "layer_sqnr_drop_db" in loss else "")
-            + (" — measurable only through adherence; PSNR, SSIM and flicker are better without it"
-               if measurable and loss["psnr_drop_db"] < 0 and loss["ssim_drop"] < 0 else ""))
+        drop = {m: _diff(ref, a, m) for m in cmp.METRICS}          # DVD-Quant − ablation: "better" = a loss
+        losses.append({"ablation": a["ablates"], "bits": bits, "with_minus_without": drop})
+        p = drop["psnr_db"]
+        note = {"better": "", "worse": " — removing it is better (interval excludes 0)",
+                "inside the noise": " — inside the noise"}.get(p["verdict"], "")
+        add(f"{bits}: removing {a['ablates']} lowers clip PSNR vs FP (interval excludes 0)",
+            p["verdict"] == "better",
+            "with − without: " + ", ".join(f"{cmp.METRICS[m][0].split(' (')[0]} {_iv(d, ND[m], UNIT.get(m, ''))}"
+                                           for m, d in drop.items() if d is not None and m != "rel_l2") + note)
     most = None
-    w4 = [l for l in losses if l["bits"] == "W4A4"]
+    w4 = [x for x in losses if x["bits"] == "W4A4"]
     if w4:
-        m = max(w4, key=lambda l: l["psnr_drop_db"])
-        most = {"part": m["ablation"], "psnr_drop_db": m["psnr_drop_db"],
-                "adherence_drop_all": m["adherence_drop"]["all"]}
-    return {"checks": checks, "ablation_losses": losses, "most_important_part_w4a4": most,
-            "one_clip_points": one_clip}
+        m = max(w4, key=lambda x: x["with_minus_without"]["psnr_db"]["mean"])
+        most = {"part": m["ablation"], "psnr": m["with_minus_without"]["psnr_db"]}
+    return {"checks": checks, "ablation_losses": losses, "most_important_part_w4a4": most}
+
+
+def analyse(results: dict) -> dict:
+    """``results`` with "analysis" (paired comparisons, PSNR power) and "acceptance" (re)computed."""
+    comps = cmp.comparisons(results)
+    results["analysis"] = {
+        "intervals": "per-clip metrics: paired Student-t over prompts (same prompt and noise); FD: normal "
+                     "bootstrap (± 1.96 SD) over seeded prompt resamples shared by all rows; 95 %",
+        "comparisons": comps,
+        "psnr_power": cmp.psnr_power(comps, results["meta"]["n_prompts"]),
+    }
+    results["acceptance"] = acceptance(results)
+    return results
 
 
 # ----------------------------------------------------------------------------- Markdown
-COLUMNS = [  # (header, getter, better: "max"/"min"/None, format)
-    ("PSNR dB ↑", lambda r: r["metrics"]["psnr_db"], "max", "{:.2f}"),
-    ("SSIM ↑", lambda r: r["metrics"]["ssim"], "max", "{:.4f}"),
-    ("rel. L2 ↓", lambda r: r["metrics"]["rel_l2"], "min", "{:.4f}"),
-] + [(f"{k} ↑", (lambda k: lambda r: r["metrics"]["adherence"][k])(k), "max", "{:.1f}") for k in FACTOR_NAMES] + [
-    ("all ↑", lambda r: r["metrics"]["adherence"]["all"], "max", "{:.1f}"),
-    ("FD ↓", lambda r: r["metrics"]["fd"], "min", "{:.2f}"),
-    ("flicker ↓", lambda r: r["metrics"]["flicker_vs_fp"], "min", "{:.4f}"),
-    ("frame cons.", lambda r: r["metrics"]["frame_consistency"], None, "{:.4f}"),
-    ("avg A bits", lambda r: r.get("avg_act_bits"), None, "{:.2f}"),
-    ("W err", lambda r: r["cost"]["mean_w_err"], None, "{:.4f}"),
-    ("quant. s", lambda r: r["cost"]["quantize_seconds"], None, "{:.2f}"),
-    ("calib. passes", lambda r: r["cost"]["calibration_passes"], None, "{:d}"),
+STAT_COLUMNS = [  # (header, metric of dvdquant.eval.compare.METRICS, digits)
+    ("PSNR vs FP dB ↑", "psnr_db", 2), ("SSIM vs FP ↑", "ssim", 4), ("flicker vs FP ↓", "flicker_vs_fp", 4),
+    ("FD ↓", "fd", 2), ("adherence (all) ↑", "adherence_all", 1), ("rel. L2 ↓", "rel_l2", 4),
+]
+COLUMNS = [  # (header, getter, format): plain values
+    ("avg A bits", lambda r: r.get("avg_act_bits"), "{:.2f}"),
+    ("W err", lambda r: r["cost"]["mean_w_err"], "{:.4f}"),
+    ("quant. s", lambda r: r["cost"]["quantize_seconds"], "{:.2f}"),
+    ("calib. passes", lambda r: r["cost"]["calibration_passes"], "{:d}"),
 ]
 
 
-def regenerate_command(meta: dict) -> str:
-    from .quality import BITS, DEFAULT_BATCH, DEFAULT_PROMPTS, METHODS
+def regenerate_command(meta: dict, out: Optional[str] = None, update_docs: bool = True) -> str:
+    from .quality import BITS, DEFAULT_BATCH, DEFAULT_PROMPTS, FD_BOOTSTRAP, METHODS
     parts = ["dvdquant eval"]
     if meta["model"] != "embedded":
         parts.append(f"--model {meta['model']}")
@@ -168,10 +210,27 @@ def regenerate_command(meta: dict) -> str:
         parts.append(f"--guidance {meta['guidance']}")
     if meta.get("batch_size", DEFAULT_BATCH) != DEFAULT_BATCH:
         parts.append(f"--batch-size {meta['batch_size']}")
+    reps = (meta.get("fd_bootstrap") or {}).get("reps", FD_BOOTSTRAP)
+    if reps != FD_BOOTSTRAP:
+        parts.append(f"--fd-bootstrap {reps}")
     parts.append("--device cuda" if "CUDA" in meta["device"] else "--device cpu")
     if meta.get("layers"):
         parts.append("--layers")
-    return " ".join(parts + ["--update-docs"])
+    if out is not None:
+        parts.append(f"--out {out}")
+    return " ".join(parts + (["--update-docs"] if update_docs else []))
+
+
+def _provenance(meta: dict) -> str:
+    run = (f"({meta['created']}; torch {meta['torch']}, diffusers {meta['diffusers']}; wall time "
+           f"{meta['wall_seconds']:.0f} s)")
+    parts = meta.get("parts")
+    if not parts:
+        return f"Generated by `{regenerate_command(meta)}` on **{meta['device']}** {run}."
+    cmds = [f"`{regenerate_command({**meta, **p}, out=p['dir'], update_docs=False)}`" for p in parts]
+    dirs = " ".join(p["dir"] for p in parts)
+    return (f"Generated in {len(parts)} calls on **{meta['device']}**: " + "; ".join(cmds) + ", merged by "
+            f"`dvdquant eval --from-results {dirs} --out {meta.get('merged_into', 'DIR')} --update-docs` {run}.")
 
 
 def _fmt(v, fmt) -> str:
@@ -182,86 +241,125 @@ def _fmt(v, fmt) -> str:
     return fmt.format(v)
 
 
+def _stat_cell(row: dict, metric: str, nd: int) -> str:
+    iv = cmp.row_interval(row, metric)
+    if iv is None:
+        v = row["metrics"]["adherence"]["all"] if metric == "adherence_all" else row["metrics"].get(metric)
+        return _fmt(v, f"{{:.{nd}f}}")
+    if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+        return f"{iv.mean:.{nd}f}"
+    return f"{iv.mean:.{nd}f} ± {iv.half_width:.{nd}f}"
+
+
 def _table(results: dict) -> list[str]:
-    head = ["Method", "W/A"] + [c[0] for c in COLUMNS]
+    head = ["Method", "W/A"] + [c[0] for c in STAT_COLUMNS] + [c[0] for c in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fp = results["fp"]
-    fp_row = {"metrics": fp["metrics"], "cost": {"quantize_seconds": None, "calibration_passes": None},
-              "avg_act_bits": None}
-    cells = [fp["label"], "FP"] + ["—" if h.startswith(("quant", "calib", "avg", "W err")) else _fmt(get(fp_row), f)
-                                   for h, get, _, f in COLUMNS]
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| " + " | ".join([fp["label"], "FP"] + [_stat_cell(fp, m, nd) for _, m, nd in STAT_COLUMNS]
+                                   + ["—"] * len(COLUMNS)) + " |")
     by_bits: dict = {}
     for r in results["runs"]:
         by_bits.setdefault(r["bits"], []).append(r)
     for bits, rows in by_bits.items():
-        best = {}
-        for h, get, better, _ in COLUMNS:
-            vals = [get(r) for r in rows if get(r) is not None]
-            if better and len(rows) > 1 and vals:
-                best[h] = max(vals) if better == "max" else min(vals)
+        best = {m: cmp.significantly_best(rows, m) for _, m, _ in STAT_COLUMNS}
         for r in rows:
             cells = [r["label"], bits]
-            for h, get, better, f in COLUMNS:
-                v = get(r)
-                s = _fmt(v, f)
-                if h in best and v is not None and abs(v - best[h]) <= 1e-12 * max(1.0, abs(v)):
-                    s = f"**{s}**"
-                cells.append(s)
+            for _, m, nd in STAT_COLUMNS:
+                c = _stat_cell(r, m, nd)
+                cells.append(f"**{c}**" if best[m] is r else c)
+            cells += [_fmt(get(r), f) for _, get, f in COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def _diff_cell(d: Optional[dict], nd: int) -> str:
+    if d is None:
+        return "—"
+    mark = {"better": " ▲", "worse": " ▼"}.get(d["verdict"], "")
+    return _iv({k: v for k, v in d.items() if k != "verdict"}, nd) + mark
+
+
+def _comparison_table(results: dict) -> list[str]:
+    comps = results["analysis"]["comparisons"]
+    if not comps:
+        return []
+    cols = [m for _, m, _ in STAT_COLUMNS if m != "rel_l2"]
+    L = ["| A − B | W/A | " + " | ".join(f"Δ {cmp.METRICS[m][0]}" for m in cols) + " |",
+         "|---|---|" + "---|" * len(cols)]
+    for c in comps:
+        L.append(f"| {cmp.pair_label(c)} | {c['bits']} | "
+                 + " | ".join(_diff_cell(c["metrics"].get(m), ND[m]) for m in cols) + " |")
+    return L
+
+
+def _power_line(results: dict) -> list[str]:
+    pw = results["analysis"].get("psnr_power")
+    if not pw:
+        return []
+    reached = "reached" if pw["met"] else "**not reached**"
+    return [f"Paired PSNR differences at n = {pw['n']} prompts: 95 % half-width {pw['half_width_min']:.2f}–"
+            f"{pw['half_width_max']:.2f} dB (target ±{pw['target_half_width_db']} dB: {reached}). Per-prompt SD of "
+            f"the differences: median {pw['sd_median']:.2f} dB, largest {pw['sd_max']:.2f} dB ({pw['sd_max_pair']}); "
+            f"±{pw['target_half_width_db']} dB needs n ≈ (1.96·sd/{pw['target_half_width_db']})² ≈ "
+            f"{pw['prompts_needed_median_sd']} prompts at the median SD, {pw['prompts_needed_max_sd']} at the largest."]
+
+
 def render_markdown(results: dict, img_prefix: str = "img/") -> str:
+    if "analysis" not in results:
+        analyse(results)
     meta, fp, acc = results["meta"], results["fp"], results["acceptance"]
     n = meta["n_prompts"]
-    L = ["## Quality: methods × bit-widths on the embedded model (issue #4)", ""]
-    L.append(f"Generated by `{regenerate_command(meta)}` on **{meta['device']}** ({meta['created']}; "
-             f"torch {meta['torch']}, diffusers {meta['diffusers']}; wall time {meta['wall_seconds']:.0f} s).")
-    L.append("")
+    reps = (meta.get("fd_bootstrap") or {}).get("reps")
+    L = ["## Quality: methods × bit-widths on the embedded model (issue #4)", "", _provenance(meta), ""]
     L.append(f"Model: {meta['model_description']}. {n} prompts from the fixed construction "
              f"`sample_combinations({n}, seed={meta['prompt_seed']})` (every shape, colour, motion and background "
              f"occurs; not tuned on results), {meta['steps']} Euler steps, CFG {meta['guidance']}, initial noise of "
              f"clip i seeded with {meta['seed']} + i and identical for every method, batches of "
-             f"{meta['batch_size']} prompts. Quantized layers run the exact fp32 simulation of the integer "
-             "pipeline (`backend=\"simulated\"`).")
+             f"{meta['batch_size']} prompts (fixed: δ-GBS's indicator is taken over the batch). Quantized layers run "
+             "the exact fp32 simulation of the integer pipeline (`backend=\"simulated\"`).")
     dvd = next((r for r in results["runs"] if r["method"] == "dvdquant" and r["bits"] == "W4A4"), None)
     if dvd is not None:
         f = {k: v for k, v in dvd["config"]["fields"].items() if k not in ("w_bits", "a_bits", "gbs", "skip")}
-        L.append("")
-        L.append("“DVD-Quant” is `DVDQuantConfig()` of this run with the bit-widths set: "
-                 + ", ".join(f"`{k}={v}`" for k, v in f.items()) + ".")
-    L.append("")
-    L += _table(results)
-    L.append("")
+        L += ["", "“DVD-Quant” is `DVDQuantConfig()` of this run with the bit-widths set: "
+              + ", ".join(f"`{k}={v}`" for k, v in f.items()) + "."]
+    L += [""] + _table(results) + [""]
     L.append(
-        f"PSNR/SSIM: clips vs the FP clips (PSNR capped at 100 dB); rel. L2: final sample vs FP. Adherence: the "
-        f"evaluator classifier's accuracy (%) on shape / colour / motion / background of the caption, and on all "
-        f"four at once (one clip = {acc['one_clip_points']:.2f} points). FD: Fréchet distance in the classifier's "
-        f"256-d feature space to {meta['real_clips']} real generator clips of the same combinations (sampling "
-        f"floor, {n} other real clips: {meta['fd_real_floor']:.2f}; real clips' own adherence: "
-        f"{meta['real_clip_adherence']['all']:.1f} %). Flicker: mean |Δ_t(q) − Δ_t(FP)| of consecutive-frame "
-        f"differences; frame cons.: mean |Δ_t| of the clip itself (FP: {fp['frame_consistency']:.4f}). "
-        "Avg A bits: mean activation bits over steps. Quant. s: time of `quantize_` incl. calibration, on this "
-        "device. W err: mean relative weight error ‖W − Ŵ‖/‖W‖ over layers (in the rotated basis where rotated). "
-        "Bold: best per bit-width (FP row excluded).")
-    L.append("")
-    L.append("W4A6 is δ-GBS for DVD-Quant and its ablations (A4/A8 per step chosen by δ, `DVDQuantConfig()`'s "
-             "`gbs` or `GBSConfig()`'s defaults) and static 6-bit activations for the baselines. "
-             "“DVD-Quant − δ-GBS (static A4)” is the W4A6 configuration with δ-GBS off: every step A4 (the same "
-             "numerics as DVD-Quant W4A4). Ablations replace one field of `DVDQuantConfig()`: `bgr=None` (MinMax "
-             "weights), `rotation=False`, `auto_scale=\"none\"`.")
-    L.append("")
-    L.append("`--update-docs` writes this section, `docs/results.json` and `docs/img/quality_*.png`; a run made "
-             "on another machine (e.g. `python -m dvdquant.cli eval ... --out DIR` on the GPU) is installed with "
-             "`dvdquant eval --from-results DIR --update-docs`.")
-    L.append("")
+        "PSNR / SSIM vs FP: of each decoded clip against the FP clip with the same prompt and noise (PSNR capped "
+        "at 100 dB), mean ± the 95 % Student-t half-width over prompts. Flicker vs FP: mean |Δ_t(q) − Δ_t(FP)| of "
+        f"consecutive-frame changes (FP's own mean |Δ_t|: {fp['frame_consistency']:.4f}). FD: Fréchet distance in "
+        f"the classifier's 256-d feature space to {meta['real_clips']} real generator clips of the same "
+        f"combinations, ± 1.96 × the SD of its values on {reps} seeded bootstrap resamples of the prompts (sampling "
+        f"floor, {n} other real clips: {meta['fd_real_floor']:.2f}). Adherence (secondary: it saturates): the "
+        "evaluator classifier reads all four captioned factors (% of clips; one clip = "
+        f"{100.0 / n:.2f} points; real clips: {meta['real_clip_adherence']['all']:.1f} %; per factor in "
+        "results.json). Rel. L2: final sample vs FP. Avg A bits: mean activation bits over steps. W err: mean "
+        "relative weight error ‖W − Ŵ‖/‖W‖ over layers (in the rotated basis where rotated). Quant. s: time of "
+        "`quantize_` incl. calibration, on this device. Bold: best of its bit-width *and* better than every other "
+        "row of that bit-width by a paired 95 % interval that excludes 0 (none bold: the best is inside the noise).")
+    L += ["", "W4A6 is δ-GBS for DVD-Quant and its ablations (A4/A8 per step chosen by δ, `DVDQuantConfig()`'s "
+          "`gbs` or `GBSConfig()`'s defaults) and static 6-bit activations for the baselines. "
+          "“DVD-Quant − δ-GBS (static A4)” is the W4A6 configuration with δ-GBS off: every step A4 (the same "
+          "numerics as DVD-Quant W4A4). Ablations replace one field of `DVDQuantConfig()`: `bgr=None` (MinMax "
+          "weights), `rotation=False`, `auto_scale=\"none\"`."]
+    L += ["", "`--update-docs` writes this section, `docs/results.json` and `docs/img/quality_*.png`. A run made "
+          "elsewhere, or split across calls (the same `--prompts`, `--steps`, `--seed`, other `--methods` / `--bits` "
+          "into separate `--out` folders), is installed with `dvdquant eval --from-results DIR [DIR ...] --out DIR "
+          "--update-docs`."]
     exact = "bit-identical" if fp["rerun_exact"] else "**not** bit-identical (non-deterministic kernels)"
-    L.append(f"FP row: a second FP generation compared with the first, {exact}.")
+    L += ["", f"FP row: a second FP generation compared with the first, {exact}."]
+    if meta.get("fp_identical_across_parts") is False:
+        L.append("**The FP clips differ between the merged calls**: rows of different calls are compared with "
+                 "different FP references.")
+    comp = _comparison_table(results)
+    if comp:
+        L += ["", "### Paired differences (95 % intervals)", "",
+              "A − B over the same prompts and noise: mean [95 % interval]; Student-t over prompts, FD by the "
+              "bootstrap above (the same resamples for every row). ▲: A better, ▼: A worse, both only when the "
+              "interval excludes 0; unmarked: inside the noise. Adherence in points.", ""] + comp
+        L += [""] + _power_line(results)
     notes = _observations(results) + _notes(results)
     if notes:
-        L.append("")
-        L += [f"- {x}" for x in notes]
+        L += [""] + [f"- {x}" for x in notes]
 
     gbs_rows = [r for r in results["runs"] if r.get("gbs")]
     if gbs_rows:
@@ -275,11 +373,8 @@ def render_markdown(results: dict, img_prefix: str = "img/") -> str:
 
     if any(r.get("layer_sqnr_mean_db") is not None for r in results["runs"]):
         L += ["", "### Layer SQNR (mean over quantized Linear layers and steps, dB)", ""]
-        bits = [b for b in meta["bits"]]
-        labels = []
-        for r in results["runs"]:
-            if r["label"] not in labels:
-                labels.append(r["label"])
+        bits = list(meta["bits"])
+        labels = list(dict.fromkeys(r["label"] for r in results["runs"]))
         idx = {(r["label"], r["bits"]): r for r in results["runs"]}
         L += ["| Method | " + " | ".join(bits) + " |", "|---|" + "---|" * len(bits)]
         for lab in labels:
@@ -290,15 +385,15 @@ def render_markdown(results: dict, img_prefix: str = "img/") -> str:
               f"![per-layer SQNR at W4A4]({img_prefix}{IMG_SQNR})"]
     L += ["", f"![frames, FP vs each method at W4A4]({img_prefix}{IMG_FRAMES})", ""]
 
-    L += ["### Acceptance (issue #4), checked on these numbers", ""]
+    L += ["### Acceptance (issue #4), checked on these numbers", "",
+          "A check of a difference passes only when its paired 95 % interval excludes 0.", ""]
     for c in acc["checks"]:
         mark = "✅" if c["ok"] else ("❌" if c["ok"] is False else "—")
         L.append(f"- {mark} {c['name']}: {c['detail']}")
-    if acc.get("most_important_part_w4a4"):
-        m = acc["most_important_part_w4a4"]
-        L.append(f"- Part that matters most at W4A4 (largest PSNR loss when removed): **{m['part']}** "
-                 f"(without it: PSNR {_sg(-m['psnr_drop_db'], 2)} dB, adherence(all) {_sg(-m['adherence_drop_all'])} pts)."
-                 " δ-GBS is judged at W4A6 against static A4 (above).")
+    m = acc.get("most_important_part_w4a4")
+    if m:
+        L.append(f"- Part whose removal costs the most PSNR at W4A4: **{m['part']}** (with − without: "
+                 f"{_iv(m['psnr'], 2, ' dB')}). δ-GBS is judged at W4A6 against static A4 (above).")
     return "\n".join(L) + "\n"
 
 
@@ -309,6 +404,8 @@ def _observations(results) -> list[str]:
     by_bits: dict = {}
     for r in runs:
         by_bits.setdefault(r["bits"], []).append(r)
+    if not runs:
+        return out
     psnr = {b: sum(r["metrics"]["psnr_db"] for r in rs) / len(rs) for b, rs in by_bits.items()}
     out.append("Mean PSNR over the rows of each bit-width: " + ", ".join(f"{b} {v:.1f} dB" for b, v in psnr.items())
                + ".")
@@ -318,13 +415,14 @@ def _observations(results) -> list[str]:
         one = 100.0 / results["meta"]["n_prompts"]
         out.append(f"All-factor adherence of every W4 row lies in {min(a):.1f}–{max(a):.1f} % "
                    f"(FP {results['fp']['adherence']['all']:.1f} %), a spread of {round((max(a) - min(a)) / one)} "
-                   "clips: on this model the classifier separates the methods far less than PSNR/SSIM do.")
+                   "clips: on this model the classifier separates the methods far less than PSNR / SSIM / flicker "
+                   "do, so it is a secondary column.")
     idx = _idx(results)
     d, nb = idx.get(("dvdquant", "W4A4")), idx.get(("dvdquant-no-bgr", "W4A4"))
     if d and nb:
         out.append(f"BGR at W4A4: mean weight error {d['cost']['mean_w_err']:.4f} vs {nb['cost']['mean_w_err']:.4f} "
-                   f"with MinMax weights; final-sample PSNR {d['metrics']['psnr_db']:.2f} vs "
-                   f"{nb['metrics']['psnr_db']:.2f} dB.")
+                   f"with MinMax weights; PSNR of the decoded clip vs the FP clip (same prompt and noise) "
+                   f"{d['metrics']['psnr_db']:.2f} vs {nb['metrics']['psnr_db']:.2f} dB.")
     return out
 
 
@@ -339,7 +437,8 @@ def _notes(results) -> list[str]:
                        "(a weaker baseline than ViDiT-Q; see the report to the lead).")
             break
     if results["meta"].get("incomplete"):
-        out.append(f"**Incomplete run** ({results['meta']['incomplete']}): the device time ran out; rows missing.")
+        out.append(f"**Incomplete run** ({results['meta']['incomplete']}): rows missing (run them in another call "
+                   "and merge with `--from-results`).")
     for f in results.get("failed", []):
         out.append(f"{f['method']} at {f['bits']} failed and is missing from the table: {f['error']}")
     if "random" in results["meta"]["model"]:
@@ -348,39 +447,43 @@ def _notes(results) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- files
-def _json_safe(x, ndigits: int = 6):
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return None
-        return round(x, ndigits)
-    if isinstance(x, dict):
-        return {k: _json_safe(v, ndigits) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v, ndigits) for v in x]
-    return x
-
-
-def _dump(obj, path: Path, ndigits: int = 6) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(obj, ndigits), indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def write_outputs(results: dict, out_dir, layers: Optional[dict] = None, grid: Optional[dict] = None) -> Path:
-    """results.json, layers.json, quality.md, quality_*.png into ``out_dir``."""
+    """results.json (with intervals and checks), layers.json, grid.pt, quality.md, quality_*.png into ``out_dir``."""
     from . import plots
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _dump({k: v for k, v in results.items() if k != "layers"}, out / "results.json")
+    if "analysis" not in results:
+        analyse(results)
+    store.dump({k: v for k, v in results.items() if k != "layers"}, out / store.RESULTS)
     if layers:
-        _dump(layers, out / "layers.json", 3)
+        store.dump(layers, out / store.LAYERS, 3)
         plots.sqnr_plot(results, layers, out / IMG_SQNR)
     if any(r.get("gbs") for r in results["runs"]):
         plots.gbs_plot(results, out / IMG_GBS)
     if grid:
+        store.save_grid(grid, out / store.GRID)
         plots.frame_grid(grid, out / IMG_FRAMES)
     (out / "quality.md").write_text(render_markdown(results, img_prefix=""))
     return out
+
+
+def finish(run_dirs: Sequence, out_dir=None) -> dict:
+    """Merge run folders (one, or the parts of a split run), analyse, write the report into ``out_dir``.
+
+    ``out_dir`` defaults to the single run folder; a merge of several needs it. Returns the results.
+    """
+    from .quality import BITS, METHODS
+    run_dirs = [Path(d) for d in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    if out_dir is None:
+        if len(run_dirs) != 1:
+            raise DVDQuantError("merging several run folders needs an output folder (--out)")
+        out_dir = run_dirs[0]
+    results, layers, grid = store.merge_runs(run_dirs, list(METHODS), list(BITS))
+    if len(run_dirs) > 1:
+        results["meta"]["merged_into"] = str(out_dir)
+    analyse(results)
+    write_outputs(results, out_dir, layers, grid)
+    return results
 
 
 def update_results_md(path: Path, section: str) -> None:
@@ -400,20 +503,13 @@ def update_results_md(path: Path, section: str) -> None:
 
 
 def load_results(run_dir) -> dict:
-    """A run folder's results.json, or results.partial.json of a run that was cut short."""
-    run_dir = Path(run_dir)
-    path = run_dir / "results.json"
-    if not path.exists():
-        path = run_dir / "results.partial.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} holds no results.json (nor results.partial.json)")
-    results = json.loads(path.read_text())
-    results["acceptance"] = acceptance(results)          # recomputed: the checks may have been refined
-    return results
+    """A run folder's results (results.partial.json of a run cut short), intervals and checks recomputed."""
+    results, _, _ = store.merge_runs([run_dir])
+    return analyse(results)
 
 
 def install_docs(run_dir, docs_dir=None) -> list[Path]:
-    """Install a finished run (a folder written by :func:`write_outputs`) into ``docs/``."""
+    """Install a finished report (a folder written by :func:`finish`) into ``docs/``."""
     from . import plots
     run_dir = Path(run_dir)
     docs = Path(docs_dir) if docs_dir is not None else REPO_DOCS
@@ -421,7 +517,7 @@ def install_docs(run_dir, docs_dir=None) -> list[Path]:
     img.mkdir(parents=True, exist_ok=True)
     results = load_results(run_dir)
     written = []
-    layers_path = run_dir / "layers.json"
+    layers_path = run_dir / store.LAYERS
     if layers_path.exists():
         layers = json.loads(layers_path.read_text())
         shutil.copyfile(layers_path, docs / "results_layers.json")
@@ -430,9 +526,13 @@ def install_docs(run_dir, docs_dir=None) -> list[Path]:
     if any(r.get("gbs") for r in results["runs"]):
         plots.gbs_plot(results, img / IMG_GBS)
         written.append(img / IMG_GBS)
-    if (run_dir / IMG_FRAMES).exists():
+    grid = store.load_grid(run_dir)
+    if grid:
+        plots.frame_grid(grid, img / IMG_FRAMES)
+        written.append(img / IMG_FRAMES)
+    elif (run_dir / IMG_FRAMES).exists():
         shutil.copyfile(run_dir / IMG_FRAMES, img / IMG_FRAMES)
         written.append(img / IMG_FRAMES)
-    _dump(results, docs / "results.json")
+    store.dump(results, docs / "results.json")
     update_results_md(docs / "RESULTS.md", render_markdown(results, img_prefix="img/"))
     return written + [docs / "results.json", docs / "RESULTS.md"]
