@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from .. import api
 from ..algorithms import GBSController, registered_methods
 from ..config import DVDQuantConfig, GBSConfig, config_to_dict
-from ..data import FACTOR_NAMES, Factors, generate_clips, make_caption, parse_caption, sample_combinations
+from ..data import Factors, generate_clips, make_caption, parse_caption, sample_combinations
 from ..errors import DVDQuantError
 from ..numerics import video_metrics as vm
 from . import store
