@@ -7,9 +7,9 @@ random prompt embedding (no text encoder). In one process on one GPU, in this or
 
 1. ``bf16``: the bf16 transformer, diffusers eager (SDPA), the whole 50-step call timed, the
    denoising loop apart (from the first to the last transformer call), peak memory;
-2. quantize the transformer in place with DVD-Quant W4A4 + δ-GBS (A4/A8 per step) + 8-bit
-   attention, data-free; fp8 backend; ``transformer.compile()``; one 2-step warm-up call (the
-   compile happens there, reported apart);
+2. quantize the transformer in place with DVD-Quant W4A4 + δ-GBS (A4/A8 per step; static A4 or A8
+   with ``--steps-bits``) + 8-bit attention, data-free; fp8 backend; ``transformer.compile()``; one
+   2-step warm-up call (the compile happens there, reported apart);
 3. ``dvdquant``: the same 50-step call, timed the same way; the δ-GBS schedule and average bits.
 
 With random weights the output change between steps is not a trained model's, so δ-GBS picks its
@@ -108,6 +108,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--delta", type=float, default=0.12, help="δ-GBS threshold (default: %(default)s)")
+    ap.add_argument("--steps-bits", default="gbs", choices=["gbs", "a4", "a8"],
+                    help="activation bits per step: δ-GBS (A4/A8 chosen by --delta), or static A4 / A8 on every "
+                         "step (random weights make δ-GBS choose A8 throughout; default: %(default)s)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"],
@@ -146,8 +149,9 @@ def main(argv=None) -> None:
         res["bf16_steps"] = args.bf16_steps or args.steps
         res["bf16"] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), res["bf16_steps"])
         save("bf16")
-        cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, auto_scale=args.auto_scale,
-                                      gbs=dvdquant.GBSConfig(delta=args.delta))
+        gbs = dvdquant.GBSConfig(delta=args.delta) if args.steps_bits == "gbs" else None
+        a_bits = 8 if args.steps_bits == "a8" else 4
+        cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=a_bits, auto_scale=args.auto_scale, gbs=gbs)
         res["config"] = config_to_dict(cfg)
         _sync()
         t0 = time.perf_counter()
