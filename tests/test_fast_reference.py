@@ -91,9 +91,6 @@ def test_round_to_e4m3_equals_the_float8_cast():
     got = grids.round_to_e4m3_(x.clone())
     assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[~ref.isnan()], ref[~ref.isnan()])
     assert torch.isnan(grids.round_to_e4m3_(torch.tensor([float("nan")]))).all()
-    into, before = torch.empty_like(x), x.clone()                                     # out=: x untouched
-    assert grids.round_to_e4m3_(x, out=into) is into and torch.equal(into.nan_to_num(), got.nan_to_num())
-    assert torch.equal(x.nan_to_num(), before.nan_to_num())
     inside = x[(x.abs() <= 448.0)]                                                    # work=, saturate=False
     work = torch.empty(inside.shape, dtype=torch.int32)
     assert torch.equal(grids.round_to_e4m3_(inside.clone(), work=work, saturate=False), inside.to(E4M3).float())

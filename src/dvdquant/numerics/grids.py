@@ -195,11 +195,10 @@ def quantize_act_per_token_fp8_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torc
     return (xf / scale).to(torch.float8_e4m3fn), scale
 
 
-def round_to_e4m3_(x: torch.Tensor, out: Optional[torch.Tensor] = None, work: Optional[torch.Tensor] = None,
-                   saturate: bool = True) -> torch.Tensor:
-    """Round fp32 ``x`` to the values of ``x.to(torch.float8_e4m3fn).float()``, in place (or into
-    ``out``), without the float8 round trip: round to nearest even onto the e4m3 grid (3 mantissa
-    bits, subnormal step 2^-9), saturating at ±448 as that cast does (Inf too); NaN stays NaN.
+def round_to_e4m3_(x: torch.Tensor, work: Optional[torch.Tensor] = None, saturate: bool = True) -> torch.Tensor:
+    """Round fp32 ``x`` in place to the values of ``x.to(torch.float8_e4m3fn).float()``, without the
+    float8 round trip: round to nearest even onto the e4m3 grid (3 mantissa bits, subnormal step
+    2^-9), saturating at ±448 as that cast does (Inf too); NaN stays NaN.
     Zeros come out +0 (the cast keeps −0), which no later product or sum tells apart.
 
     ``(x + m) − m`` with m = 1.5·2^(e + 20), 2^e = the power of two of |x| clamped to [2^-6, 2^9]
@@ -210,9 +209,8 @@ def round_to_e4m3_(x: torch.Tensor, out: Optional[torch.Tensor] = None, work: Op
     """
     bits = torch.bitwise_and(x.view(torch.int32), 0x7F800000, out=work)
     magic = bits.view(torch.float32).clamp_(2.0 ** -6, 2.0 ** 9).mul_(1.5 * 2 ** 20)
-    y = x.add_(magic) if out is None else torch.add(x, magic, out=out)
-    y.sub_(magic)
-    return y.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX) if saturate else y
+    x.add_(magic).sub_(magic)
+    return x.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX) if saturate else x
 
 
 def fake_quant_act_per_token_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
