@@ -59,20 +59,24 @@ class LoopTimer:
     def __init__(self, module):
         self.first = self.last = None
         self.calls = 0
+        self.started = None
+        self.call_seconds = []       # wall time of each transformer call (synchronised)
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post)
 
     @torch.compiler.disable
     def _pre(self, *_):
+        _sync()
+        self.started = time.perf_counter()
         if self.first is None:
-            _sync()
-            self.first = time.perf_counter()
+            self.first = self.started
 
     @torch.compiler.disable
     def _post(self, *_):
         _sync()
         self.calls += 1
         self.last = time.perf_counter()
+        self.call_seconds.append(round(self.last - self.started, 3))
 
     def seconds(self) -> float:
         return self.last - self.first
@@ -80,6 +84,7 @@ class LoopTimer:
     def clear(self):
         self.first = self.last = None
         self.calls = 0
+        self.call_seconds = []
 
 
 def _sync():
@@ -99,7 +104,7 @@ def timed_call(pipe, timer: LoopTimer, kw: dict, steps: int) -> dict:
     total = time.perf_counter() - t0
     return {"call_s": round(total, 2), "denoise_s": round(timer.seconds(), 2), "transformer_calls": timer.calls,
             "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
-            "frames_shape": list(frames.shape), "finite": bool(torch.isfinite(torch.as_tensor(frames)).all())}
+            "call_seconds": timer.call_seconds, "frames_shape": list(frames.shape), "finite": bool(torch.isfinite(torch.as_tensor(frames)).all())}
 
 
 def main(argv=None) -> None:
@@ -171,6 +176,7 @@ def main(argv=None) -> None:
         res["dvdquant"] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), args.steps)
         ctrl = dvdquant.step_controller(pipe.transformer)
         res["schedule"], res["mean_act_bits"] = list(ctrl.schedule), round(ctrl.mean_bits(), 2)
+    res["dynamo_counters"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v}
     res["bf16"]["denoise_per_step_s"] = round(res["bf16"]["denoise_s"] / res["bf16_steps"], 3)
     res["dvdquant"]["denoise_per_step_s"] = round(res["dvdquant"]["denoise_s"] / args.steps, 3)
     res["speedup_denoise_per_step"] = round(res["bf16"]["denoise_per_step_s"] / res["dvdquant"]["denoise_per_step_s"], 3)
