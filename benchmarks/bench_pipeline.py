@@ -107,6 +107,26 @@ def timed_call(pipe, timer: LoopTimer, kw: dict, steps: int) -> dict:
             "call_seconds": timer.call_seconds, "frames_shape": list(frames.shape), "finite": bool(torch.isfinite(torch.as_tensor(frames)).all())}
 
 
+def profile_one_step(pipe, kw: dict, res: dict, compiled: bool) -> None:
+    """Kernel time per component of a 1-step call (two transformer calls under CFG), compiled then eager."""
+    from bench_step import breakdown
+    one = dict(kw, generator=torch.Generator().manual_seed(1))
+
+    def call():
+        pipe(num_inference_steps=1, output_type="latent", **one)
+    variants = (["compiled"] if compiled else []) + ["eager"]
+    for name in variants:
+        if name == "eager":
+            pipe.transformer._compiled_call_impl = None        # undo Module.compile()
+            call()                                               # warm-up (kernel autotuning caches)
+        _sync()
+        t0 = time.perf_counter()
+        call()
+        _sync()
+        res[f"profile_{name}_1step_s"] = round(time.perf_counter() - t0, 3)
+        res[f"profile_{name}_breakdown_ms"] = breakdown(call)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="wan14b", choices=sorted(SIZES))
@@ -122,6 +142,8 @@ def main(argv=None) -> None:
                     help="ARQ auto-scaling; per_channel has no fast kernel and runs emulated (default: %(default)s)")
     ap.add_argument("--bf16-steps", type=int, default=None,
                     help="steps of the bf16 call (default: --steps; fewer gives a per-step anchor only)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed calls, the kernel breakdown of a 1-step call, compiled and eager (CUDA)")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
@@ -176,6 +198,9 @@ def main(argv=None) -> None:
         res["dvdquant"] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), args.steps)
         ctrl = dvdquant.step_controller(pipe.transformer)
         res["schedule"], res["mean_act_bits"] = list(ctrl.schedule), round(ctrl.mean_bits(), 2)
+        if args.profile and dev.type == "cuda":
+            profile_one_step(pipe, kw, res, compiled=not args.no_compile)
+            save("profile")
     res["dynamo_counters"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v}
     res["bf16"]["denoise_per_step_s"] = round(res["bf16"]["denoise_s"] / res["bf16_steps"], 3)
     res["dvdquant"]["denoise_per_step_s"] = round(res["dvdquant"]["denoise_s"] / args.steps, 3)
