@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -140,6 +139,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"],
                     help="ARQ auto-scaling; per_channel has no fast kernel and runs emulated (default: %(default)s)")
+    ap.add_argument("--rotation-block", type=int, default=128,
+                    help="ARQ Hadamard block; 0: one full-size rotation (the config default), which the fused "
+                         "activation kernel does not take: it runs in torch first (default: %(default)s)")
     ap.add_argument("--bf16-steps", type=int, default=None,
                     help="steps of the bf16 call (default: --steps; fewer gives a per-step anchor only)")
     ap.add_argument("--profile", action="store_true",
@@ -178,7 +180,8 @@ def main(argv=None) -> None:
         save("bf16")
         gbs = dvdquant.GBSConfig(delta=args.delta) if args.steps_bits == "gbs" else None
         a_bits = 8 if args.steps_bits == "a8" else 4
-        cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=a_bits, auto_scale=args.auto_scale, gbs=gbs)
+        cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=a_bits, auto_scale=args.auto_scale, gbs=gbs,
+                                      rotation_block=args.rotation_block or None)
         res["config"] = config_to_dict(cfg)
         _sync()
         t0 = time.perf_counter()

@@ -200,3 +200,17 @@ def test_w3_checkpoint_is_packed_at_3_bits(tmp_path, tiny_wan_dir):
         meta = serialization.read_metadata(out / "quantized.safetensors")
         assert json.loads((out / "report.json").read_text())["layers"]
     assert meta["format_version"] == 1 and sizes[3] < sizes[4]
+
+
+def test_config_flag_for_a_method_without_the_field(tmp_path, no_work, capsys):
+    assert main(["quantize", "--method", "minmax", "--rotation-block", "128", "--out", str(tmp_path / "q")]) == 2
+    assert "--rotation-block applies to --method" in _one_line(capsys)
+    assert not (tmp_path / "q").exists()
+
+
+def test_rotation_block_and_auto_scale_flags_reach_the_checkpoint(tmp_path, tiny_wan_dir):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_wan_dir), "--rotation-block", "16", "--auto-scale", "none",
+                 "--out", str(out), "--quiet"]) == 0
+    fields = serialization.read_metadata(out / "quantized.safetensors")["config"]["fields"]
+    assert fields["rotation_block"] == 16 and fields["auto_scale"] == "none"

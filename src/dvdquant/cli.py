@@ -38,7 +38,8 @@ def _fields(cls) -> set:
 
 def _config_from_args(args):
     """The method's config class from the registry, with the options its fields take: ``--delta`` sets
-    ``gbs`` and ``--attention`` sets ``attention`` where the config has them (DVD-Quant's)."""
+    ``gbs``; ``--attention``, ``--rotation-block``, ``--auto-scale`` set the fields of those names where the
+    config has them (an explicit value for a method without the field is an error)."""
     from .algorithms import method_by_name, registered_methods
     from .config import GBSConfig
     cls = method_by_name(args.method).config_cls
@@ -46,11 +47,16 @@ def _config_from_args(args):
               quantize_modulation=args.quantize_modulation)
     if "gbs" in _fields(cls) and args.delta is not None:
         kw["gbs"] = GBSConfig(delta=args.delta)
-    if "attention" in _fields(cls):
-        kw["attention"] = args.attention
-    elif args.attention != "int8":
-        takers = " / ".join(n for n, m in registered_methods().items() if "attention" in _fields(m.config_cls))
-        raise DVDQuantError(f"--attention applies to --method {takers} only (got --method {args.method})")
+    given = {"attention": args.attention, "rotation_block": getattr(args, "rotation_block", None),
+             "auto_scale": getattr(args, "auto_scale", None)}
+    for field, value in given.items():
+        if field in _fields(cls):
+            if value is not None:
+                kw[field] = value
+        elif value not in (None, "int8" if field == "attention" else None):
+            takers = " / ".join(n for n, m in registered_methods().items() if field in _fields(m.config_cls))
+            raise DVDQuantError(f"--{field.replace('_', '-')} applies to --method {takers} only "
+                                f"(got --method {args.method})")
     return cls(**kw)
 
 
@@ -312,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--attention", choices=["int8", "fp8", "none"], default="int8",
                    help="8-bit attention installed with DVD-Quant: INT8 Q·Kᵀ + FP8 P·V, FP8 both, or none "
                    "(keep SDPA) (default: %(default)s)")
+    q.add_argument("--rotation-block", type=int, default=None,
+                   help="Hadamard rotation in blocks of this order (default: one full-size rotation); the fused "
+                   "GPU activation kernel takes powers of two 16-128, other orders rotate in torch first (slower)")
+    q.add_argument("--auto-scale", choices=["per_channel", "per_block", "none"], default=None,
+                   help="ARQ run-time scaling (default: per_channel, which the GPU kernels do not take: its layers "
+                   "run the emulated path; none / per_block run on the kernels)")
     q.add_argument("--out", required=True, help="output folder for quantized.safetensors and report.json")
     q.add_argument("--device", default="cpu")
     q.add_argument("--nproc", type=int, default=1, help="quantize with N processes, layers split between them "

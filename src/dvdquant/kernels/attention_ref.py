@@ -273,7 +273,8 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_sco
             s += bias[b, hs if hb > 1 else slice(0, 1), None, :]
         elif lk < lkp:
             s[..., lk:] = float("-inf")
-        torch.cummax(p[b, hs].amax(dim=-1), dim=-1, out=(m_run[b, hs], torch.empty(0, dtype=torch.long)))
+        torch.cummax(p[b, hs].amax(dim=-1), dim=-1,
+                     out=(m_run[b, hs], torch.empty(0, dtype=torch.long, device=p.device)))
         m_c = m_run[b, hs]
         p[b, hs].sub_((m_c.masked_fill(m_c == float("-inf"), 0.0) - LOG2_P_SCALE)[..., None])
     dead = m_run == float("-inf")                                           # no unmasked key yet

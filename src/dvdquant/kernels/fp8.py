@@ -188,6 +188,9 @@ def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torc
     r = rotation_block or None
     h = None
     if r and not fusable_rotation(x2.shape[1], r, scale_block):
+        log_once(log, ("torch-rotation", x2.shape[1], r), "rotation of order %d (K = %d) has no fused kernel (it "
+                 "fuses powers of two 16-128): it runs in torch before the kernel and costs more than the "
+                 "layer's GEMM; quantize with rotation_block=128 for the fused path", r, x2.shape[1])
         xf = x2.float()                            # large / odd rotation (and smooth): torch first
         if smooth is not None:
             xf = xf / smooth
