@@ -27,7 +27,7 @@ and the default A4 layer (activation kernel + int8 expansion + INT8 GEMM) with t
 default launch config and with each config of ``--candidates`` (a JSON list), plus each one's activation
 kernel alone and a bf16 → fp8 copy of the tokens (the floor of any activation kernel); the candidates'
 codes and scales are checked bit-equal to the default's. ``--rounds R`` times all of them R times in turn
-and reports medians; single runs moved single points by up to 0.17× on an H100 (speed.md §0g).
+and reports medians; single runs moved single points by up to 0.17× on an H100 (docs/results/speed.md, "Linear layer").
 
 Inputs are ≥ 48 MB for every M here (larger than the H100's 50 MB L2 only from M = 8k at
 K = 3072 on), so one input set is used; weights are re-read from HBM by every GEMM anyway.

@@ -215,7 +215,8 @@ def test_exact_code_matmul_matches_fp64(k, codes_max):
 
 
 def test_linear_per_token_per_channel_order():
-    """((acc · Δ) · s) + b, each step rounded in fp32: the FP8 GEMM's epilogue (speed.md §2a)."""
+    """((acc · Δ) · s) + b, each step rounded in fp32: the FP8 GEMM's epilogue
+    (docs/results/speed.md, "Numerics: fp8 path vs emulated")."""
     from dvdquant.numerics.linear import linear_per_token_per_channel
     g = torch.Generator().manual_seed(1)
     c = torch.randint(-7, 8, (33, 256), generator=g).to(torch.int8)
