@@ -1,0 +1,244 @@
+"""Quality against compute of step-level acceleration on the embedded model (issue 25, item 4).
+
+Rows (each at every ``--steps`` count, the same prompts and initial noise):
+
+* ``FP`` (the reference), ``FP + MagCache τ`` and ``FP + FirstBlockCache τ`` (diffusers' hooks);
+* ``W4A4`` (DVD-Quant, static A4, 8-bit attention), ``W4A4 δ-GBS δ`` (A4/A8 per step),
+  ``W4A4 + MagCache τ`` and ``W4A4 + FirstBlockCache τ``;
+* ``dvdquant policy`` rows where ``dvdquant.config`` has a ``StepPolicyConfig``: skip / A4 / A8 per
+  step at each ``--budgets`` value.
+
+Per row: PSNR of each clip against the FP clip of the same prompt (mean and 95 % interval),
+adherence (the shipped classifier's 'all factors right' rate), and **relative compute**: the mean over
+steps of coverage × the cost of the step's precision, over the cost of an FP (bf16) step. Coverage
+is the share of the transformer blocks that ran (a block counts when its ``attn1`` runs, so a block a
+cache serves counts 0); precision costs come from ``COSTS`` (measured per step on a GPU, stated there).
+MagCache's magnitude law is calibrated on other prompts (``--calibration``), per step count.
+
+Clips are generated ``--batch`` prompts per call (CFG batched): diffusers' caches decide for the
+whole call, so cache rows depend on the batch; ``--batch 1`` removes that. Writes a JSON and a plot.
+
+    python benchmarks/quality_vs_cost.py --prompts 8 --steps 20,50 --out runs/qvc.json --plot docs/quality_vs_cost.png
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import dvdquant
+from dvdquant import api
+from dvdquant.nn.state import get_state
+from dvdquant.data.factors import make_caption, sample_combinations
+from dvdquant.eval.classifier import adherence_per_clip
+from dvdquant.eval.stats import mean_interval
+from dvdquant.models.embedded import load_embedded
+from dvdquant.numerics.video_metrics import psnr
+from dvdquant.pipeline import generate
+
+# Cost of one transformer step relative to bf16 eager, H100, Wan 2.1 14B (480p, 32,760 tokens), one call,
+# `python benchmarks/bench_step.py --model wan14b --no-compile --attention dvdquant --attention-only`,
+# 2026-12-06 (docs/RESULTS.md): bf16 3365 ms, W4A4 + 8-bit attention 2835 ms, W4A8 + 8-bit attention 3024 ms.
+COSTS = {"fp": 1.0, 4: 2835 / 3365, 8: 3024 / 3365}
+
+
+class BlockCoverage:
+    """Share of the transformer blocks whose attention ran, per transformer call."""
+
+    def __init__(self, transformer) -> None:
+        self.blocks = len(transformer.blocks)
+        self.per_call: list = []
+        self._ran = 0
+        for b in transformer.blocks:
+            b.attn1.register_forward_pre_hook(self._count)
+        transformer.register_forward_pre_hook(self._start)
+        transformer.register_forward_hook(self._end)
+
+    def _count(self, *_):
+        self._ran += 1
+
+    def _start(self, *_):
+        self._ran = 0
+
+    def _end(self, *_):
+        self.per_call.append(self._ran / self.blocks)
+
+
+def _mag_config(threshold: float, steps: int, law: list):
+    from diffusers.hooks import MagCacheConfig
+    return MagCacheConfig(threshold=threshold, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=steps,
+                          mag_ratios=law)
+
+
+def _fbc_config(threshold: float):
+    from diffusers.hooks import FirstBlockCacheConfig
+    return FirstBlockCacheConfig(threshold=threshold)
+
+
+def magnitude_law(model, prompts: list, steps: int, seed: int) -> list:
+    """MagCache's per-step ratio ‖R_t‖/‖R_{t−1}‖ of the blocks' residual, averaged over ``prompts``."""
+    res: list = []
+    cur: dict = {}
+    t = model.transformer
+    h0 = t.blocks[0].register_forward_pre_hook(lambda m, a, k: cur.__setitem__("in", (a[0] if a else k["hidden_states"]).float()),
+                                               with_kwargs=True)
+    h1 = t.blocks[-1].register_forward_hook(lambda m, a, k, o: res.append(o.float() - cur["in"]), with_kwargs=True)
+    try:
+        generate(model, prompts, seed=seed, steps=steps, progress=False)
+    finally:
+        h0.remove()
+        h1.remove()
+    law = [1.0] + [float((r.norm(dim=-1) / (p.norm(dim=-1) + 1e-8)).mean()) for p, r in zip(res, res[1:])]
+    return law
+
+
+def run_row(model, prompts: list, steps: int, seed: int, batch: int) -> tuple:
+    """Clips (B, F, H, W, 3) and, per generate call, the per-step (coverage, bits) (bits None: FP)."""
+    cov = BlockCoverage(model.transformer)
+    clips, calls = [], []
+    for i in range(0, len(prompts), batch):
+        cov.per_call.clear()
+        clips.append(generate(model, prompts[i:i + batch], seed=seed + i, steps=steps, progress=False).videos)
+        ctrl = dvdquant.step_controller(model.transformer)
+        calls.append((list(cov.per_call), None if ctrl is None else list(ctrl.schedule)))
+    return torch.cat(clips), calls
+
+
+def relative_compute(calls: list) -> float:
+    """Mean over calls and steps of coverage × the step's precision cost, over an FP step's cost."""
+    total = 0.0
+    for coverage, bits in calls:
+        unit = [COSTS["fp"]] * len(coverage) if bits is None else [COSTS.get(b, 0.0) for b in bits]
+        total += sum(c * u for c, u in zip(coverage, unit)) / (len(coverage) * COSTS["fp"])
+    return total / len(calls)
+
+
+def rows_for(args) -> list:
+    """(name, family, quant DVDQuantConfig or None, cache factory or None)."""
+    rows = [("FP", "fp", None, None)]
+    rows += [(f"FP + MagCache {t}", "fp+magcache", None, ("mag", t)) for t in args.mag]
+    rows += [(f"FP + FirstBlockCache {t}", "fp+fbc", None, ("fbc", t)) for t in args.fbc]
+    w4a4 = dict(w_bits=4, a_bits=4)
+    rows.append(("W4A4", "w4a4", dvdquant.DVDQuantConfig(**w4a4), None))
+    rows += [(f"W4A4 δ-GBS {d}", "gbs", dvdquant.DVDQuantConfig(**w4a4, gbs=dvdquant.GBSConfig(delta=d)), None)
+             for d in args.deltas]
+    rows += [(f"W4A4 + MagCache {t}", "w4a4+magcache", dvdquant.DVDQuantConfig(**w4a4), ("mag", t)) for t in args.mag]
+    rows += [(f"W4A4 + FirstBlockCache {t}", "w4a4+fbc", dvdquant.DVDQuantConfig(**w4a4), ("fbc", t)) for t in args.fbc]
+    return rows
+
+
+_QUANTIZED: dict = {}
+
+
+def quantized_copy(base, qcfg):
+    """A copy of ``base`` with its transformer quantized by ``qcfg``: the weights are quantized once per
+    configuration without its step policy (``gbs``), and the copy gets the row's own step runtime."""
+    key = repr(dataclasses.replace(qcfg, gbs=None))
+    if key not in _QUANTIZED:
+        t = copy.deepcopy(base.transformer)
+        dvdquant.quantize_(t, dataclasses.replace(qcfg, gbs=None), progress=False)
+        _QUANTIZED[key] = t
+    model = copy.copy(base)
+    model.transformer = copy.deepcopy(_QUANTIZED[key])
+    api.attach_runtime(model.transformer, get_state(model.transformer), qcfg)
+    return model
+
+
+def evaluate(base, rows: list, prompts: list, factors: list, steps: int, args, law: list) -> list:
+    out, ref = [], None
+    for name, family, qcfg, cache in rows:
+        t0 = time.perf_counter()
+        if qcfg is not None:
+            model = quantized_copy(base, qcfg)
+        else:
+            model = copy.copy(base)
+            model.transformer = copy.deepcopy(base.transformer)
+        if cache is not None:
+            kind, thr = cache
+            model.transformer.enable_cache(_mag_config(thr, steps, law) if kind == "mag" else _fbc_config(thr))
+        clips, calls = run_row(model, prompts, steps, args.seed, args.batch)
+        coverage = [sum(c[t] for c, _ in calls) / len(calls) for t in range(steps)]
+        if ref is None:
+            ref = clips
+        p = psnr(ref, clips)
+        hits = adherence_per_clip(clips, factors)["all"].float()
+        iv = mean_interval(p[p < 100].tolist()) if bool((p < 100).any()) else None
+        row = {"name": name, "family": family, "steps": steps, "relative_compute": round(relative_compute(calls), 4),
+               "skipped_step_share": round(sum(c == 0 for c in coverage) / steps, 3),
+               "coverage": [round(c, 3) for c in coverage], "bits_per_call": [b for _, b in calls],
+               "psnr_db_mean": round(iv.mean, 3) if iv else None,
+               "psnr_db_ci95": [round(iv.lo, 3), round(iv.hi, 3)] if iv else None,
+               "psnr_db_per_clip": [round(float(v), 3) for v in p],
+               "adherence_all": round(float(hits.mean()), 4), "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{steps:3d} steps  {name:28s} compute {row['relative_compute']:.3f}  PSNR {row['psnr_db_mean']}  "
+              f"adherence {row['adherence_all']:.3f}  ({row['seconds']} s)", flush=True)
+        out.append(row)
+    return out
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    step_counts = sorted({r["steps"] for r in rows})
+    fig, axes = plt.subplots(1, len(step_counts), figsize=(6 * len(step_counts), 4.5), squeeze=False)
+    for ax, steps in zip(axes[0], step_counts):
+        fams: dict = {}
+        for r in rows:
+            if r["steps"] == steps and r["psnr_db_mean"] is not None:
+                fams.setdefault(r["family"], []).append(r)
+        for fam, rs in sorted(fams.items()):
+            rs = sorted(rs, key=lambda r: r["relative_compute"])
+            ax.plot([r["relative_compute"] for r in rs], [r["psnr_db_mean"] for r in rs], "o-", label=fam)
+        ax.set_title(f"embedded model, {steps} steps")
+        ax.set_xlabel("relative compute (bf16 step = 1)")
+        ax.set_ylabel("PSNR vs FP (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _floats(s: str) -> list:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--calibration", type=int, default=4, help="prompts (another seed) for MagCache's law")
+    ap.add_argument("--steps", default="20,50")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=8, help="prompts per generate call (default: %(default)s)")
+    ap.add_argument("--deltas", type=_floats, default=[0.06, 0.12, 0.24])
+    ap.add_argument("--mag", type=_floats, default=[0.06, 0.12], help="MagCache thresholds")
+    ap.add_argument("--fbc", type=_floats, default=[0.05, 0.1], help="FirstBlockCache thresholds")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--plot", type=Path, default=None)
+    args = ap.parse_args(argv)
+    base = load_embedded(device=args.device)
+    combos = sample_combinations(args.prompts, seed=args.seed)
+    prompts = [make_caption(f) for f in combos]
+    cal = [make_caption(f) for f in sample_combinations(args.calibration, seed=args.seed + 1000)]
+    rows = []
+    res = {"device": args.device if args.device != "cpu" else f"CPU ({platform.machine()}, "
+           f"{torch.get_num_threads()} threads)", "prompts": prompts, "costs": {str(k): v for k, v in COSTS.items()},
+           "batch": args.batch, "rows": rows}
+    for steps in [int(s) for s in args.steps.split(",")]:
+        law = magnitude_law(base, cal, steps, args.seed + 1000)
+        rows += evaluate(base, rows_for(args), prompts, combos, steps, args, law)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
