@@ -17,7 +17,9 @@ and W4A4 (static bits, no δ-GBS). Variants:
   centring the weight adds (its constant column no longer widens each row's grid);
 * ``bgr_col0_x{w}``: today's path, BGR's objective weighting the constant column's error by w (a
   data-free alternative);
-* ``no_rotation``: DVD-Quant with ``rotation=False`` (what the rotation costs or gives).
+* ``no_rotation``: DVD-Quant with ``rotation=False`` (what the rotation costs or gives);
+* ``no_rotation_exact``: no rotation, the per-token mean over all K channels handled exactly as in
+  ``exact`` (BGR of the row-centred W; computed here, not a library option).
 
 Also reported per layer: the share of the rotated input's energy in the constant column(s).
 """
@@ -38,7 +40,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dvdquant.algorithms.arq import choose_rotation_block, rotate_weight  # noqa: E402
-from dvdquant.algorithms.dvd import dvdquant_layer  # noqa: E402
+from dvdquant.algorithms.bgr import bgr_quantize  # noqa: E402
+from dvdquant.algorithms.dvd import center_blocks, dvdquant_layer  # noqa: E402
 from dvdquant.config import BGRConfig, DVDQuantConfig  # noqa: E402
 from dvdquant.data import make_caption, sample_combinations  # noqa: E402
 from dvdquant.models.embedded import load_embedded  # noqa: E402
@@ -108,6 +111,26 @@ def bgr_weighted(w: torch.Tensor, bits: int, col_w: torch.Tensor, cfg: BGRConfig
     return grids.WeightQParams(codes, s.float(), z.float(), bits, None)
 
 
+class CentredUnrotated(nn.Module):
+    """y = m(x − x̄) + x̄·sumsᵀ with x̄ each token's mean over all K channels (no rotation)."""
+
+    def __init__(self, m: QuantLinear, sums: torch.Tensor):
+        super().__init__()
+        self.m, self.sums = m, sums
+
+    @property
+    def a_bits(self):
+        return self.m.a_bits
+
+    @a_bits.setter
+    def a_bits(self, b):
+        self.m.a_bits = b
+
+    def forward(self, x):
+        xbar = x.mean(dim=-1, keepdim=True)
+        return self.m(x - xbar) + xbar @ self.sums.t()
+
+
 def build(variant: str, name: str, lin: nn.Linear) -> QuantLinear:
     base = DVDQuantConfig(a_bits=4, gbs=None, attention="none")
     if variant == "quantized":
@@ -117,6 +140,10 @@ def build(variant: str, name: str, lin: nn.Linear) -> QuantLinear:
                                                         mean_channel="exact"))[0]
     if variant == "no_rotation":
         return dvdquant_layer(name, lin, DVDQuantConfig(a_bits=4, gbs=None, attention="none", rotation=False))[0]
+    if variant == "no_rotation_exact":
+        wc, sums = center_blocks(lin.weight.detach().float(), lin.in_features)
+        m = QuantLinear.from_params(lin, bgr_quantize(wc.float(), 4)[0], a_bits=4, auto_scale="per_channel")
+        return CentredUnrotated(m, sums)
     block = choose_rotation_block(lin.in_features, None)
     w = lin.weight.detach().float()
     if variant == "exact_act_only":
@@ -144,7 +171,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--stride", type=int, default=4, help="keep every n-th token of each sample")
-    ap.add_argument("--variants", default="quantized,exact,exact_act_only,bgr_col0_x8,bgr_col0_x64,no_rotation")
+    ap.add_argument("--variants", default="quantized,exact,exact_act_only,bgr_col0_x8,bgr_col0_x64,no_rotation,"
+                    "no_rotation_exact")
     ap.add_argument("--out", default="docs/results/mean_channel_layers_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
