@@ -23,6 +23,7 @@ from .errors import ConfigError
 ACT_BITS = (4, 6, 8, 16)
 AutoScale = Literal["per_channel", "per_block", "none"]
 Smoothing = Literal["none", "dynamic"]
+MeanChannel = Literal["quantized", "exact"]
 HighBitFormat = Literal["int", "fp8_e4m3"]
 AttentionMode = Literal["none", "int8", "fp8"]
 ATTENTION_MODES = ("none", "int8", "fp8")
@@ -121,6 +122,11 @@ class DVDQuantConfig(_Common):
     smoothing: Smoothing = "none"
     smooth_alpha: float = 0.5
     smooth_master_bits: int = 8            # 8: int8 master of W/max|W_j| per row (2× int4 memory); 16: fp
+    # The mean of each rotation block of the input (the constant Hadamard column of x·H carries it):
+    # "quantized" = rotated and quantized with the rest; "exact" = x and W are split per block into their
+    # mean and the centred remainder, the remainders rotated and quantized, and the product of the means
+    # added in fp32 from a small table of W's block row sums (QuantLinear ``w_block_sum``).
+    mean_channel: MeanChannel = "quantized"
     # 8-bit attention (docs/ATTENTION.md): "int8" = INT8 Q·Kᵀ + FP8 P·V, "fp8" = FP8 both, "none" = off.
     # A run-time setting, not a weight format: quantize_ and load install it on the model's attention.
     attention: AttentionMode = "int8"
@@ -133,6 +139,11 @@ class DVDQuantConfig(_Common):
             raise ConfigError(f"smoothing must be 'none' or 'dynamic', got {self.smoothing!r}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.mean_channel not in ("quantized", "exact"):
+            raise ConfigError(f"mean_channel must be 'quantized' or 'exact', got {self.mean_channel!r}")
+        if self.mean_channel == "exact" and (not self.rotation or self.smoothing != "none"):
+            raise ConfigError("mean_channel='exact' needs rotation=True and smoothing='none' (it splits the mean "
+                              "of each rotation block of the unsmoothed input)")
         if self.smooth_master_bits not in (8, 16):
             raise ConfigError(f"smooth_master_bits must be 8 or 16, got {self.smooth_master_bits!r}")
         if self.auto_scale not in ("per_channel", "per_block", "none"):
@@ -148,7 +159,7 @@ class DVDQuantConfig(_Common):
     def weight_only(self) -> "DVDQuantConfig":
         """W{w_bits}A16 with BGR weights (as configured): no rotation, auto-scaling, smoothing or δ-GBS."""
         return replace(self, a_bits=16, rotation=False, rotation_block=None, auto_scale="none", gbs=None,
-                       smoothing="none")
+                       smoothing="none", mean_channel="quantized")
 
 
 @dataclass(frozen=True)

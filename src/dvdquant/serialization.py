@@ -11,8 +11,11 @@ key ``"dvdquant"``, a JSON document:
 no original weights), ``layers`` (per-layer settings) and ``tensors_sha256`` (over every
 tensor, in sorted name order). Loading checks all of it and raises :class:`CheckpointError`
 with one line for a truncated/corrupted file, a broken header, an unknown version, or another
-model. Format version 2 is version 1 plus dense ``packed_bits`` layers; a checkpoint without such
-layers is written as version 1, so older readers still load it.
+model. Format version 2 is version 1 plus dense ``packed_bits`` layers; version 3 adds layers with
+an exact block-mean term (``"mean_channel": "exact"`` in the layer entry, tensor ``*.w_block_sum``
+(N, K/R) fp32; DVD-Quant ``mean_channel="exact"``). A checkpoint is written at the lowest version
+that holds it, so older readers still load what they can and refuse the rest with one line; a layer
+entry without ``mean_channel`` is ``"quantized"`` (no mean term).
 """
 from __future__ import annotations
 
@@ -40,8 +43,8 @@ from .nn.step_hooks import refuse_hooked_layers
 from .numerics.packing import pack_bits, unpack_bits
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2                 # written when a layer is dense-packed; else 1
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3                 # written when a layer has an exact mean term; 2 when one is dense-packed; else 1
+READ_VERSIONS = (1, 2, 3)
 _LAYER_KEYS = ("in_features", "out_features", "w_bits", "group_size", "a_bits", "a8_format", "rotation_block",
                "auto_scale", "scale_block")
 
@@ -62,17 +65,24 @@ def layer_meta(m: QuantLinear) -> dict:
     d.update(has_bias=m.bias is not None, smooth_steps=0 if m.smooth is None else m.smooth.shape[0],
              balance_steps=0 if m.act_balance is None else m.act_balance.shape[0],
              bias_dtype=str(m.bias.dtype).replace("torch.", "") if m.bias is not None else "float32")
+    if getattr(m, "w_block_sum", None) is not None:
+        d["mean_channel"] = "exact"
     return d
 
 
 def quant_linear_from_meta(meta: dict, device) -> QuantLinear:
     """An empty QuantLinear (tensors to be loaded) with the settings of :func:`layer_meta`'s entry."""
+    mean = meta.get("mean_channel", "quantized")
+    if mean not in ("quantized", "exact") or (mean == "exact" and not meta["rotation_block"]):
+        raise CheckpointError(f"checkpoint layer entry has mean_channel={mean!r} with rotation_block="
+                              f"{meta['rotation_block']!r}; expected 'quantized', or 'exact' on a rotated layer")
     return QuantLinear(meta["in_features"], meta["out_features"], w_bits=meta["w_bits"],
                        group_size=meta["group_size"], a_bits=meta["a_bits"], a8_format=meta["a8_format"],
                        rotation_block=meta["rotation_block"], auto_scale=meta["auto_scale"],
                        scale_block=meta["scale_block"], has_bias=meta["has_bias"],
                        smooth_steps=meta["smooth_steps"], balance_steps=meta["balance_steps"],
-                       bias_dtype=getattr(torch, meta["bias_dtype"]), device=device)
+                       bias_dtype=getattr(torch, meta["bias_dtype"]),
+                       exact_mean=mean == "exact", device=device)
 
 
 def _dense_bits(m: QuantLinear) -> Optional[int]:
@@ -120,8 +130,9 @@ def save(model: nn.Module, path, extra: Optional[dict] = None) -> Path:
               for n, m in quantized_layers(model)}
     _pack_dense(tensors, layers)
     dense = any("packed_bits" in lm for lm in layers.values())
+    exact_mean = any("mean_channel" in lm for lm in layers.values())
     meta = {
-        "format_version": FORMAT_VERSION if dense else 1, "library_version": __version__,
+        "format_version": 3 if exact_mean else 2 if dense else 1, "library_version": __version__,
         "method": type(getattr(model, CONFIG_ATTR)).__name__, "config": config_to_dict(getattr(model, CONFIG_ATTR)),
         "model_class": type(model).__name__, "model_module": type(model).__module__,
         "model_config": _model_config(model),

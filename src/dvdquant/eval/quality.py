@@ -43,7 +43,8 @@ layers.json, grid.pt); the report (quality.md, plots, intervals, acceptance) is
 
 Methods are keys of :data:`METHODS`; bit-widths keys of :data:`BITS`. "DVD-Quant" is
 ``DVDQuantConfig()`` with only the bit-widths replaced, its ablations ``dataclasses.replace`` of
-that, so changes to the defaults flow in; ablations run at W4A4 and W4A6 only. W4A6 means δ-GBS (A4/A8 mixed by δ) for DVD-Quant and
+that, so changes to the defaults flow in; ablations run at W4A4 and W4A6 (the rotation ablation at
+W4A8 too, where the rotation may cost the weights more than it gives the activations). W4A6 means δ-GBS (A4/A8 mixed by δ) for DVD-Quant and
 its ablations, and static 6-bit activations for the baselines; the "no δ-GBS" ablation exists
 only at W4A6, where it is static A4 (what the δ-GBS steps would otherwise run).
 """
@@ -148,7 +149,7 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
     MethodSpec("dvdquant-no-bgr", "DVD-Quant − BGR", "ablation",
                lambda b: dvdquant_config(b, bgr=None), only_bits=LOW_BITS, ablates="BGR"),
     MethodSpec("dvdquant-no-rotation", "DVD-Quant − rotation", "ablation",
-               lambda b: dvdquant_config(b, rotation=False), only_bits=LOW_BITS, ablates="rotation"),
+               lambda b: dvdquant_config(b, rotation=False), only_bits=("W4A8",) + LOW_BITS, ablates="rotation"),
     MethodSpec("dvdquant-no-autoscale", "DVD-Quant − auto-scale", "ablation",
                lambda b: dvdquant_config(b, auto_scale="none"), only_bits=LOW_BITS, ablates="auto-scaling"),
     MethodSpec("dvdquant-no-gbs", "DVD-Quant − δ-GBS (static A4)", "ablation", _no_gbs,
@@ -158,6 +159,8 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
                ablates="8-bit attention"),
     MethodSpec("dvdquant-dynsmooth", "DVD-Quant + dynamic smoothing", "variant",
                lambda b: dvdquant_config(b, smoothing="dynamic"), only_bits=LOW_BITS),
+    MethodSpec("dvdquant-centered", "DVD-Quant + exact block mean", "variant",
+               lambda b: dvdquant_config(b, mean_channel="exact"), only_bits=("W4A8",) + LOW_BITS),
     MethodSpec("dvdquant-modulation", "DVD-Quant + W4A16 modulation", "variant",
                lambda b: dvdquant_config(b, quantize_modulation=True), only_bits=("W4A8", "W4A4")),
 )}

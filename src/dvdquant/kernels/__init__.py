@@ -82,6 +82,8 @@ def plan_forward(module, device, bits: Optional[int], capability: Optional[Tuple
         raise ConfigError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
     if backend == "emulated":
         return Plan("emulated")
+    if getattr(module, "w_block_sum", None) is not None:
+        return Plan("emulated", "the exact block-mean term (mean_channel='exact') has no fp8 kernel yet")
     cap = capability if capability is not None else device_capability(device)
     if is_weight_only(module.a_bits):
         return _weight_only_plan(module, cap)      # weight-only layers: their own path, not a fallback

@@ -132,7 +132,18 @@ def dequantized_weight(module) -> torch.Tensor:
 
 
 def emulated_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """The integer pipeline in fp32 torch; bit-identical to ``forward_simulated``."""
+    """The integer pipeline in fp32 torch; bit-identical to ``forward_simulated``.
+
+    A layer with an exact block-mean term (``w_block_sum``, DVD-Quant ``mean_channel="exact"``) runs
+    the pipeline on the block-centred tokens and adds the fp32 mean term, as the simulated path does
+    (``module.with_exact_mean``).
+    """
+    if getattr(module, "w_block_sum", None) is not None:
+        return module.with_exact_mean(x, lambda xc: _integer_pipeline(module, xc))
+    return _integer_pipeline(module, x)
+
+
+def _integer_pipeline(module, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     x2 = module.transform_input(x.reshape(-1, module.in_features).float())     # (M, K)
     samples = sample_count(shape)                                               # statistics per batch element

@@ -80,6 +80,8 @@ def incompatibility(members: list) -> Optional[str]:
         return "members need packed 4-bit weights"
     if any(getattr(m, a, None) is not None for m in members for a in ("smooth", "act_balance", "dyn_alpha")):
         return "per-layer input smoothing or balancing"
+    if any(getattr(m, "w_block_sum", None) is not None for m in members):
+        return "an exact block-mean term (mean_channel='exact')"
     if len({m.bias is None for m in members}) > 1:
         return "some members have a bias and some not"
     return None

@@ -21,6 +21,12 @@ in what they put into it:
   every forward, once per sample, from a master copy ``w_master`` (int8 codes of W/max|W_j| with a
   per-row scale, or float), and each sample's tokens meet their own weight. Per layer, step and
   sample that is O(N·K·log K) work beside the GEMM's O(L·N·K); it costs master-weight memory.
+* ``w_block_sum`` (N, K/R) fp32, optional (DVD-Quant ``mean_channel="exact"``): the mean of each
+  rotation block of R input channels is kept out of the quantizers. With x̄ (M, K/R) the block means
+  of the tokens and x_c = x − x̄ (each block centred), y = f(x_c) + x̄·w_block_sumᵀ, where f is the
+  quantized product below (bias included) and w_block_sum holds each row's block sums of the FP
+  weight; qweight then encodes the block-centred weight (W − its block means)·H, whose constant
+  Hadamard column is 0. The mean term is one small fp32 GEMM per sample, and x̄ is a per-token mean.
 * activations are then quantized per token to ``a_bits`` (the shared :class:`RuntimeState`
   may override it per step: δ-GBS). ``a_bits=16`` makes the layer *weight-only* (W·A16, e.g.
   AdaLN modulation layers): its activations stay in floating point whatever the override says.
@@ -66,7 +72,8 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, w_bits: int, group_size: Optional[int],
                  a_bits: int, a8_format: str = "int", rotation_block: Optional[int] = None,
                  auto_scale: str = "none", scale_block: int = 128, has_bias: bool = True,
-                 smooth_steps: int = 0, balance_steps: int = 0, bias_dtype: torch.dtype = torch.float32, device=None):
+                 smooth_steps: int = 0, balance_steps: int = 0, bias_dtype: torch.dtype = torch.float32,
+                 exact_mean: bool = False, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.group_size = w_bits, group_size
@@ -82,6 +89,11 @@ class QuantLinear(nn.Module):
         # calibrated per-step channel balance (ViDiT-Q-style), applied around the quantizer only
         self.register_buffer("act_balance",
                              torch.ones(balance_steps, in_features, device=device) if balance_steps else None)
+        if exact_mean and not rotation_block:
+            raise DVDQuantError("an exact block-mean term (mean_channel='exact') needs a rotation_block")
+        # W's block row sums for mean_channel="exact": y += x̄ · w_block_sumᵀ (None: the mean is quantized)
+        self.register_buffer("w_block_sum", torch.zeros(out_features, in_features // rotation_block, device=device)
+                             if exact_mean else None)
         # dynamic smoothing (off unless set_dynamic_smoothing is called)
         self.dyn_alpha: Optional[float] = None
         self.w_symmetric = False
@@ -103,20 +115,26 @@ class QuantLinear(nn.Module):
     def from_params(cls, linear: nn.Linear, wq: grids.WeightQParams, *, a_bits: int, a8_format: str = "int",
                     rotation_block: Optional[int] = None, auto_scale: str = "none", scale_block: int = 128,
                     smooth: Optional[torch.Tensor] = None,
-                    act_balance: Optional[torch.Tensor] = None) -> "QuantLinear":
-        """Build from an ``nn.Linear`` (for its bias) and already computed weight parameters."""
+                    act_balance: Optional[torch.Tensor] = None,
+                    w_block_sum: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Build from an ``nn.Linear`` (for its bias) and already computed weight parameters
+        (``w_block_sum``: the exact block-mean term's table, see the module docstring)."""
         dev = linear.weight.device
         m = cls(linear.in_features, linear.out_features, w_bits=wq.bits, group_size=wq.group_size,
                 a_bits=a_bits, a8_format=a8_format, rotation_block=rotation_block, auto_scale=auto_scale,
                 scale_block=scale_block, has_bias=linear.bias is not None,
                 smooth_steps=0 if smooth is None else smooth.shape[0],
                 balance_steps=0 if act_balance is None else act_balance.shape[0], bias_dtype=linear.weight.dtype,
-                device=dev)
+                exact_mean=w_block_sum is not None, device=dev)
         m.set_weight_params(wq)
         if smooth is not None:
             m.smooth.copy_(smooth.to(dev, torch.float32))
         if act_balance is not None:
             m.act_balance.copy_(act_balance.to(dev, torch.float32))
+        if w_block_sum is not None:
+            if smooth is not None:
+                raise DVDQuantError("an exact block-mean term cannot be combined with static smoothing")
+            m.w_block_sum.copy_(w_block_sum.to(dev, torch.float32))
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.data)
         return m
@@ -277,6 +295,30 @@ class QuantLinear(nn.Module):
 
     def forward_simulated(self, x: torch.Tensor) -> torch.Tensor:
         """The reference: fp32 fake quantization of exactly the integer pipeline."""
+        if self.w_block_sum is not None:
+            return self.with_exact_mean(x, self._forward_simulated)
+        return self._forward_simulated(x)
+
+    def with_exact_mean(self, x: torch.Tensor, core) -> torch.Tensor:
+        """y = core(x_c) + x̄·w_block_sumᵀ (mean_channel="exact"); ``core`` maps fp32 (..., K) → fp32 (..., N).
+
+        x̄ (M, K/R) is each token's mean over each rotation block and x_c = x − x̄ per block, in fp32;
+        the mean and the mean term are computed one sample at a time (their rounding then cannot
+        depend on the batch), the sum in fp32, then cast to ``x.dtype``.
+        """
+        if self.dyn_alpha is not None or self.smooth is not None:
+            raise DVDQuantError(f"layer {self.layer_name or '?'}: the exact block-mean term cannot be combined "
+                                "with smoothing")
+        shape, r = x.shape, self.rotation_block
+        samples = sample_count(shape)
+        xb = x.reshape(-1, self.in_features // r, r).float()         # (M, K/R, R)
+        xbar = torch.cat([g.mean(dim=-1) for g in rows_per_sample(xb, samples)])   # (M, K/R)
+        xc = (xb - xbar.unsqueeze(-1)).reshape(shape)
+        y = core(xc).reshape(-1, self.out_features)
+        y = y + matmul_per_sample(xbar, self.w_block_sum, samples)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _forward_simulated(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()                  # (M, K)
         samples = sample_count(shape)                                 # statistics per batch element
@@ -315,4 +357,5 @@ class QuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}, group={self.group_size}, "
                 f"a_bits={self.a_bits}, rotation={rot}, auto_scale={self.auto_scale}, "
                 f"smooth={'none' if self.smooth is None else self.smooth.shape[0]}"
-                + (f", dynamic_smoothing(alpha={self.dyn_alpha})" if self.dyn_alpha is not None else ""))
+                + (f", dynamic_smoothing(alpha={self.dyn_alpha})" if self.dyn_alpha is not None else "")
+                + (", mean_channel=exact" if self.w_block_sum is not None else ""))
