@@ -87,8 +87,13 @@ class StepPolicy:
     def __init__(self, config: StepPolicyConfig, costs: Optional[StepCosts] = None, probe_share: float = 0.0):
         self.config = config
         self.costs = costs                 # None: COSTS of the device the hooks report
+        self.device_costs = COSTS["cpu"]
         self.probe_share = probe_share     # block 0's share of the blocks (set by the hooks: 1 / blocks)
         self.reset()
+
+    def set_device(self, device_type: str) -> None:
+        """Where the model runs (the hooks report it): picks the :data:`COSTS` row (unknown types: "cuda")."""
+        self.device_costs = COSTS.get(device_type, COSTS["cuda"])
 
     # ----------------------------------------------------------------- StepTracker's protocol
     def reset(self) -> None:
@@ -107,8 +112,7 @@ class StepPolicy:
 
     # ----------------------------------------------------------------- the decision
     def cost(self, action: int) -> float:
-        costs = self.costs or COSTS["cpu"]
-        return costs.cost(action, self.config.high_bits, self.probe_share)
+        return (self.costs or self.device_costs).cost(action, self.config.high_bits, self.probe_share)
 
     def scale(self, sample: int) -> float:
         """The factor on both thresholds for ``sample`` now (1 without a budget)."""

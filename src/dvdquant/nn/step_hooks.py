@@ -95,6 +95,7 @@ class StepTracker:
         self.states, self.policy, self.configured_bits = list(states), policy, configured_bits
         self.total_steps: Optional[int] = None
         self.counters: list = []        # WorkCounter of each driven model (its step hook adds it)
+        self.reset_callbacks: list = []  # called on reset (the step policy's block hooks: their caches)
         self._owns_bits = False         # whether this tracker has written bits into the states
         self.reset()
 
@@ -120,12 +121,20 @@ class StepTracker:
             st.step_index = None
             st.history.clear()
         self._owns_bits = False
+        for f in self.reset_callbacks:
+            f()
 
     def finish(self) -> None:
         """Close the current step (its output change is measured now); the next call starts anew."""
         if self.step_index is not None and len(self.changes) < len(self.schedule):
             self._close_step()
         self._call_done = True
+
+    @property
+    def slot(self) -> str:
+        """The current call's slot: its cache-context name (``cond``, ``uncond``, ``cond_uncond``), else
+        ``call<k>`` for the k-th call of the step."""
+        return self._slot
 
     @property
     def coverage(self) -> list:
