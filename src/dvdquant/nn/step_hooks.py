@@ -72,6 +72,11 @@ class StepPolicy(Protocol):
                 coverage: float = 1.0) -> None: ...
 
 
+def schedule_string(schedule) -> str:
+    """One character per step: ``S`` for a skipped step, else its activation bits (``88S4S4``)."""
+    return "".join("S" if b == SKIP else str(b) for b in schedule)
+
+
 def _output_tensor(output: Any) -> Optional[torch.Tensor]:
     if isinstance(output, (tuple, list)):
         output = output[0] if output else None
