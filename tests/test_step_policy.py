@@ -233,14 +233,18 @@ def test_policy_round_trips_through_the_checkpoint_header(tmp_path):
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory):
     from tiny_pipelines import save_pipeline
-    return save_pipeline("wan", tmp_path_factory.mktemp("policy") / "wan")
+    return save_pipeline("wan22", tmp_path_factory.mktemp("policy") / "wan22")
+
+
+VIDEO = ["--frames", "9", "--height", "32", "--width", "32", "--quiet"]
 
 
 def test_cli_generate_with_a_budget(wan_folder, tmp_path, capsys):
+    """Wan 2.2: both experts quantized now, one shared controller with the step policy."""
     assert main(["generate", "--pipeline", str(wan_folder), "--prompt", "a red ball moving left", "--steps", "6",
-                 "--budget", "0.7", "--warmup-steps", "1", "--max-skips", "1", "--out", str(tmp_path / "c.mp4"),
-                 "--quiet"]) == 0
-    assert "schedule (6 steps)" in capsys.readouterr().out
+                 "--budget", "0.7", "--warmup-steps", "1", "--max-skips", "1", "--out", str(tmp_path / "c.mp4")]
+                + VIDEO) == 0
+    assert "schedule (6 steps)" in capsys.readouterr().out and (tmp_path / "c.mp4").stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -251,7 +255,14 @@ def test_cli_generate_with_a_budget(wan_folder, tmp_path, capsys):
 ])
 def test_cli_policy_errors_are_one_line(wan_folder, tmp_path, capsys, argv, needle):
     rc = main(["generate", "--pipeline", str(wan_folder), "--prompt", "a red ball", "--steps", "2",
-               "--out", str(tmp_path / "c.mp4"), "--quiet"] + argv)
+               "--out", str(tmp_path / "c.mp4")] + VIDEO + argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "c.mp4").exists()
+
+
+def test_cli_policy_flags_on_the_unquantized_embedded_model(tmp_path, capsys):
+    rc = main(["generate", "--prompt", "a red circle moving left on a dark background", "--budget", "0.5",
+               "--steps", "2", "--out", str(tmp_path / "c.mp4"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--budget needs a quantized model" in err[0], err

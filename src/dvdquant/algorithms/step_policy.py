@@ -16,8 +16,9 @@ Budget (``StepPolicyConfig.budget`` = b, mean step cost relative to a high-bit s
 comes from :data:`COSTS` (per device) and the share of block 0 in the blocks. Per sample, the
 controller plans the run's cost (forced steps at the high-bit cost, the free steps sharing what is
 left of b·N; b per step when N is unknown), keeps the debt D = spent − planned, and scales both
-thresholds by exp(``GAIN`` · D / (1 − cost of a skip)): over budget, more steps skip or run low. No
-data and no second pass: the thresholds move during the run, from the decisions' own costs.
+thresholds by exp(``GAIN`` · D / (1 − cost of a skip)): over budget, more steps skip or run low (δ is
+scaled only where low bits cost less than high bits). No data and no second pass: the thresholds move
+during the run, from the decisions' own costs.
 """
 from __future__ import annotations
 
@@ -138,8 +139,9 @@ class StepPolicy:
             action = c.high_bits
         elif can_skip and not late and s.skips < c.max_skips and s.acc < c.skip_threshold * k:
             action = SKIP
-        else:
-            action = c.low_bits if s.acc < c.bits_threshold * k else c.high_bits
+        else:                                # δ moves with the budget only where low bits are cheaper
+            kd = k if self.cost(c.low_bits) < 1.0 else 1.0
+            action = c.low_bits if s.acc < c.bits_threshold * kd else c.high_bits
         self._record(sample, step, action, s.acc if change is not None else math.nan, k)
         s.spent += self.cost(action)
         s.planned += self._planned(step, total)
