@@ -157,6 +157,12 @@ class StepTracker:
             return 1.0
         return min(work / full, 1.0)
 
+    def schedule_so_far(self) -> list:
+        """``schedule`` with the open step read live: SKIP if nothing of it ran so far (for progress bars)."""
+        if not self.schedule or len(self._coverage) == len(self.schedule) or self.current_coverage() > 0:
+            return list(self.schedule)
+        return self.schedule[:-1] + [SKIP]
+
     def skipped_steps(self) -> list:
         """Indices (in this call) of the steps served from a cache."""
         return [i for i, b in enumerate(self.schedule) if b == SKIP]

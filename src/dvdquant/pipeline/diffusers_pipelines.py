@@ -245,7 +245,7 @@ def _step_bar(pipe, steps: int, progress: bool):
 
     def callback(_pipe, i, t, kwargs):
         if ctrl is not None and ctrl.schedule:
-            bar.set_postfix_str(schedule_string(ctrl.schedule), refresh=False)
+            bar.set_postfix_str(schedule_string(ctrl.schedule_so_far()), refresh=False)
         bar.update(1)
         return {}
     return callback, bar, ctrl

@@ -125,7 +125,7 @@ def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, s
             velocity = out
         x = scheduler.step(velocity, t, x, return_dict=False)[0]
         if ctrl is not None and ctrl.schedule:
-            bar.set_postfix_str(schedule_string(ctrl.schedule), refresh=False)
+            bar.set_postfix_str(schedule_string(ctrl.schedule_so_far()), refresh=False)
     if hasattr(transformer, "_reset_stateful_cache"):
         transformer._reset_stateful_cache()           # end of the call, as pipelines do
     x = x.float().cpu()
