@@ -85,10 +85,12 @@ class PolicyRun:
         self.decided: dict = {}      # sample -> action, this step
         self.step_actions: set = set()
 
+    @torch.compiler.disable
     def set_bits(self, bits: int) -> None:
         for st in self.tracker.states:
             st.a_bits = bits
 
+    @torch.compiler.disable
     def begin_call(self, x: torch.Tensor, hs: torch.Tensor, es: Optional[torch.Tensor]) -> None:
         """After block 0: decide the call's rows (``x`` block 0's hidden input, ``hs`` / ``es`` its outputs)."""
         tr, pol = self.tracker, self.policy
@@ -124,6 +126,7 @@ class PolicyRun:
         ran = [a for a in self.step_actions if a != SKIP]
         tr.schedule[-1] = max(ran) if ran else SKIP
 
+    @torch.compiler.disable
     def end_call(self, h: torch.Tensor, e: Optional[torch.Tensor]) -> tuple:
         """After the last block: cache the tail residual of the rows that ran, add it to the rows that skipped."""
         plan, self.plan = self.plan, None
@@ -186,7 +189,6 @@ class _BlockHook(ModelHook):
 class PolicyHeadHook(_BlockHook):
     """Block 0: run at high bits, then let the policy decide the call's rows."""
 
-    @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
         if len(module._diffusers_hook.hooks) > 1:
             raise DVDQuantError(f"dvdquant's step policy cannot run with other hooks on the transformer blocks "
@@ -199,9 +201,9 @@ class PolicyHeadHook(_BlockHook):
 
 
 class PolicyTailHook(_BlockHook):
-    """Blocks 1…L−1: run the rows at their bits, pass the skipped rows through; the last one closes the call."""
+    """Blocks 1…L−1: run the rows at their bits, pass the skipped rows through; the last one closes the call.
+    The bookkeeping runs outside ``torch.compile`` (``PolicyRun``'s methods); the blocks' own forwards do not."""
 
-    @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
         plan = self.run.plan
         if plan is None:
