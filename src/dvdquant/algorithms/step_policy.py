@@ -183,9 +183,3 @@ class StepPolicy:
         """Mean step cost of the run so far (relative to a high-bit step): of ``sample``, or over all samples."""
         vals = [v for step in self.step_costs for k, v in step.items() if sample is None or k == sample]
         return sum(vals) / len(vals) if vals else math.nan
-
-    def step_action(self, step: int) -> int:
-        """One schedule entry for a step: SKIP if every sample skipped, else the highest bits that ran."""
-        acts = list(self.decisions[step].values())
-        ran = [a for a in acts if a != SKIP]
-        return max(ran) if ran else SKIP
