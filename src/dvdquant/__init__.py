@@ -10,9 +10,9 @@ Public API::
 from ._version import __version__
 
 from .api import (LayerReport, QuantReport, quantize_, quantized_layers, restack_step_hook, set_backend,
-                  share_step_controller, step_controller)
+                  set_step_policy, share_step_controller, step_controller)
 from .config import (BGRConfig, DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig,
-                     ViDiTQConfig)
+                     StepPolicyConfig, ViDiTQConfig)
 from .errors import CheckpointError, ConfigError, DVDQuantError, NonFiniteError
 from .kernels.finite import raise_if_nonfinite
 from .nn import QuantLinear, RuntimeState, get_state
@@ -20,7 +20,7 @@ from .serialization import load, read_metadata, save
 
 
 __all__ = ["quantize_", "quantized_layers", "set_backend", "step_controller", "share_step_controller",
-           "restack_step_hook",
+           "restack_step_hook", "set_step_policy", "StepPolicyConfig",
            "LayerReport", "QuantReport", "BGRConfig", "DVDQuantConfig", "GBSConfig", "MinMaxConfig", "QuaRotConfig", "SmoothQuantConfig",
            "ViDiTQConfig", "CheckpointError", "ConfigError", "DVDQuantError", "NonFiniteError", "QuantLinear",
            "RuntimeState", "get_state", "load", "raise_if_nonfinite", "read_metadata", "save", "__version__"]

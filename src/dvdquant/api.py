@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 
 from . import baselines  # noqa: F401  (registers the baseline methods)
 from .algorithms import FixedBits, GBSController, get_method
+from .algorithms.step_policy import StepPolicy
 from .errors import ConfigError, DVDQuantError
 from .kernels import BACKENDS
 from .models.adapters import adapter_for, select_linears, weight_only_layers
 from .nn import attention as qattn
 from .nn.fused import install_fused_projections, remove_fused_projections
+from .nn.policy_hooks import install_policy_hooks, remove_policy_hooks
 from .nn.quant_linear import QuantLinear
 from .nn.state import STATE_ATTR, RuntimeState, get_state
 from .nn.step_hooks import (StepTracker, install_step_hook, refuse_hooked_layers, remove_step_hook,  # noqa: F401
@@ -202,12 +204,37 @@ def attach_runtime(model: nn.Module, state: RuntimeState, config) -> StepTracker
     """Attach the quantized model's state and config, and register its diffusers step hook."""
     setattr(model, STATE_ATTR, state)
     setattr(model, CONFIG_ATTR, config)
-    return install_step_hook(model, _new_tracker([state], config)).tracker
+    tracker = install_step_hook(model, _new_tracker([state], config)).tracker
+    _install_policy(model, tracker)
+    return tracker
 
 
 def _new_tracker(states: list, config) -> StepTracker:
-    gbs = getattr(config, "gbs", None)
-    return StepTracker(states, GBSController(gbs) if gbs is not None else FixedBits(), config.a_bits)
+    gbs, policy = getattr(config, "gbs", None), getattr(config, "policy", None)
+    chosen = StepPolicy(policy) if policy is not None else GBSController(gbs) if gbs is not None else FixedBits()
+    return StepTracker(states, chosen, config.a_bits)
+
+
+def _install_policy(model: nn.Module, tracker: StepTracker) -> None:
+    remove_policy_hooks(model)
+    if isinstance(tracker.policy, StepPolicy):
+        install_policy_hooks(model, tracker)
+
+
+def set_step_policy(model: nn.Module, policy) -> StepTracker:
+    """Give a quantized model dvdquant's step policy (a :class:`~dvdquant.config.StepPolicyConfig`; None:
+    back to the config's δ-GBS or fixed bits); its config (and so a checkpoint saved next) records it."""
+    from dataclasses import replace
+    config = getattr(model, CONFIG_ATTR, None)
+    if get_state(model) is None or config is None:
+        raise DVDQuantError(f"{type(model).__name__} is not quantized by dvdquant: quantize_ or load it first")
+    if "policy" not in {f for f in getattr(config, "__dataclass_fields__", {})}:
+        raise DVDQuantError(f"the step policy applies to DVD-Quant configs, not {type(config).__name__}")
+    config = replace(config, policy=policy, gbs=None if policy is not None else config.gbs)
+    setattr(model, CONFIG_ATTR, config)
+    tracker = install_step_hook(model, _new_tracker([get_state(model)], config)).tracker
+    _install_policy(model, tracker)
+    return tracker
 
 
 def step_controller(model: nn.Module) -> Optional[StepTracker]:
@@ -233,7 +260,10 @@ def share_step_controller(*models: nn.Module) -> StepTracker:
     if len({repr(getattr(c, "gbs", None)) for c in configs}) != 1:
         raise DVDQuantError("the models' δ-GBS settings differ: " +
                             " vs ".join(repr(getattr(c, "gbs", None)) for c in configs))
+    if len({repr(getattr(c, "policy", None)) for c in configs}) != 1:
+        raise DVDQuantError("the models' step policy settings differ")
     tracker = _new_tracker(states, configs[0])
     for m in models:
         install_step_hook(m, tracker)
+        _install_policy(m, tracker)
     return tracker

@@ -71,6 +71,50 @@ def _set_backend(transformer, args) -> None:
                     int8_gemm=not args.no_int8_gemm, fuse_projections=not args.no_fuse_projections)
 
 
+
+POLICY_FLAGS = ("skip_threshold", "bits_threshold", "warmup_steps", "final_steps", "max_skips", "budget")
+
+
+def _policy_from_args(args, transformer):
+    """The step policy the ``generate`` flags ask for (the fields of StepPolicyConfig by the same names, over the
+    checkpoint's own policy or the defaults), or None when no flag is given."""
+    from dataclasses import replace
+    from . import api
+    from .config import StepPolicyConfig
+    given = {k: getattr(args, k) for k in POLICY_FLAGS if getattr(args, k) is not None}
+    if not given:
+        return None
+    if api.get_state(transformer) is None:
+        raise DVDQuantError(f"--{next(iter(given)).replace('_', '-')} needs a quantized model (a checkpoint, or "
+                            "--pipeline with a --method other than fp)")
+    base = getattr(getattr(transformer, api.CONFIG_ATTR, None), "policy", None) or StepPolicyConfig()
+    return replace(base, **given)
+
+
+def _apply_policy(transformers, args) -> None:
+    """Give the quantized ``transformers`` the step policy of the ``generate`` flags (no flags: unchanged)."""
+    from . import api
+    policies = [_policy_from_args(args, t) for t in transformers]
+    if policies and policies[0] is not None:
+        for t, p in zip(transformers, policies):
+            api.set_step_policy(t, p)
+        if len(transformers) > 1:
+            api.share_step_controller(*transformers)
+
+
+def _add_policy_args(g) -> None:
+    p = g.add_argument_group("step policy (a quantized model): per step skip the tail blocks, run A4 or A8")
+    p.add_argument("--skip-threshold", type=float, default=None,
+                   help="accumulated block-0 residual change below which a step is skipped (default 0.05)")
+    p.add_argument("--bits-threshold", type=float, default=None,
+                   help="at or above it the step runs at 8 bits, below at 4 (default 0.15)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="first steps run in full at 8 bits (default 2)")
+    p.add_argument("--final-steps", type=int, default=None, help="last steps never skipped (default 1)")
+    p.add_argument("--max-skips", type=int, default=None, help="consecutive skipped steps at most (default 2)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="mean step cost relative to an 8-bit step, in (0, 1] (1 / the target speed-up); the "
+                        "thresholds then adapt during the run")
+
 def cmd_demo(args) -> int:
     from .config import DVDQuantConfig
     from .pipeline.demo import DEMO_PROMPTS, format_report, run_demo
@@ -172,6 +216,9 @@ def cmd_generate_pipeline(args) -> int:
     elif args.method != "fp":
         args.method = args.method or "dvdquant"
         dp.quantize_pipeline(pipe, _config_from_args(args), progress=not args.quiet)
+    if args.delta is not None and any(getattr(args, k) is not None for k in POLICY_FLAGS):
+        raise DVDQuantError("give --delta (δ-GBS) or the step policy flags, not both")
+    _apply_policy([getattr(pipe, n) for n in dp.transformer_names(pipe)], args)
     for name in dp.transformer_names(pipe):
         _set_backend(getattr(pipe, name), args)
     extra = {"true_cfg_scale": args.true_cfg_scale} if args.true_cfg_scale is not None else {}
@@ -183,7 +230,7 @@ def cmd_generate_pipeline(args) -> int:
     if res.mean_bits is None:
         print(f"{type(pipe).__name__} unquantized: {len(res.frames)} clip(s) in {res.seconds:.1f} s")
     else:
-        print(f"δ-GBS schedule ({len(res.schedule)} steps): {dp.format_schedule(res.schedule)}; "
+        print(f"schedule ({len(res.schedule)} steps): {dp.format_schedule(res.schedule)}; "
               f"mean activation bits {res.mean_bits:.2f}; {res.seconds:.1f} s")
     print(f"wrote {path}")
     return 0
@@ -214,12 +261,25 @@ def cmd_generate(args) -> int:
     check_steps(args.steps)
     check_output_file(args.out, VIDEO_SUFFIXES)
     model = load_generation_model(args.model, device=args.device)
+    _apply_policy([model.transformer], args)
     _set_backend(model.transformer, args)
     res = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                    progress=not args.quiet, progress_desc=_model_label(model.transformer))
     path = save_video(res.videos if len(args.prompt) == 1 else _tile(res.videos), args.out)
+    _print_policy(model.transformer)
     print(f"wrote {path}")
     return 0
+
+
+def _print_policy(transformer) -> None:
+    from . import api
+    from .nn.step_hooks import schedule_string
+    ctrl = api.step_controller(transformer)
+    policy = getattr(ctrl, "policy", None)
+    if policy is not None and hasattr(policy, "mean_cost"):
+        budget = policy.config.budget
+        print(f"step policy: {schedule_string(ctrl.schedule)}; mean step cost {policy.mean_cost():.3f} of an "
+              f"8-bit step" + ("" if budget is None else f" (budget {budget})"))
 
 
 def cmd_eval(args) -> int:
@@ -355,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fuse-projections", action="store_true",
                    help="keep sibling projections (Wan's Q/K/V) as separate layers instead of one fused GEMM")
     g.add_argument("--device", default="cpu")
+    _add_policy_args(g)
     _add_pipeline_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -107,6 +107,44 @@ class GBSConfig:
 
 
 @dataclass(frozen=True)
+class StepPolicyConfig:
+    """dvdquant's step policy: per step, skip the tail blocks, run A4 or run A8, from one indicator
+    (block 0's residual change accumulated since the last step that ran; algorithms/step_policy.py).
+
+    Below ``skip_threshold`` the step reuses its cached tail residual, below ``bits_threshold`` it runs
+    at ``low_bits``, else at ``high_bits``. ``budget``: the average cost per step relative to an A8
+    step (0 < budget ≤ 1; None: fixed thresholds); the controller then scales both thresholds during
+    the run so the realised mean cost tracks it."""
+
+    skip_threshold: float = 0.05  # τ: accumulated block-0 residual change below which the tail is skipped
+    bits_threshold: float = 0.15  # δ: at or above, the step runs at high_bits; below, at low_bits
+    low_bits: int = 4
+    high_bits: int = 8
+    warmup_steps: int = 2         # first steps run in full at high bits
+    final_steps: int = 1          # last steps never skipped (needs the pipeline's number of steps)
+    max_skips: int = 2            # consecutive skipped steps at most
+    budget: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("skip_threshold", "bits_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ConfigError(f"policy.{name} must be a number ≥ 0, got {v!r}")
+        if self.skip_threshold > self.bits_threshold:
+            raise ConfigError(f"policy.skip_threshold ({self.skip_threshold}) must be ≤ bits_threshold "
+                              f"({self.bits_threshold})")
+        if self.low_bits not in (4, 6, 8) or self.high_bits not in (4, 6, 8) or self.low_bits > self.high_bits:
+            raise ConfigError(f"policy bits must be in (4, 6, 8) with low ≤ high, got {self.low_bits}/{self.high_bits}")
+        for name in ("warmup_steps", "final_steps", "max_skips"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"policy.{name} must be an integer ≥ 0, got {v!r}")
+        b = self.budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1):
+            raise ConfigError(f"policy.budget must be in (0, 1] (mean step cost relative to an A8 step), got {b!r}")
+
+
+@dataclass(frozen=True)
 class DVDQuantConfig(_Common):
     """DVD-Quant: BGR weights + ARQ activations (+ optional δ-GBS). Each part can be switched off."""
 
@@ -116,6 +154,7 @@ class DVDQuantConfig(_Common):
     auto_scale: AutoScale = "per_channel"  # ARQ run-time channel scaling Λ_t
     scale_block: int = 128                 # channels per Λ block for auto_scale="per_block"
     gbs: Optional[GBSConfig] = None        # None: fixed a_bits every step
+    policy: Optional[StepPolicyConfig] = None  # skip / A4 / A8 per step (instead of gbs)
     # Dynamic smoothing *before* the rotation (not in the paper; see QuantLinear and docs/RESULTS.md):
     # s_t = Λ_t^α / max|W_j|^(1−α) from the current tokens, x/s_t rotated and quantized, W·diag(s_t)·H
     # re-quantized (RTN) every forward from a master copy of W kept at ``smooth_master_bits``.
@@ -155,11 +194,13 @@ class DVDQuantConfig(_Common):
         if self.gbs is not None and self.a_bits == 16:
             raise ConfigError("a_bits=16 means weight-only layers, which δ-GBS never switches: set gbs=None "
                               "or a_bits to gbs.low_bits")
+        if self.policy is not None and (self.gbs is not None or self.a_bits == 16):
+            raise ConfigError("the step policy chooses each step's bits: set gbs=None and a_bits to 4, 6 or 8")
 
     def weight_only(self) -> "DVDQuantConfig":
         """W{w_bits}A16 with BGR weights (as configured): no rotation, auto-scaling, smoothing or δ-GBS."""
         return replace(self, a_bits=16, rotation=False, rotation_block=None, auto_scale="none", gbs=None,
-                       smoothing="none", mean_channel="quantized")
+                       policy=None, smoothing="none", mean_channel="quantized")
 
 
 @dataclass(frozen=True)
@@ -198,7 +239,7 @@ class ViDiTQConfig(_Smoothed):
 
 # ----------------------------------------------------------------------------- (de)serialization
 # The list of config classes is the method registry's (algorithms/registry.py: config_from_dict).
-_NESTED = {"bgr": BGRConfig, "gbs": GBSConfig}
+_NESTED = {"bgr": BGRConfig, "gbs": GBSConfig, "policy": StepPolicyConfig}
 
 
 def config_to_dict(cfg) -> dict:

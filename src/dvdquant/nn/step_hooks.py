@@ -72,6 +72,11 @@ class StepPolicy(Protocol):
                 coverage: float = 1.0) -> None: ...
 
 
+def schedule_string(schedule) -> str:
+    """One character per step: ``S`` for a skipped step, else its activation bits (``88S4S4``)."""
+    return "".join("S" if b == SKIP else str(b) for b in schedule)
+
+
 def _output_tensor(output: Any) -> Optional[torch.Tensor]:
     if isinstance(output, (tuple, list)):
         output = output[0] if output else None
@@ -95,6 +100,7 @@ class StepTracker:
         self.states, self.policy, self.configured_bits = list(states), policy, configured_bits
         self.total_steps: Optional[int] = None
         self.counters: list = []        # WorkCounter of each driven model (its step hook adds it)
+        self.reset_callbacks: list = []  # called on reset (the step policy's block hooks: their caches)
         self._owns_bits = False         # whether this tracker has written bits into the states
         self.reset()
 
@@ -120,12 +126,20 @@ class StepTracker:
             st.step_index = None
             st.history.clear()
         self._owns_bits = False
+        for f in self.reset_callbacks:
+            f()
 
     def finish(self) -> None:
         """Close the current step (its output change is measured now); the next call starts anew."""
         if self.step_index is not None and len(self.changes) < len(self.schedule):
             self._close_step()
         self._call_done = True
+
+    @property
+    def slot(self) -> str:
+        """The current call's slot: its cache-context name (``cond``, ``uncond``, ``cond_uncond``), else
+        ``call<k>`` for the k-th call of the step."""
+        return self._slot
 
     @property
     def coverage(self) -> list:
@@ -142,6 +156,12 @@ class StepTracker:
         if work is None or full <= 0:
             return 1.0
         return min(work / full, 1.0)
+
+    def schedule_so_far(self) -> list:
+        """``schedule`` with the open step read live: SKIP if nothing of it ran so far (for progress bars)."""
+        if not self.schedule or len(self._coverage) == len(self.schedule) or self.current_coverage() > 0:
+            return list(self.schedule)
+        return self.schedule[:-1] + [SKIP]
 
     def skipped_steps(self) -> list:
         """Indices (in this call) of the steps served from a cache."""

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import api, serialization
 from ..nn.state import get_state
-from ..nn.step_hooks import SKIP
+from ..nn.step_hooks import SKIP, schedule_string
 from ..errors import DVDQuantError
 from .models_io import CHECKPOINT_NAME, _from_pretrained, dtype_kwarg
 
@@ -238,14 +238,14 @@ def step_label(bits: int, coverage: float = 1.0) -> str:
 
 
 def _step_bar(pipe, steps: int, progress: bool):
-    """(callback_on_step_end, bar): a tqdm bar advanced once per step, showing that step's activation bits
-    (``skip`` when a cache served it)."""
+    """(callback_on_step_end, bar): a tqdm bar advanced once per step, showing the steps so far, one character
+    each: ``S`` skipped (served from a cache or by the step policy), else the activation bits."""
     ctrl = api.step_controller(pipe.transformer) if get_state(pipe.transformer) is not None else None
     bar = tqdm(total=steps, desc="denoise", disable=not progress, leave=False)
 
     def callback(_pipe, i, t, kwargs):
         if ctrl is not None and ctrl.schedule:
-            bar.set_postfix_str(step_label(ctrl.schedule[-1], ctrl.current_coverage()), refresh=False)
+            bar.set_postfix_str(schedule_string(ctrl.schedule_so_far()), refresh=False)
         bar.update(1)
         return {}
     return callback, bar, ctrl

@@ -6,7 +6,7 @@ diffusers pipeline does: once per step with the CFG batch inside ``cache_context
 step_index=i, num_inference_steps=steps)``, and ``_reset_stateful_cache()`` at the end, so a
 quantized model's step hook (δ-GBS, step index, NaN/Inf check; :mod:`dvdquant.nn.step_hooks`)
 and diffusers' cache hooks run here exactly as in ``WanPipeline``. The transformer is only
-called, never inspected.
+called; the progress bar shows a quantized one's steps so far (``S`` skipped, else the bits).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
+
+from ..nn.step_hooks import schedule_string, step_tracker
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,9 @@ def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, s
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(steps, device=device)
-    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc=progress_desc)):
+    ctrl = step_tracker(transformer)
+    bar = tqdm(scheduler.timesteps, disable=not progress, desc=progress_desc)
+    for i, t in enumerate(bar):
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = t.expand(x_in.shape[0]).to(device)
         with _step_context(transformer, "cond_uncond" if use_cfg else "cond", i, steps):
@@ -120,6 +124,8 @@ def generate(model_or_transformer, prompts: list[str] | str, *, seed: int = 0, s
         else:
             velocity = out
         x = scheduler.step(velocity, t, x, return_dict=False)[0]
+        if ctrl is not None and ctrl.schedule:
+            bar.set_postfix_str(schedule_string(ctrl.schedule_so_far()), refresh=False)
     if hasattr(transformer, "_reset_stateful_cache"):
         transformer._reset_stateful_cache()           # end of the call, as pipelines do
     x = x.float().cpu()
