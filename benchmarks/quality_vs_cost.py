@@ -5,8 +5,7 @@ Rows (each at every ``--steps`` count, the same prompts and initial noise):
 * ``FP`` (the reference), ``FP + MagCache τ`` and ``FP + FirstBlockCache τ`` (diffusers' hooks);
 * ``W4A4`` (DVD-Quant, static A4, 8-bit attention), ``W4A4 δ-GBS δ`` (A4/A8 per step),
   ``W4A4 + MagCache τ`` and ``W4A4 + FirstBlockCache τ``;
-* ``dvdquant policy`` rows where ``dvdquant.config`` has a ``StepPolicyConfig``: skip / A4 / A8 per
-  step at each ``--budgets`` value.
+* ``dvdquant policy, budget b``: ``StepPolicyConfig(budget=b)``, skip / A4 / A8 per step and sample.
 
 Per row: PSNR of each clip against the FP clip of the same prompt (mean and 95 % interval),
 adherence (the shipped classifier's 'all factors right' rate), and **relative compute**: the mean over
@@ -114,7 +113,7 @@ def relative_compute(calls: list) -> float:
     """Mean over calls and steps of coverage × the step's precision cost, over an FP step's cost."""
     total = 0.0
     for coverage, bits in calls:
-        unit = [COSTS["fp"]] * len(coverage) if bits is None else [COSTS.get(b, 0.0) for b in bits]
+        unit = [COSTS["fp"]] * len(coverage) if bits is None else [COSTS.get(b, COSTS[8]) for b in bits]   # a skip entry (0): what ran of it ran at A8
         total += sum(c * u for c, u in zip(coverage, unit)) / (len(coverage) * COSTS["fp"])
     return total / len(calls)
 
@@ -130,6 +129,8 @@ def rows_for(args) -> list:
              for d in args.deltas]
     rows += [(f"W4A4 + MagCache {t}", "w4a4+magcache", dvdquant.DVDQuantConfig(**w4a4), ("mag", t)) for t in args.mag]
     rows += [(f"W4A4 + FirstBlockCache {t}", "w4a4+fbc", dvdquant.DVDQuantConfig(**w4a4), ("fbc", t)) for t in args.fbc]
+    rows += [(f"dvdquant policy, budget {b}", "policy",
+              dvdquant.DVDQuantConfig(**w4a4, policy=dvdquant.StepPolicyConfig(budget=b)), None) for b in args.budgets]
     return rows
 
 
@@ -139,14 +140,17 @@ _QUANTIZED: dict = {}
 def quantized_copy(base, qcfg):
     """A copy of ``base`` with its transformer quantized by ``qcfg``: the weights are quantized once per
     configuration without its step policy (``gbs``), and the copy gets the row's own step runtime."""
-    key = repr(dataclasses.replace(qcfg, gbs=None))
+    weights_cfg = dataclasses.replace(qcfg, gbs=None, policy=None)
+    key = repr(weights_cfg)
     if key not in _QUANTIZED:
         t = copy.deepcopy(base.transformer)
-        dvdquant.quantize_(t, dataclasses.replace(qcfg, gbs=None), progress=False)
+        dvdquant.quantize_(t, weights_cfg, progress=False)
         _QUANTIZED[key] = t
     model = copy.copy(base)
     model.transformer = copy.deepcopy(_QUANTIZED[key])
-    api.attach_runtime(model.transformer, get_state(model.transformer), qcfg)
+    api.attach_runtime(model.transformer, get_state(model.transformer), dataclasses.replace(qcfg, policy=None))
+    if qcfg.policy is not None:
+        api.set_step_policy(model.transformer, qcfg.policy)
     return model
 
 
@@ -219,6 +223,9 @@ def main(argv=None) -> None:
     ap.add_argument("--deltas", type=_floats, default=[0.06, 0.12, 0.24])
     ap.add_argument("--mag", type=_floats, default=[0.06, 0.12], help="MagCache thresholds")
     ap.add_argument("--fbc", type=_floats, default=[0.05, 0.1], help="FirstBlockCache thresholds")
+    ap.add_argument("--budgets", type=_floats, default=[0.5, 0.7],
+                    help="dvdquant step policy budgets (mean step cost relative to an A8 step, planned with the "
+                         "policy's cost table of the device it runs on)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
