@@ -78,7 +78,7 @@ def kernel_only(q, kv, fmt, bm, bn, warps, stages, use_tma=False):
     k_src, v_src = kv_descriptors(kv, bn) if use_tma else (kv.k8, kv.v8t)
 
     def run():
-        _attn_fwd_kernel[grid](q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, kv.v_scale, kv.v_scale,
+        _attn_fwd_kernel[grid](q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_offset, kv.k_mean, kv.v_scale, kv.v_scale,
                                out, out, Lq, kv.lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
                                out.stride(1), out.stride(2), 0, 0, 0, 0, c, D=D, BLOCK_M=bm, BLOCK_N=bn,
                                QK_INT8=fmt == "int8", QMAX_QK=QMAX[fmt], HAS_BIAS=False, RAGGED=kv.lk % bn != 0,
