@@ -32,8 +32,8 @@ The scheme (SageAttention-style, data-free: every scale comes from the current t
    such row; with bf16 V it is systematic, not a random walk (the bf16 and e4m3 grids alias). The
    output therefore adds v_offset = mean(V) − (amax/448)·mean_L(v8) instead of mean(V) (the centred
    values' mean is 0): exact for uniform p, and for a peaked row a shift far below one code's
-   rounding error. Σ_L v8 is summed per key tile of ``block_n`` and then over the tiles in order
-   (the kernel's K/V pass); masked keys count as keys.
+   rounding error. Σ_L v8 is summed per key tile of ``block_n`` (the kernel's K/V pass), then over
+   the tiles in a fixed order; masked keys count as keys.
 6. **Accumulation**: Q·Kᵀ codes sum exactly (int32, or fp32 for e4m3 codes); P·V in fp32,
    tile by tile into one running accumulator rescaled by the online softmax (the kernel lets
    the tensor cores add each tile's products into it).
@@ -144,8 +144,9 @@ def v_offset_reference(v8p: torch.Tensor, v_mean: torch.Tensor, v_scale: torch.T
                        block_n: int) -> torch.Tensor:
     """What the output adds (module doc item 5): mean(V) − v_scale · Σ_L v8 / Lk, (B, H, D) fp32.
 
-    ``v8p``: V's codes as fp32 values (B, H, Lkp, D), zero past ``lk``. Summed as the kernel's K/V pass
-    does: per key tile of ``block_n``, then the tiles in order."""
+    ``v8p``: V's codes as fp32 values (B, H, Lkp, D), zero past ``lk``. Summed per key tile of ``block_n``,
+    then over the tiles in order (the kernel adds the tiles' sums in groups: the same value up to fp32
+    rounding; the kernel's tests compare with a tolerance)."""
     B, H, lkp, D = v8p.shape
     tiles = v8p.view(B, H, lkp // block_n, block_n, D).sum(dim=3)      # (B, H, n_tiles, D)
     total = torch.zeros_like(v_mean)

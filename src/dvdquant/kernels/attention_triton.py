@@ -9,8 +9,8 @@ where each step happens:
   (number of heads, layout, context-parallel split).
 * ``_quant_kv_kernel`` (key tiles × batch·heads): K centred, int8/e4m3 codes and one fp32 scale
   per key; V centred, per-channel e4m3, written transposed (D, Lkp) as FP8 wgmma wants it, and the
-  tile's sum of V's codes per channel; ``_v_offset_kernel`` adds those sums in tile order into the
-  output's additive constant v_offset (``attention_ref`` item 5).
+  tile's sum of V's codes per channel; ``_v_offset_kernel`` adds those sums, in a fixed order per head,
+  into the output's additive constant v_offset (``attention_ref`` item 5).
 * ``_attn_fwd_kernel`` (query tiles × batch·heads): Q read in (B, Lq, H, D) and quantized per
   token in registers, then the FlashAttention loop over key tiles (code dot → one multiply by
   sq·sk·scale·log2 e → running max, exp2 with 448 folded into the exponent, P as e4m3(448·p) →
@@ -49,6 +49,7 @@ DEFAULT_BLOCK_M = 64
 LOG2_P_SCALE = tl.constexpr(_LOG2_P_SCALE)   # e4m3(448·p): 448 as an exponent offset (attention_ref item 4)
 STATS_CHUNK = 2048       # keys per partial sum of kv_stats_triton (fixed: part of the numerics)
 STATS_TILE = 64          # keys per tile inside a chunk
+V_OFFSET_TILES = 32      # key tiles' code sums per step of _v_offset_kernel (fixed: part of the numerics)
 
 
 @triton.jit
@@ -122,14 +123,18 @@ def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T, VPART,
 
 
 @triton.jit
-def _v_offset_kernel(VPART, VM, VS, VOFF, n_keys, n_tiles, D: tl.constexpr):
-    """One (batch, head): v_offset = mean(V) − v_scale · Σ codes / Lk, the tiles' sums added in tile order
-    (:func:`.attention_ref.v_offset_reference`)."""
+def _v_offset_kernel(VPART, VM, VS, VOFF, n_keys, n_tiles, D: tl.constexpr, TILES: tl.constexpr):
+    """One (batch, head): v_offset = mean(V) − v_scale · Σ codes / Lk (:func:`.attention_ref.v_offset_reference`)
+    from the key tiles' sums, ``TILES`` tiles at a time in tile order (a fixed order per head)."""
     bh = tl.program_id(0)
     offs_d = tl.arange(0, D)
+    offs_t = tl.arange(0, TILES)
     total = tl.zeros([D], tl.float32)
-    for t in range(0, n_tiles):
-        total += tl.load(VPART + (bh.to(tl.int64) * n_tiles + t) * D + offs_d)
+    for t0 in range(0, n_tiles, TILES):
+        t = t0 + offs_t
+        part = tl.load(VPART + (bh.to(tl.int64) * n_tiles + t[:, None]) * D + offs_d[None, :],
+                       mask=(t < n_tiles)[:, None], other=0.0)
+        total += tl.sum(part, axis=0)
     n = (tl.zeros([D], tl.int32) + n_keys).to(tl.float32)       # Lk, as an fp32 block
     shift = tl.math.div_rn(total, n) * tl.load(VS + bh * D + offs_d)
     tl.store(VOFF + bh * D + offs_d, tl.load(VM + bh * D + offs_d) - shift)
@@ -333,7 +338,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block
         num_warps=4)
     v_scale = 1.0 / v_inv
     v_offset = torch.empty_like(v_mean)
-    _v_offset_kernel[(B * H,)](v_part, v_mean, v_scale, v_offset, Lk, nb, D=D, num_warps=1)
+    _v_offset_kernel[(B * H,)](v_part, v_mean, v_scale, v_offset, Lk, nb, D=D, TILES=V_OFFSET_TILES, num_warps=4)
     return QuantKV(k8, ks, v8t, v_scale, v_offset, k_mean, Lk, block_n)
 
 
