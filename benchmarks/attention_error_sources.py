@@ -152,6 +152,22 @@ CONFIGS = {   # name: switches over KERNEL (the reference's numerics, exact accu
 }
 
 
+def shares(rows: list) -> dict:
+    """Each source's share of the squared rel. L2 (errors of independent sources add in quadrature), now
+    and before, from the rows "only …" against the full reference."""
+    err = {r["config"]: r["rel_l2"] for r in rows if r["acc_bits"] in (None, 13)}
+    out = {}
+    for when, total, v_row in (("now", "reference now", "only V e4m3, offset corrected"),
+                               ("before", "reference before", "only V e4m3, offset mean(V)")):
+        tot = next((e for c, e in err.items() if c.startswith(total)), None)
+        parts = {"Q·Kᵀ INT8": "only Q·Kᵀ INT8", "P e4m3": "only P e4m3", "V e4m3": v_row,
+                 "FP8-MMA accumulator (fp22 model)": "only the accumulator"}
+        got = {n: next((e for c, e in err.items() if c.startswith(pre)), None) for n, pre in parts.items()}
+        if tot:
+            out[when] = dict(total_rel_l2=tot, **{n: round((e / tot) ** 2, 3) for n, e in got.items() if e is not None})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="attention_error_sources_cpu.json")
@@ -193,7 +209,7 @@ def main(argv=None) -> int:
                   inputs=dict(B=1, H=H, L=L, D=D, queries_per_head=qh.shape[1], k_offset_std=args.k_offset,
                               seed=args.seed, dtype="bf16 values", note="q, k, v ~ N(0,1); K + one constant per head"),
                   truth="fp64 softmax attention on the same inputs", bf16_output_rounding_rel_l2=round(bf16_out, 5),
-                  rows=rows)
+                  rows=rows, share_of_squared_error=shares(rows))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"-> {args.out}")
