@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dvdquant.kernels.attention_triton import (_attn_fwd_kernel, default_use_tma, kv_descriptors, quant_attention,
                                                quantize_kv)
 from dvdquant.kernels.attention_ref import LOG2E, QMAX
+from dvdquant.kernels.env import interpreting
 
 log = logging.getLogger("bench_attention")
 SHAPES = [  # (B, H, L, D): Wan 2.1 14B 480p (32,760 tokens, 40 heads), 24-head L = 32k..68k, head_dim 64
@@ -78,11 +79,12 @@ def kernel_only(q, kv, fmt, bm, bn, warps, stages, use_tma=False):
     k_src, v_src = kv_descriptors(kv, bn) if use_tma else (kv.k8, kv.v8t)
 
     def run():
-        _attn_fwd_kernel[grid](q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, kv.v_scale, kv.v_scale,
+        _attn_fwd_kernel[grid](q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_offset, kv.k_mean, kv.v_scale, kv.v_scale,
                                out, out, Lq, kv.lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
                                out.stride(1), out.stride(2), 0, 0, 0, 0, c, D=D, BLOCK_M=bm, BLOCK_N=bn,
                                QK_INT8=fmt == "int8", QMAX_QK=QMAX[fmt], HAS_BIAS=False, RAGGED=kv.lk % bn != 0,
-                               RETURN_LSE=False, EXACT_FP8=False, USE_TMA=use_tma, num_warps=warps, num_stages=stages)
+                               RETURN_LSE=False, EXACT_FP8=interpreting(), USE_TMA=use_tma, num_warps=warps,
+                               num_stages=stages)
         return out
     return run
 

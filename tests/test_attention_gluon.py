@@ -59,7 +59,7 @@ def _compile_for_sm90(D: int, qk_format: str, stages: int, has_bias: bool):
     k_layout = gl.NVMMASharedLayout.get_default_for([bn, D], k_gl)
     v_layout = gl.NVMMASharedLayout.get_default_for([D, bn], gl.float8e4nv)
     sig = {"Q": "*bf16", "k_desc": f"tensordesc<{k_ty}[{bn}, {D}],{k_layout!r}>", "KS": "*fp32",
-           "v_desc": f"tensordesc<fp8e4nv[{D}, {bn}],{v_layout!r}>", "VS": "*fp32", "VM": "*fp32", "KM": "*fp32",
+           "v_desc": f"tensordesc<fp8e4nv[{D}, {bn}],{v_layout!r}>", "VS": "*fp32", "VOFF": "*fp32", "KM": "*fp32",
            "BIAS": "*fp32", "BIAS_FROM": "*i32", "O": "*bf16", "LSE": "*fp32",
            **{n: "i32" for n in ("Lq", "Lk", "Lkp", "H", "sqb", "sql", "sqh", "sob", "sol", "soh", "sbb", "sbh",
                                  "sfb", "sfh")},

@@ -139,7 +139,7 @@ def _store_p(p_smem, p8):
 
 
 @gluon.jit
-def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, BIAS, BIAS_FROM, O, LSE,
+def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VOFF, KM, BIAS, BIAS_FROM, O, LSE,
                            Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, sfb, sfh, qk_scale,
                            D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                            QK_INT8: gl.constexpr, QMAX_QK: gl.constexpr, RAGGED: gl.constexpr,
@@ -237,12 +237,12 @@ def _attn_fwd_gluon_kernel(Q, k_desc, KS, v_desc, VS, VM, KM, BIAS, BIAS_FROM, O
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    # epilogue: out = acc · v_scale / l + mean(V) in the model layout (acc and l both in 448 units)
+    # epilogue: out = acc · v_scale / l + v_offset in the model layout (acc and l both in 448 units)
     offs_mo = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     offs_do = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     l_c = gl.convert_layout(gl.maximum(l_i, 1e-30), gl.SliceLayout(1, o_layout))
     vs = gl.load(VS + bh * D + offs_do)
-    out = acc * vs[None, :] / l_c[:, None] + gl.load(VM + bh * D + offs_do)[None, :]
+    out = acc * vs[None, :] / l_c[:, None] + gl.load(VOFF + bh * D + offs_do)[None, :]
     gl.store(O + b.to(gl.int64) * sob + offs_mo[:, None].to(gl.int64) * sol + h * soh + offs_do[None, :],
              out.to(O.dtype.element_ty), mask=(offs_mo < Lq)[:, None])
     if RETURN_LSE:
@@ -288,17 +288,17 @@ def attend_gluon(q: torch.Tensor, kv: QuantKV, scale: float, qk_format: str, ret
     stages = GLUON_STAGES_BY_HEAD_DIM[q.shape[-1]] if stages is None else stages
     if bias is not None and bias_from is None:
         bias_from = first_biased_tile(bias, kv.block_n)
-    return _attend_gluon_op(q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, kv.k_mean, bias, bias_from,
+    return _attend_gluon_op(q, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_offset, kv.k_mean, bias, bias_from,
                             kv.lk, kv.block_n, float(scale), qk_format, return_lse, stages)
 
 
 @torch.library.custom_op("dvdquant::attend_gluon", mutates_args=())
 def _attend_gluon_op(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v8t: torch.Tensor,
-                     v_scale: torch.Tensor, v_mean: torch.Tensor, k_mean: torch.Tensor, bias: Optional[torch.Tensor],
+                     v_scale: torch.Tensor, v_offset: torch.Tensor, k_mean: torch.Tensor, bias: Optional[torch.Tensor],
                      bias_from: Optional[torch.Tensor], lk: int, block_n: int, scale: float, qk_format: str,
                      return_lse: bool, stages: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, Lq, H, D = q.shape
-    kv = QuantKV(k8, k_scale, v8t, v_scale, v_mean, k_mean, lk, block_n)
+    kv = QuantKV(k8, k_scale, v8t, v_scale, v_offset, k_mean, lk, block_n)
     lkp = k8.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, Lq, H) if return_lse else (0,), device=q.device, dtype=torch.float32)
@@ -306,7 +306,7 @@ def _attend_gluon_op(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v
     grid = (triton.cdiv(Lq, GLUON_BLOCK_M), B * H)
     (sbb, sbh), (sfb, sfh) = head_strides(bias), head_strides(bias_from)
     _attn_fwd_gluon_kernel[grid](
-        q, k_desc, k_scale, v_desc, v_scale, v_mean, k_mean, v_scale if bias is None else bias,
+        q, k_desc, k_scale, v_desc, v_scale, v_offset, k_mean, v_scale if bias is None else bias,
         v_scale if bias_from is None else bias_from, out, lse if return_lse else out, Lq, lk, lkp, H, q.stride(0),
         q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), sbb, sbh, sfb, sfh, scale,
         D=D, BLOCK_M=GLUON_BLOCK_M, BLOCK_N=block_n, STAGES=stages,
@@ -316,7 +316,7 @@ def _attend_gluon_op(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v
 
 
 @_attend_gluon_op.register_fake
-def _(q, k8, k_scale, v8t, v_scale, v_mean, k_mean, bias, bias_from, lk, block_n, scale, qk_format, return_lse,
+def _(q, k8, k_scale, v8t, v_scale, v_offset, k_mean, bias, bias_from, lk, block_n, scale, qk_format, return_lse,
       stages):
     B, Lq, H, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Lq, H) if return_lse else (0,), dtype=torch.float32)

@@ -27,15 +27,22 @@ The scheme (SageAttention-style, data-free: every scale comes from the current t
 5. **V smoothing + per-channel FP8**: V' = V − mean_L(V); v8 = e4m3(V' · 448/amax_L|V'|) per
    (batch, head, channel). Since Σ_j p_j / l = 1, out = (Σ_j p_j v'_j)/l + mean(V) exactly,
    and centring V shrinks both V's and P's rounding errors in absolute terms.
+   **Offset correction**: a row that spreads its weight over many keys ("flat" attention) averages
+   their codes, so the codes' mean rounding error mean_L(v8 − V'·448/amax) becomes a bias of every
+   such row; with bf16 V it is systematic, not a random walk (the bf16 and e4m3 grids alias). The
+   output therefore adds v_offset = mean(V) − (amax/448)·mean_L(v8) instead of mean(V) (the centred
+   values' mean is 0): exact for uniform p, and for a peaked row a shift far below one code's
+   rounding error. Σ_L v8 is summed per key tile of ``block_n`` (the kernel's K/V pass), then over
+   the tiles in a fixed order; masked keys count as keys.
 6. **Accumulation**: Q·Kᵀ codes sum exactly (int32, or fp32 for e4m3 codes); P·V in fp32,
    tile by tile into one running accumulator rescaled by the online softmax (the kernel lets
    the tensor cores add each tile's products into it).
-   out = acc · amax_V'/448 / l' + mean(V); lse = (m + log2 l' − log2 448)·ln 2 + scale·q·mean(K)
+   out = acc · amax_V'/448 / l' + v_offset; lse = (m + log2 l' − log2 448)·ln 2 + scale·q·mean(K)
    (natural log, of the true scores: smoothing shifted each row by q·mean(K)).
 
 Masks: an additive *key* bias (B, 1 or H, Lk) in natural-log units (−inf = masked), i.e. a
 key-padding mask; masks that vary along queries are not handled here (callers fall back to
-SDPA). Keys past Lk in the last tile are masked. A row with every key masked outputs mean(V)
+SDPA). Keys past Lk in the last tile are masked. A row with every key masked outputs v_offset
 instead of NaN (l = 0 would divide by zero: the kernel and the reference both clamp l).
 """
 from __future__ import annotations
@@ -56,7 +63,7 @@ QMAX = {"int8": 127.0, "fp8": 448.0}
 P_SCALE = 448.0          # p ∈ [0, 1] → e4m3(448·p)
 LOG2_P_SCALE = math.log2(P_SCALE)   # 448 enters as an exponent offset: 2^(s − m + log2 448)
 TINY = 1e-30             # amax floor: an all-zero row/block gets codes 0, not NaN
-L_FLOOR = 1e-30          # row sum floor: fully masked rows give mean(V), not NaN
+L_FLOOR = 1e-30          # row sum floor: fully masked rows give v_offset, not NaN
 QK_FORMATS = tuple(QMAX)
 E4M3 = torch.float8_e4m3fn
 
@@ -74,14 +81,15 @@ class QuantKV:
     ``k8``: (B, H, Lkp, D) codes (int8 or e4m3), Lkp = Lk rounded up to ``block_n`` (zeros
     past Lk); ``k_scale``: (B, H, Lkp) fp32, one per key (TINY/qmax past Lk); ``v8t``: (B, H, D, Lkp) e4m3 codes of
     V' stored transposed (keys contiguous: the K-major B operand FP8 tensor cores want);
-    ``v_scale``: (B, H, D) fp32 = amax_L|V'|/448; ``v_mean``, ``k_mean``: (B, H, D) fp32.
+    ``v_scale``: (B, H, D) fp32 = amax_L|V'|/448; ``v_offset``: (B, H, D) fp32, what the output adds
+    (:func:`v_offset_reference`, module doc item 5); ``k_mean``: (B, H, D) fp32.
     """
 
     k8: torch.Tensor
     k_scale: torch.Tensor
     v8t: torch.Tensor
     v_scale: torch.Tensor
-    v_mean: torch.Tensor
+    v_offset: torch.Tensor
     k_mean: torch.Tensor
     lk: int
     block_n: int
@@ -125,9 +133,26 @@ def quantize_kv_reference(k: torch.Tensor, v: torch.Tensor, qk_format: str = "in
     k8 = round_codes(kc * (qmax / amax)[..., None], qk_format)
     vc = v.float().permute(0, 2, 1, 3) - v_mean[:, :, None, :]     # (B, H, Lk, D)
     v8 = (vc * v_inv[:, :, None, :]).clamp(-448.0, 448.0).to(E4M3)
-    v8t = torch.nn.functional.pad(v8.float(), (0, 0, 0, lkp - Lk)).transpose(2, 3).to(E4M3)
+    v8p = torch.nn.functional.pad(v8.float(), (0, 0, 0, lkp - Lk))   # (B, H, Lkp, D), zeros past Lk
+    v_scale = 1.0 / v_inv
     k8 = k8.to(torch.int8) if qk_format == "int8" else k8.to(E4M3)
-    return QuantKV(k8, amax / qmax, v8t.contiguous(), 1.0 / v_inv, v_mean, k_mean, Lk, block_n)
+    return QuantKV(k8, amax / qmax, v8p.transpose(2, 3).to(E4M3).contiguous(), v_scale,
+                   v_offset_reference(v8p, v_mean, v_scale, Lk, block_n), k_mean, Lk, block_n)
+
+
+def v_offset_reference(v8p: torch.Tensor, v_mean: torch.Tensor, v_scale: torch.Tensor, lk: int,
+                       block_n: int) -> torch.Tensor:
+    """What the output adds (module doc item 5): mean(V) − v_scale · Σ_L v8 / Lk, (B, H, D) fp32.
+
+    ``v8p``: V's codes as fp32 values (B, H, Lkp, D), zero past ``lk``. Summed per key tile of ``block_n``,
+    then over the tiles in order (the kernel adds the tiles' sums in groups: the same value up to fp32
+    rounding; the kernel's tests compare with a tolerance)."""
+    B, H, lkp, D = v8p.shape
+    tiles = v8p.view(B, H, lkp // block_n, block_n, D).sum(dim=3)      # (B, H, n_tiles, D)
+    total = torch.zeros_like(v_mean)
+    for t in range(tiles.shape[2]):
+        total = total + tiles[:, :, t]
+    return v_mean - total / float(lk) * v_scale
 
 
 def quantize_q_reference(q: torch.Tensor, qk_format: str = "int8") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +256,7 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         sl = slice(b0, min(B, b0 + per))
         o, lse = _attend(q8[sl], sq[sl] * c, kv.k8[sl].float(), kv.k_scale[sl], kv.v8t[sl].float(),
                          None if bias is None else bias[sl], Lk, block_n)
-        outs.append(o * kv.v_scale[sl][:, :, None, :] + kv.v_mean[sl][:, :, None, :])
+        outs.append(o * kv.v_scale[sl][:, :, None, :] + kv.v_offset[sl][:, :, None, :])
         lses.append(lse)
     out = torch.cat(outs).permute(0, 2, 1, 3).to(q.dtype)
     if not return_lse:
@@ -298,4 +323,5 @@ def _head_chunks(B: int, H: int, step: int) -> list:
 
 
 __all__ = ["QuantKV", "quant_attention_reference", "quantize_kv_reference", "quantize_q_reference", "kv_stats",
+           "v_offset_reference",
            "key_bias", "first_biased_tile", "head_strides", "is_key_padding_mask", "QK_FORMATS", "LOG2E", "P_SCALE", "LOG2_P_SCALE"]

@@ -8,12 +8,14 @@ where each step happens:
   chunk partials in order), so a head's statistics are the same bits whatever else is in the call
   (number of heads, layout, context-parallel split).
 * ``_quant_kv_kernel`` (key tiles × batch·heads): K centred, int8/e4m3 codes and one fp32 scale
-  per key; V centred, per-channel e4m3, written transposed (D, Lkp) as FP8 wgmma wants it.
+  per key; V centred, per-channel e4m3, written transposed (D, Lkp) as FP8 wgmma wants it, and the
+  tile's sum of V's codes per channel; ``_v_offset_kernel`` adds those sums, in a fixed order per head,
+  into the output's additive constant v_offset (``attention_ref`` item 5).
 * ``_attn_fwd_kernel`` (query tiles × batch·heads): Q read in (B, Lq, H, D) and quantized per
   token in registers, then the FlashAttention loop over key tiles (code dot → one multiply by
   sq·sk·scale·log2 e → running max, exp2 with 448 folded into the exponent, P as e4m3(448·p) →
   dot with the V tile); ragged tiles and key-padding masks by constexpr branches; the epilogue
-  rescales by V's channel scales, divides by l, adds mean(V), stores (B, Lq, H, D).
+  rescales by V's channel scales, divides by l, adds v_offset, stores (B, Lq, H, D).
 
 Launch parameters per head_dim: :data:`LAUNCH_BY_HEAD_DIM` (docs/ATTENTION.md says how they were
 chosen). Against the reference (same ``block_n``): the same codes except where fp32 results
@@ -47,6 +49,7 @@ DEFAULT_BLOCK_M = 64
 LOG2_P_SCALE = tl.constexpr(_LOG2_P_SCALE)   # e4m3(448·p): 448 as an exponent offset (attention_ref item 4)
 STATS_CHUNK = 2048       # keys per partial sum of kv_stats_triton (fixed: part of the numerics)
 STATS_TILE = 64          # keys per tile inside a chunk
+V_OFFSET_TILES = 32      # key tiles' code sums per step of _v_offset_kernel (fixed: part of the numerics)
 
 
 @triton.jit
@@ -93,7 +96,7 @@ def _load_tokens(ptr, b, h, offs_l, offs_d, s_b, s_l, s_h, mask):
 
 
 @triton.jit
-def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
+def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T, VPART,
                      Lk, Lkp, H, skb, skl, skh, svb, svl, svh,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, QMAX_QK: tl.constexpr,
                      EXACT_FP8: tl.constexpr):
@@ -115,6 +118,26 @@ def _quant_kv_kernel(K, V, KM, VM, VINV, K8, KS, V8T,
     v = (v - tl.load(VM + bh * D + offs_d)[None, :]) * tl.load(VINV + bh * D + offs_d)[None, :]
     v8 = _to_e4m3(tl.where(valid, tl.minimum(tl.maximum(v, -448.0), 448.0), 0.0), EXACT_FP8)
     tl.store(V8T + bh.to(tl.int64) * D * Lkp + offs_d[:, None] * Lkp + offs_n[None, :], tl.trans(v8))
+    # this tile's sum of V's codes per channel (zeros past Lk), for v_offset
+    tl.store(VPART + (bh.to(tl.int64) * tl.num_programs(0) + pid_n) * D + offs_d, tl.sum(v8.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _v_offset_kernel(VPART, VM, VS, VOFF, n_keys, n_tiles, D: tl.constexpr, TILES: tl.constexpr):
+    """One (batch, head): v_offset = mean(V) − v_scale · Σ codes / Lk (:func:`.attention_ref.v_offset_reference`)
+    from the key tiles' sums, ``TILES`` tiles at a time in tile order (a fixed order per head)."""
+    bh = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    offs_t = tl.arange(0, TILES)
+    total = tl.zeros([D], tl.float32)
+    for t0 in range(0, n_tiles, TILES):
+        t = t0 + offs_t
+        part = tl.load(VPART + (bh.to(tl.int64) * n_tiles + t[:, None]) * D + offs_d[None, :],
+                       mask=(t < n_tiles)[:, None], other=0.0)
+        total += tl.sum(part, axis=0)
+    n = (tl.zeros([D], tl.int32) + n_keys).to(tl.float32)       # Lk, as an fp32 block
+    shift = tl.math.div_rn(total, n) * tl.load(VS + bh * D + offs_d)
+    tl.store(VOFF + bh * D + offs_d, tl.load(VM + bh * D + offs_d) - shift)
 
 
 @triton.jit
@@ -165,7 +188,7 @@ def _attn_tile(q8, rowfac, m_i, l_i, acc, k_src, v_src, KS, BIAS, n0, Lk, k_row0
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, BIAS_FROM, O, LSE,
+def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VOFF, KM, BIAS, BIAS_FROM, O, LSE,
                      Lq, Lk, Lkp, H, sqb, sql, sqh, sob, sol, soh, sbb, sbh, sfb, sfh, qk_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
                      QMAX_QK: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr,
@@ -221,7 +244,7 @@ def _attn_fwd_kernel(Q, K8, KS, V8T, VS, VM, KM, BIAS, BIAS_FROM, O, LSE,
                                    D, BLOCK_N, QK_INT8, False, True, EXACT_FP8, USE_TMA)
     l_c = tl.maximum(l_i, 1e-30)
     vs = tl.load(VS + bh * D + offs_d)                            # acc and l are both in 448 units
-    out = acc * vs[None, :] / l_c[:, None] + tl.load(VM + bh * D + offs_d)[None, :]
+    out = acc * vs[None, :] / l_c[:, None] + tl.load(VOFF + bh * D + offs_d)[None, :]
     tl.store(O + b.to(tl.int64) * sob + offs_m[:, None].to(tl.int64) * sol + h * soh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok)
     if RETURN_LSE:
@@ -307,12 +330,16 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8", block
     k8 = torch.empty(B, H, lkp, D, device=dev, dtype=torch.int8 if qk_format == "int8" else torch.float8_e4m3fn)
     ks = torch.empty(B, H, lkp, device=dev, dtype=torch.float32)             # per-key K scales
     v8t = torch.empty(B, H, D, lkp, device=dev, dtype=torch.float8_e4m3fn)
+    v_part = torch.empty(B * H, nb, D, device=dev, dtype=torch.float32)    # per-tile sums of V's codes
     _quant_kv_kernel[(nb, B * H)](
-        k, v, k_mean, v_mean, v_inv, k8, ks, v8t, Lk, lkp, H,
+        k, v, k_mean, v_mean, v_inv, k8, ks, v8t, v_part, Lk, lkp, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=D, BLOCK_N=block_n, QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format], EXACT_FP8=interpreting(),
         num_warps=4)
-    return QuantKV(k8, ks, v8t, 1.0 / v_inv, v_mean, k_mean, Lk, block_n)
+    v_scale = 1.0 / v_inv
+    v_offset = torch.empty_like(v_mean)
+    _v_offset_kernel[(B * H,)](v_part, v_mean, v_scale, v_offset, Lk, nb, D=D, TILES=V_OFFSET_TILES, num_warps=4)
+    return QuantKV(k8, ks, v8t, v_scale, v_offset, k_mean, Lk, block_n)
 
 
 # Launch configs per head_dim: query tile rows, warps, pipeline stages, and ``use_tma`` (K/V tiles through
@@ -437,7 +464,7 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     tma = default_use_tma(q.device, D) if use_tma is None else use_tma
     k_src, v_src = kv_descriptors(kv, block_n) if tma else (kv.k8, kv.v8t)
     _attn_fwd_kernel[grid](
-        q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, kv.k_mean, bias, bias_from, out, lse,
+        q, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_offset, kv.k_mean, bias, bias_from, out, lse,
         Lq, Lk, lkp, H, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sbb, sbh, sfb, sfh, c,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, QK_INT8=qk_format == "int8", QMAX_QK=QMAX[qk_format],
