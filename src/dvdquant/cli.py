@@ -5,7 +5,7 @@
     dvdquant generate --model q/quantized.safetensors --prompt "a red circle moving left on a dark background"
     dvdquant quantize --model Wan2.1-T2V-14B-Diffusers --delta 0.05 --out q14b/      # a diffusers pipeline folder
     dvdquant generate --pipeline Wan2.1-T2V-14B-Diffusers --checkpoint q14b/ --prompt "a cat surfing" --out cat.mp4
-    dvdquant eval --layers --update-docs              # methods × bits vs FP → docs/RESULTS.md, plots, JSON
+    dvdquant eval --layers --out eval_out             # methods × bits vs FP → quality.md, plots, JSON
 
 Errors caused by input (bad bits, unknown words, broken checkpoints, unwritable outputs) print one
 line and exit 2, before any work where the input can be checked first; Ctrl-C prints one line and
@@ -221,7 +221,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval.report import finish, install_docs, render_markdown
+    from .eval.report import DOCS_SCRIPT, finish, render_markdown
     if args.from_results:
         out = args.out or (args.from_results[0] if len(args.from_results) == 1 else None)
         results = finish(args.from_results, out)
@@ -234,10 +234,7 @@ def cmd_eval(args) -> int:
                  time_limit=None if args.time_limit is None else 60.0 * args.time_limit, progress=not args.quiet)
         results = finish([out])
     print(render_markdown(results, img_prefix=""), end="")
-    print(f"wrote {out}/results.json, quality.md and plots")
-    if args.update_docs:
-        written = install_docs(out)
-        print("updated " + ", ".join(str(p) for p in written))
+    print(f"wrote {out}/results.json, quality.md and plots (into the repository's docs/: python {DOCS_SCRIPT} {out})")
     return 0
 
 
@@ -377,8 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no row that would end past MIN minutes (estimated by the longest row so far); "
                    "the rows left are listed, to run in another call and merge")
     e.add_argument("--out", help="output folder (default: eval_out; with --from-results: its folder if only one)")
-    e.add_argument("--update-docs", action="store_true",
-                   help="write the report into docs/RESULTS.md (quality section), docs/results.json, docs/img/")
     e.add_argument("--from-results", metavar="DIR", nargs="+",
                    help="no evaluation: report finished runs (one DIR, or the parts of a run split by --methods / "
                    "--bits with the same prompts, steps and seed: merged into --out)")
