@@ -160,7 +160,8 @@ def quantized_layers(model: nn.Module) -> list:
 
 
 def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exact_rotation: bool = True,
-                int8_gemm: bool = True, fuse_projections: bool = True, attention_path: str = "auto") -> ExecutionConfig:
+                int8_gemm: bool = True, fuse_projections: bool = True,
+                attention_path: str = "auto") -> ExecutionConfig:
     """Set how the quantized ``model`` runs: one :class:`~dvdquant.kernels.ExecutionConfig` of these
     fields (validated; ``ConfigError``), held on the model's ``RuntimeState`` for all its layers.
 

@@ -57,11 +57,6 @@ _POOL = ExpansionPool()
 
 
 # ---------------------------------------------------------------------------------- weights
-def fp8_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
-    """(q − z) of a packed int4 weight as FP8 (N, K), expanded into the shared per-shape pool."""
-    return _POOL.expand(qweight, w_zero)
-
-
 def release_weight_buffers() -> None:
     """Free the expansion pool."""
     _POOL.clear()
@@ -95,8 +90,8 @@ def gemm_blockwise(q, s_kmajor, w8, w_scale, bias, out_dtype):
 def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
     """The step's activation bits: the shared override in ``bits`` (CPU int32, −1 = none) or the layer's.
 
-    A weight-only layer (``default_bits`` ≥ 16) keeps its A16 whatever the override says (δ-GBS
-    switches activation quantizers, and it has none).
+    A weight-only layer keeps its A16 whatever the override says (:func:`~dvdquant.numerics.grids.call_bits`:
+    δ-GBS switches activation quantizers, and it has none).
     """
     return call_bits(default_bits, int(bits.reshape(-1)[0]) if bits.numel() else -1)
 
