@@ -74,7 +74,8 @@ def _timed_generation(model, backend: str, steps: int, fast_accum: bool = False,
 def run_config(name, cfg, steps: int, record_steps, device: str = "cuda", fast_accum: bool = False) -> dict:
     import dvdquant
     from dvdquant.numerics.video_metrics import psnr
-    from dvdquant.kernels import plan_forward
+    from dvdquant.kernels import ExecutionConfig
+    from dvdquant.nn.execution import plan
     from dvdquant.models.embedded import load_embedded
 
     model = load_embedded(device=device, dtype=torch.bfloat16)
@@ -101,10 +102,10 @@ def run_config(name, cfg, steps: int, record_steps, device: str = "cuda", fast_a
             errs, diff = [], []
             for step, bits, x in recorded.get(lname, []):
                 state.a_bits, state.step_index = bits, step
-                paths.add(plan_forward(m, x.device, bits).path)
-                m.backend = "emulated"
+                state.execution = ExecutionConfig("emulated")
                 ye = m(x).float()
-                m.backend, m.fp8_fast_accum, m.fp8_int8_gemm = "fp8", fast_accum, name in INT8_GEMM_CONFIGS
+                state.execution = ExecutionConfig("fp8", fast_accum=fast_accum, int8_gemm=name in INT8_GEMM_CONFIGS)
+                paths.add(plan(m, x.device, bits).path)
                 yf = m(x).float()
                 errs.append(float((yf - ye).norm() / ye.norm().clamp_min(1e-30)))
                 diff.append(float((yf != ye).float().mean()))

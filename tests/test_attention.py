@@ -381,3 +381,21 @@ def test_tma_default_only_on_sm90_gpus_at_head_dim_128(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not at.default_use_tma(cuda, 128)
+
+
+def test_set_backend_moves_installed_attention_to_its_path():
+    """The execution config's ``attention_path`` re-installs the model's 8-bit attention on that path (same
+    mode); on a CPU "auto" is the emulated reference, so the output does not change."""
+    import dvdquant
+    from dvdquant.nn.attention import quantized_attention_path
+    from tiny_models import run, tiny_wan
+    m, inp = tiny_wan(head_dim=64)
+    dvdquant.quantize_(m, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=32))    # attention="int8"
+    assert (quantized_attention_mode(m), quantized_attention_path(m)) == ("int8", "auto")
+    ref = run(m, inp)
+    dvdquant.set_backend(m, "simulated", attention_path="emulated")
+    assert (quantized_attention_mode(m), quantized_attention_path(m)) == ("int8", "emulated")
+    assert m.blocks[0].attn1.processor._attention_backend.value == backend_value("int8", "emulated")
+    assert torch.equal(run(m, inp), ref)
+    dvdquant.set_backend(m, "simulated")
+    assert m.blocks[0].attn1.processor._attention_backend.value == backend_value("int8", "auto")

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dvdquant.kernels import ExecutionConfig
 from dvdquant.nn import QuantLinear, RuntimeState
 from dvdquant.numerics import grids
 
@@ -31,7 +32,7 @@ def _layer(auto_scale: str, a_bits: int, rotation_block, backend: str, k: int = 
     wq = grids.quantize_weight_minmax(lin.weight.detach(), 4, None)
     m = QuantLinear.from_params(lin, wq, a_bits=a_bits, rotation_block=rotation_block, auto_scale=auto_scale,
                                 scale_block=32)
-    m.backend = backend
+    m.state = RuntimeState(execution=ExecutionConfig(backend))
     return m
 
 
@@ -68,7 +69,7 @@ def test_quant_linear_sample_alone_equals_its_slice_in_a_batch(auto_scale, a_bit
 def test_quant_linear_per_sample_under_context_parallel_state(backend):
     """A RuntimeState without a process group reduces nothing; the per-sample Λ is (B, K)."""
     m = _layer("per_channel", 4, 64, backend)
-    m.state = RuntimeState()
+    m.state = RuntimeState(execution=ExecutionConfig(backend))
     x = _samples(1, 5)
     with torch.no_grad():
         assert torch.equal(_in_batch(m, x, 3, 0, seed=9), m(x))

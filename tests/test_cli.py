@@ -83,3 +83,20 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, needle):
     out = ["--out", str(tmp_path / "o.mp4" if argv[0] == "generate" else tmp_path / "o")]
     assert main(argv + out + ["--quiet"]) == 2
     assert needle in _err_line(capsys)
+
+
+def test_generate_flags_are_the_execution_config_fields():
+    """Every ExecutionConfig field is a ``generate`` flag of the same name; the defaults agree."""
+    import dataclasses
+
+    from dvdquant.kernels import ExecutionConfig
+    args = build_parser().parse_args(["generate", "--prompt", PROMPT, "--out", "o.mp4"])
+    fields = {f.name for f in dataclasses.fields(ExecutionConfig)}
+    assert fields <= set(vars(args))
+    assert all(getattr(args, f) == getattr(ExecutionConfig(), f) for f in fields - {"backend"})
+    args = build_parser().parse_args(["generate", "--prompt", PROMPT, "--out", "o.mp4", "--backend", "fp8",
+                                      "--fast-accum", "--no-exact-rotation", "--no-int8-gemm",
+                                      "--no-fuse-projections", "--attention-path", "emulated"])
+    assert ExecutionConfig(**{f: getattr(args, f) for f in fields}) == ExecutionConfig(
+        "fp8", fast_accum=True, exact_rotation=False, int8_gemm=False, fuse_projections=False,
+        attention_path="emulated")

@@ -9,6 +9,9 @@ import torch
 from dvdquant.errors import DVDQuantError
 from dvdquant.eval import compare as cmp
 from dvdquant.eval import report, store
+from repo_scripts import load
+
+docs_script = load("update_results_docs")    # the acceptance checks of issue #4 (scripts/)
 from dvdquant.eval.frechet import FrechetBootstrap, frechet_distance, frechet_distance_reference
 from dvdquant.eval.stats import (bootstrap_indices, bootstrap_interval, mean_interval, normal_quantile,
                                  paired_interval, percentile_interval, prompts_needed, t_quantile, verdict)
@@ -113,7 +116,7 @@ def test_difference_inside_the_noise_is_not_a_win():
     # DVD-Quant 0.1 dB above MinMax, per-prompt differences ±3 dB: the interval crosses 0
     dvd = _row("dvdquant", "W4A4", 20.1, family="dvdquant", seed=1)
     mm = _row("minmax", "W4A4", 20.0, seed=1, wobble=3.0)
-    acc = report.acceptance(_results([mm, dvd]))
+    acc = docs_script.acceptance(_results([mm, dvd]))
     c = _check(acc, "W4A4: DVD-Quant has a higher clip PSNR")
     assert c["ok"] is False and "inside the noise" in c["detail"]
     comp = cmp.comparisons(_results([mm, dvd]))
@@ -127,7 +130,7 @@ def test_clear_difference_passes_and_ablation_losses():
     nobgr = _row("dvdquant-no-bgr", "W4A4", 21.05, family="ablation", ablates="BGR", seed=7)
     norot = _row("dvdquant-no-rotation", "W4A4", 20.0, family="ablation", ablates="rotation", seed=1)
     res = _results([mm, dvd, nobgr, norot])
-    acc = report.acceptance(res)
+    acc = docs_script.acceptance(res)
     assert _check(acc, "W4A4: DVD-Quant has a higher clip PSNR")["ok"] is True
     assert _check(acc, "W4A4: MinMax / SmoothQuant / QuaRot clearly worse")["ok"] is True
     assert _check(acc, "W4A4: removing rotation")["ok"] is True

@@ -85,9 +85,9 @@ def _module_checks() -> dict:
     the custom op passes ``opcheck``; torch.compile(fullgraph) traces it as one op."""
     import torch.nn as nn
 
-    from dvdquant.kernels.emulated import emulated_forward
-    from dvdquant.kernels.weight_only import w4a16_linear, weight_only_forward
+    from dvdquant.kernels.weight_only import w4a16_linear, weight_only_linear
     from dvdquant.nn import QuantLinear, RuntimeState
+    from dvdquant.nn.execution import emulated_forward
     from dvdquant.numerics import grids
 
     res = {}
@@ -97,6 +97,10 @@ def _module_checks() -> dict:
         lin.weight.copy_(torch.randn(48, 96, generator=g) * 0.05)
     m = QuantLinear.from_params(lin, grids.quantize_weight_minmax(lin.weight.detach(), 4), a_bits=16)
     m.state = RuntimeState()
+
+    def weight_only_forward(layer, x):
+        return weight_only_linear(x, layer.qweight, layer.w_zero, layer.w_scale, layer.bias)
+
     for rows in (2, 40):                                   # GEMV, then the M > MAX_M reference
         x = torch.randn(rows, 96, generator=g)
         y, ref = weight_only_forward(m, x), emulated_forward(m, x)

@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 
 from dvdquant.errors import ConfigError, NonFiniteError
-from dvdquant.kernels import plan_forward, quant_linear_forward
-from dvdquant.kernels.emulated import emulated_forward, quantize_activations
+from dvdquant.kernels import ExecutionConfig
 from dvdquant.nn import QuantLinear, RuntimeState
+from dvdquant.nn.execution import emulated_forward, quantize_activations
+from dvdquant.nn.execution import plan as plan_forward
 from dvdquant.numerics import grids
 from dvdquant.numerics.hadamard import hadamard_matrix
 
@@ -40,6 +41,13 @@ def make_layer(k=192, n=80, *, w_bits=4, group_size=None, a_bits=4, a8_format="i
                                 act_balance=balance)
     m.layer_name = "test.layer"
     return m
+
+
+def use(m, backend: str, **options) -> None:
+    """Run ``m`` on ``backend`` (and options): the execution config of its state (a new one if it has none)."""
+    if m.state is None:
+        m.state = RuntimeState()
+    m.state.execution = ExecutionConfig(backend, **options)
 
 
 def tokens(shape=(2, 37, 192), dtype=torch.float32, seed=1):
@@ -76,8 +84,7 @@ def test_emulated_equals_simulated_variants(case, dtype):
 
 def test_bit_switching_follows_state_without_weight_copies():
     m = make_layer(rotation_block=64, auto_scale="per_block")
-    m.backend = "emulated"
-    m.state = RuntimeState()
+    m.state = RuntimeState(execution=ExecutionConfig("emulated"))
     x = tokens()
     before = {n: b.data_ptr() for n, b in m.named_buffers()}
     for bits in (4, 8, 4, 6):
@@ -95,7 +102,7 @@ def test_codes_are_integers_on_the_grid():
 
 def test_nan_input_raises():
     m = make_layer()
-    m.backend = "emulated"
+    use(m, "emulated")
     x = tokens()
     x[0, 3, 7] = float("nan")
     with pytest.raises(NonFiniteError):
@@ -119,7 +126,7 @@ H100 = (9, 0)
 def test_plan_falls_back(kwargs, bits, reason):
     k = kwargs.pop("k", 256)
     m = make_layer(k=k, **kwargs)
-    m.backend = "fp8"
+    use(m, "fp8")
     plan = plan_forward(m, "cuda", bits, capability=H100)
     assert plan.path == "emulated" and reason in plan.reason
 
@@ -133,17 +140,17 @@ def test_plan_falls_back(kwargs, bits, reason):
 def test_plan_weight_only(kwargs, path):
     m = make_layer(k=256, a_bits=16, **kwargs)
     for backend in ("fp8", "auto"):
-        m.backend = backend
+        use(m, backend)
         for bits in (None, 4, 8):                   # δ-GBS overrides never change a weight-only plan
             assert plan_forward(m, "cuda", bits, capability=H100).path == path
     assert plan_forward(m, "cpu", None).path == "emulated"          # no CUDA: emulated, silently
-    m.backend = "emulated"
+    use(m, "emulated")
     assert plan_forward(m, "cuda", None, capability=H100).path == "emulated"
 
 
 def test_plan_fp8_choices():
     m = make_layer(k=256, n=96, rotation_block=128, auto_scale="per_block", scale_block=128)
-    m.backend = "fp8"
+    use(m, "fp8")
     assert plan_forward(m, "cuda", 4, capability=H100) == plan_forward(m, "cuda", 4, capability=H100)
     p4, p8 = plan_forward(m, "cuda", 4, capability=H100), plan_forward(m, "cuda", 8, capability=H100)
     assert (p4.path, p4.fmt, p4.per_block) == ("fp8", "int", True)
@@ -154,10 +161,11 @@ def test_plan_fp8_choices():
     for bits in (6, 8):
         p = plan_forward(m, "cuda", bits, capability=H100)
         assert (p.path, p.fmt, p.per_block, p.note) == ("fp8", "int", False, "")
-    m.fp8_int8_gemm = False                           # opt-out: e4m3 substitute, noted
+    use(m, "fp8", int8_gemm=False)                    # opt-out: e4m3 substitute, noted
     p = plan_forward(m, "cuda", 8, capability=H100)
     assert p.fmt == "fp8" and "not exact" in p.note
-    m.fp8_int8_gemm, m.auto_scale = True, "per_block"
+    use(m, "fp8")
+    m.auto_scale = "per_block"
     # Ada has row-wise FP8 but no blockwise scaling
     assert plan_forward(m, "cuda", 4, capability=(8, 9)).path == "emulated"
     m.auto_scale = "none"
@@ -170,7 +178,7 @@ def test_plan_per_block_that_falls_back_to_per_token(k, block):
     """K not a multiple of scale_block, or one block spanning K: the simulated path uses one scale per
     token (and the exact code-GEMM order), so does fp8."""
     m = make_layer(k=k, n=64, auto_scale="per_block", scale_block=block)
-    m.backend = "fp8"
+    use(m, "fp8")
     p = plan_forward(m, "cuda", 4, capability=H100)
     assert (p.path, p.per_block) == ("fp8", False)
     assert m.per_token_scaling(4)
@@ -200,37 +208,44 @@ def test_per_token_layers_use_the_exact_code_gemm_order(kw, expected):
 
 def test_plan_cpu_and_unknown_backend():
     m = make_layer()
-    m.backend = "auto"
+    use(m, "auto")
     assert plan_forward(m, torch.device("cpu"), 4) == plan_forward(m, "cpu", 4)
     assert plan_forward(m, "cpu", 4).path == "emulated" and plan_forward(m, "cpu", 4).reason == ""
-    m.backend = "fp8"
+    use(m, "fp8")
     assert "sm89" in plan_forward(m, "cpu", 4).reason
-    m.backend = "int4-magic"
-    with pytest.raises(ConfigError):
-        plan_forward(m, "cpu", 4)
+    with pytest.raises(ConfigError, match="unknown backend"):
+        use(m, "int4-magic")
 
 
-def test_set_backend_checks_the_name_and_sets_fast_accum():
+@pytest.mark.parametrize("kw,match", [(dict(attention_path="cuda"), "attention_path"),
+                                      (dict(fast_accum=1), "fast_accum"), (dict(int8_gemm="no"), "int8_gemm")])
+def test_execution_config_validates(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        ExecutionConfig("fp8", **kw)
+
+
+def test_set_backend_sets_one_config_on_the_state():
     import dvdquant
     model = nn.Sequential(make_layer(), make_layer())
-    assert all(m.fp8_exact_rotation and not m.fp8_fast_accum and m.fp8_int8_gemm for m in model)   # exact
-    dvdquant.set_backend(model, "fp8", fast_accum=True, exact_rotation=False, int8_gemm=False)
-    assert all(m.backend == "fp8" and m.fp8_fast_accum and not m.fp8_exact_rotation and not m.fp8_int8_gemm
-               for m in model)
+    assert all(m.execution == ExecutionConfig() for m in model)        # no state: the simulated reference, exact
+    ex = dvdquant.set_backend(model, "fp8", fast_accum=True, exact_rotation=False, int8_gemm=False)
+    assert model[0].state is model[1].state and model[0].state.execution is ex   # one config, held once
+    assert ex == ExecutionConfig("fp8", fast_accum=True, exact_rotation=False, int8_gemm=False)
     dvdquant.set_backend(model, "emulated")
-    assert all(m.backend == "emulated" and not m.fp8_fast_accum and m.fp8_exact_rotation and m.fp8_int8_gemm
-               for m in model)
+    assert all(m.execution == ExecutionConfig("emulated") for m in model)
     with pytest.raises(ConfigError, match="unknown backend"):
         dvdquant.set_backend(model, "int4-magic")
-    assert all(m.backend == "emulated" for m in model)            # nothing changed
+    assert all(m.execution.backend == "emulated" for m in model)  # nothing changed
+    model[0].state.reset()                                          # a new sampling loop keeps the config
+    assert model[0].execution.backend == "emulated"
 
 
 def test_forward_fp8_on_cpu_falls_back_once(caplog):
     m = make_layer()
-    m.backend = "fp8"
+    use(m, "fp8")
     m.layer_name = "blocks.0.ff"
     x = tokens()
-    with caplog.at_level(logging.INFO, logger="dvdquant.kernels"):
+    with caplog.at_level(logging.INFO, logger="dvdquant"):
         y1, y2 = m(x), m(x)
     assert torch.equal(y1, m.forward_simulated(x)) and torch.equal(y2, y1)
     lines = [r for r in caplog.records if "blocks.0.ff" in r.getMessage()]

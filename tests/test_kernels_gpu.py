@@ -212,6 +212,7 @@ def test_int8_gemm_kernels_equal_the_reference(m, n, k, tma):
 
 
 def _layer(k, n, **kw):
+    from dvdquant.kernels import ExecutionConfig
     from dvdquant.nn import QuantLinear, RuntimeState
     from dvdquant.numerics import grids
     lin = nn.Linear(k, n, device=DEV)
@@ -219,7 +220,7 @@ def _layer(k, n, **kw):
         lin.weight.normal_(0, 0.02)
         lin.bias.normal_()
     m = QuantLinear.from_params(lin, grids.quantize_weight_minmax(lin.weight.detach(), 4), **kw)
-    m.backend, m.layer_name, m.state = "fp8", "gpu.test", RuntimeState()
+    m.layer_name, m.state = "gpu.test", RuntimeState(execution=ExecutionConfig("fp8"))
     return m
 
 
@@ -228,17 +229,16 @@ def _layer(k, n, **kw):
                                 dict(rotation_block=64, auto_scale="per_block", scale_block=128),
                                 dict(a8_format="fp8_e4m3", rotation_block=128)])
 def test_fp8_layer_matches_reference(kw):
-    from dvdquant.kernels import plan_forward
-    from dvdquant.kernels.emulated import dequantized_weight, quantize_activations
+    from dvdquant.nn.execution import dequantized_weight, plan, quantize_activations
     m = _layer(3072, 1536, a_bits=4, **kw)
     x = torch.randn(4, 1000, 3072, device=DEV, dtype=torch.bfloat16) * 3
     for bits in (4, 8, 4):                                       # δ-GBS: switch at run time
         m.state.a_bits = bits
-        plan = plan_forward(m, x.device, bits)
-        assert plan.path == "fp8", plan.reason
+        p = plan(m, x.device, bits)
+        assert p.path == "fp8", p.reason
         y = m(x).float().reshape(-1, 1536)
         x2 = m.transform_input(x.reshape(-1, 3072).float())
-        ref = quantize_activations(m, x2, bits, plan.fmt).dequantize() @ dequantized_weight(m).t() + m.bias
+        ref = quantize_activations(m, x2, bits, p.fmt).dequantize() @ dequantized_weight(m).t() + m.bias
         rel = float((y - ref).norm() / ref.norm())
         print(f"layer {kw} A{bits}: rel L2 vs same-grid fp32 reference = {rel:.2e}")
         assert rel < 1e-2, (bits, rel)
@@ -254,14 +254,14 @@ def test_fp8_int_grid_layer_is_bit_identical_to_emulated(kw, m_tokens, bias, bit
     sm90) and, with ``int8_gemm=False``, A4 runs ``_scaled_mm`` with exact accumulation — both the exact
     integer GEMM — and the epilogue rounds ((acc · Δ) · s) + b as the emulated path does: equal
     outputs, not close ones."""
-    from dvdquant.kernels import plan_forward
-    from dvdquant.kernels.emulated import emulated_forward
+    from dvdquant.kernels import ExecutionConfig
+    from dvdquant.nn.execution import emulated_forward, plan
     m = _layer(3072, 1536, a_bits=bits, **kw)
     m.bias = nn.Parameter(m.bias.detach().to(torch.bfloat16), requires_grad=False) if bias else None   # a bf16 model
     x = (torch.randn(2, m_tokens, 3072, device=DEV) * torch.logspace(-3, 1, 3072, device=DEV)).to(torch.bfloat16)
-    assert plan_forward(m, x.device, bits).path == "fp8"
+    assert plan(m, x.device, bits).path == "fp8"
     for int8 in ((True, False) if bits == 4 else (True,)):
-        m.fp8_int8_gemm = int8
+        m.state.execution = ExecutionConfig("fp8", int8_gemm=int8)
         with torch.no_grad():
             y, ye = m(x), emulated_forward(m, x)
         print(f"A{bits} int8={int8} {kw} M={2 * m_tokens} bias={bias}: differing {float((y != ye).float().mean()):.2e}")
@@ -273,9 +273,10 @@ def test_compiled_fp8_block_switches_bits_without_recompiling():
     """torch.compile (inductor) of LayerNorm → QuantLinear → GELU → QuantLinear on the fp8 path:
     one graph, equal to eager within bf16 rounding, A4 → A8 → A4 with no recompilation."""
     import torch._dynamo.utils as dutils
+    from dvdquant.kernels import ExecutionConfig
     from dvdquant.nn import RuntimeState
     torch._dynamo.reset()
-    state = RuntimeState()
+    state = RuntimeState(execution=ExecutionConfig("fp8"))
     l1, l2 = _layer(1024, 2048, a_bits=4, rotation_block=128), _layer(2048, 1024, a_bits=4, rotation_block=128)
     l1.state = l2.state = state
     block = nn.Sequential(nn.LayerNorm(1024, device=DEV, dtype=torch.bfloat16), l1, nn.GELU(approximate="tanh"), l2)
@@ -298,8 +299,7 @@ def test_weight_only_layer_keeps_a16_eager_compiled_and_in_the_op():
     overrides change nothing, eager and compiled (inductor) agree with the emulated A16 path, no recompilation,
     no weight copy kept; the FP8 op called directly also runs A16 (bf16 GEMM) for it."""
     import torch._dynamo.utils as dutils
-    from dvdquant.kernels.emulated import emulated_forward
-    from dvdquant.kernels.fp8 import fp8_forward
+    from dvdquant.nn.execution import emulated_forward, fp8_forward
     torch._dynamo.reset()
     m = _layer(3072, 18432, a_bits=16)                             # HunyuanVideo norm1.linear shape
     x = torch.randn(2, 3072, device=DEV, dtype=torch.bfloat16)

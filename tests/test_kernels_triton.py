@@ -220,8 +220,9 @@ def _fused_checks() -> dict:
     import torch
     import torch.nn as nn
 
-    from dvdquant.kernels import fp8 as fp8mod
+    from dvdquant.kernels import ExecutionConfig
     from dvdquant.nn import QuantLinear, RuntimeState
+    from dvdquant.nn import execution as nx
     from dvdquant.numerics import grids
 
     res = {}
@@ -233,17 +234,16 @@ def _fused_checks() -> dict:
             lin = nn.Linear(128, n, bias=bias)
             wq = grids.quantize_weight_minmax(torch.randn(n, 128, generator=g) * 0.05, 4)
             m = QuantLinear.from_params(lin, wq, a_bits=4, rotation_block=64)
-            m.state, m.backend = state, "fp8"
+            m.state = state
             if bias:
                 m.bias.data = m.bias.data.to(torch.bfloat16)
             members.append(m)
         x = (torch.randn(2, 9, 128, generator=g) * 3).to(torch.bfloat16)
         for bits, int8 in ((4, True), (8, True), (4, False)):
             state.a_bits = bits
-            for m in members:
-                m.fp8_int8_gemm = int8
-            y = fp8mod.fp8_forward_fused(members, x)
-            ref = torch.cat([fp8mod.fp8_forward(m, x) for m in members], dim=-1)
+            state.execution = ExecutionConfig("fp8", int8_gemm=int8)
+            y = nx.fp8_forward_fused(members, x)
+            ref = torch.cat([nx.fp8_forward(m, x) for m in members], dim=-1)
             res[f"fused-A{bits}-int8{int8}-bias{bias}"] = [torch.equal(y, ref), f"shape {tuple(y.shape)}"]
     return res
 
@@ -253,9 +253,11 @@ def _fp8_forward_checks() -> dict:
     import torch
     import torch.nn as nn
 
+    from dvdquant.kernels import ExecutionConfig
     from dvdquant.kernels import fp8 as fp8mod
-    from dvdquant.kernels.emulated import dequantized_weight, emulated_forward, quantize_activations
     from dvdquant.nn import QuantLinear, RuntimeState
+    from dvdquant.nn.execution import (dequantized_weight, emulated_forward, fp8_forward, quantize_activations,
+                                       selected_smooth)
     from dvdquant.numerics import grids
 
     res = {}
@@ -279,9 +281,9 @@ def _fp8_forward_checks() -> dict:
         x = (torch.randn(3, 19, kk, generator=g) * 2).to(torch.bfloat16)
         for bits in (4, 8, 4, 6):                                  # δ-GBS switching
             m.state.a_bits = bits
-            m.fp8_int8_gemm = False                                   # opt-out: A4 on the FP8 GEMM, A6/A8 e4m3 activations
-            y = fp8mod.fp8_forward(m, x, bits, per_block=False).float()
-            m.fp8_int8_gemm = True
+            m.state.execution = ExecutionConfig("fp8", int8_gemm=False)   # opt-out: A4 on the FP8 GEMM, A6/A8 e4m3
+            y = fp8_forward(m, x, bits, per_block=False).float()
+            m.state.execution = ExecutionConfig("fp8")
             x2 = m.transform_input(x.reshape(-1, kk).float())
             fmt = "int" if bits == 4 else "fp8"
             ref = quantize_activations(m, x2, bits, fmt).dequantize() @ dequantized_weight(m).t() + m.bias.float()
@@ -289,11 +291,11 @@ def _fp8_forward_checks() -> dict:
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}"] = [rel < 1e-2, f"rel={rel:.2e}"]
             # the INT8 GEMM for every int-grid step (default): int8 codes, torch._int_mm on CPU (exact too)
             # and the emulated epilogue
-            full = fp8mod.fp8_forward(m, x, bits, per_block=False)
+            full = fp8_forward(m, x, bits, per_block=False)
             same = torch.equal(full, emulated_forward(m, x))
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}-int8-exact"] = [same, ""]
             # per-token scales and an exact GEMM: a sample's output does not depend on the batch
-            alone = torch.equal(fp8mod.fp8_forward(m, x[1:2], bits, per_block=False), full[1:2])
+            alone = torch.equal(fp8_forward(m, x[1:2], bits, per_block=False), full[1:2])
             res[f"fp8-forward-rot{rot}-smooth{smooth}-A{bits}-batch-independent"] = [alone, ""]
             if bits == 4:
                 # A4 on the FP8 GEMM (int8_gemm=False, above): the same codes and scales bit for bit as the emulated path (exact rotation), and the
@@ -301,7 +303,7 @@ def _fp8_forward_checks() -> dict:
                 # (whose order the emulated path follows; bit-equality is asserted on the GPU): rounding-level
                 # differences (one bf16 ulp of the sum's terms, which cancel near zero) on ≤ 0.1 % of outputs
                 qa = quantize_activations(m, x2, 4, "int")
-                q8, s8 = fp8mod.quantize_tokens(x.reshape(-1, kk), 4, "int", fp8mod._selected_smooth(m),
+                q8, s8 = fp8mod.quantize_tokens(x.reshape(-1, kk), 4, "int", selected_smooth(m),
                                                 int(rot or 0), None)
                 same = torch.equal(q8.float(), qa.codes.float()) and torch.equal(s8, qa.scale)
                 ye = emulated_forward(m, x)
@@ -315,7 +317,7 @@ def _fp8_forward_checks() -> dict:
     m.layer_name = "blocks.3.ff"
     xn = x.clone()
     xn[0, 2, 5] = float("nan")
-    fp8mod.fp8_forward(m, xn, 4, "int", per_block=False)
+    fp8_forward(m, xn, 4, per_block=False)
     try:
         raise_if_nonfinite()
         res["nonfinite-raised-at-step-end"] = [False, "no error"]
@@ -338,6 +340,7 @@ def _compile_checks() -> dict:
     import torch.nn as nn
 
     import dvdquant.kernels as kernels
+    from dvdquant.kernels import ExecutionConfig
     from dvdquant.kernels import fp8 as fp8mod
     from dvdquant.nn import QuantLinear, RuntimeState
     from dvdquant.numerics import grids
@@ -345,7 +348,7 @@ def _compile_checks() -> dict:
     res = {}
     kernels.device_capability = lambda device: (9, 0)
     g = torch.Generator().manual_seed(5)
-    state = RuntimeState()
+    state = RuntimeState(execution=ExecutionConfig("fp8"))
 
     def qlin(k, n, rot):
         lin = nn.Linear(k, n)
@@ -353,7 +356,7 @@ def _compile_checks() -> dict:
             lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
         q = QuantLinear.from_params(lin, grids.quantize_weight_minmax(lin.weight.detach(), 4), a_bits=4,
                                     rotation_block=rot)
-        q.backend, q.state = "fp8", state
+        q.state = state
         return q
 
     block = nn.Sequential(nn.LayerNorm(128, dtype=torch.bfloat16), qlin(128, 256, 128), nn.GELU(approximate="tanh"), qlin(256, 128, 64))
@@ -376,11 +379,15 @@ def _compile_checks() -> dict:
             detail.append(f"A{bits}:rel={rel:.1e}")
     res["compile-fullgraph-no-recompile"] = [ok and len(graphs) == 1, f"graphs={len(graphs)} " + " ".join(detail)]
     q = block[1]
-    args = (x.reshape(-1, 128), q.qweight, q.w_zero, q.w_scale, q.bias, None, state.bits_tensor, 4, 128, False,
-            False, 128, "opcheck")
+    opts = fp8mod.FP8Options(a_bits=4, rotation_block=128, scale_block=128)
+    args = (x.reshape(-1, 128), [q.qweight], [q.w_zero], q.w_scale, q.bias, None, state.bits_tensor)
+    fused = (x.reshape(-1, 128), [q.qweight, q.qweight], [q.w_zero, q.w_zero], q.w_scale.repeat(2, 1),
+             q.bias.repeat(2), None, state.bits_tensor, opts.encode(), "opcheck")
     try:
-        torch.library.opcheck(fp8mod.w4_linear_fp8, args)
-        torch.library.opcheck(fp8mod.w4_linear_fp8, args + (True,))        # fast_accum
+        torch.library.opcheck(fp8mod.w4_linear_fp8, args + (opts.encode(), "opcheck"))
+        fast = fp8mod.FP8Options(a_bits=4, rotation_block=128, scale_block=128, fast_accum=True)
+        torch.library.opcheck(fp8mod.w4_linear_fp8, args + (fast.encode(), "opcheck"))
+        torch.library.opcheck(fp8mod.w4_linear_fp8, fused)                 # two sibling weights, one GEMM
         res["custom-op-opcheck"] = [True, ""]
     except Exception as e:  # noqa: BLE001 - reported as a failed check with its message
         res["custom-op-opcheck"] = [False, f"{type(e).__name__}: {str(e)[:300]}"]

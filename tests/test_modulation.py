@@ -18,9 +18,9 @@ import torch.nn as nn
 import dvdquant
 from dvdquant import BGRConfig, DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig
 from dvdquant.errors import ConfigError
-from dvdquant.kernels import plan_forward
-from dvdquant.kernels.emulated import dequantized_weight
+from dvdquant.kernels import ExecutionConfig
 from dvdquant.nn import QuantLinear, RuntimeState
+from dvdquant.nn.execution import dequantized_weight, plan
 from dvdquant.numerics import grids
 from tiny_models import tiny_hunyuan, tiny_wan, run
 
@@ -72,15 +72,15 @@ def test_weight_only_ignores_gbs_override(hunyuan_q):
             assert torch.equal(m(x), ref)
             # fp8 backend: weight-only layers take their own A16 path (the int4 GEMV on CUDA, emulated
             # on this CPU), eager and compiled, whatever the step's bits
-            m.backend = "fp8"
+            state.execution = ExecutionConfig("fp8")
             for b in (None, bits):
-                plan = plan_forward(m, "cuda", b, capability=(9, 0))
-                assert plan.path == "int4_gemv" and plan.reason == ""
+                p = plan(m, "cuda", b, capability=(9, 0))
+                assert p.path == "int4_gemv" and p.reason == ""
             assert torch.equal(m(x), ref)
-            m.backend = "simulated"
+            state.execution = ExecutionConfig()
     finally:
         state.reset()
-        m.backend = "simulated"
+        state.execution = ExecutionConfig()
 
 
 def test_fp8_op_keeps_a16_for_weight_only():
@@ -97,7 +97,7 @@ def test_compiled_weight_only_layer_never_recompiles():
     torch.manual_seed(0)
     lin = nn.Linear(64, 384)
     m = QuantLinear.from_params(lin, grids.quantize_weight_minmax(lin.weight.detach(), 4), a_bits=16)
-    m.state, m.backend = RuntimeState(), "fp8"
+    m.state = RuntimeState(execution=ExecutionConfig("fp8"))
     state, x = m.state, torch.randn(2, 64)
     counter = dtest.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(m, backend=counter, fullgraph=True)

@@ -14,13 +14,14 @@ from .api import (LayerReport, QuantReport, quantize_, quantized_layers, restack
 from .config import (BGRConfig, DVDQuantConfig, GBSConfig, MinMaxConfig, QuaRotConfig, SmoothQuantConfig,
                      StepPolicyConfig, ViDiTQConfig)
 from .errors import CheckpointError, ConfigError, DVDQuantError, NonFiniteError
+from .kernels.execution import ExecutionConfig
 from .kernels.finite import raise_if_nonfinite
 from .nn import QuantLinear, RuntimeState, get_state
 from .serialization import load, read_metadata, save
 
 
 __all__ = ["quantize_", "quantized_layers", "set_backend", "step_controller", "share_step_controller",
-           "restack_step_hook", "set_step_policy", "StepPolicyConfig",
+           "restack_step_hook", "set_step_policy", "StepPolicyConfig", "ExecutionConfig",
            "LayerReport", "QuantReport", "BGRConfig", "DVDQuantConfig", "GBSConfig", "MinMaxConfig", "QuaRotConfig", "SmoothQuantConfig",
            "ViDiTQConfig", "CheckpointError", "ConfigError", "DVDQuantError", "NonFiniteError", "QuantLinear",
            "RuntimeState", "get_state", "load", "raise_if_nonfinite", "read_metadata", "save", "__version__"]

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from . import baselines  # noqa: F401  (registers the baseline methods)
 from .algorithms import FixedBits, GBSController, get_method
 from .algorithms.step_policy import StepPolicy
-from .errors import ConfigError, DVDQuantError
-from .kernels import BACKENDS
+from .errors import DVDQuantError
+from .kernels import ExecutionConfig
 from .models.adapters import adapter_for, select_linears, weight_only_layers
 from .nn import attention as qattn
 from .nn.fused import install_fused_projections, remove_fused_projections
@@ -162,42 +162,48 @@ def quantized_layers(model: nn.Module) -> list:
 
 
 def set_backend(model: nn.Module, backend: str, *, fast_accum: bool = False, exact_rotation: bool = True,
-                int8_gemm: bool = True, fuse_projections: bool = True) -> None:
-    """Select the execution path of every QuantLinear ("simulated", "emulated", "fp8", "auto").
+                int8_gemm: bool = True, fuse_projections: bool = True,
+                attention_path: str = "auto") -> ExecutionConfig:
+    """Set how the quantized ``model`` runs: one :class:`~dvdquant.kernels.ExecutionConfig` of these
+    fields (validated; ``ConfigError``), held on the model's ``RuntimeState`` for all its layers.
 
-    By default the fp8 path computes the emulated path's bits for int-grid layers with per-token
-    scales (exact rotation; exact integer GEMM: INT8 tensor cores, or FP8 ones with exact
-    accumulation for A4 below sm90; the same epilogue order), so its clips are the emulated ones. Opt-in trades
-    of that exactness for speed (docs/KERNELS.md):
-
-    ``fast_accum``: let cuBLAS accumulate the per-token FP8 GEMMs in the tensor cores'
-    reduced-precision accumulator (``use_fast_accum``); the GEMM is then no longer the exact
-    integer GEMM.
-    ``exact_rotation=False``: skip the snap of the online rotation in the activation kernel
-    (~25 % cheaper kernel); rotated values then round per summation order, and a code on a
-    rounding boundary can move one step.
-
-    ``int8_gemm=False``: run int-grid steps on the FP8 GEMM instead of INT8 tensor cores: A4 codes
-    through cuBLAS' exact FP8 GEMM (the same bits, slower on sm90), A6/A8 as FP8 e4m3 values (a
-    different 8-bit grid, logged once per layer). ``fast_accum=True`` also sends A4 to cuBLAS.
+    ``backend``: "simulated" (the fp32 reference), "emulated", "fp8" or "auto". By default the fp8
+    path computes the emulated path's bits for int-grid layers with per-token scales (exact rotation;
+    exact integer GEMM: INT8 tensor cores, or FP8 ones with exact accumulation for A4 below sm90; the
+    same epilogue order), so its clips are the emulated ones. The opt-ins trade that exactness for
+    speed (docs/KERNELS.md): ``fast_accum`` (cuBLAS' reduced-precision FP8 accumulation; also sends A4
+    to cuBLAS), ``exact_rotation=False`` (no snap of the online rotation: ~25 % cheaper activation
+    kernel, a code on a rounding boundary can move one step), ``int8_gemm=False`` (int-grid steps on
+    the FP8 GEMM: A4 codes through cuBLAS, the same bits, slower on sm90; A6/A8 as FP8 e4m3 values, a
+    different 8-bit grid, logged once per layer).
 
     ``fuse_projections`` (any backend but "simulated"): where the model adapter lists sibling
     projections its attention processor can call as one (Wan's ``to_qkv`` / ``to_kv``), install them
     (:mod:`dvdquant.nn.fused`): the fp8 path then quantizes the shared tokens once and runs one GEMM,
-    with the same outputs bit for bit. Checkpoints and state dicts are unchanged.
+    with the same outputs bit for bit. ``attention_path``: where installed 8-bit attention runs
+    ("auto": the Triton kernel on sm89+, the emulated reference on CPU; "triton"; "emulated").
+    Checkpoints and state dicts are unchanged. Returns the config.
     """
-    if backend not in ("simulated",) + BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose from {('simulated',) + BACKENDS}")
-    for _, m in quantized_layers(model):
-        m.backend = backend
-        m.fp8_fast_accum = bool(fast_accum)
-        m.fp8_exact_rotation = bool(exact_rotation)
-        m.fp8_int8_gemm = bool(int8_gemm)
+    execution = ExecutionConfig(backend, fast_accum, exact_rotation, int8_gemm, fuse_projections, attention_path)
+    layers = [m for _, m in quantized_layers(model)]
+    states = {id(m.state): m.state for m in layers if m.state is not None}
+    if any(m.state is None for m in layers):                 # bare QuantLinears: the model's state, or one new one
+        shared = get_state(model) or RuntimeState()
+        states[id(shared)] = shared
+        for m in layers:
+            if m.state is None:
+                m.state = shared
+    for state in states.values():
+        state.execution = execution
     remove_fused_projections(model)
     adapter = adapter_for(model)
     if backend != "simulated" and fuse_projections and adapter is not None and adapter.fused_projections:
         n = install_fused_projections(model, adapter.fused_projections)
         log.info("fused sibling projections in %d attention modules", n)
+    mode = qattn.quantized_attention_mode(model)
+    if mode is not None and qattn.quantized_attention_path(model) != attention_path:
+        qattn.install_quantized_attention(model, mode, attention_path)
+    return execution
 
 
 def attach_runtime(model: nn.Module, state: RuntimeState, config) -> StepTracker:

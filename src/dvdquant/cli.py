@@ -5,7 +5,7 @@
     dvdquant generate --model q/quantized.safetensors --prompt "a red circle moving left on a dark background"
     dvdquant quantize --model Wan2.1-T2V-14B-Diffusers --delta 0.05 --out q14b/      # a diffusers pipeline folder
     dvdquant generate --pipeline Wan2.1-T2V-14B-Diffusers --checkpoint q14b/ --prompt "a cat surfing" --out cat.mp4
-    dvdquant eval --layers --update-docs              # methods × bits vs FP → docs/RESULTS.md, plots, JSON
+    dvdquant eval --layers --out eval_out             # methods × bits vs FP → quality.md, plots, JSON
 
 Errors caused by input (bad bits, unknown words, broken checkpoints, unwritable outputs) print one
 line and exit 2, before any work where the input can be checked first; Ctrl-C prints one line and
@@ -61,14 +61,18 @@ def _config_from_args(args):
 
 
 def _set_backend(transformer, args) -> None:
-    """The execution options of ``generate`` on a quantized transformer (no-op on an FP one); --backend
-    defaults to the kernels ("auto") on a CUDA device and to the simulated reference elsewhere."""
+    """The execution options of ``generate`` on a quantized transformer (no-op on an FP one): the flags are
+    :class:`~dvdquant.kernels.ExecutionConfig`'s fields by name; --backend defaults to the kernels ("auto")
+    on a CUDA device and to the simulated reference elsewhere."""
+    import dataclasses
+
     from . import api
+    from .kernels import ExecutionConfig
     if api.get_state(transformer) is None:
         return
-    backend = args.backend or ("auto" if str(args.device).startswith("cuda") else "simulated")
-    api.set_backend(transformer, backend, fast_accum=args.fast_accum, exact_rotation=not args.inexact_rotation,
-                    int8_gemm=not args.no_int8_gemm, fuse_projections=not args.no_fuse_projections)
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExecutionConfig)}
+    kw["backend"] = args.backend or ("auto" if str(args.device).startswith("cuda") else "simulated")
+    api.set_backend(transformer, **kw)
 
 
 
@@ -283,7 +287,7 @@ def _print_policy(transformer) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .eval.report import finish, install_docs, render_markdown
+    from .eval.report import DOCS_SCRIPT, finish, render_markdown
     if args.from_results:
         out = args.out or (args.from_results[0] if len(args.from_results) == 1 else None)
         results = finish(args.from_results, out)
@@ -296,10 +300,7 @@ def cmd_eval(args) -> int:
                  time_limit=None if args.time_limit is None else 60.0 * args.time_limit, progress=not args.quiet)
         results = finish([out])
     print(render_markdown(results, img_prefix=""), end="")
-    print(f"wrote {out}/results.json, quality.md and plots")
-    if args.update_docs:
-        written = install_docs(out)
-        print("updated " + ", ".join(str(p) for p in written))
+    print(f"wrote {out}/results.json, quality.md and plots (into the repository's docs/: python {DOCS_SCRIPT} {out})")
     return 0
 
 
@@ -405,15 +406,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default=None, choices=["simulated", "emulated", "fp8", "auto"],
                    help="execution path of quantized layers (default: auto — the FP8/INT8 kernels where they "
                         "apply — on a CUDA --device, else simulated, the exact fp32 reference)")
-    g.add_argument("--fast-accum", action="store_true",
-                   help="fp8 path: cuBLAS fast FP8 accumulation (faster, not the exact integer GEMM)")
-    g.add_argument("--inexact-rotation", action="store_true",
-                   help="fp8 path: skip the exact rotation's snap (cheaper activation kernel, codes can move one step)")
-    g.add_argument("--no-int8-gemm", "--e4m3-a8", dest="no_int8_gemm", action="store_true",
-                   help="fp8 path: int-grid steps on the FP8 GEMM instead of the exact INT8 GEMM (A4 codes as e4m3, "
-                        "A6/A8 as FP8 e4m3 values: a different grid)")
-    g.add_argument("--no-fuse-projections", action="store_true",
-                   help="keep sibling projections (Wan's Q/K/V) as separate layers instead of one fused GEMM")
+    on_off = argparse.BooleanOptionalAction
+    g.add_argument("--fast-accum", action=on_off, default=False,
+                   help="fp8 path: cuBLAS fast FP8 accumulation (faster, not the exact integer GEMM; default: off)")
+    g.add_argument("--exact-rotation", action=on_off, default=True,
+                   help="fp8 path: the exact rotation's snap (--no-exact-rotation: cheaper activation kernel, codes "
+                        "can move one step; default: on)")
+    g.add_argument("--int8-gemm", action=on_off, default=True,
+                   help="fp8 path: int-grid steps on the exact INT8 GEMM (--no-int8-gemm: on the FP8 GEMM, A4 codes as "
+                        "e4m3, A6/A8 as FP8 e4m3 values, a different grid; default: on)")
+    g.add_argument("--fuse-projections", action=on_off, default=True,
+                   help="sibling projections (Wan's Q/K/V) as one fused GEMM (--no-fuse-projections: separate layers; "
+                        "default: on)")
+    from .kernels.execution import ATTENTION_PATHS
+    g.add_argument("--attention-path", choices=ATTENTION_PATHS, default="auto",
+                   help="where installed 8-bit attention runs: auto (the Triton kernel on sm89+, the emulated "
+                        "reference on CPU), triton or emulated (default: %(default)s)")
     g.add_argument("--device", default="cpu")
     _add_policy_args(g)
     _add_pipeline_args(g)
@@ -439,8 +447,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no row that would end past MIN minutes (estimated by the longest row so far); "
                    "the rows left are listed, to run in another call and merge")
     e.add_argument("--out", help="output folder (default: eval_out; with --from-results: its folder if only one)")
-    e.add_argument("--update-docs", action="store_true",
-                   help="write the report into docs/RESULTS.md (quality section), docs/results.json, docs/img/")
     e.add_argument("--from-results", metavar="DIR", nargs="+",
                    help="no evaluation: report finished runs (one DIR, or the parts of a run split by --methods / "
                    "--bits with the same prompts, steps and seed: merged into --out)")

@@ -38,7 +38,7 @@ Every per-clip value is kept (``per_clip`` of each row in results.json), so that
 :mod:`dvdquant.eval.report` can give each method-vs-method difference as a paired mean with a 95 %
 interval, and runs split across calls (other methods / bits, same prompts and seeds) can be merged
 (:func:`dvdquant.eval.store.merge_runs`). ``out_dir`` receives the raw run (results.json,
-layers.json, grid.pt); the report (quality.md, plots, intervals, acceptance) is
+layers.json, grid.pt); the report (quality.md, plots, intervals) is
 :func:`dvdquant.eval.report.finish`.
 
 Methods are keys of :data:`METHODS`; bit-widths keys of :data:`BITS`. "DVD-Quant" is

@@ -1,44 +1,34 @@
-"""Turning evaluation runs (:func:`dvdquant.eval.quality.evaluate`) into the report: intervals, checks, files.
+"""Turning evaluation runs (:func:`dvdquant.eval.quality.evaluate`) into the report: intervals, files.
 
 * :func:`finish` — one run folder, or several folders of a run split by method / bits (merged by
   :func:`dvdquant.eval.store.merge_runs`), analysed and written as results.json, quality.md, PNGs;
-* :func:`analyse` — paired 95 % intervals (:mod:`dvdquant.eval.compare`) and :func:`acceptance`:
-  the issue's targets, each passing only on differences whose interval excludes 0;
+* :func:`analyse` — paired 95 % intervals (:mod:`dvdquant.eval.compare`) and the PSNR power;
 * :func:`render_markdown` — the report section: rows method × bits with intervals, the paired
-  differences, the prompts a ±0.3 dB PSNR interval needs, the command(s) that regenerate it;
-* :func:`install_docs` — put a finished report into ``docs/``: the section between
-  ``<!-- BEGIN quality -->`` / ``<!-- END quality -->`` of ``docs/RESULTS.md`` (other sections
-  untouched; markers appended if absent), ``docs/results.json`` and ``docs/img/quality_*.png``.
+  differences, the prompts a ±0.3 dB PSNR interval needs, the command(s) that regenerate it.
 
-This module imports :mod:`dvdquant.eval.quality` (its method and bit-width tables), never the reverse.
+Installing a report into the repository's ``docs/`` and the acceptance checks of issue #4 are
+``scripts/update_results_docs.py``, not the library. This module imports
+:mod:`dvdquant.eval.quality` (its method and bit-width tables), never the reverse.
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..algorithms import registered_methods
-from ..data import FACTOR_NAMES
 from ..errors import DVDQuantError
 from . import compare as cmp
 from . import store
-from .stats import paired_interval, verdict
+from .stats import verdict
 
-BEGIN, END = "<!-- BEGIN quality -->", "<!-- END quality -->"
 BASELINES = tuple(n for n, m in registered_methods().items() if m.baseline)   # the method registry's
-WEAK_BASELINES = ("minmax", "smoothquant", "quarot")
 IMG_SQNR, IMG_GBS, IMG_FRAMES = "quality_sqnr_w4a4.png", "quality_gbs_schedule.png", "quality_frames_w4a4.png"
-REPO_DOCS = Path(__file__).resolve().parents[3] / "docs"
-HEADLINE_BITS = ("W4A4", "W4A6", "W4A8")
-ABLATION_CHECKS = {"dvdquant-no-bgr": "W4A4", "dvdquant-no-rotation": "W4A4", "dvdquant-no-autoscale": "W4A4",
-                   "dvdquant-no-gbs": "W4A6"}   # ablation -> bit-width where it must lose something
+DOCS_SCRIPT = "scripts/update_results_docs.py"   # installs a report into the repository's docs/ (not the library)
 
 
-# ----------------------------------------------------------------------------- acceptance
-def _idx(results) -> dict:
+def index_runs(results) -> dict:
+    """{(method, bits): row} of a results dict."""
     return {(r["method"], r["bits"]): r for r in results["runs"]}
 
 
@@ -47,7 +37,7 @@ def _sg(x: float, nd: int = 1) -> str:
     return f"{x + 0.0:+.{nd}f}"
 
 
-def _iv(d, nd: int = 2, unit: str = "") -> str:
+def interval_text(d, nd: int = 2, unit: str = "") -> str:
     """'+0.42 [−0.10, +0.94] dB (inside the noise)' from an interval dict with a verdict."""
     if d is None:
         return "—"
@@ -62,114 +52,14 @@ ND = {"psnr_db": 2, "ssim": 4, "flicker_vs_fp": 4, "fd": 2, "adherence_all": 1, 
 UNIT = {"psnr_db": " dB", "adherence_all": " pts"}
 
 
-def _diff(a, b, metric) -> Optional[dict]:
+def paired_diff(a, b, metric) -> Optional[dict]:
     iv = cmp.diff_interval(a, b, metric)
     return None if iv is None else {**iv.to_dict(), "verdict": verdict(iv, cmp.METRICS[metric][1])}
 
 
-def _vs_baselines(add, idx, bits: str, metrics: Sequence[str], name: str) -> None:
-    """One check: DVD-Quant better than every baseline at ``bits`` in every metric (intervals exclude 0)."""
-    dvd = idx.get(("dvdquant", bits))
-    base = [idx[(m, bits)] for m in BASELINES if (m, bits) in idx]
-    if dvd is None or not base:
-        return
-    ok, parts = True, []
-    for r in base:
-        ds = {m: _diff(dvd, r, m) for m in metrics}
-        ok &= all(d is not None and d["verdict"] == "better" for d in ds.values())
-        parts.append(f"vs {r['label']}: " + ", ".join(f"{cmp.METRICS[m][0].split(' (')[0]} "
-                                                     f"{_iv(d, ND[m], UNIT.get(m, ''))}" for m, d in ds.items()))
-    add(name, ok, "; ".join(parts))
-
-
-def _within_fp(row, fp_correct: dict, tol: float) -> tuple[bool, str]:
-    """Adherence drop vs FP per factor (paired, points): passes when every upper bound ≤ tol."""
-    parts, ok = [], True
-    for k in list(FACTOR_NAMES) + ["all"]:
-        iv = paired_interval([100.0 * x for x in fp_correct[k]], [100.0 * x for x in row["per_clip"]["correct"][k]])
-        if k != "all":
-            ok &= math.isfinite(iv.hi) and iv.hi <= tol + 1e-9
-        parts.append(f"{k} {_iv(iv.to_dict(), 1)}")
-    return ok, "drop vs FP (points, 95 % interval): " + ", ".join(parts)
-
-
-def acceptance(results: dict) -> dict:
-    """Checks of the issue's targets; each {"name", "ok" (True/False/None = not evaluated), "detail"}.
-
-    A "better" / "loses something" check passes only when the paired 95 % interval excludes 0;
-    a "within x points" check only when the interval's upper end is within x.
-    """
-    idx = _idx(results)
-    checks: list = []
-
-    def add(name, ok, detail):
-        checks.append({"name": name, "ok": ok, "detail": detail})
-
-    if not all("per_clip" in r for r in results["runs"]):
-        add("per-clip metrics present (intervals need them)", False, "results.json predates per-clip metrics")
-        return {"checks": checks, "ablation_losses": [], "most_important_part_w4a4": None}
-    for b in HEADLINE_BITS:
-        _vs_baselines(add, idx, b, ("psnr_db",),
-                      f"{b}: DVD-Quant has a higher clip PSNR vs FP than every baseline (paired 95 % interval "
-                      "excludes 0)")
-    _vs_baselines(add, idx, "W4A4", ("ssim", "flicker_vs_fp", "fd"),
-                  "W4A4: DVD-Quant beats every baseline in SSIM, flicker and FD too (intervals exclude 0)")
-    _vs_baselines(add, idx, "W4A4", ("adherence_all",),
-                  "W4A4: DVD-Quant has a higher all-factor adherence than every baseline (secondary metric)")
-    fp_correct = results["fp"]["reference"]["correct"]
-    for b, tol in (("W4A4", 3.0), ("W4A8", 1.0), ("W4A6", 1.0)):
-        r = idx.get(("dvdquant", b))
-        if r is not None:
-            ok, detail = _within_fp(r, fp_correct, tol)
-            add(f"{b}: DVD-Quant within {tol:g} point{'s' if tol != 1 else ''} of FP adherence on every factor "
-                "(upper end of the interval)", ok, detail)
-    dvd = idx.get(("dvdquant", "W4A4"))
-    if dvd is not None:
-        gaps, clear = [], True
-        for m in WEAK_BASELINES:
-            r = idx.get((m, "W4A4"))
-            if r is not None:
-                d = _diff(dvd, r, "psnr_db")
-                clear &= d["verdict"] == "better" and d["mean"] >= 1.0
-                gaps.append(f"DVD-Quant − {r['label']}: PSNR {_iv(d, 2, ' dB')}")
-        if gaps:
-            add("W4A4: MinMax / SmoothQuant / QuaRot clearly worse (PSNR ≥ 1 dB below DVD-Quant, interval "
-                "excludes 0)", clear, "; ".join(gaps))
-
-    with_attn, no_attn = idx.get(("dvdquant", "W4A8")), idx.get(("dvdquant-no-qattn", "W4A8"))
-    if with_attn is not None and no_attn is not None and with_attn["config"]["fields"].get("attention", "none") != "none":
-        ds = {k: paired_interval([100.0 * x for x in with_attn["per_clip"]["correct"][k]],
-                                 [100.0 * x for x in no_attn["per_clip"]["correct"][k]]).to_dict()
-              for k in list(FACTOR_NAMES) + ["all"]}
-        add("W4A8: with 8-bit attention within 1 point of W4A8 without it (issue #6; lower end of the interval)",
-            all(math.isfinite(d["lo"]) and d["lo"] >= -1.0 - 1e-9 for d in ds.values()),
-            "adherence with − without (points): " + ", ".join(f"{k} {_iv(d, 1)}" for k, d in ds.items())
-            + f"; PSNR {_iv(_diff(with_attn, no_attn, 'psnr_db'), 2, ' dB')}")
-
-    losses = []
-    for akey, bits in ABLATION_CHECKS.items():
-        a, ref = idx.get((akey, bits)), idx.get(("dvdquant", bits))
-        if a is None or ref is None:
-            continue
-        drop = {m: _diff(ref, a, m) for m in cmp.METRICS}          # DVD-Quant − ablation: "better" = a loss
-        losses.append({"ablation": a["ablates"], "bits": bits, "with_minus_without": drop})
-        p = drop["psnr_db"]
-        note = {"better": "", "worse": " — removing it is better (interval excludes 0)",
-                "inside the noise": " — inside the noise"}.get(p["verdict"], "")
-        add(f"{bits}: removing {a['ablates']} lowers clip PSNR vs FP (interval excludes 0)",
-            p["verdict"] == "better",
-            "with − without: " + ", ".join(f"{cmp.METRICS[m][0].split(' (')[0]} {_iv(d, ND[m], UNIT.get(m, ''))}"
-                                           for m, d in drop.items() if d is not None and m != "rel_l2") + note)
-    most = None
-    w4 = [x for x in losses if x["bits"] == "W4A4"]
-    if w4:
-        m = max(w4, key=lambda x: x["with_minus_without"]["psnr_db"]["mean"])
-        most = {"part": m["ablation"], "psnr": m["with_minus_without"]["psnr_db"]}
-    return {"checks": checks, "ablation_losses": losses, "most_important_part_w4a4": most}
-
-
+# ----------------------------------------------------------------------------- analysis
 def analyse(results: dict) -> dict:
-    """``results`` with "analysis" (paired comparisons, PSNR power) and "acceptance" (re)computed."""
+    """``results`` with "analysis" (paired comparisons, PSNR power) (re)computed."""
     comps = cmp.comparisons(results)
     results["analysis"] = {
         "intervals": "per-clip metrics: paired Student-t over prompts (same prompt and noise); FD: normal "
@@ -177,7 +67,6 @@ def analyse(results: dict) -> dict:
         "comparisons": comps,
         "psnr_power": cmp.psnr_power(comps, results["meta"]["n_prompts"]),
     }
-    results["acceptance"] = acceptance(results)
     return results
 
 
@@ -216,9 +105,9 @@ def regenerate_command(meta: dict, out: Optional[str] = None, update_docs: bool 
     parts.append("--device cuda" if "CUDA" in meta["device"] else "--device cpu")
     if meta.get("layers"):
         parts.append("--layers")
-    if out is not None:
-        parts.append(f"--out {out}")
-    return " ".join(parts + (["--update-docs"] if update_docs else []))
+    if out is not None or update_docs:
+        parts.append(f"--out {out or 'eval_out'}")
+    return " ".join(parts) + (f" && python {DOCS_SCRIPT} {out or 'eval_out'}" if update_docs else "")
 
 
 def _provenance(meta: dict) -> str:
@@ -230,7 +119,8 @@ def _provenance(meta: dict) -> str:
     cmds = [f"`{regenerate_command({**meta, **p}, out=p['dir'], update_docs=False)}`" for p in parts]
     dirs = " ".join(p["dir"] for p in parts)
     return (f"Generated in {len(parts)} calls on **{meta['device']}**: " + "; ".join(cmds) + ", merged by "
-            f"`dvdquant eval --from-results {dirs} --out {meta.get('merged_into', 'DIR')} --update-docs` {run}.")
+            f"`dvdquant eval --from-results {dirs} --out {meta.get('merged_into', 'DIR')}` (then `python "
+            f"{DOCS_SCRIPT}` on it) {run}.")
 
 
 def _fmt(v, fmt) -> str:
@@ -276,7 +166,7 @@ def _diff_cell(d: Optional[dict], nd: int) -> str:
     if d is None:
         return "—"
     mark = {"better": " ▲", "worse": " ▼"}.get(d["verdict"], "")
-    return _iv({k: v for k, v in d.items() if k != "verdict"}, nd) + mark
+    return interval_text({k: v for k, v in d.items() if k != "verdict"}, nd) + mark
 
 
 def _comparison_table(results: dict) -> list[str]:
@@ -307,7 +197,7 @@ def _power_line(results: dict) -> list[str]:
 def render_markdown(results: dict, img_prefix: str = "img/") -> str:
     if "analysis" not in results:
         analyse(results)
-    meta, fp, acc = results["meta"], results["fp"], results["acceptance"]
+    meta, fp = results["meta"], results["fp"]
     n = meta["n_prompts"]
     reps = (meta.get("fd_bootstrap") or {}).get("reps")
     L = ["## Quality: methods × bit-widths on the embedded model (issue #4)", "", _provenance(meta), ""]
@@ -341,10 +231,10 @@ def render_markdown(results: dict, img_prefix: str = "img/") -> str:
           "“DVD-Quant − δ-GBS (static A4)” is the W4A6 configuration with δ-GBS off: every step A4 (the same "
           "numerics as DVD-Quant W4A4). Ablations replace one field of `DVDQuantConfig()`: `bgr=None` (MinMax "
           "weights), `rotation=False`, `auto_scale=\"none\"`."]
-    L += ["", "`--update-docs` writes this section, `docs/results.json` and `docs/img/quality_*.png`. A run made "
-          "elsewhere, or split across calls (the same `--prompts`, `--steps`, `--seed`, other `--methods` / `--bits` "
-          "into separate `--out` folders), is installed with `dvdquant eval --from-results DIR [DIR ...] --out DIR "
-          "--update-docs`."]
+    L += ["", f"`python {DOCS_SCRIPT} DIR` writes this section (with the acceptance checks), `docs/results.json` "
+          "and `docs/img/quality_*.png` from a run folder. A run split across calls (the same `--prompts`, `--steps`, "
+          "`--seed`, other `--methods` / `--bits` into separate `--out` folders) is merged first with "
+          "`dvdquant eval --from-results DIR [DIR ...] --out DIR`."]
     exact = "bit-identical" if fp["rerun_exact"] else "**not** bit-identical (non-deterministic kernels)"
     L += ["", f"FP row: a second FP generation compared with the first, {exact}."]
     if meta.get("fp_identical_across_parts") is False:
@@ -385,15 +275,6 @@ def render_markdown(results: dict, img_prefix: str = "img/") -> str:
               f"![per-layer SQNR at W4A4]({img_prefix}{IMG_SQNR})"]
     L += ["", f"![frames, FP vs each method at W4A4]({img_prefix}{IMG_FRAMES})", ""]
 
-    L += ["### Acceptance (issue #4), checked on these numbers", "",
-          "A check of a difference passes only when its paired 95 % interval excludes 0.", ""]
-    for c in acc["checks"]:
-        mark = "✅" if c["ok"] else ("❌" if c["ok"] is False else "—")
-        L.append(f"- {mark} {c['name']}: {c['detail']}")
-    m = acc.get("most_important_part_w4a4")
-    if m:
-        L.append(f"- Part whose removal costs the most PSNR at W4A4: **{m['part']}** (with − without: "
-                 f"{_iv(m['psnr'], 2, ' dB')}). δ-GBS is judged at W4A6 against static A4 (above).")
     return "\n".join(L) + "\n"
 
 
@@ -417,7 +298,7 @@ def _observations(results) -> list[str]:
                    f"(FP {results['fp']['adherence']['all']:.1f} %), a spread of {round((max(a) - min(a)) / one)} "
                    "clips: on this model the classifier separates the methods far less than PSNR / SSIM / flicker "
                    "do, so it is a secondary column.")
-    idx = _idx(results)
+    idx = index_runs(results)
     d, nb = idx.get(("dvdquant", "W4A4")), idx.get(("dvdquant-no-bgr", "W4A4"))
     if d and nb:
         out.append(f"BGR at W4A4: mean weight error {d['cost']['mean_w_err']:.4f} vs {nb['cost']['mean_w_err']:.4f} "
@@ -448,7 +329,7 @@ def _notes(results) -> list[str]:
 
 # ----------------------------------------------------------------------------- files
 def write_outputs(results: dict, out_dir, layers: Optional[dict] = None, grid: Optional[dict] = None) -> Path:
-    """results.json (with intervals and checks), layers.json, grid.pt, quality.md, quality_*.png into ``out_dir``."""
+    """results.json (with intervals), layers.json, grid.pt, quality.md, quality_*.png into ``out_dir``."""
     from . import plots
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -486,53 +367,7 @@ def finish(run_dirs: Sequence, out_dir=None) -> dict:
     return results
 
 
-def update_results_md(path: Path, section: str) -> None:
-    """Replace the text between the quality markers (append the markers if absent)."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else "# Results\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def load_results(run_dir) -> dict:
-    """A run folder's results (results.partial.json of a run cut short), intervals and checks recomputed."""
+    """A run folder's results (results.partial.json of a run cut short), intervals recomputed."""
     results, _, _ = store.merge_runs([run_dir])
     return analyse(results)
-
-
-def install_docs(run_dir, docs_dir=None) -> list[Path]:
-    """Install a finished report (a folder written by :func:`finish`) into ``docs/``."""
-    from . import plots
-    run_dir = Path(run_dir)
-    docs = Path(docs_dir) if docs_dir is not None else REPO_DOCS
-    img = docs / "img"
-    img.mkdir(parents=True, exist_ok=True)
-    results = load_results(run_dir)
-    written = []
-    layers_path = run_dir / store.LAYERS
-    if layers_path.exists():
-        layers = json.loads(layers_path.read_text())
-        shutil.copyfile(layers_path, docs / "results_layers.json")
-        plots.sqnr_plot(results, layers, img / IMG_SQNR)
-        written += [docs / "results_layers.json", img / IMG_SQNR]
-    if any(r.get("gbs") for r in results["runs"]):
-        plots.gbs_plot(results, img / IMG_GBS)
-        written.append(img / IMG_GBS)
-    grid = store.load_grid(run_dir)
-    if grid:
-        plots.frame_grid(grid, img / IMG_FRAMES)
-        written.append(img / IMG_FRAMES)
-    elif (run_dir / IMG_FRAMES).exists():
-        shutil.copyfile(run_dir / IMG_FRAMES, img / IMG_FRAMES)
-        written.append(img / IMG_FRAMES)
-    store.dump(results, docs / "results.json")
-    update_results_md(docs / "RESULTS.md", render_markdown(results, img_prefix="img/"))
-    return written + [docs / "results.json", docs / "RESULTS.md"]

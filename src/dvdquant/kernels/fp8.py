@@ -11,8 +11,8 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
   ``scale_b = Δ`` (1, N). A4 codes (|c| ≤ 7) and W_int (|w| ≤ 15) are exact in e4m3 and
   their products sum exactly in the tensor cores' fp32 accumulator (|sum| ≤ 105·K < 2^24 for
   K ≤ 159k) with ``use_fast_accum=False``, so A4 is the integer GEMM, exactly, up to the
-  final scaling and the bf16 output rounding. ``fast_accum=True`` (opt-in, per layer:
-  ``module.fp8_fast_accum``, set by ``dvdquant.set_backend(..., fast_accum=True)``) lets cuBLAS
+  final scaling and the bf16 output rounding. ``fast_accum=True`` (opt-in, the model's
+  ``ExecutionConfig``, set by ``dvdquant.set_backend(..., fast_accum=True)``) lets cuBLAS
   keep the sums in the tensor cores' reduced-precision accumulator: faster, exact while the
   running sums stay small, but low bits are dropped once they grow (docs/KERNELS.md). Rotated
   activations are zero-mean, which is why it can be worth it. The per-block GEMM keeps exact accumulation.
@@ -38,12 +38,13 @@ With activation codes c (M, K) and scales s, weight integers W_int = q − z (N,
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..errors import NonFiniteError
-from ..numerics.grids import is_weight_only
+from ..numerics.grids import call_bits, is_weight_only
 from ..numerics.hadamard import cached_hadamard, hadamard_rotate, hadamard_rotate_exact
 from .env import log_once
 from .expand import ExpansionPool
@@ -56,11 +57,6 @@ _POOL = ExpansionPool()
 
 
 # ---------------------------------------------------------------------------------- weights
-def fp8_weight(module) -> torch.Tensor:
-    """(q − z) as FP8 (N, K), expanded into the shared per-shape pool."""
-    return _POOL.expand(module.qweight, module.w_zero)
-
-
 def release_weight_buffers() -> None:
     """Free the expansion pool."""
     _POOL.clear()
@@ -94,13 +90,10 @@ def gemm_blockwise(q, s_kmajor, w8, w_scale, bias, out_dtype):
 def resolve_bits(bits: torch.Tensor, default_bits: int) -> int:
     """The step's activation bits: the shared override in ``bits`` (CPU int32, −1 = none) or the layer's.
 
-    A weight-only layer (``default_bits`` ≥ 16) keeps its A16 whatever the override says (δ-GBS
-    switches activation quantizers, and it has none).
+    A weight-only layer keeps its A16 whatever the override says (:func:`~dvdquant.numerics.grids.call_bits`:
+    δ-GBS switches activation quantizers, and it has none).
     """
-    if is_weight_only(default_bits):
-        return default_bits
-    b = int(bits.reshape(-1)[0]) if bits.numel() else -1
-    return default_bits if b < 0 else b
+    return call_bits(default_bits, int(bits.reshape(-1)[0]) if bits.numel() else -1)
 
 
 def int8_tensor_cores_for_a4(device: torch.device) -> bool:
@@ -203,13 +196,46 @@ def quantize_tokens(x2: torch.Tensor, bits: int, fmt: str, smooth: Optional[torc
                      config=None if exact_rotation else {"snap": False}, codes_dtype=codes_dtype)
 
 
+@dataclass(frozen=True)
+class FP8Options:
+    """The static part of one FP8-path call (layer configuration and execution options), passed to the
+    custom op as one ``options`` list of ints (:meth:`encode`).
+
+    ``a_bits``: the layer's configured bits (a weight-only layer keeps A16 whatever the step says);
+    ``rotation_block`` 0: no online rotation; ``per_block``: per-(token, ``scale_block``) scales;
+    ``a8_fp8``: the layer's A8 format is FP8 e4m3; the rest: :class:`~dvdquant.kernels.ExecutionConfig`.
+    """
+
+    a_bits: int
+    rotation_block: int
+    scale_block: int
+    per_block: bool = False
+    a8_fp8: bool = False
+    fast_accum: bool = False
+    exact_rotation: bool = True
+    int8_gemm: bool = True
+
+    def encode(self) -> list[int]:
+        return [int(self.a_bits), int(self.rotation_block), int(self.scale_block), int(self.per_block),
+                int(self.a8_fp8), int(self.fast_accum), int(self.exact_rotation), int(self.int8_gemm)]
+
+    @classmethod
+    def decode(cls, v) -> "FP8Options":
+        return cls(int(v[0]), int(v[1]), int(v[2]), bool(v[3]), bool(v[4]), bool(v[5]), bool(v[6]), bool(v[7]))
+
+
 @torch.library.custom_op("dvdquant::w4_linear_fp8", mutates_args=())
-def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
+def w4_linear_fp8(x2: torch.Tensor, qweights: list[torch.Tensor], w_zeros: list[torch.Tensor], w_scale: torch.Tensor,
                   bias: Optional[torch.Tensor], smooth: Optional[torch.Tensor], bits: torch.Tensor,
-                  default_bits: int, rotation_block: int, a8_fp8: bool, per_block: bool, scale_block: int,
-                  layer_name: str, fast_accum: bool = False,
-                  exact_rotation: bool = True, int8_gemm: bool = True) -> torch.Tensor:
-    """One W4 linear on the FP8 path: x2 (M, K) bf16/fp16/fp32 → (M, N) bf16/fp16.
+                  options: list[int], layer_name: str) -> torch.Tensor:
+    """W4 linear(s) on the FP8 path: x2 (M, K) bf16/fp16/fp32 → (M, ΣN) bf16/fp16.
+
+    ``qweights`` / ``w_zeros``: one packed weight, or several sibling ones that read the same tokens
+    (fused Q/K/V: the tokens are rotated and quantized once, the weights expand one below the other
+    into one pooled (ΣN, K) buffer and one GEMM writes the concatenated outputs; ``w_scale`` (ΣN, 1)
+    and ``bias`` (ΣN,) are the members' concatenated; per-token scales, no ``smooth``). Each output
+    column is computed as the member's own call computes it, bit for bit. ``options``:
+    :meth:`FP8Options.encode`.
 
     A custom op so that ``torch.compile`` traces a quantized model without graph breaks: the op
     is opaque to dynamo/inductor (they fuse the glue *around* it), and the step's bit-width is
@@ -217,126 +243,56 @@ def w4_linear_fp8(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor,
     The weight expansion into the shared per-shape buffer happens inside too, so no compiled
     graph ever holds a pooled buffer across two layers.
     """
-    return _w4_linear(x2, lambda dtype: _POOL.expand(qweight, w_zero, dtype), w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8, per_block,
-                      scale_block, layer_name, fast_accum, exact_rotation, int8_gemm)
+    if len(qweights) == 1:
+        expand = lambda dtype: _POOL.expand(qweights[0], w_zeros[0], dtype)     # noqa: E731
+    else:
+        expand = lambda dtype: _POOL.expand_many(qweights, w_zeros, dtype)      # noqa: E731
+    return _w4_linear(x2, expand, w_scale, bias, smooth, bits, FP8Options.decode(options), layer_name)
 
 
-@torch.library.custom_op("dvdquant::w4_linear_fp8_fused", mutates_args=())
-def w4_linear_fp8_fused(x2: torch.Tensor, qweights: list[torch.Tensor], w_zeros: list[torch.Tensor],
-                        w_scale: torch.Tensor, bias: Optional[torch.Tensor], bits: torch.Tensor, default_bits: int,
-                        rotation_block: int, a8_fp8: bool, scale_block: int, layer_name: str,
-                        fast_accum: bool = False, exact_rotation: bool = True,
-                        int8_gemm: bool = True) -> torch.Tensor:
-    """Sibling W4 linears that read the same tokens (Q/K/V projections) as one: x2 (M, K) → (M, ΣN).
-
-    The tokens are rotated and quantized once, the packed weights expand one below the other into one
-    pooled (ΣN, K) buffer, and one GEMM writes the concatenated outputs; ``w_scale`` (ΣN, 1) and ``bias``
-    (ΣN,) are the members' concatenated. Each output column is computed exactly as the member's own
-    :func:`w4_linear_fp8` computes it (per-token scales only), so the result equals the members'
-    outputs side by side, bit for bit.
-    """
-    return _w4_linear(x2, lambda dtype: _POOL.expand_many(qweights, w_zeros, dtype), w_scale, bias, None, bits,
-                      default_bits, rotation_block, a8_fp8, False, scale_block, layer_name, fast_accum,
-                      exact_rotation, int8_gemm)
-
-
-def _w4_linear(x2, expand, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8, per_block,
-               scale_block, layer_name, fast_accum, exact_rotation, int8_gemm) -> torch.Tensor:
-    """The body of the two ops; ``expand(dtype)`` returns the (N, K) weight integers q − z in ``dtype``."""
-    b = resolve_bits(bits, default_bits)
+def _w4_linear(x2, expand, w_scale, bias, smooth, bits, o: FP8Options, layer_name: str) -> torch.Tensor:
+    """The body of the op; ``expand(dtype)`` returns the (N, K) weight integers q − z in ``dtype``."""
+    b = resolve_bits(bits, o.a_bits)
     w_scale = w_scale.float()                     # (N, 1) fp32 Δ, also if the model was cast with .to()
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     bias_o = None if bias is None else bias.to(out_dtype)
-    fmt = "none" if b >= 16 else act_format_for(b, a8_fp8, layer_name, per_block, int8_gemm, fast_accum,
-                                                  int8_tensor_cores_for_a4(x2.device))
+    fmt = "none" if is_weight_only(b) else act_format_for(b, o.a8_fp8, layer_name, o.per_block, o.int8_gemm,
+                                                           o.fast_accum, int8_tensor_cores_for_a4(x2.device))
     w8 = expand(torch.int8 if fmt == "int8" else torch.float8_e4m3fn)       # (N, K) q − z
     n = w8.shape[0]
-    if b >= 16:                          # no activation quantization: bf16 GEMM on the dequantized weight
+    if is_weight_only(b):                # no activation quantization: bf16 GEMM on the dequantized weight
         xf = x2.float() if smooth is None else x2.float() / smooth
-        if rotation_block:
-            xf = hadamard_rotate_exact(xf, rotation_block)
+        if o.rotation_block:
+            xf = hadamard_rotate_exact(xf, o.rotation_block)
         w = (w8.float() * w_scale.reshape(n, 1)).to(out_dtype)
         return torch.nn.functional.linear(xf.to(out_dtype), w, bias_o)
-    blk = scale_block if per_block else None
+    blk = o.scale_block if o.per_block else None
     mode = finite_check_mode()             # "step": recorded on the device, read once per step
     flag = device_flag(x2.device) if mode == "step" else None
-    q, s = quantize_tokens(x2, b, "int" if fmt == "int8" else fmt, smooth, rotation_block, blk, flag,
-                           layer_id(layer_name) if flag is not None else 0, exact_rotation,
+    q, s = quantize_tokens(x2, b, "int" if fmt == "int8" else fmt, smooth, o.rotation_block, blk, flag,
+                           layer_id(layer_name) if flag is not None else 0, o.exact_rotation,
                            torch.int8 if fmt == "int8" else torch.float8_e4m3fn)       # (M, K), (M, G)
     if mode == "layer" and not bool(torch.isfinite(s).all()):   # one sync per layer
         raise NonFiniteError(f"layer {layer_name or '?'}: input activations hold NaN/Inf")
     if fmt == "int8":
         return gemm_int8_rowwise(q, s, w8, w_scale, bias_o, out_dtype)
-    if per_block:
+    if o.per_block:
         return gemm_blockwise(q, s, w8, w_scale, bias_o, out_dtype)
-    return gemm_rowwise(q, s, w8, w_scale, bias_o, out_dtype, fast_accum)
+    return gemm_rowwise(q, s, w8, w_scale, bias_o, out_dtype, o.fast_accum)
 
 
-@w4_linear_fp8_fused.register_fake
-def _w4_linear_fp8_fused_fake(x2, qweights, w_zeros, w_scale, bias, bits, default_bits, rotation_block, a8_fp8,
-                              scale_block, layer_name, fast_accum=False, exact_rotation=True, int8_gemm=True):
+@w4_linear_fp8.register_fake
+def _w4_linear_fp8_fake(x2, qweights, w_zeros, w_scale, bias, smooth, bits, options, layer_name):
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     return x2.new_empty((x2.shape[0], sum(q.shape[0] for q in qweights)), dtype=out_dtype)
 
 
-@w4_linear_fp8.register_fake
-def _w4_linear_fp8_fake(x2, qweight, w_zero, w_scale, bias, smooth, bits, default_bits, rotation_block, a8_fp8,
-                        per_block, scale_block, layer_name, fast_accum=False, exact_rotation=True,
-                        int8_gemm=True):
-    out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    return x2.new_empty((x2.shape[0], qweight.shape[0]), dtype=out_dtype)
-
-
-def _selected_smooth(module) -> Optional[torch.Tensor]:
-    smooth = getattr(module, "smooth", None)
-    if smooth is None:
-        return None
-    state = getattr(module, "state", None)
-    t = 0 if state is None or state.step_index is None else state.step_index
-    return smooth[min(t, smooth.shape[0] - 1)]
-
-
-def _bits_tensor(module, bits: Optional[int]) -> torch.Tensor:
-    if bits is not None:
-        return torch.full((1,), int(bits), dtype=torch.int32)
-    state = getattr(module, "state", None)
-    bt = getattr(state, "bits_tensor", None)
-    return bt if bt is not None else torch.full((1,), -1, dtype=torch.int32)
-
-
-def _path_options(module) -> tuple:
-    """(fast_accum, exact_rotation, int8_gemm): the per-layer options ``set_backend`` writes, in the ops' order."""
-    return (bool(getattr(module, "fp8_fast_accum", False)), bool(getattr(module, "fp8_exact_rotation", True)),
-            bool(getattr(module, "fp8_int8_gemm", True)))
-
-
-def fp8_forward(module, x: torch.Tensor, bits: Optional[int] = None, fmt: Optional[str] = None,
-                per_block: bool = False) -> torch.Tensor:
-    """y = x̂ Ŵᵀ + b through ``_scaled_mm``; output in x's dtype (bf16 GEMM output for fp32 x).
-
-    ``bits`` None: the op reads the step's bits from the model's RuntimeState (the compiled path);
-    an int forces them. ``fmt`` is implied by the bits (kept for callers that pass it).
-    """
+def w4_linear(x: torch.Tensor, qweights: list, w_zeros: list, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+              smooth: Optional[torch.Tensor], bits: torch.Tensor, options: FP8Options,
+              layer_name: str = "") -> torch.Tensor:
+    """y = x̂ Ŵᵀ + b of x (..., K) through :func:`w4_linear_fp8`; output in x's dtype (bf16 GEMM output
+    for fp32 x). ``bits``: the step's bits, a CPU int32 tensor (−1: the layer's ``options.a_bits``)."""
     shape = x.shape
-    x2 = x.reshape(-1, module.in_features)                                   # (M, K)
-    y = w4_linear_fp8(x2, module.qweight, module.w_zero, module.w_scale, module.bias, _selected_smooth(module),
-                      _bits_tensor(module, bits), int(module.a_bits), int(module.rotation_block or 0),
-                      getattr(module, "a8_format", "int") == "fp8_e4m3", bool(per_block),
-                      int(module.scale_block), str(module.layer_name or ""), *_path_options(module))
-    return y.to(x.dtype).reshape(*shape[:-1], module.out_features)
-
-
-def fp8_forward_fused(members: list, x: torch.Tensor) -> torch.Tensor:
-    """Sibling QuantLinear-like ``members`` (same input, same activation configuration, per-token scales,
-    no smoothing; checked by :mod:`dvdquant.nn.fused`) on ``x`` (..., K) → (..., ΣN), one
-    :func:`w4_linear_fp8_fused` call."""
-    lead = members[0]
-    shape = x.shape
-    x2 = x.reshape(-1, lead.in_features)                                     # (M, K)
-    w_scale = torch.cat([m.w_scale.reshape(-1, 1) for m in members])         # (ΣN, 1)
-    bias = None if lead.bias is None else torch.cat([m.bias.reshape(-1) for m in members])
-    y = w4_linear_fp8_fused(x2, [m.qweight for m in members], [m.w_zero for m in members], w_scale, bias,
-                            _bits_tensor(lead, None), int(lead.a_bits), int(lead.rotation_block or 0),
-                            getattr(lead, "a8_format", "int") == "fp8_e4m3", int(lead.scale_block),
-                            "+".join(str(m.layer_name or "") for m in members), *_path_options(lead))
-    return y.to(x.dtype).reshape(*shape[:-1], w_scale.shape[0])
+    y = w4_linear_fp8(x.reshape(-1, shape[-1]), list(qweights), list(w_zeros), w_scale, bias, smooth, bits,
+                      options.encode(), layer_name)
+    return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])

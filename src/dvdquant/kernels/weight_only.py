@@ -34,9 +34,9 @@ def _w4a16_linear_fake(x2, qweight, w_zero, w_scale, bias):
     return x2.new_empty((x2.shape[0], qweight.shape[0]))
 
 
-def weight_only_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """A QuantLinear-like weight-only ``module`` on ``x`` (..., K) → (..., N) in x's dtype."""
+def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (..., K) through :func:`w4a16_linear` → (..., N) in x's dtype."""
     shape = x.shape
-    x2 = x.reshape(-1, module.in_features)                                     # (M, K)
-    y = w4a16_linear(x2, module.qweight, module.w_zero, module.w_scale, module.bias)
-    return y.reshape(*shape[:-1], module.out_features)
+    y = w4a16_linear(x.reshape(-1, shape[-1]), qweight, w_zero, w_scale, bias)             # (M, N)
+    return y.reshape(*shape[:-1], qweight.shape[0])

@@ -42,14 +42,16 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..kernels import device_capability
+from ..kernels.execution import ATTENTION_PATHS
 from ..kernels.env import interpreting, log_once, triton_available
 from ..kernels.attention_ref import QK_FORMATS, is_key_padding_mask, quant_attention_reference
 
 log = logging.getLogger(__name__)
 
 ATTN_ATTR = "_dvdquant_attention"           # on the model: the installed mode ("int8" / "fp8")
+ATTN_PATH_ATTR = "_dvdquant_attention_path"  # on the model: the installed path ("auto" / "triton" / "emulated")
 PREV_ATTR = "_dvdquant_prev_backend"         # on a processor: the backend it had before
-PATHS = ("auto", "triton", "emulated")
+PATHS = ATTENTION_PATHS
 MODES = ("none",) + QK_FORMATS
 # Cross-attention to fewer keys than this stays on SDPA: its FLOPs are negligible (12–512 text tokens
 # against 32k+ video keys), and averaging so few keys leaves P·V's e4m3 rounding visible (measured on
@@ -325,6 +327,7 @@ def install_quantized_attention(model: nn.Module, mode: str = "int8", backend: s
         setattr(proc, PREV_ATTR, proc._attention_backend)
         proc._attention_backend = member
     setattr(model, ATTN_ATTR, mode)
+    setattr(model, ATTN_PATH_ATTR, backend)
     log.info("quantized attention (%s, %s) on %d modules of %s (%d processors replaced, %d kept on SDPA)",
              mode, backend, counts["dispatch"] + counts["replaced"], type(model).__name__, counts["replaced"],
              counts["sdpa"])
@@ -382,14 +385,20 @@ def remove_quantized_attention(model: nn.Module) -> int:
             proc._attention_backend = getattr(proc, PREV_ATTR)
             delattr(proc, PREV_ATTR)
         restored += 1
-    if hasattr(model, ATTN_ATTR):
-        delattr(model, ATTN_ATTR)
+    for attr in (ATTN_ATTR, ATTN_PATH_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return restored
 
 
 def quantized_attention_mode(model: nn.Module) -> Optional[str]:
     """The installed mode ("int8"/"fp8"), or None."""
     return getattr(model, ATTN_ATTR, None)
+
+
+def quantized_attention_path(model: nn.Module) -> Optional[str]:
+    """The installed path ("auto" / "triton" / "emulated"), or None."""
+    return getattr(model, ATTN_PATH_ATTR, None)
 
 
 def apply_config(model: nn.Module, config) -> Optional[dict]:
@@ -401,5 +410,6 @@ def apply_config(model: nn.Module, config) -> Optional[dict]:
 
 
 __all__ = ["AttnPlan", "plan_attention", "install_quantized_attention", "remove_quantized_attention",
-           "quantized_attention_mode", "register_backends", "capture_attention_inputs", "backend_value", "apply_config",
+           "quantized_attention_mode", "quantized_attention_path",
+           "register_backends", "capture_attention_inputs", "backend_value", "apply_config",
            "CogVideoXQuantAttnProcessor", "MODES"]

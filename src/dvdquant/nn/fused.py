@@ -5,7 +5,7 @@ they rotate and quantize those tokens three times and run three narrower GEMMs. 
 diffusers processors (Wan's) already know a fused form: with ``attn.fused_projections`` set they
 call ``attn.to_qkv(x)`` once and split the output. :func:`install_fused_projections` gives them that
 attribute as a :class:`FusedProjection`, which quantizes the tokens once and runs one GEMM over the
-members' weights (:func:`dvdquant.kernels.fp8.fp8_forward_fused`).
+members' weights (:func:`dvdquant.nn.execution.fp8_forward_fused`).
 
 Nothing is copied or re-quantized: the callable reads the members' packed weights at each call (so
 ``.to()``, loading and δ-GBS keep working), it is not a submodule (state dicts and checkpoints keep
@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .execution import fp8_forward_fused, plan
 from .step_work import run_probe
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 FUSED_ATTR = "_dvdquant_fused"       # on an attention module: the attribute names installed here
 UNFUSED_CLASS_ATTR = "_dvdquant_unfused_class"   # on a processor switched to its fused-aware subclass
 # Member attributes that must agree for one activation quantization to serve them all.
+# (The execution config is the members' shared RuntimeState's: one for all of them.)
 _SAME = ("in_features", "a_bits", "rotation_block", "auto_scale", "scale_block", "a8_format", "w_bits",
-         "group_size", "backend", "fp8_fast_accum", "fp8_exact_rotation", "fp8_int8_gemm")
+         "group_size")
 
 
 class FusedProjection:
@@ -43,13 +45,12 @@ class FusedProjection:
         self.names = list(names)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import plan_forward           # nn → kernels, one way
         lead = self.members[0]
-        if _first_difference(self.members) is None and lead.backend in ("fp8", "auto"):   # else: call each
+        shared = all(m.state is lead.state for m in self.members) and _first_difference(self.members) is None
+        if shared and lead.execution.backend in ("fp8", "auto"):       # else: call each member
             bits = None if torch.compiler.is_compiling() else lead.current_a_bits()
-            plan = plan_forward(lead, x.device, bits)
-            if plan.path == "fp8" and not plan.per_block:
-                from ..kernels.fp8 import fp8_forward_fused
+            p = plan(lead, x.device, bits)
+            if p.path == "fp8" and not p.per_block:
                 for m in self.members:                   # the members' forwards are bypassed: count their work
                     run_probe(m, x)
                 return fp8_forward_fused(self.members, x)

@@ -58,14 +58,18 @@ import torch
 import torch.nn as nn
 
 from ..errors import DVDQuantError, NonFiniteError
+from ..kernels.execution import ExecutionConfig
 from ..numerics import grids
 from ..numerics.hadamard import hadamard_rotate, hadamard_rotate_exact
 from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import pack_int4, unpack_int4
 from ..numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_sample, sample_count,
                                scale_per_sample)
+from .execution import forward as kernel_forward
 from .state import RuntimeState
 from .weight_cache import DecodedWeights
+
+_SIMULATED = ExecutionConfig()
 
 
 class QuantLinear(nn.Module):
@@ -104,10 +108,6 @@ class QuantLinear(nn.Module):
                                  requires_grad=False) if has_bias else None
         self.state: Optional[RuntimeState] = None  # shared, set by quantize_ (not a submodule)
         self.layer_name = ""
-        self.backend = "simulated"  # "simulated" | any backend name known to dvdquant.kernels
-        self.fp8_fast_accum = False  # fp8 path: cuBLAS fast (reduced-precision) FP8 accumulation, opt-in
-        self.fp8_exact_rotation = True  # fp8 path: the snapped, exact rotation (False: cheaper, inexact)
-        self.fp8_int8_gemm = True  # fp8 path: int-grid steps on the exact INT8 GEMM (False: FP8 GEMM, A6/A8 e4m3)
         self._decoded = DecodedWeights()  # fp32 decodings of the packed weight, never saved
 
     # ---------------------------------------------------------------- construction
@@ -203,18 +203,22 @@ class QuantLinear(nn.Module):
             build = lambda: self.weight_params().codes.float() - self.w_zero   # noqa: E731
         return self._decoded.get(kind, (self.qweight, self.w_scale, self.w_zero), build)
 
+    @property
+    def execution(self) -> ExecutionConfig:
+        """How this layer runs: its model's execution config (``RuntimeState.execution``, set by
+        ``dvdquant.set_backend``); the simulated reference for a layer without a state."""
+        return _SIMULATED if self.state is None else self.state.execution
+
     # ---------------------------------------------------------------- activation side
     def current_a_bits(self) -> int:
-        """This call's activation bits: the RuntimeState override (δ-GBS), except for weight-only layers.
+        """This call's activation bits: the RuntimeState override (δ-GBS), except for weight-only layers
+        (:func:`~dvdquant.numerics.grids.call_bits`).
 
-        A layer configured with ``a_bits=16`` is weight-only and never switched; it does not read
-        the state at all, so a compiled model installs no guard on it for such layers.
+        A weight-only layer does not read the state at all, so a compiled model installs no guard on it.
         """
-        if grids.is_weight_only(self.a_bits):
+        if self.state is None or grids.is_weight_only(self.a_bits):
             return self.a_bits
-        if self.state is not None and self.state.a_bits is not None:
-            return self.state.a_bits
-        return self.a_bits
+        return grids.call_bits(self.a_bits, self.state.a_bits)
 
     def _all_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample maxima over tokens (G, K), extended to every rank's tokens of each sample under
@@ -235,7 +239,8 @@ class QuantLinear(nn.Module):
     def per_token_scaling(self, bits: int) -> bool:
         """Whether this call's product has one activation scale per token and one weight step per
         output channel (no Λ, no groups): then it runs in the exact code-GEMM order."""
-        if bits >= 16 or self.dyn_alpha is not None or self.act_balance is not None or self.w_scale.shape[1] != 1:
+        if (grids.is_weight_only(bits) or self.dyn_alpha is not None or self.act_balance is not None
+                or self.w_scale.shape[1] != 1):
             return False
         k = self.in_features
         return self.auto_scale == "none" or (self.auto_scale == "per_block"
@@ -263,7 +268,7 @@ class QuantLinear(nn.Module):
         ``samples``: the G batch elements the M tokens belong to (G contiguous groups); ``per_channel``
         takes one Λ_t per sample (:mod:`~dvdquant.numerics.samples`).
         """
-        if bits >= 16:
+        if grids.is_weight_only(bits):
             return x2
         if self.act_balance is not None:                              # calibrated Λ for this step
             self._require_finite(x2)
@@ -285,12 +290,8 @@ class QuantLinear(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend != "simulated":
-            if self.dyn_alpha is not None:
-                raise DVDQuantError(f"layer {self.layer_name or '?'}: dynamic smoothing runs only on the "
-                                    f"'simulated' backend (asked for {self.backend!r})")
-            from ..kernels import quant_linear_forward  # nn → kernels, one way
-            return quant_linear_forward(self, x)
+        if self.execution.backend != "simulated":
+            return kernel_forward(self, x)                  # nn → kernels, one way (.execution)
         return self.forward_simulated(x)
 
     def forward_simulated(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,7 +324,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()                  # (M, K)
         samples = sample_count(shape)                                 # statistics per batch element
         bits = self.current_a_bits()
-        if self.dyn_alpha is not None and bits < 16:
+        if self.dyn_alpha is not None and not grids.is_weight_only(bits):
             s = self.dynamic_smoothing(x2, samples)                   # (G, K), from each sample's tokens
             xq = self.quantize_input(self.transform_input(scale_per_sample(x2, s, True)), bits, samples)
             # one Q(W·diag(s_g)·H) per sample: s_t is per sample, so is the re-quantized weight

@@ -2,7 +2,8 @@
 
 δ-GBS changes the activation bit-width of *all* layers between denoising steps, and
 timestep-aware baselines need the current step index. Both live in one small object that
-``quantize_`` attaches to the model and hands to each :class:`QuantLinear` — no globals.
+``quantize_`` attaches to the model and hands to each :class:`QuantLinear` — no globals. So does
+the model's execution config (backend, GEMM route, …; ``dvdquant.set_backend``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from ..kernels.execution import ExecutionConfig
 
 
 @dataclass
@@ -30,6 +33,8 @@ class RuntimeState:
     # context parallelism (dvdquant.distributed.enable_context_parallel): the ranks that share one
     # sequence; per-sample statistics taken over tokens (ARQ's per-channel Λ_t) are reduced over it
     process_group: Optional[object] = field(default=None, repr=False, compare=False)
+    # how every layer of the model runs (frozen; replaced whole by dvdquant.set_backend, kept by reset())
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def __setattr__(self, name, value) -> None:
         object.__setattr__(self, name, value)

@@ -46,6 +46,14 @@ def is_weight_only(a_bits: int) -> bool:
     return a_bits >= WEIGHT_ONLY_BITS
 
 
+def call_bits(a_bits: int, override: Optional[int]) -> int:
+    """A call's activation bits for a layer configured with ``a_bits``: the step's ``override`` (δ-GBS;
+    None or negative: none), except that a weight-only layer keeps its A16."""
+    if is_weight_only(a_bits) or override is None or override < 0:
+        return a_bits
+    return override
+
+
 def act_qmax(bits: int) -> int:
     """Largest code of a symmetric ``bits``-bit activation grid (4 → 7, 8 → 127)."""
     if bits not in (2, 3, 4, 5, 6, 7, 8):
