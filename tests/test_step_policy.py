@@ -171,14 +171,18 @@ def _drive_one(model, xs, ctx, i):
             model(xs[i], timestep=t, encoder_hidden_states=c, return_dict=False)
 
 
+def _drive_and_decisions(model, xs, ctx, mode):
+    """The outputs of a run and the policy's decisions in it."""
+    with torch.no_grad():
+        out = _drive(model, xs, ctx, mode)
+    return out, list(dvdquant.step_controller(model).policy.decisions)
+
+
 def test_cfg_two_calls_and_batched_decide_the_same():
     xs, ctx = _inputs()
     model = _policy_model(POLICY, per_sample_fp=True)
-    with torch.no_grad():
-        two = _drive(model, xs, ctx, "two")
-        dec_two = dvdquant.step_controller(model).policy.decisions
-        batched = _drive(model, xs, ctx, "batched")
-        dec_batched = dvdquant.step_controller(model).policy.decisions
+    two, dec_two = _drive_and_decisions(model, xs, ctx, "two")
+    batched, dec_batched = _drive_and_decisions(model, xs, ctx, "batched")
     assert dec_two == dec_batched and any(SKIP in d.values() for d in dec_two)
     for a, b in zip(two, batched):
         for x, y in zip(a, b):
@@ -188,11 +192,8 @@ def test_cfg_two_calls_and_batched_decide_the_same():
 def test_a_sample_decides_and_computes_the_same_alone_or_in_a_batch():
     xs, ctx = _inputs()
     model = _policy_model(POLICY, per_sample_fp=True)
-    with torch.no_grad():
-        both = _drive(model, xs, ctx, "two")
-        dec_both = dvdquant.step_controller(model).policy.decisions
-        alone = _drive(model, [x[:1] for x in xs], tuple(c[:1] for c in ctx), "two")
-        dec_alone = dvdquant.step_controller(model).policy.decisions
+    both, dec_both = _drive_and_decisions(model, xs, ctx, "two")
+    alone, dec_alone = _drive_and_decisions(model, [x[:1] for x in xs], tuple(c[:1] for c in ctx), "two")
     assert [d[0] for d in dec_both] == [d[0] for d in dec_alone]
     assert any(len(set(d.values())) > 1 for d in dec_both)           # mixed steps: sub-batches ran
     for a, b in zip(both, alone):
