@@ -48,25 +48,39 @@ COSTS = {"fp": 1.0, 4: 2835 / 3365, 8: 3024 / 3365}
 
 
 class BlockCoverage:
-    """Share of the transformer blocks whose attention ran, per transformer call."""
+    """Per transformer call: the share of block work that ran (a block counts, for the rows it ran on, when
+    its ``attn1`` runs: a cache-served block counts 0, a sub-batch its rows) and that work's cost (rows ×
+    the cost of the bits they ran at, FP: ``COSTS["fp"]``), both over a full call of the same rows."""
 
-    def __init__(self, transformer) -> None:
+    def __init__(self, transformer, default_bits=None) -> None:
         self.blocks = len(transformer.blocks)
-        self.per_call: list = []
-        self._ran = 0
+        self.state = get_state(transformer)
+        self.default_bits = default_bits
+        self.per_call: list = []                  # (coverage, cost) per call
+        self._rows = self._ran = self._cost = 0.0
         for b in transformer.blocks:
-            b.attn1.register_forward_pre_hook(self._count)
-        transformer.register_forward_pre_hook(self._start)
+            b.attn1.register_forward_pre_hook(self._count, with_kwargs=True)
+        transformer.register_forward_pre_hook(self._start, with_kwargs=True)
         transformer.register_forward_hook(self._end)
 
-    def _count(self, *_):
-        self._ran += 1
+    def _unit(self) -> float:
+        if self.default_bits is None:
+            return COSTS["fp"]
+        bits = self.state.a_bits if self.state is not None and self.state.a_bits is not None else self.default_bits
+        return COSTS[bits]
 
-    def _start(self, *_):
-        self._ran = 0
+    def _count(self, m, args, kwargs):
+        rows = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        self._ran += rows
+        self._cost += rows * self._unit()
+
+    def _start(self, m, args, kwargs):
+        self._rows = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        self._ran = self._cost = 0.0
 
     def _end(self, *_):
-        self.per_call.append(self._ran / self.blocks)
+        full = self.blocks * self._rows
+        self.per_call.append((self._ran / full, self._cost / (full * COSTS["fp"])))
 
 
 def _mag_config(threshold: float, steps: int, law: list):
@@ -97,25 +111,15 @@ def magnitude_law(model, prompts: list, steps: int, seed: int) -> list:
     return law
 
 
-def run_row(model, prompts: list, steps: int, seed: int, batch: int) -> tuple:
-    """Clips (B, F, H, W, 3) and, per generate call, the per-step (coverage, bits) (bits None: FP)."""
-    cov = BlockCoverage(model.transformer)
+def run_row(model, prompts: list, steps: int, seed: int, batch: int, default_bits=None) -> tuple:
+    """Clips (B, F, H, W, 3) and, per generate call, the per-step (coverage, relative cost)."""
+    cov = BlockCoverage(model.transformer, default_bits)
     clips, calls = [], []
     for i in range(0, len(prompts), batch):
         cov.per_call.clear()
         clips.append(generate(model, prompts[i:i + batch], seed=seed + i, steps=steps, progress=False).videos)
-        ctrl = dvdquant.step_controller(model.transformer)
-        calls.append((list(cov.per_call), None if ctrl is None else list(ctrl.schedule)))
+        calls.append(list(cov.per_call))
     return torch.cat(clips), calls
-
-
-def relative_compute(calls: list) -> float:
-    """Mean over calls and steps of coverage × the step's precision cost, over an FP step's cost."""
-    total = 0.0
-    for coverage, bits in calls:
-        unit = [COSTS["fp"]] * len(coverage) if bits is None else [COSTS.get(b, COSTS[8]) for b in bits]   # a skip entry (0): what ran of it ran at A8
-        total += sum(c * u for c, u in zip(coverage, unit)) / (len(coverage) * COSTS["fp"])
-    return total / len(calls)
 
 
 def rows_for(args) -> list:
@@ -131,7 +135,7 @@ def rows_for(args) -> list:
     rows += [(f"W4A4 + FirstBlockCache {t}", "w4a4+fbc", dvdquant.DVDQuantConfig(**w4a4), ("fbc", t)) for t in args.fbc]
     rows += [(f"dvdquant policy, budget {b}", "policy",
               dvdquant.DVDQuantConfig(**w4a4, policy=dvdquant.StepPolicyConfig(budget=b)), None) for b in args.budgets]
-    return rows
+    return [r for r in rows if r[1] == "fp" or args.only is None or r[1] in args.only]
 
 
 _QUANTIZED: dict = {}
@@ -166,16 +170,17 @@ def evaluate(base, rows: list, prompts: list, factors: list, steps: int, args, l
         if cache is not None:
             kind, thr = cache
             model.transformer.enable_cache(_mag_config(thr, steps, law) if kind == "mag" else _fbc_config(thr))
-        clips, calls = run_row(model, prompts, steps, args.seed, args.batch)
-        coverage = [sum(c[t] for c, _ in calls) / len(calls) for t in range(steps)]
+        clips, calls = run_row(model, prompts, steps, args.seed, args.batch, qcfg.a_bits if qcfg else None)
+        coverage = [sum(c[t][0] for c in calls) / len(calls) for t in range(steps)]
+        compute = sum(sum(cost for _, cost in c) / steps for c in calls) / len(calls)
         if ref is None:
             ref = clips
         p = psnr(ref, clips)
         hits = adherence_per_clip(clips, factors)["all"].float()
         iv = mean_interval(p[p < 100].tolist()) if bool((p < 100).any()) else None
-        row = {"name": name, "family": family, "steps": steps, "relative_compute": round(relative_compute(calls), 4),
-               "skipped_step_share": round(sum(c == 0 for c in coverage) / steps, 3),
-               "coverage": [round(c, 3) for c in coverage], "bits_per_call": [b for _, b in calls],
+        row = {"name": name, "family": family, "steps": steps, "relative_compute": round(compute, 4),
+               "block_work_share": round(sum(coverage) / steps, 3),
+               "coverage": [round(c, 3) for c in coverage],
                "psnr_db_mean": round(iv.mean, 3) if iv else None,
                "psnr_db_ci95": [round(iv.lo, 3), round(iv.hi, 3)] if iv else None,
                "psnr_db_per_clip": [round(float(v), 3) for v in p],
@@ -226,6 +231,9 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", type=_floats, default=[0.5, 0.7],
                     help="dvdquant step policy budgets (mean step cost relative to an A8 step, planned with the "
                          "policy's cost table of the device it runs on)")
+    ap.add_argument("--only", type=lambda v: v.split(","), default=None,
+                    help="families to run besides the FP reference (fp+magcache, fp+fbc, w4a4, gbs, w4a4+magcache, "
+                         "w4a4+fbc, policy; default: all)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
