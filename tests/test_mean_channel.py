@@ -20,7 +20,7 @@ from dvdquant import CheckpointError, ConfigError, DVDQuantConfig
 from dvdquant.algorithms.dvd import center_blocks, dvdquant_layer
 from dvdquant.config import config_from_fields, config_to_dict
 from dvdquant.eval.quality import METHODS, plan_runs
-from dvdquant.kernels import plan_forward
+from dvdquant.nn.execution import plan
 from dvdquant.nn.fused import incompatibility
 from dvdquant.nn.quant_linear import QuantLinear
 from tiny_models import TINY_MODELS, run
@@ -48,7 +48,7 @@ def _layer(mean: str = "exact", a_bits: int = 4, block: int = 64, auto_scale: st
     cfg = DVDQuantConfig(a_bits=a_bits, rotation_block=block, auto_scale=auto_scale, mean_channel=mean,
                          attention="none")
     m, _ = dvdquant_layer("l", _linear(), cfg)
-    m.backend = backend
+    dvdquant.set_backend(m, backend)
     return m
 
 
@@ -182,19 +182,20 @@ def test_config_refusals():
 
 
 def test_fp8_backend_falls_back_to_emulated_and_fusion_is_refused():
-    m = _layer(auto_scale="per_block", a_bits=4)
-    m.backend = "fp8"
-    plan = plan_forward(m, "cpu", 4, capability=(9, 0))
-    assert plan.path == "emulated" and "mean" in plan.reason
-    m.backend = "auto"
-    assert plan_forward(m, "cpu", 8, capability=(9, 0)).path == "emulated"
+    m = _layer(auto_scale="per_block", a_bits=4, backend="fp8")
+    p = plan(m, "cpu", 4, capability=(9, 0))
+    assert p.path == "emulated" and "mean" in p.reason
+    dvdquant.set_backend(m, "auto")
+    assert plan(m, "cpu", 8, capability=(9, 0)).path == "emulated"
     x = _tokens(1, 5)
     with torch.no_grad():
-        m.backend = "simulated"
+        dvdquant.set_backend(m, "simulated")
         sim = m(x)
-        m.backend = "fp8"                                           # on this CPU: the emulated path
+        dvdquant.set_backend(m, "fp8")                              # on this CPU: the emulated path
         assert torch.equal(m(x), sim)
-    assert "mean" in incompatibility([m, _layer(auto_scale="per_block", a_bits=4, backend="fp8")])
+    other = _layer(auto_scale="per_block", a_bits=4)
+    other.state = m.state                                            # siblings of one model share its state
+    assert "mean" in incompatibility([m, other])
 
 
 def test_eval_specs():
