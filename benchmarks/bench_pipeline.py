@@ -13,7 +13,10 @@ random prompt embedding (no text encoder). In one process on one GPU, in this or
 3. ``dvdquant``: the same 50-step call, timed the same way; the δ-GBS schedule and average bits.
 
 With random weights the output change between steps is not a trained model's, so δ-GBS picks its
-own schedule here; the JSON records it. Writes ``<out>/pipeline_<model>.json`` after each phase.
+own schedule here; the JSON records it. ``--schedule`` replays a fixed step schedule instead
+(dvdquant's step policy, ``StepPolicyConfig.schedule``: ``S`` skips the tail blocks, ``4`` / ``8`` runs
+them at those bits; block 0 runs at A8 every step), e.g. the one the policy chose at a budget on the
+embedded model (benchmarks/step_policy_budget.py --costs cuda). Writes ``<out>/pipeline_<model>.json`` after each phase.
 
     python benchmarks/bench_pipeline.py --model wan14b --out results/
     python benchmarks/bench_pipeline.py --model tiny --device cpu --steps 3     # a smoke run on CPU
@@ -135,6 +138,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps-bits", default="gbs", choices=["gbs", "a4", "a8"],
                     help="activation bits per step: δ-GBS (A4/A8 chosen by --delta), or static A4 / A8 on every "
                          "step (random weights make δ-GBS choose A8 throughout; default: %(default)s)")
+    ap.add_argument("--schedule", default=None,
+                    help="replay this step schedule (S/4/8 per step) with dvdquant's step policy instead of "
+                         "--steps-bits")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"],
@@ -178,9 +184,10 @@ def main(argv=None) -> None:
         res["bf16_steps"] = args.bf16_steps or args.steps
         res["bf16"] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), res["bf16_steps"])
         save("bf16")
-        gbs = dvdquant.GBSConfig(delta=args.delta) if args.steps_bits == "gbs" else None
+        gbs = dvdquant.GBSConfig(delta=args.delta) if args.steps_bits == "gbs" and not args.schedule else None
         a_bits = 8 if args.steps_bits == "a8" else 4
-        cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=a_bits, auto_scale=args.auto_scale, gbs=gbs,
+        policy = dvdquant.StepPolicyConfig(schedule=args.schedule) if args.schedule else None
+        cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=a_bits, auto_scale=args.auto_scale, gbs=gbs, policy=policy,
                                       rotation_block=args.rotation_block or None)
         res["config"] = config_to_dict(cfg)
         _sync()
@@ -201,6 +208,7 @@ def main(argv=None) -> None:
         res["dvdquant"] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), args.steps)
         ctrl = dvdquant.step_controller(pipe.transformer)
         res["schedule"], res["mean_act_bits"] = list(ctrl.schedule), round(ctrl.mean_bits(), 2)
+        res["skipped_steps"] = sum(1 for b in ctrl.schedule if b == 0)
         if args.profile and dev.type == "cuda":
             profile_one_step(pipe, kw, res, compiled=not args.no_compile)
             save("profile")
@@ -215,8 +223,10 @@ def main(argv=None) -> None:
     print(f"\n{args.model} on {res['device']}, CFG {args.guidance}: bf16 {res['bf16_steps']} steps "
           f"{res['bf16']['call_s']} s (loop {res['bf16']['denoise_s']} s), dvdquant {args.steps} steps "
           f"{res['dvdquant']['call_s']} s (loop {res['dvdquant']['denoise_s']} s); per step "
-          f"{res['speedup_denoise_per_step']}×; mean activation bits {res['mean_act_bits']}, peak "
-          f"{res['bf16']['peak_gb']} → {res['dvdquant']['peak_gb']} GB")
+          f"{res['speedup_denoise_per_step']}×; {res['skipped_steps']} steps skipped, mean activation bits "
+          f"{res['mean_act_bits']}, peak "
+          f"{res['bf16']['peak_gb']} → {res['dvdquant']['peak_gb']} GB"
+          + (f"; whole call {res['speedup_call_s']}×, loop {res['speedup_denoise_s']}×" if "speedup_call_s" in res else ""))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ each prompt's schedule (``S`` skip, ``4``, ``8``) and the wall time. Writes a JS
 
     python benchmarks/step_policy_budget.py --prompts 16 --steps 20 --budgets 0.6 0.8 \
         --out docs/results/step_policy_budget_cpu.json
+    python benchmarks/step_policy_budget.py --prompts 8 --steps 50 --budgets 0.5 --costs cuda --out …  # a GPU schedule
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 import dvdquant
-from dvdquant.algorithms.step_policy import SKIP
+from dvdquant.algorithms.step_policy import COSTS, SKIP
 from dvdquant.api import set_step_policy
 from dvdquant.config import StepPolicyConfig
 from dvdquant.data.factors import make_caption, sample_combinations
@@ -29,8 +30,11 @@ from dvdquant.models.embedded import load_embedded
 from dvdquant.pipeline.generate import generate
 
 
-def run_budget(model, captions: list, steps: int, seed: int, budget: float) -> dict:
-    tracker = set_step_policy(model.transformer, StepPolicyConfig(budget=budget))
+def run_budget(model, captions: list, steps: int, seed: int, budget: float, max_skips: int = 2,
+               costs: str = "device") -> dict:
+    tracker = set_step_policy(model.transformer, StepPolicyConfig(budget=budget, max_skips=max_skips))
+    if costs != "device":
+        tracker.policy.costs = COSTS[costs]
     t0 = time.perf_counter()
     generate(model, captions, seed=seed, steps=steps, progress=False)
     seconds = time.perf_counter() - t0
@@ -51,6 +55,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.6, 0.8])
+    ap.add_argument("--max-skips", type=int, default=2, help="StepPolicyConfig.max_skips (default: %(default)s)")
+    ap.add_argument("--costs", default="device", choices=["device", *COSTS],
+                    help="cost table the budget is counted in: the device's the model runs on, or another's "
+                         "(cuda: plan a GPU schedule on the CPU; default: %(default)s)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -59,14 +67,15 @@ def main() -> None:
     captions = [make_caption(f) for f in sample_combinations(args.prompts, seed=args.seed)]
     rows = []
     res = {"model": "embedded W4A4 (DVD-Quant, 8-bit attention)", "steps": args.steps, "prompts": captions,
-           "policy": "StepPolicyConfig(budget=b), other fields default", "rows": rows,
+           "policy": f"StepPolicyConfig(budget=b, max_skips={args.max_skips}), other fields default",
+           "costs": args.costs, "rows": rows,
            "machine": f"{platform.machine()} torch {torch.__version__} threads {torch.get_num_threads()}",
            "command": "python benchmarks/step_policy_budget.py " + " ".join(
                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                for k, v in vars(args).items())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for b in args.budgets:                          # the JSON is rewritten after each budget
-        rows.append(run_budget(model, captions, args.steps, args.seed, b))
+        rows.append(run_budget(model, captions, args.steps, args.seed, b, args.max_skips, args.costs))
         r = rows[-1]
         print(f"budget {b:.2f}: reached {r['reached_mean']:.3f} (prompts {r['reached_min']:.3f}–{r['reached_max']:.3f}), "
               f"skipped {r['skipped_share']:.0%}, {r['seconds']} s", flush=True)

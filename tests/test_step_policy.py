@@ -49,7 +49,21 @@ def test_policy_and_gbs_exclude_each_other():
         DVDQuantConfig(gbs=GBSConfig(), policy=StepPolicyConfig())
 
 
+@pytest.mark.parametrize("kw, needle", [(dict(schedule="88X4"), "policy.schedule must be"),
+                                         (dict(schedule=""), "policy.schedule must be"),
+                                         (dict(schedule="88S4", budget=0.5), "exclude each other")])
+def test_schedule_is_validated(kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        StepPolicyConfig(**kw)
+
+
 # ----------------------------------------------------------------------------- decisions (no model)
+def test_a_schedule_is_replayed_whatever_the_indicator():
+    p = StepPolicy(StepPolicyConfig(schedule="8S46S"), COSTS, probe_share=0.25)
+    got = [p.decide(0, i, 7, 10.0 if i else None, True) for i in range(7)]
+    assert got == [8, SKIP, 4, 6, SKIP, 8, 8]           # past its end: high bits
+
+
 def test_decisions_follow_the_accumulated_indicator():
     cfg = StepPolicyConfig(skip_threshold=0.1, bits_threshold=0.3, warmup_steps=1, final_steps=1, max_skips=2)
     p = StepPolicy(cfg, COSTS, probe_share=0.25)
@@ -163,6 +177,17 @@ def test_skip_really_skips_the_tail_blocks():
         torch.testing.assert_close(res["h"][a][0], expect)
 
 
+def test_a_replayed_schedule_runs_on_the_model():
+    model = _policy_model(StepPolicyConfig(schedule="8S4S"))
+    xs, ctx = _inputs(steps=5)
+    with torch.no_grad():
+        for i in range(len(xs)):
+            _drive_one(model, xs, ctx, i)
+    ctrl = dvdquant.step_controller(model)
+    assert ctrl.schedule == [8, SKIP, 4, SKIP, 8]
+    assert [sorted(set(d.values())) for d in ctrl.policy.decisions] == [[8], [SKIP], [4], [SKIP], [8]]
+
+
 def _drive_one(model, xs, ctx, i):
     steps = len(xs)
     t = torch.full((2,), 500.0)
@@ -251,6 +276,7 @@ def test_cli_generate_with_a_budget(wan_folder, tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--budget", "1.5"], "policy.budget must be in (0, 1]"),
     (["--skip-threshold", "-0.1"], "policy.skip_threshold"),
+    (["--schedule", "88x"], "policy.schedule must be"),
     (["--budget", "0.5", "--delta", "0.1"], "not both"),
     (["--budget", "0.5", "--method", "fp"], "needs a quantized model"),
 ])

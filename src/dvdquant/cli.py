@@ -76,7 +76,7 @@ def _set_backend(transformer, args) -> None:
 
 
 
-POLICY_FLAGS = ("skip_threshold", "bits_threshold", "warmup_steps", "final_steps", "max_skips", "budget")
+POLICY_FLAGS = ("skip_threshold", "bits_threshold", "warmup_steps", "final_steps", "max_skips", "budget", "schedule")
 
 
 def _policy_from_args(args, transformer):
@@ -92,6 +92,8 @@ def _policy_from_args(args, transformer):
         raise DVDQuantError(f"--{next(iter(given)).replace('_', '-')} needs a quantized model (a checkpoint, or "
                             "--pipeline with a --method other than fp)")
     base = getattr(getattr(transformer, api.CONFIG_ATTR, None), "policy", None) or StepPolicyConfig()
+    if "schedule" in given and "budget" not in given:
+        given["budget"] = None                  # a fixed schedule replaces the checkpoint's budget
     return replace(base, **given)
 
 
@@ -118,6 +120,9 @@ def _add_policy_args(g) -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="mean step cost relative to an 8-bit step, in (0, 1] (1 / the target speed-up); the "
                         "thresholds then adapt during the run")
+    p.add_argument("--schedule", default=None,
+                   help="a fixed action per step instead of the indicator: S (skip), 4, 6 or 8 (bits), e.g. 88S4S48; "
+                        "steps past its end run at 8 bits")
 
 def cmd_demo(args) -> int:
     from .config import DVDQuantConfig

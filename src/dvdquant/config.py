@@ -114,7 +114,10 @@ class StepPolicyConfig:
     Below ``skip_threshold`` the step reuses its cached tail residual, below ``bits_threshold`` it runs
     at ``low_bits``, else at ``high_bits``. ``budget``: the average cost per step relative to an A8
     step (0 < budget ≤ 1; None: fixed thresholds); the controller then scales both thresholds during
-    the run so the realised mean cost tracks it."""
+    the run so the realised mean cost tracks it. ``schedule``: a fixed action per step instead of the
+    indicator, one character each (``S`` skip, ``4`` / ``6`` / ``8`` the tail's bits; the progress bar's
+    letters), e.g. to replay on one model the schedule the policy chose on another; steps past its end
+    run at ``high_bits``, a skip without a cached residual runs at ``high_bits``."""
 
     skip_threshold: float = 0.05  # τ: accumulated block-0 residual change below which the tail is skipped
     bits_threshold: float = 0.15  # δ: at or above, the step runs at high_bits; below, at low_bits
@@ -124,6 +127,7 @@ class StepPolicyConfig:
     final_steps: int = 1          # last steps never skipped (needs the pipeline's number of steps)
     max_skips: int = 2            # consecutive skipped steps at most
     budget: Optional[float] = None
+    schedule: Optional[str] = None
 
     def __post_init__(self):
         for name in ("skip_threshold", "bits_threshold"):
@@ -142,6 +146,12 @@ class StepPolicyConfig:
         b = self.budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1):
             raise ConfigError(f"policy.budget must be in (0, 1] (mean step cost relative to an A8 step), got {b!r}")
+        sch = self.schedule
+        if sch is not None:
+            if not isinstance(sch, str) or not sch or set(sch) - set("S468"):
+                raise ConfigError(f"policy.schedule must be a non-empty string of S, 4, 6, 8 (one per step), got {sch!r}")
+            if b is not None:
+                raise ConfigError("policy.schedule and policy.budget exclude each other: a fixed schedule has its own cost")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ controller plans the run's cost (forced steps at the high-bit cost, the free ste
 left of b·N; b per step when N is unknown), keeps the debt D = spent − planned, and scales both
 thresholds by exp(``GAIN`` · D / (1 − cost of a skip)): over budget, more steps skip or run low (δ is
 scaled only where low bits cost less than high bits). No data and no second pass: the thresholds move
-during the run, from the decisions' own costs.
+during the run, from the decisions' own costs. With ``StepPolicyConfig.schedule`` the actions are read
+from the schedule instead (block 0 still runs and measures; a skip without a cached residual runs).
 """
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ COSTS = {
     "cpu": StepCosts(overhead=0.0, low_ratio=1.40, source="benchmarks/step_costs.py, embedded model, 2-core CPU"),
     "cuda": StepCosts(overhead=0.0, low_ratio=7274 / 7313, source="docs/results/speed.md: HunyuanVideo step, H100"),
 }
+
+
+def scheduled_action(config: StepPolicyConfig, step: int) -> int:
+    """The action ``config.schedule`` gives ``step`` (past its end: high bits)."""
+    ch = config.schedule[step] if step < len(config.schedule) else str(config.high_bits)
+    return SKIP if ch == "S" else int(ch)
 
 
 class _Sample:
@@ -135,7 +142,9 @@ class StepPolicy:
             s.acc += change
         k = self.scale(sample)
         late = total is not None and step >= total - c.final_steps
-        if step < c.warmup_steps or not s.has_run:
+        if c.schedule is not None:
+            action = scheduled_action(c, step)
+        elif step < c.warmup_steps or not s.has_run:
             action = c.high_bits
         elif can_skip and not late and s.skips < c.max_skips and s.acc < c.skip_threshold * k:
             action = SKIP
