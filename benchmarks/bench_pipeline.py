@@ -138,9 +138,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps-bits", default="gbs", choices=["gbs", "a4", "a8"],
                     help="activation bits per step: δ-GBS (A4/A8 chosen by --delta), or static A4 / A8 on every "
                          "step (random weights make δ-GBS choose A8 throughout; default: %(default)s)")
-    ap.add_argument("--schedule", default=None,
-                    help="replay this step schedule (S/4/8 per step) with dvdquant's step policy instead of "
-                         "--steps-bits")
+    ap.add_argument("--schedule", nargs="+", default=None,
+                    help="replay these step schedules (S/4/8 per step; one timed call each) with dvdquant's step "
+                         "policy instead of --steps-bits")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--auto-scale", default="none", choices=["none", "per_block", "per_channel"],
@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     def save(phase):
         res["phase"] = phase
         path.write_text(json.dumps(res, indent=2))
-        log.info("[%s] %s", phase, json.dumps({k: v for k, v in res.items() if k != "schedule"}))
+        log.info("[%s] %s", phase, json.dumps({k: v for k, v in res.items() if not k.startswith("dvdquant")}))
 
     torch.manual_seed(0)
     pipe = build(args.model, dev, dtype)
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
         save("bf16")
         gbs = dvdquant.GBSConfig(delta=args.delta) if args.steps_bits == "gbs" and not args.schedule else None
         a_bits = 8 if args.steps_bits == "a8" else 4
-        policy = dvdquant.StepPolicyConfig(schedule=args.schedule) if args.schedule else None
+        policy = dvdquant.StepPolicyConfig(schedule=args.schedule[0]) if args.schedule else None
         cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=a_bits, auto_scale=args.auto_scale, gbs=gbs, policy=policy,
                                       rotation_block=args.rotation_block or None)
         res["config"] = config_to_dict(cfg)
@@ -205,29 +205,40 @@ def main(argv=None) -> None:
             _sync()
             res["warmup_2_steps_s"] = round(time.perf_counter() - t0, 1)
             save("warmup")
-        res["dvdquant"] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), args.steps)
-        ctrl = dvdquant.step_controller(pipe.transformer)
-        res["schedule"], res["mean_act_bits"] = list(ctrl.schedule), round(ctrl.mean_bits(), 2)
-        res["skipped_steps"] = sum(1 for b in ctrl.schedule if b == 0)
+        for i, sched in enumerate(args.schedule or [None]):
+            key = "dvdquant" if i == 0 else f"dvdquant_{i + 1}"
+            if i:                                    # another schedule: a new policy, warmed up untimed
+                dvdquant.set_step_policy(pipe.transformer, dvdquant.StepPolicyConfig(schedule=sched))
+                t0 = time.perf_counter()
+                pipe(num_inference_steps=2, output_type="latent", **dict(kw, generator=torch.Generator().manual_seed(1)))
+                _sync()
+                res[f"warmup_{key}_s"] = round(time.perf_counter() - t0, 1)
+            res[key] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), args.steps)
+            ctrl = dvdquant.step_controller(pipe.transformer)
+            res[key].update(schedule=list(ctrl.schedule), mean_act_bits=round(ctrl.mean_bits(), 2),
+                            skipped_steps=sum(1 for b in ctrl.schedule if b == 0))
+            save(key)
         if args.profile and dev.type == "cuda":
             profile_one_step(pipe, kw, res, compiled=not args.no_compile)
             save("profile")
     res["dynamo_counters"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v}
     res["bf16"]["denoise_per_step_s"] = round(res["bf16"]["denoise_s"] / res["bf16_steps"], 3)
-    res["dvdquant"]["denoise_per_step_s"] = round(res["dvdquant"]["denoise_s"] / args.steps, 3)
-    res["speedup_denoise_per_step"] = round(res["bf16"]["denoise_per_step_s"] / res["dvdquant"]["denoise_per_step_s"], 3)
-    if res["bf16_steps"] == args.steps:
-        for k in ("call_s", "denoise_s"):
-            res[f"speedup_{k}"] = round(res["bf16"][k] / res["dvdquant"][k], 3)
+    for key in [k for k in res if k.startswith("dvdquant")]:
+        r = res[key]
+        r["denoise_per_step_s"] = round(r["denoise_s"] / args.steps, 3)
+        r["speedup_denoise_per_step"] = round(res["bf16"]["denoise_per_step_s"] / r["denoise_per_step_s"], 3)
+        if res["bf16_steps"] == args.steps:
+            for k in ("call_s", "denoise_s"):
+                r[f"speedup_{k}"] = round(res["bf16"][k] / r[k], 3)
     save("done")
     print(f"\n{args.model} on {res['device']}, CFG {args.guidance}: bf16 {res['bf16_steps']} steps "
-          f"{res['bf16']['call_s']} s (loop {res['bf16']['denoise_s']} s), dvdquant {args.steps} steps "
-          f"{res['dvdquant']['call_s']} s (loop {res['dvdquant']['denoise_s']} s); per step "
-          f"{res['speedup_denoise_per_step']}×; {res['skipped_steps']} steps skipped, mean activation bits "
-          f"{res['mean_act_bits']}, peak "
-          f"{res['bf16']['peak_gb']} → {res['dvdquant']['peak_gb']} GB"
-          + (f"; whole call {res['speedup_call_s']}×, loop {res['speedup_denoise_s']}×" if "speedup_call_s" in res else ""))
-
+          f"{res['bf16']['call_s']} s (loop {res['bf16']['denoise_s']} s, peak {res['bf16']['peak_gb']} GB)")
+    for key in [k for k in res if k.startswith("dvdquant")]:
+        r = res[key]
+        print(f"{key}: {args.steps} steps {r['call_s']} s (loop {r['denoise_s']} s, peak {r['peak_gb']} GB); per step "
+              f"{r['speedup_denoise_per_step']}×, {r['skipped_steps']} steps skipped, mean activation bits "
+              f"{r['mean_act_bits']}" + (f"; whole call {r['speedup_call_s']}×, loop {r['speedup_denoise_s']}×"
+                                         if "speedup_call_s" in r else ""))
 
 if __name__ == "__main__":
     main()
