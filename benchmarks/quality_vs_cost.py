@@ -6,6 +6,7 @@ Rows (each at every ``--steps`` count, the same prompts and initial noise):
 * ``W4A4`` (DVD-Quant, static A4, 8-bit attention), ``W4A4 δ-GBS δ`` (A4/A8 per step),
   ``W4A4 + MagCache τ`` and ``W4A4 + FirstBlockCache τ``;
 * ``dvdquant policy, budget b``: ``StepPolicyConfig(budget=b)``, skip / A4 / A8 per step and sample.
+* ``dvdquant schedule s``: ``StepPolicyConfig(schedule=s)``, a fixed schedule replayed (``--schedules``).
 
 Per row: PSNR of each clip against the FP clip of the same prompt (mean and 95 % interval),
 adherence (the shipped classifier's 'all factors right' rate), and **relative compute**: the mean over
@@ -135,6 +136,8 @@ def rows_for(args) -> list:
     rows += [(f"W4A4 + FirstBlockCache {t}", "w4a4+fbc", dvdquant.DVDQuantConfig(**w4a4), ("fbc", t)) for t in args.fbc]
     rows += [(f"dvdquant policy, budget {b}", "policy",
               dvdquant.DVDQuantConfig(**w4a4, policy=dvdquant.StepPolicyConfig(budget=b)), None) for b in args.budgets]
+    rows += [(f"dvdquant schedule {s}", "schedule",
+              dvdquant.DVDQuantConfig(**w4a4, policy=dvdquant.StepPolicyConfig(schedule=s)), None) for s in args.schedules]
     return [r for r in rows if r[1] == "fp" or args.only is None or r[1] in args.only]
 
 
@@ -231,9 +234,12 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", type=_floats, default=[0.5, 0.7],
                     help="dvdquant step policy budgets (mean step cost relative to an A8 step, planned with the "
                          "policy's cost table of the device it runs on)")
+    ap.add_argument("--schedules", type=lambda v: [s for s in v.split(",") if s], default=[],
+                    help="fixed step schedules to replay (S/4/8 per step, comma-separated; family 'schedule'), e.g. "
+                         "the ones a GPU benchmark replays")
     ap.add_argument("--only", type=lambda v: v.split(","), default=None,
                     help="families to run besides the FP reference (fp+magcache, fp+fbc, w4a4, gbs, w4a4+magcache, "
-                         "w4a4+fbc, policy; default: all)")
+                         "w4a4+fbc, policy, schedule; default: all)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
