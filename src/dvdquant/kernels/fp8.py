@@ -76,13 +76,27 @@ def gemm_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: to
                             bias=bias, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
+BLOCKWISE_M = 128   # rows of the blockwise GEMM are padded to a multiple of this (see gemm_blockwise)
+
+
 def gemm_blockwise(q, s_kmajor, w8, w_scale, bias, out_dtype):
     """Per-(token, 128-channel) scaled GEMM: q (M, K) fp8, s_kmajor (M, K/128) a view of a contiguous
-    (K/128, M) buffer, w8 (N, K) fp8, w_scale (N, 1) → (M, N) out_dtype, exact accumulation."""
-    k, n = q.shape[1], w8.shape[0]
+    (K/128, M) buffer, w8 (N, K) fp8, w_scale (N, 1) → (M, N) out_dtype, exact accumulation.
+
+    cuBLASLt rejects some M for 1×128 scaling (CUBLAS_STATUS_NOT_SUPPORTED at M = 1000 on an H100,
+    torch 2.11): M is padded to a multiple of :data:`BLOCKWISE_M` with zero codes (scale 1) and the
+    padding rows are dropped; every output row depends on its own row only."""
+    m, k, n = q.shape[0], q.shape[1], w8.shape[0]
+    mp = -(-m // BLOCKWISE_M) * BLOCKWISE_M
+    if mp != m:
+        qp = torch.zeros(mp, k, dtype=torch.uint8, device=q.device).view(q.dtype)
+        qp[:m] = q
+        sp = torch.ones(k // 128, mp, dtype=s_kmajor.dtype, device=q.device)
+        sp[:, :m] = s_kmajor.t()
+        q, s_kmajor = qp, sp.t()
     sb = w_scale.reshape(1, n).expand(k // 128, n).contiguous()         # (K/128, N): Δ per k-block
     y = torch._scaled_mm(q, w8.t(), scale_a=s_kmajor, scale_b=sb, out_dtype=out_dtype,
-                         use_fast_accum=False)
+                         use_fast_accum=False)[:m]
     return y if bias is None else y + bias
 
 
