@@ -44,14 +44,15 @@ def configs():
         "W4A4-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128, auto_scale="none", **na),
         # the same on the INT8 GEMM (the default A4 path on sm90 since session 9; the row above: int8_gemm=False)
         "W4A4int-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128, auto_scale="none", **na),
-        "W4A8e4m3-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=8, a8_format="fp8_e4m3", rotation_block=128,
+        "W4A8e4m3-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=8, a8_format="fp8_e4m3", rotation=True, rotation_block=128,
                                                    auto_scale="none", **na),
         "W4A4-rot128-perblock": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128,
                                                         auto_scale="per_block", **na),
         "W4A4/8-gbs-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, a8_format="fp8_e4m3", rotation_block=128,
                                                      auto_scale="none", gbs=dvdquant.GBSConfig(delta=0.12), **na),
         # A8 on the int grid (the default a8_format): int8 codes and the INT8 GEMM, exact like A4
-        "W4A8int-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=8, rotation_block=128, auto_scale="none", **na),
+        "W4A8int-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=8, rotation=True, rotation_block=128, auto_scale="none",
+                                                  **na),
         "W4A4/8int-gbs-rot128": dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, rotation_block=128, auto_scale="none",
                                                         gbs=dvdquant.GBSConfig(delta=0.12), **na),
     }

@@ -45,7 +45,7 @@ def _tokens(b: int, seed: int, k: int = K) -> torch.Tensor:
 
 def _layer(mean: str = "exact", a_bits: int = 4, block: int = 64, auto_scale: str = "per_channel",
            backend: str = "simulated") -> QuantLinear:
-    cfg = DVDQuantConfig(a_bits=a_bits, rotation_block=block, auto_scale=auto_scale, mean_channel=mean,
+    cfg = DVDQuantConfig(a_bits=a_bits, rotation=True, rotation_block=block, auto_scale=auto_scale, mean_channel=mean,
                          attention="none")
     m, _ = dvdquant_layer("l", _linear(), cfg)
     dvdquant.set_backend(m, backend)
@@ -201,6 +201,10 @@ def test_fp8_backend_falls_back_to_emulated_and_fusion_is_refused():
 def test_eval_specs():
     assert METHODS["dvdquant-centered"].build(__import__("dvdquant.eval.quality", fromlist=["BITS"]).BITS["W4A4"]
                                               ).mean_channel == "exact"
-    runs = plan_runs("dvdquant-centered,dvdquant-no-rotation", "all")
+    runs = plan_runs("dvdquant-centered,dvdquant-no-rotation,dvdquant-rotated", "all")
     assert {b for m, b in runs if m == "dvdquant-centered"} == {"W4A8", "W4A6", "W4A4"}
-    assert {b for m, b in runs if m == "dvdquant-no-rotation"} == {"W4A8", "W4A6", "W4A4"}
+    assert {b for m, b in runs if m == "dvdquant-no-rotation"} == {"W4A6", "W4A4"}   # W4A8: the default
+    assert {b for m, b in runs if m == "dvdquant-rotated"} == {"W4A8"}
+    bits = __import__("dvdquant.eval.quality", fromlist=["BITS"]).BITS
+    assert METHODS["dvdquant-centered"].build(bits["W4A8"]).rotates()
+    assert not METHODS["dvdquant"].build(bits["W4A8"]).rotates() and METHODS["dvdquant"].build(bits["W4A6"]).rotates()

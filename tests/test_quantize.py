@@ -154,3 +154,19 @@ def test_double_quantize_refused():
     dvdquant.quantize_(model, MinMaxConfig())
     with pytest.raises(DVDQuantError, match="already quantized"):
         dvdquant.quantize_(model, MinMaxConfig())
+
+
+def test_rotation_auto_rotates_below_8_bit_activations():
+    from dvdquant.config import StepPolicyConfig
+    assert DVDQuantConfig().rotation == "auto"
+    assert DVDQuantConfig(w_bits=4, a_bits=4).rotates() and DVDQuantConfig(w_bits=4, a_bits=6).rotates()
+    assert not DVDQuantConfig(w_bits=4, a_bits=8).rotates()
+    assert DVDQuantConfig(w_bits=4, a_bits=4, gbs=GBSConfig()).rotates()
+    assert DVDQuantConfig(w_bits=4, a_bits=8, policy=StepPolicyConfig()).rotates()
+    assert DVDQuantConfig(w_bits=4, a_bits=8, rotation=True).rotates()
+    assert not DVDQuantConfig(w_bits=4, a_bits=4, rotation=False).rotates()
+    assert not DVDQuantConfig(w_bits=4, a_bits=4).weight_only().rotates()
+    with pytest.raises(ConfigError, match="rotation must be"):
+        DVDQuantConfig(rotation="yes")
+    with pytest.raises(ConfigError, match="mean_channel='exact' needs rotation"):
+        DVDQuantConfig(w_bits=4, a_bits=8, mean_channel="exact")

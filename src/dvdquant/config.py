@@ -24,6 +24,7 @@ ACT_BITS = (4, 6, 8, 16)
 AutoScale = Literal["per_channel", "per_block", "none"]
 Smoothing = Literal["none", "dynamic"]
 MeanChannel = Literal["quantized", "exact"]
+Rotation = Literal[True, False, "auto"]
 HighBitFormat = Literal["int", "fp8_e4m3"]
 AttentionMode = Literal["none", "int8", "fp8"]
 ATTENTION_MODES = ("none", "int8", "fp8")
@@ -159,7 +160,9 @@ class DVDQuantConfig(_Common):
     """DVD-Quant: BGR weights + ARQ activations (+ optional δ-GBS). Each part can be switched off."""
 
     bgr: Optional[BGRConfig] = field(default_factory=BGRConfig)   # None: MinMax weights (ablation)
-    rotation: bool = True                  # ARQ Hadamard rotation
+    # ARQ Hadamard rotation: True, False, or "auto" = rotate when some step quantizes activations below
+    # 8 bits (a_bits < 8, δ-GBS or the step policy), not for static A8 (:meth:`rotates`).
+    rotation: Rotation = "auto"
     rotation_block: Optional[int] = None   # None: full-size Hadamard; else block-diagonal blocks
     auto_scale: AutoScale = "per_channel"  # ARQ run-time channel scaling Λ_t
     scale_block: int = 128                 # channels per Λ block for auto_scale="per_block"
@@ -190,7 +193,9 @@ class DVDQuantConfig(_Common):
             raise ConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.mean_channel not in ("quantized", "exact"):
             raise ConfigError(f"mean_channel must be 'quantized' or 'exact', got {self.mean_channel!r}")
-        if self.mean_channel == "exact" and (not self.rotation or self.smoothing != "none"):
+        if self.rotation not in (True, False, "auto"):
+            raise ConfigError(f"rotation must be True, False or 'auto', got {self.rotation!r}")
+        if self.mean_channel == "exact" and (not self.rotates() or self.smoothing != "none"):
             raise ConfigError("mean_channel='exact' needs rotation=True and smoothing='none' (it splits the mean "
                               "of each rotation block of the unsmoothed input)")
         if self.smooth_master_bits not in (8, 16):
@@ -206,6 +211,14 @@ class DVDQuantConfig(_Common):
                               "or a_bits to gbs.low_bits")
         if self.policy is not None and (self.gbs is not None or self.a_bits == 16):
             raise ConfigError("the step policy chooses each step's bits: set gbs=None and a_bits to 4, 6 or 8")
+
+    def rotates(self) -> bool:
+        """Whether the layers are rotated: ``rotation`` itself, or for "auto" whether any step quantizes
+        activations below 8 bits: 8-bit activations do not need it, and rotated 4-bit weights lose more
+        than they gain there (docs/RESULTS.md, quality section)."""
+        if self.rotation != "auto":
+            return bool(self.rotation)
+        return self.a_bits < 8 or self.gbs is not None or self.policy is not None
 
     def weight_only(self) -> "DVDQuantConfig":
         """W{w_bits}A16 with BGR weights (as configured): no rotation, auto-scaling, smoothing or δ-GBS."""

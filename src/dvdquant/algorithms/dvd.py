@@ -35,7 +35,7 @@ def center_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
 def dvdquant_layer(name: str, linear: nn.Linear, cfg: DVDQuantConfig, stats=None):
     w = linear_weight_fp32(linear, name)
     check_group_size(linear.in_features, cfg, name)
-    block = choose_rotation_block(linear.in_features, cfg.rotation_block) if cfg.rotation else None
+    block = choose_rotation_block(linear.in_features, cfg.rotation_block) if cfg.rotates() else None
     block_sum = None
     if block and cfg.mean_channel == "exact":
         w, block_sum = center_blocks(w, block)           # the block means leave the quantized weight

@@ -149,7 +149,7 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
     MethodSpec("dvdquant-no-bgr", "DVD-Quant − BGR", "ablation",
                lambda b: dvdquant_config(b, bgr=None), only_bits=LOW_BITS, ablates="BGR"),
     MethodSpec("dvdquant-no-rotation", "DVD-Quant − rotation", "ablation",
-               lambda b: dvdquant_config(b, rotation=False), only_bits=("W4A8",) + LOW_BITS, ablates="rotation"),
+               lambda b: dvdquant_config(b, rotation=False), only_bits=LOW_BITS, ablates="rotation"),
     MethodSpec("dvdquant-no-autoscale", "DVD-Quant − auto-scale", "ablation",
                lambda b: dvdquant_config(b, auto_scale="none"), only_bits=LOW_BITS, ablates="auto-scaling"),
     MethodSpec("dvdquant-no-gbs", "DVD-Quant − δ-GBS (static A4)", "ablation", _no_gbs,
@@ -159,8 +159,10 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
                ablates="8-bit attention"),
     MethodSpec("dvdquant-dynsmooth", "DVD-Quant + dynamic smoothing", "variant",
                lambda b: dvdquant_config(b, smoothing="dynamic"), only_bits=LOW_BITS),
+    MethodSpec("dvdquant-rotated", "DVD-Quant + rotation at A8", "variant",      # "auto" does not rotate at A8
+               lambda b: dvdquant_config(b, rotation=True), only_bits=("W4A8",)),
     MethodSpec("dvdquant-centered", "DVD-Quant + exact block mean", "variant",
-               lambda b: dvdquant_config(b, mean_channel="exact"), only_bits=("W4A8",) + LOW_BITS),
+               lambda b: dvdquant_config(b, mean_channel="exact", rotation=True), only_bits=("W4A8",) + LOW_BITS),
     MethodSpec("dvdquant-modulation", "DVD-Quant + W4A16 modulation", "variant",
                lambda b: dvdquant_config(b, quantize_modulation=True), only_bits=("W4A8", "W4A4")),
 )}
