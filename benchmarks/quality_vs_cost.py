@@ -34,6 +34,7 @@ import torch
 
 import dvdquant
 from dvdquant import api
+from dvdquant.algorithms.step_policy import COSTS as POLICY_COSTS
 from dvdquant.nn.state import get_state
 from dvdquant.data.factors import make_caption, sample_combinations
 from dvdquant.eval.classifier import adherence_per_clip
@@ -42,10 +43,10 @@ from dvdquant.models.embedded import load_embedded
 from dvdquant.numerics.video_metrics import psnr
 from dvdquant.pipeline import generate
 
-# Cost of one transformer step relative to bf16 eager, H100, Wan 2.1 14B (480p, 32,760 tokens), one call,
-# `python benchmarks/bench_step.py --model wan14b --no-compile --attention dvdquant --attention-only`,
-# 2026-12-06 (docs/RESULTS.md): bf16 3365 ms, W4A4 + 8-bit attention 2835 ms, W4A8 + 8-bit attention 3024 ms.
-COSTS = {"fp": 1.0, 4: 2835 / 3365, 8: 3024 / 3365}
+# Cost of one transformer step relative to bf16 eager: the step policy's H100 row (Wan 2.1 14B eager steps,
+# stated in dvdquant.algorithms.step_policy.COSTS).
+_GPU = POLICY_COSTS["cuda"]
+COSTS = {"fp": 1.0, 4: _GPU.high_vs_bf16 * _GPU.low_ratio, 8: _GPU.high_vs_bf16}
 
 
 class BlockCoverage:

@@ -39,11 +39,13 @@ class StepCosts:
     """The cost model of one device, relative to a step run in full at high bits.
 
     ``overhead``: share of that step spent outside the transformer blocks (embeddings, output head);
-    ``low_ratio``: a block's time at low bits over its time at high bits; ``source``: where they come from."""
+    ``low_ratio``: a block's time at low bits over its time at high bits; ``high_vs_bf16``: a high-bit
+    step's time over a bf16 step's (None where not measured); ``source``: where they come from."""
 
     overhead: float
     low_ratio: float
     source: str
+    high_vs_bf16: Optional[float] = None
 
     def cost(self, action: int, high_bits: int, probe_share: float) -> float:
         """Cost of a step whose tail blocks take ``action`` (SKIP, low or high bits); block 0 (its share of the
@@ -58,12 +60,14 @@ class StepCosts:
 # Per device type. "cpu": the embedded model (6 blocks, W4A4 DVD-Quant, 8-bit attention) on a 2-core CPU, the
 # simulated reference path (fake quantization in fp32: A4 costs more than A8 there), process CPU time, measured
 # by benchmarks/step_costs.py (docs/results/step_costs_embedded_cpu.json: overhead −0.02 → 0, low_ratio 1.40;
-# the skip cost this predicts, 0.150, against 0.142 measured). "cuda": H100, W4A4 vs W4A8 (int grid) + 8-bit
-# attention eager steps of HunyuanVideo, 7274 / 7313 ms (docs/results/speed.md, session 10 step table); the
-# share outside the blocks was not measured there and is taken as 0.
+# the skip cost this predicts, 0.150, against 0.142 measured). "cuda": H100, Wan 2.1 14B eager steps with 8-bit
+# attention, W4A4 2835 ms, W4A8 (e4m3) 3024 ms, bf16 3365 ms (docs/results/step_wan14b_eager_h100.json); the
+# share outside the blocks was not measured there and is taken as 0. benchmarks/quality_vs_cost.py counts
+# compute with the same "cuda" row.
 COSTS = {
     "cpu": StepCosts(overhead=0.0, low_ratio=1.40, source="benchmarks/step_costs.py, embedded model, 2-core CPU"),
-    "cuda": StepCosts(overhead=0.0, low_ratio=7274 / 7313, source="docs/results/speed.md: HunyuanVideo step, H100"),
+    "cuda": StepCosts(overhead=0.0, low_ratio=2835 / 3024, high_vs_bf16=3024 / 3365,
+                      source="docs/results/step_wan14b_eager_h100.json: Wan 2.1 14B eager step, H100"),
 }
 
 
