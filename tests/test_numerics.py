@@ -109,6 +109,25 @@ def test_act_per_token(bits):
         grids.act_qmax(16)
 
 
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_act_fake_quant_rows_equals_codes_times_scale(bits):
+    """fake_quant_act_rows (no clamp when every scale is a normal fp32) gives the bits of the int8 codes
+    times their scale, with and without a channel balance, also for rows whose scale is subnormal or 0."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(12, 64, generator=g) * torch.logspace(-3, 3, 12).unsqueeze(1)
+    x[2] = 0
+    x[5] *= 1e-37                                                   # scale below 2^-126: the clamped path
+    x[6] = 2.0 ** -149                                              # amax / qmax underflows to 0
+    for lam in (None, torch.rand(1, 64, generator=g) + 0.5):
+        xs = x if lam is None else x / lam
+        codes, scale = grids.quantize_act_per_token_int(xs, bits)
+        want = codes.float() * scale if lam is None else codes.float() * scale * lam
+        for rows in (x, x[[0, 1, 3, 4]]):                           # all-normal scales, and mixed
+            got = grids.fake_quant_act_rows(rows, bits, "int", lam=lam)
+            sel = slice(None) if rows is x else [0, 1, 3, 4]
+            assert torch.equal(got, want[sel])
+
+
 def test_fp8_act_fake_quant_exact_on_grid():
     x = torch.randn(5, 32)
     fq = grids.fake_quant_act_per_token_fp8_e4m3(x)

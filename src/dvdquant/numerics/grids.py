@@ -28,6 +28,7 @@ import torch
 from ..errors import ConfigError, NonFiniteError
 
 FP8_E4M3_MAX = 448.0
+_MIN_NORMAL_SCALE = 2.0 ** -126      # smallest normal fp32: a scale at least this is rounded to 24 bits
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -175,7 +176,9 @@ def fake_quant_act_rows(x: torch.Tensor, bits: int, fmt: str = "int", amax: Opti
     row (..., 1), if the caller has it (only without ``lam``). Integer codes are the int8 codes
     as floats: after the clamp they are integers in [−qmax, qmax]; the one value the int8 cast
     changes is NaN, which only 0/0 produces here (a row whose scale underflowed to 0), and which
-    that cast maps to 0 (checked on CPU, done always elsewhere). FP8 codes are rounded by
+    that cast maps to 0 (checked on CPU, done always elsewhere). On the CPU, when every row's scale is
+    a normal fp32 number, |x / s| ≤ qmax·(1 + 2^-23) for the row's own max (``amax`` must be it), so the
+    clamp is skipped there: rounding already lands in [−qmax, qmax]. FP8 codes are rounded by
     :func:`round_to_e4m3_`. Zero codes may differ from the casts' in sign only (−0 from below
     for int codes, +0 for e4m3), which no later product or sum tells apart.
     """
@@ -187,6 +190,8 @@ def fake_quant_act_rows(x: torch.Tensor, bits: int, fmt: str = "int", amax: Opti
     t = xf.div_(scale) if lam is not None else xf / scale                  # a fresh buffer, then in place
     if fmt == "fp8":
         round_to_e4m3_(t)                                                   # = .to(float8_e4m3fn).float()
+    elif t.device.type == "cpu" and bool(scale.amin() >= _MIN_NORMAL_SCALE):
+        t.round_()                                  # |t| ≤ qmax·(1 + 2^-23): the clamp would change nothing
     else:
         t.round_().clamp_(-qmax, qmax)
         if t.device.type != "cpu" or not bool((scale > 0).all()):

@@ -230,13 +230,26 @@ def fp32_matmul_is_ieee(device) -> bool:
 
 _EXACT_UNITS = 2 ** 24                 # fp32 holds every integer up to 2^24 exactly
 _SNAP_UNITS = 2 ** (SNAP_BITS + 1)     # a snapped entry is below 2^15 grid units in magnitude
-SYLVESTER_MATMUL = 256                 # the first ±1 stage: a dense fp32 matmul over this many columns
+SYLVESTER_MATMUL = 256                 # the first ±1 stage: fp32 matmuls over this many columns
 
 
 @lru_cache(maxsize=64)
 def _sylvester_pm1(p: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """The ±1 Sylvester matrix of order p (a power of two), H_2^{⊗log2 p}, on ``device``."""
     return torch.sign(hadamard_matrix(p, torch.float64)).to(dtype=dtype, device=device)
+
+
+def _sylvester_stage(v: torch.Tensor, p: int) -> torch.Tensor:
+    """v (..., p) · S_p, S_p the ±1 Sylvester matrix of order p, as two small matmuls: S_p = S_a ⊗ S_b
+    (a·b = p, a ≈ b), so x·S_p = vec(S_a · X · S_b) with X = x viewed (a, b). O(a + b) multiply-adds per
+    entry instead of O(p). For the callers' exact integer-valued sums the result is the dense product's."""
+    a = 1 << ((p.bit_length() - 1) // 2)
+    b = p // a
+    if a < 4:
+        return v @ _sylvester_pm1(p, v.dtype, str(v.device))
+    dev = str(v.device)
+    y = (v.reshape(-1, b) @ _sylvester_pm1(b, v.dtype, dev)).reshape(-1, a, b)   # · S_b over the low index
+    return torch.matmul(_sylvester_pm1(a, v.dtype, dev), y).reshape(v.shape)       # S_a · over the high index
 
 
 def _butterfly(v: torch.Tensor, h: int) -> torch.Tensor:
@@ -254,8 +267,8 @@ def exact_pm1_rotation_sum(xs: torch.Tensor, block: int) -> torch.Tensor:
     summed exactly and rounded once to fp32, for entries that are multiples of one grid unit u per
     (row, block) segment below 2^15·u in magnitude (:func:`snap_to_rotation_grid`).
 
-    The Sylvester factor B = H_2^{⊗a} runs as a dense fp32 matmul over its last
-    ``SYLVESTER_MATMUL`` columns, then one add/subtract stage per remaining factor H_2, then the
+    The Sylvester factor B = H_2^{⊗a} runs as fp32 matmuls over its last ``SYLVESTER_MATMUL``
+    columns (two small ones, :func:`_sylvester_stage`), then one add/subtract stage per remaining factor H_2, then the
     Paley factor A as a matmul. Every stage is exact in fp32 while its sums stay within 2^24 grid
     units; a final H_2 stage (no A after it) may go past, since one fp32 add of two exact values
     rounds once, as required. Any other stage past 2^24 units runs in fp64 (exact here), rounded
@@ -268,7 +281,7 @@ def exact_pm1_rotation_sum(xs: torch.Tensor, block: int) -> torch.Tensor:
     dt = torch.float32 if ieee and _SNAP_UNITS * min(p2, SYLVESTER_MATMUL) <= _EXACT_UNITS else torch.float64
     p_lo = min(p2, SYLVESTER_MATMUL)
     v = xs.to(dt).reshape(-1, base, p2 // p_lo, p_lo)                       # (rows·n/block, base, p_hi, p_lo)
-    v = v @ _sylvester_pm1(p_lo, dt, str(xs.device))
+    v = _sylvester_stage(v, p_lo)
     units, h = p_lo, 1
     while h < p2 // p_lo:                                                 # remaining H_2 factors of B
         units *= 2
