@@ -191,15 +191,21 @@ def install_docs(run_dir, docs_dir=None) -> list[Path]:
     if any(r.get("gbs") for r in results["runs"]):
         plots.gbs_plot(results, img / rp.IMG_GBS)
         written.append(img / rp.IMG_GBS)
+    else:
+        (img / rp.IMG_GBS).unlink(missing_ok=True)            # no δ-GBS rows: no stale plot of another run
     grid = store.load_grid(run_dir)
+    frames = True
     if grid:
         plots.frame_grid(grid, img / rp.IMG_FRAMES)
         written.append(img / rp.IMG_FRAMES)
     elif (run_dir / rp.IMG_FRAMES).exists():
         shutil.copyfile(run_dir / rp.IMG_FRAMES, img / rp.IMG_FRAMES)
         written.append(img / rp.IMG_FRAMES)
+    else:                                                     # a merged run without its clips: no frames
+        (img / rp.IMG_FRAMES).unlink(missing_ok=True)
+        frames = False
     store.dump(results, docs / "results.json")
-    section = rp.render_markdown(results, img_prefix="img/") + render_acceptance(results["acceptance"])
+    section = rp.render_markdown(results, img_prefix="img/", frames=frames) + render_acceptance(results["acceptance"])
     update_results_md(docs / "RESULTS.md", section)
     return written + [docs / "results.json", docs / "RESULTS.md"]
 

@@ -139,15 +139,18 @@ def test_clear_difference_passes_and_ablation_losses():
     assert _check(acc, "W4A4: DVD-Quant within 3 points")["ok"] is True
     assert cmp.significantly_best([mm, dvd], "psnr_db") is dvd
     report.analyse(res)
-    md = report.render_markdown({**res, "meta": {**res["meta"], "model": "embedded", "model_description": "x",
-                                                  "device": "CPU", "created": "now", "torch": "t", "diffusers": "d",
-                                                  "wall_seconds": 1.0, "prompt_seed": 0, "steps": 2, "seed": 0,
-                                                  "guidance": 1.0, "batch_size": 40, "real_clips": 4 * N,
-                                                  "fd_real_floor": 1.0, "real_clip_adherence": {"all": 100.0},
-                                                  "fd_bootstrap": {"reps": 100}},
-                                 "fp": {**dvd, "label": "FP (fp32)", "rerun_exact": True, "frame_consistency": 0.06,
-                                        "reference": res["fp"]["reference"], "adherence": {"all": 100.0}}})
+    shown = {**res, "meta": {**res["meta"], "model": "embedded", "model_description": "x",
+                             "device": "CPU", "created": "now", "torch": "t", "diffusers": "d",
+                             "wall_seconds": 1.0, "prompt_seed": 0, "steps": 2, "seed": 0,
+                             "guidance": 1.0, "batch_size": 40, "real_clips": 4 * N,
+                             "fd_real_floor": 1.0, "real_clip_adherence": {"all": 100.0},
+                             "fd_bootstrap": {"reps": 100}},
+             "fp": {**dvd, "label": "FP (fp32)", "rerun_exact": True, "frame_consistency": 0.06,
+                    "reference": res["fp"]["reference"], "adherence": {"all": 100.0}}}
+    md = report.render_markdown(shown)
     assert "Paired differences" in md and "prompts at the median SD" in md and "final-sample" not in md
+    assert report.IMG_FRAMES in md
+    assert report.IMG_FRAMES not in report.render_markdown(shown, frames=False)    # a merged run without clips
 
 
 # ----------------------------------------------------------------------------- merging split runs

@@ -304,7 +304,9 @@ def cmd_eval(args) -> int:
                  batch_size=args.batch_size, fd_bootstrap=args.fd_bootstrap,
                  time_limit=None if args.time_limit is None else 60.0 * args.time_limit, progress=not args.quiet)
         results = finish([out])
-    print(render_markdown(results, img_prefix=""), end="")
+    from pathlib import Path
+    from .eval.report import IMG_FRAMES
+    print(render_markdown(results, img_prefix="", frames=(Path(out) / IMG_FRAMES).exists()), end="")
     print(f"wrote {out}/results.json, quality.md and plots (into the repository's docs/: python {DOCS_SCRIPT} {out})")
     return 0
 

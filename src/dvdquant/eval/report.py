@@ -194,7 +194,8 @@ def _power_line(results: dict) -> list[str]:
             f"{pw['prompts_needed_median_sd']} prompts at the median SD, {pw['prompts_needed_max_sd']} at the largest."]
 
 
-def render_markdown(results: dict, img_prefix: str = "img/") -> str:
+def render_markdown(results: dict, img_prefix: str = "img/", frames: bool = True) -> str:
+    """The quality report in Markdown; ``frames``: whether the frame-grid image exists to be shown."""
     if "analysis" not in results:
         analyse(results)
     meta, fp = results["meta"], results["fp"]
@@ -273,7 +274,9 @@ def render_markdown(results: dict, img_prefix: str = "img/") -> str:
         L += ["", "Output of each QuantLinear vs `F.linear` with the original FP weight on the same (real) input, "
               "per step; per-layer, per-step tables in `results_layers.json`.", "",
               f"![per-layer SQNR at W4A4]({img_prefix}{IMG_SQNR})"]
-    L += ["", f"![frames, FP vs each method at W4A4]({img_prefix}{IMG_FRAMES})", ""]
+    if frames:
+        L += ["", f"![frames, FP vs each method at W4A4]({img_prefix}{IMG_FRAMES})"]
+    L.append("")
 
     return "\n".join(L) + "\n"
 
@@ -344,7 +347,7 @@ def write_outputs(results: dict, out_dir, layers: Optional[dict] = None, grid: O
     if grid:
         store.save_grid(grid, out / store.GRID)
         plots.frame_grid(grid, out / IMG_FRAMES)
-    (out / "quality.md").write_text(render_markdown(results, img_prefix=""))
+    (out / "quality.md").write_text(render_markdown(results, img_prefix="", frames=bool(grid)))
     return out
 
 
