@@ -211,6 +211,7 @@ def test_config_flag_for_a_method_without_the_field(tmp_path, no_work, capsys):
 def test_rotation_block_and_auto_scale_flags_reach_the_checkpoint(tmp_path, tiny_wan_dir):
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(tiny_wan_dir), "--rotation-block", "16", "--auto-scale", "none",
-                 "--out", str(out), "--quiet"]) == 0
+                 "--rotation", "on", "--a-bits", "8", "--out", str(out), "--quiet"]) == 0
     fields = serialization.read_metadata(out / "quantized.safetensors")["config"]["fields"]
-    assert fields["rotation_block"] == 16 and fields["auto_scale"] == "none"
+    assert fields["rotation_block"] == 16 and fields["auto_scale"] == "none" and fields["rotation"] is True
+    assert main(["quantize", "--method", "minmax", "--rotation", "off", "--out", str(tmp_path / "m")]) == 2

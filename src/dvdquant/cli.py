@@ -38,7 +38,7 @@ def _fields(cls) -> set:
 
 def _config_from_args(args):
     """The method's config class from the registry, with the options its fields take: ``--delta`` sets
-    ``gbs``; ``--attention``, ``--rotation-block``, ``--auto-scale`` set the fields of those names where the
+    ``gbs``; ``--attention``, ``--rotation``, ``--rotation-block``, ``--auto-scale`` set the fields of those names where the
     config has them (an explicit value for a method without the field is an error)."""
     from .algorithms import method_by_name, registered_methods
     from .config import GBSConfig
@@ -47,7 +47,8 @@ def _config_from_args(args):
               quantize_modulation=args.quantize_modulation)
     if "gbs" in _fields(cls) and args.delta is not None:
         kw["gbs"] = GBSConfig(delta=args.delta)
-    given = {"attention": args.attention, "rotation_block": getattr(args, "rotation_block", None),
+    rotation = {"auto": "auto", "on": True, "off": False}.get(getattr(args, "rotation", None))
+    given = {"attention": args.attention, "rotation": rotation, "rotation_block": getattr(args, "rotation_block", None),
              "auto_scale": getattr(args, "auto_scale", None)}
     for field, value in given.items():
         if field in _fields(cls):
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--attention", choices=["int8", "fp8", "none"], default="int8",
                    help="8-bit attention installed with DVD-Quant: INT8 Q·Kᵀ + FP8 P·V, FP8 both, or none "
                    "(keep SDPA) (default: %(default)s)")
+    q.add_argument("--rotation", choices=["auto", "on", "off"], default=None,
+                   help="ARQ Hadamard rotation (default: auto, on when activations go below 8 bits: A4, A6, "
+                   "--delta; off for static A8)")
     q.add_argument("--rotation-block", type=int, default=None,
                    help="Hadamard rotation in blocks of this order (default: one full-size rotation); the fused "
                    "GPU activation kernel takes powers of two 16-128, other orders rotate in torch first (slower)")
