@@ -57,7 +57,6 @@ def test_report_contents():
 def test_rotation_invariance_fp():
     """A rotated FP model (weights W·H, activations x·H, nothing quantized) is the same function."""
     from dvdquant.algorithms.arq import choose_rotation_block, rotate_weight
-    from dvdquant.nn.quant_linear import QuantLinear
     model, inputs = TINY_MODELS["wan"]()
     model = model.double()
     inputs = {k: (v.double() if v.is_floating_point() and k != "timestep" else v) for k, v in inputs.items()}
