@@ -109,6 +109,19 @@ def timed_call(pipe, timer: LoopTimer, kw: dict, steps: int) -> dict:
             "call_seconds": timer.call_seconds, "frames_shape": list(frames.shape), "finite": bool(torch.isfinite(torch.as_tensor(frames)).all())}
 
 
+def seeded(kw: dict) -> dict:
+    """``kw`` with a fresh generator seeded 1: every call starts from the same noise."""
+    return dict(kw, generator=torch.Generator().manual_seed(1))
+
+
+def warm_up(pipe, kw: dict) -> float:
+    """An untimed 2-step call (compilation, kernel autotuning); its seconds."""
+    t0 = time.perf_counter()
+    pipe(num_inference_steps=2, output_type="latent", **seeded(kw))
+    _sync()
+    return round(time.perf_counter() - t0, 1)
+
+
 def profile_one_step(pipe, kw: dict, res: dict, compiled: bool) -> None:
     """Kernel time per component of a 1-step call (two transformer calls under CFG), compiled then eager."""
     from bench_step import breakdown
@@ -182,7 +195,7 @@ def main(argv=None) -> None:
     timer = LoopTimer(pipe.transformer)
     with torch.inference_mode():
         res["bf16_steps"] = args.bf16_steps or args.steps
-        res["bf16"] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), res["bf16_steps"])
+        res["bf16"] = timed_call(pipe, timer, seeded(kw), res["bf16_steps"])
         save("bf16")
         gbs = dvdquant.GBSConfig(delta=args.delta) if args.steps_bits == "gbs" and not args.schedule else None
         a_bits = 8 if args.steps_bits == "a8" else 4
@@ -200,20 +213,14 @@ def main(argv=None) -> None:
         res["compile"] = not args.no_compile
         if not args.no_compile:
             pipe.transformer.compile()
-            t0 = time.perf_counter()
-            pipe(num_inference_steps=2, output_type="latent", **dict(kw, generator=torch.Generator().manual_seed(1)))
-            _sync()
-            res["warmup_2_steps_s"] = round(time.perf_counter() - t0, 1)
+            res["warmup_2_steps_s"] = warm_up(pipe, kw)
             save("warmup")
         for i, sched in enumerate(args.schedule or [None]):
             key = "dvdquant" if i == 0 else f"dvdquant_{i + 1}"
             if i:                                    # another schedule: a new policy, warmed up untimed
                 dvdquant.set_step_policy(pipe.transformer, dvdquant.StepPolicyConfig(schedule=sched))
-                t0 = time.perf_counter()
-                pipe(num_inference_steps=2, output_type="latent", **dict(kw, generator=torch.Generator().manual_seed(1)))
-                _sync()
-                res[f"warmup_{key}_s"] = round(time.perf_counter() - t0, 1)
-            res[key] = timed_call(pipe, timer, dict(kw, generator=torch.Generator().manual_seed(1)), args.steps)
+                res[f"warmup_{key}_s"] = warm_up(pipe, kw)
+            res[key] = timed_call(pipe, timer, seeded(kw), args.steps)
             ctrl = dvdquant.step_controller(pipe.transformer)
             res[key].update(schedule=list(ctrl.schedule), mean_act_bits=round(ctrl.mean_bits(), 2),
                             skipped_steps=sum(1 for b in ctrl.schedule if b == 0))
@@ -223,7 +230,8 @@ def main(argv=None) -> None:
             save("profile")
     res["dynamo_counters"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v}
     res["bf16"]["denoise_per_step_s"] = round(res["bf16"]["denoise_s"] / res["bf16_steps"], 3)
-    for key in [k for k in res if k.startswith("dvdquant")]:
+    runs = [k for k in res if k.startswith("dvdquant")]
+    for key in runs:
         r = res[key]
         r["denoise_per_step_s"] = round(r["denoise_s"] / args.steps, 3)
         r["speedup_denoise_per_step"] = round(res["bf16"]["denoise_per_step_s"] / r["denoise_per_step_s"], 3)
@@ -233,7 +241,7 @@ def main(argv=None) -> None:
     save("done")
     print(f"\n{args.model} on {res['device']}, CFG {args.guidance}: bf16 {res['bf16_steps']} steps "
           f"{res['bf16']['call_s']} s (loop {res['bf16']['denoise_s']} s, peak {res['bf16']['peak_gb']} GB)")
-    for key in [k for k in res if k.startswith("dvdquant")]:
+    for key in runs:
         r = res[key]
         print(f"{key}: {args.steps} steps {r['call_s']} s (loop {r['denoise_s']} s, peak {r['peak_gb']} GB); per step "
               f"{r['speedup_denoise_per_step']}×, {r['skipped_steps']} steps skipped, mean activation bits "

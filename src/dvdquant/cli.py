@@ -293,7 +293,8 @@ def _print_policy(transformer) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .eval.report import DOCS_SCRIPT, finish, render_markdown
+    from pathlib import Path
+    from .eval.report import DOCS_SCRIPT, IMG_FRAMES, finish, render_markdown
     if args.from_results:
         out = args.out or (args.from_results[0] if len(args.from_results) == 1 else None)
         results = finish(args.from_results, out)
@@ -305,8 +306,6 @@ def cmd_eval(args) -> int:
                  batch_size=args.batch_size, fd_bootstrap=args.fd_bootstrap,
                  time_limit=None if args.time_limit is None else 60.0 * args.time_limit, progress=not args.quiet)
         results = finish([out])
-    from pathlib import Path
-    from .eval.report import IMG_FRAMES
     print(render_markdown(results, img_prefix="", frames=(Path(out) / IMG_FRAMES).exists()), end="")
     print(f"wrote {out}/results.json, quality.md and plots (into the repository's docs/: python {DOCS_SCRIPT} {out})")
     return 0
