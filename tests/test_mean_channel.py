@@ -208,3 +208,14 @@ def test_eval_specs():
     bits = __import__("dvdquant.eval.quality", fromlist=["BITS"]).BITS
     assert METHODS["dvdquant-centered"].build(bits["W4A8"]).rotates()
     assert not METHODS["dvdquant"].build(bits["W4A8"]).rotates() and METHODS["dvdquant"].build(bits["W4A6"]).rotates()
+
+
+def test_plan_refuses_a_named_method_with_no_row():
+    """A method asked for by name at bit-widths it is not defined at is an error, not a silent no-op."""
+    assert ("dvdquant-no-bgr", "W4A8") in plan_runs("dvdquant-no-bgr", "W4A8")
+    assert plan_runs("dvdquant-no-gbs,minmax", "W4A4,W4A6") == [("minmax", "W4A4"), ("dvdquant-no-gbs", "W4A6"),
+                                                               ("minmax", "W4A6")]
+    with pytest.raises(ValueError, match="dvdquant-no-gbs: not defined at W4A4"):
+        plan_runs("dvdquant-no-gbs,minmax", "W4A4")
+    assert len(plan_runs()) == sum(1 for b in ("W8A8", "W4A8", "W4A6", "W4A4") for m in METHODS.values()
+                                   if m.only_bits is None or b in m.only_bits)

@@ -131,7 +131,8 @@ class MethodSpec:
     ablates: str = ""
 
 
-LOW_BITS = ("W4A6", "W4A4")   # ablations run where the parts matter (as the paper's ablation: W4A4)
+LOW_BITS = ("W4A6", "W4A4")   # where rotation variants differ (static A8 does not rotate by default)
+W4_BITS = ("W4A8",) + LOW_BITS
 
 
 def _static(cls):
@@ -148,22 +149,22 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
     *baseline_specs(),
     MethodSpec("dvdquant", "DVD-Quant", "dvdquant", dvdquant_config),
     MethodSpec("dvdquant-no-bgr", "DVD-Quant − BGR", "ablation",
-               lambda b: dvdquant_config(b, bgr=None), only_bits=LOW_BITS, ablates="BGR"),
+               lambda b: dvdquant_config(b, bgr=None), only_bits=W4_BITS, ablates="BGR"),
     MethodSpec("dvdquant-no-rotation", "DVD-Quant − rotation", "ablation",
                lambda b: dvdquant_config(b, rotation=False), only_bits=LOW_BITS, ablates="rotation"),
     MethodSpec("dvdquant-no-autoscale", "DVD-Quant − auto-scale", "ablation",
-               lambda b: dvdquant_config(b, auto_scale="none"), only_bits=LOW_BITS, ablates="auto-scaling"),
+               lambda b: dvdquant_config(b, auto_scale="none"), only_bits=W4_BITS, ablates="auto-scaling"),
     MethodSpec("dvdquant-no-gbs", "DVD-Quant − δ-GBS (static A4)", "ablation", _no_gbs,
                only_bits=("W4A6",), ablates="δ-GBS"),
     MethodSpec("dvdquant-no-qattn", "DVD-Quant − 8-bit attention", "ablation",
                lambda b: dvdquant_config(b, attention="none"), only_bits=("W4A8", "W4A4"),
                ablates="8-bit attention"),
     MethodSpec("dvdquant-dynsmooth", "DVD-Quant + dynamic smoothing", "variant",
-               lambda b: dvdquant_config(b, smoothing="dynamic"), only_bits=LOW_BITS),
+               lambda b: dvdquant_config(b, smoothing="dynamic"), only_bits=W4_BITS),
     MethodSpec("dvdquant-rotated", "DVD-Quant + rotation at A8", "variant",      # "auto" does not rotate at A8
                lambda b: dvdquant_config(b, rotation=True), only_bits=("W4A8",)),
     MethodSpec("dvdquant-centered", "DVD-Quant + exact block mean", "variant",
-               lambda b: dvdquant_config(b, mean_channel="exact", rotation=True), only_bits=("W4A8",) + LOW_BITS),
+               lambda b: dvdquant_config(b, mean_channel="exact", rotation=True), only_bits=W4_BITS),
     MethodSpec("dvdquant-modulation", "DVD-Quant + W4A16 modulation", "variant",
                lambda b: dvdquant_config(b, quantize_modulation=True), only_bits=("W4A8", "W4A4")),
 )}
@@ -182,8 +183,13 @@ def _parse_list(value, known: dict, what: str) -> list[str]:
 def plan_runs(methods=None, bits=None) -> list[tuple[str, str]]:
     """[(method key, bits key)] in table order: bit-widths as listed, methods as listed."""
     mkeys, bkeys = _parse_list(methods, METHODS, "method"), _parse_list(bits, BITS, "bit-width")
-    return [(m, b) for b in bkeys for m in mkeys
-            if METHODS[m].only_bits is None or b in METHODS[m].only_bits]
+    runs = [(m, b) for b in bkeys for m in mkeys if METHODS[m].only_bits is None or b in METHODS[m].only_bits]
+    if methods not in (None, "all", ["all"]):                    # a method named explicitly must run somewhere
+        idle = [m for m in mkeys if not any(r[0] == m for r in runs)]
+        if idle:
+            raise ValueError(f"{', '.join(idle)}: not defined at {', '.join(bkeys)} (only at "
+                             f"{'; '.join(f'{m} ' + ', '.join(METHODS[m].only_bits) for m in idle)})")
+    return runs
 
 
 def eval_prompts(prompts=None) -> list[Factors]:
