@@ -5,11 +5,11 @@ step). Speed does not depend on the weight values, so the transformer (Wan 2.1 1
 VAE (the real ``AutoencoderKLWan`` architecture, fp32) have random weights and the text side is a
 random prompt embedding (no text encoder). In one process on one GPU, in this order:
 
-1. ``bf16``: the bf16 transformer, diffusers eager (SDPA), the whole 50-step call timed, the
+1. ``bf16``: the bf16 transformer, diffusers eager (SDPA), after an untimed 2-step warm-up call, the whole 50-step call timed, the
    denoising loop apart (from the first to the last transformer call), peak memory;
 2. quantize the transformer in place with DVD-Quant W4A4 + δ-GBS (A4/A8 per step; static A4 or A8
-   with ``--steps-bits``) + 8-bit attention, data-free; fp8 backend; ``transformer.compile()``; one
-   2-step warm-up call (the compile happens there, reported apart);
+   with ``--steps-bits``) + 8-bit attention, data-free; fp8 backend; ``transformer.compile()`` (unless
+   ``--no-compile``); one 2-step warm-up call (compilation, Triton JIT, autotuning; reported apart);
 3. ``dvdquant``: the same 50-step call, timed the same way; the δ-GBS schedule and average bits.
 
 With random weights the output change between steps is not a trained model's, so δ-GBS picks its
@@ -106,7 +106,7 @@ def timed_call(pipe, timer: LoopTimer, kw: dict, steps: int) -> dict:
     total = time.perf_counter() - t0
     return {"call_s": round(total, 2), "denoise_s": round(timer.seconds(), 2), "transformer_calls": timer.calls,
             "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
-            "call_seconds": timer.call_seconds, "frames_shape": list(frames.shape), "finite": bool(torch.isfinite(torch.as_tensor(frames)).all())}
+            "call_seconds": list(timer.call_seconds), "frames_shape": list(frames.shape), "finite": bool(torch.isfinite(torch.as_tensor(frames)).all())}
 
 
 def seeded(kw: dict) -> dict:
@@ -195,6 +195,7 @@ def main(argv=None) -> None:
     timer = LoopTimer(pipe.transformer)
     with torch.inference_mode():
         res["bf16_steps"] = args.bf16_steps or args.steps
+        res["warmup_bf16_s"] = warm_up(pipe, kw)         # first-call set-up (cuDNN plans, allocator) untimed
         res["bf16"] = timed_call(pipe, timer, seeded(kw), res["bf16_steps"])
         save("bf16")
         gbs = dvdquant.GBSConfig(delta=args.delta) if args.steps_bits == "gbs" and not args.schedule else None
@@ -213,8 +214,8 @@ def main(argv=None) -> None:
         res["compile"] = not args.no_compile
         if not args.no_compile:
             pipe.transformer.compile()
-            res["warmup_2_steps_s"] = warm_up(pipe, kw)
-            save("warmup")
+        res["warmup_2_steps_s"] = warm_up(pipe, kw)      # compilation, Triton JIT and autotuning: untimed
+        save("warmup")
         for i, sched in enumerate(args.schedule or [None]):
             key = "dvdquant" if i == 0 else f"dvdquant_{i + 1}"
             if i:                                    # another schedule: a new policy, warmed up untimed
