@@ -208,11 +208,7 @@ def render_markdown(results: dict, img_prefix: str = "img/", frames: bool = True
              f"clip i seeded with {meta['seed']} + i and identical for every method, batches of "
              f"{meta['batch_size']} prompts (fixed: δ-GBS's indicator is taken over the batch). Quantized layers run "
              "the exact fp32 simulation of the integer pipeline (`backend=\"simulated\"`).")
-    dvd = next((r for r in results["runs"] if r["method"] == "dvdquant" and r["bits"] == "W4A4"), None)
-    if dvd is not None:
-        f = {k: v for k, v in dvd["config"]["fields"].items() if k not in ("w_bits", "a_bits", "gbs", "skip")}
-        L += ["", "“DVD-Quant” is `DVDQuantConfig()` of this run with the bit-widths set: "
-              + ", ".join(f"`{k}={v}`" for k, v in f.items()) + "."]
+    L += _dvdquant_config_lines(results["runs"])
     L += [""] + _table(results) + [""]
     L.append(
         "PSNR / SSIM vs FP: of each decoded clip against the FP clip with the same prompt and noise (PSNR capped "
@@ -374,3 +370,22 @@ def load_results(run_dir) -> dict:
     """A run folder's results (results.partial.json of a run cut short), intervals recomputed."""
     results, _, _ = store.merge_runs([run_dir])
     return analyse(results)
+
+
+_BITS_FIELDS = ("w_bits", "a_bits", "gbs", "skip")
+
+
+def _dvdquant_config_lines(runs) -> list:
+    """The DVD-Quant rows' configuration: the first row's fields, then any field another row sets otherwise
+    (parts of a merged run measured with different defaults)."""
+    rows = [r for r in runs if r["method"] == "dvdquant"]
+    if not rows:
+        return []
+    first = {k: v for k, v in rows[0]["config"]["fields"].items() if k not in _BITS_FIELDS}
+    text = (f"“DVD-Quant” is `DVDQuantConfig()` with the bit-widths set; its {rows[0]['bits']} row: "
+            + ", ".join(f"`{k}={v}`" for k, v in first.items()) + ".")
+    for r in rows[1:]:
+        diff = {k: v for k, v in r["config"]["fields"].items() if k not in _BITS_FIELDS and first.get(k) != v}
+        if diff:
+            text += f" Its {r['bits']} row: " + ", ".join(f"`{k}={v}`" for k, v in diff.items()) + "."
+    return ["", text]
