@@ -219,3 +219,10 @@ def test_plan_refuses_a_named_method_with_no_row():
         plan_runs("dvdquant-no-gbs,minmax", "W4A4")
     assert len(plan_runs()) == sum(1 for b in ("W8A8", "W4A8", "W4A6", "W4A4") for m in METHODS.values()
                                    if m.only_bits is None or b in m.only_bits)
+
+
+def test_static_a6_row_is_the_baselines_w4a6():
+    from dvdquant.eval.quality import BITS
+    cfg = METHODS["dvdquant-static-a6"].build(BITS["W4A6"])
+    assert cfg.a_bits == 6 and cfg.gbs is None and cfg.rotates()
+    assert plan_runs("dvdquant-static-a6", "all") == [("dvdquant-static-a6", "W4A6")]

@@ -156,6 +156,8 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
                lambda b: dvdquant_config(b, auto_scale="none"), only_bits=W4_BITS, ablates="auto-scaling"),
     MethodSpec("dvdquant-no-gbs", "DVD-Quant − δ-GBS (static A4)", "ablation", _no_gbs,
                only_bits=("W4A6",), ablates="δ-GBS"),
+    MethodSpec("dvdquant-static-a6", "DVD-Quant, static A6", "variant",            # the baselines' W4A6
+               lambda b: replace(dvdquant_config(b), gbs=None, a_bits=b.a_bits), only_bits=("W4A6",)),
     MethodSpec("dvdquant-no-qattn", "DVD-Quant − 8-bit attention", "ablation",
                lambda b: dvdquant_config(b, attention="none"), only_bits=("W4A8", "W4A4"),
                ablates="8-bit attention"),
