@@ -1,16 +1,18 @@
-"""A whole text-to-video generation through the stock diffusers ``WanPipeline``: bf16 vs dvdquant.
+"""A whole text-to-video generation through a stock diffusers pipeline (``WanPipeline``,
+``HunyuanVideoPipeline``): bf16 vs dvdquant.
 
-What a user runs: ``pipe(...)`` with 50 steps and classifier-free guidance (two transformer calls a
-step). Speed does not depend on the weight values, so the transformer (Wan 2.1 14B config) and the
-VAE (the real ``AutoencoderKLWan`` architecture, fp32) have random weights and the text side is a
-random prompt embedding (no text encoder). In one process on one GPU, in this order:
+What a user runs: ``pipe(...)`` with 50 steps; Wan with classifier-free guidance (two transformer calls a
+step), HunyuanVideo with its embedded guidance (one call a step). Speed does not depend on the weight values,
+so the transformer (Wan 2.1 14B or HunyuanVideo 13B config) and the VAE (the real architecture, fp32;
+HunyuanVideo's with tiling, as its docs run 544p) have random weights and the text side is a random prompt
+embedding (no text encoder). In one process on one GPU, in this order:
 
-1. ``bf16``: the bf16 transformer, diffusers eager (SDPA), after an untimed 2-step warm-up call, the whole 50-step call timed, the
-   denoising loop apart (from the first to the last transformer call), peak memory;
+1. ``bf16``: the bf16 transformer, diffusers eager (SDPA), after an untimed 2-step warm-up call, the whole
+   call timed, the denoising loop apart (from the first to the last transformer call), peak memory;
 2. quantize the transformer in place with DVD-Quant W4A4 + δ-GBS (A4/A8 per step; static A4 or A8
    with ``--steps-bits``) + 8-bit attention, data-free; fp8 backend; ``transformer.compile()`` (unless
    ``--no-compile``); one 2-step warm-up call (compilation, Triton JIT, autotuning; reported apart);
-3. ``dvdquant``: the same 50-step call, timed the same way; the δ-GBS schedule and average bits.
+3. ``dvdquant``: the same call, timed the same way; the step schedule and average bits.
 
 With random weights the output change between steps is not a trained model's, so δ-GBS picks its
 own schedule here; the JSON records it. ``--schedule`` replays a fixed step schedule instead
@@ -19,7 +21,8 @@ them at those bits; block 0 runs at A8 every step), e.g. the one the policy chos
 embedded model (benchmarks/step_policy_budget.py --costs cuda). Writes ``<out>/pipeline_<model>.json`` after each phase.
 
     python benchmarks/bench_pipeline.py --model wan14b --out results/
-    python benchmarks/bench_pipeline.py --model tiny --device cpu --steps 3     # a smoke run on CPU
+    python benchmarks/bench_pipeline.py --model hunyuan --quantize-modulation --bf16-steps 10 --out results/
+    python benchmarks/bench_pipeline.py --model tiny --device cpu --steps 3     # a smoke run on CPU (hunyuan-tiny too)
 """
 from __future__ import annotations
 
@@ -34,25 +37,75 @@ import torch
 
 log = logging.getLogger("bench_pipeline")
 
-SIZES = {"wan14b": dict(height=480, width=832, num_frames=81, text_len=512, text_dim=4096),
-         "tiny": dict(height=32, width=32, num_frames=5, text_len=8, text_dim=32)}
+SIZES = {"wan14b": dict(family="wan", height=480, width=832, num_frames=81, text_len=512, text_dim=4096),
+         "tiny": dict(family="wan", height=32, width=32, num_frames=5, text_len=8, text_dim=32),
+         "hunyuan": dict(family="hunyuan", height=544, width=960, num_frames=129, text_len=256, text_dim=4096,
+                         pooled_dim=768),
+         "hunyuan-tiny": dict(family="hunyuan", height=32, width=32, num_frames=5, text_len=8, text_dim=32,
+                              pooled_dim=16)}
+GUIDANCE = {"wan": 5.0, "hunyuan": 6.0}      # Wan: CFG (two calls a step); HunyuanVideo: embedded guidance (one)
 
 
 def build(which: str, device, dtype):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    tiny = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
-                text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=32)
+    """The stock pipeline of ``which`` with random weights and no text encoders."""
+    family = SIZES[which]["family"]
     torch.set_default_dtype(dtype)                 # built in place: a 14B model in fp32 would not fit
     with torch.device(device):
-        transformer = WanTransformer3DModel() if which == "wan14b" else WanTransformer3DModel(**tiny)
+        transformer = _transformer(which)
     torch.set_default_dtype(torch.float32)
-    with torch.device(device):                     # the Wan 2.1 VAE architecture (fp32), or a tiny one
-        vae = AutoencoderKLWan() if which == "wan14b" else AutoencoderKLWan(
-            base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer.to(device, dtype).eval(),
-                       vae=vae.to(device, torch.float32).eval(), scheduler=scheduler)
-    return pipe
+    with torch.device(device):                     # the real VAE architecture (fp32), or a tiny one
+        vae = _vae(which)
+    transformer, vae = transformer.to(device, dtype).eval(), vae.to(device, torch.float32).eval()
+    if family == "wan":
+        from diffusers import UniPCMultistepScheduler, WanPipeline
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    if which == "hunyuan":
+        vae.enable_tiling()                        # as HunyuanVideo's docs run 544p × 129 frames
+    return HunyuanVideoPipeline(tokenizer=None, text_encoder=None, tokenizer_2=None, text_encoder_2=None,
+                                transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def _transformer(which: str):
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+    if which == "wan14b":
+        return WanTransformer3DModel()             # default config = Wan 2.1 14B
+    if which == "hunyuan":
+        return HunyuanVideoTransformer3DModel()    # default config = HunyuanVideo 13B
+    if which == "tiny":
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
+                                     in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=128,
+                                     num_layers=2, rope_max_seq_len=32)
+    return HunyuanVideoTransformer3DModel(num_attention_heads=2, attention_head_dim=16, num_layers=1,
+                                          num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+                                          text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6))
+
+
+def _vae(which: str):
+    from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
+    if which == "wan14b":
+        return AutoencoderKLWan()
+    if which == "hunyuan":
+        return AutoencoderKLHunyuanVideo()
+    if which == "tiny":
+        return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                temperal_downsample=[False, True, True])
+    return AutoencoderKLHunyuanVideo(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+
+
+def call_kwargs(which: str, device, dtype, guidance: float) -> dict:
+    """Random prompt embeddings (seeded) and the sizes: the pipeline call's keyword arguments."""
+    size = SIZES[which]
+    g = torch.Generator().manual_seed(0)
+    emb = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)       # noqa: E731
+    kw = dict(guidance_scale=guidance, height=size["height"], width=size["width"], num_frames=size["num_frames"])
+    if size["family"] == "wan":
+        return dict(kw, prompt_embeds=emb(1, size["text_len"], size["text_dim"]),
+                    negative_prompt_embeds=emb(1, size["text_len"], size["text_dim"]))
+    return dict(kw, prompt_embeds=emb(1, size["text_len"], size["text_dim"]),
+                pooled_prompt_embeds=emb(1, size["pooled_dim"]),
+                prompt_attention_mask=torch.ones(1, size["text_len"], dtype=torch.long, device=device))
 
 
 class LoopTimer:
@@ -146,7 +199,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="wan14b", choices=sorted(SIZES))
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="Wan: CFG scale (default 5.0); HunyuanVideo: embedded guidance (default 6.0)")
+    ap.add_argument("--quantize-modulation", action="store_true",
+                    help="also quantize the AdaLN modulation layers (weight-only W4A16; HunyuanVideo's step table)")
     ap.add_argument("--delta", type=float, default=0.12, help="δ-GBS threshold (default: %(default)s)")
     ap.add_argument("--steps-bits", default="gbs", choices=["gbs", "a4", "a8"],
                     help="activation bits per step: δ-GBS (A4/A8 chosen by --delta), or static A4 / A8 on every "
@@ -175,7 +231,7 @@ def main(argv=None) -> None:
     size = SIZES[args.model]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"model": args.model, "steps": args.steps, "guidance": args.guidance, **size,
+    res = {"model": args.model, "steps": args.steps, "guidance": args.guidance or GUIDANCE[size["family"]], **size,
            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__}
     path = out / f"pipeline_{args.model}.json"
 
@@ -187,11 +243,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     pipe = build(args.model, dev, dtype)
     pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(0)
-    pe = torch.randn(1, size["text_len"], size["text_dim"], generator=g).to(dev, dtype)
-    ne = torch.randn(1, size["text_len"], size["text_dim"], generator=g).to(dev, dtype)
-    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=args.guidance, height=size["height"],
-              width=size["width"], num_frames=size["num_frames"], generator=torch.Generator().manual_seed(1))
+    kw = call_kwargs(args.model, dev, dtype, res["guidance"])
     timer = LoopTimer(pipe.transformer)
     with torch.inference_mode():
         res["bf16_steps"] = args.bf16_steps or args.steps
@@ -202,7 +254,8 @@ def main(argv=None) -> None:
         a_bits = 8 if args.steps_bits == "a8" else 4
         policy = dvdquant.StepPolicyConfig(schedule=args.schedule[0]) if args.schedule else None
         cfg = dvdquant.DVDQuantConfig(w_bits=4, a_bits=a_bits, auto_scale=args.auto_scale, gbs=gbs, policy=policy,
-                                      rotation_block=args.rotation_block or None)
+                                      rotation_block=args.rotation_block or None,
+                                      quantize_modulation=args.quantize_modulation)
         res["config"] = config_to_dict(cfg)
         _sync()
         t0 = time.perf_counter()
@@ -240,7 +293,7 @@ def main(argv=None) -> None:
             for k in ("call_s", "denoise_s"):
                 r[f"speedup_{k}"] = round(res["bf16"][k] / r[k], 3)
     save("done")
-    print(f"\n{args.model} on {res['device']}, CFG {args.guidance}: bf16 {res['bf16_steps']} steps "
+    print(f"\n{args.model} on {res['device']}, guidance {res['guidance']}: bf16 {res['bf16_steps']} steps "
           f"{res['bf16']['call_s']} s (loop {res['bf16']['denoise_s']} s, peak {res['bf16']['peak_gb']} GB)")
     for key in runs:
         r = res[key]
