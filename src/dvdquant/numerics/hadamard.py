@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
+from .reduce import absmax
 
 
 def _is_prime(q: int) -> bool:
@@ -210,7 +211,7 @@ def snap_to_rotation_grid(x: torch.Tensor, block: int) -> torch.Tensor:
     xf = x.float()
     n = xf.shape[-1]
     seg = xf.reshape(*xf.shape[:-1], n // block, block)
-    magic = snap_magic(seg.abs().amax(dim=-1, keepdim=True))
+    magic = snap_magic(absmax(seg, -1, keepdim=True))
     return (seg + magic).sub_(magic).reshape(xf.shape)
 
 
@@ -229,8 +230,8 @@ def fp32_matmul_is_ieee(device) -> bool:
 
 
 _EXACT_UNITS = 2 ** 24                 # fp32 holds every integer up to 2^24 exactly
-_SNAP_UNITS = 2 ** (SNAP_BITS + 1)     # a snapped entry is below 2^15 grid units in magnitude
-SYLVESTER_MATMUL = 256                 # the first ±1 stage: fp32 matmuls over this many columns
+_SNAP_UNITS = 2 ** (SNAP_BITS + 1)     # a snapped entry is at most 2^15 grid units in magnitude
+SYLVESTER_MATMUL = _EXACT_UNITS // _SNAP_UNITS   # 512: the first ±1 stage, fp32 matmuls over this many columns
 
 
 @lru_cache(maxsize=64)
@@ -242,13 +243,16 @@ def _sylvester_pm1(p: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 def _sylvester_stage(v: torch.Tensor, p: int) -> torch.Tensor:
     """v (..., p) · S_p, S_p the ±1 Sylvester matrix of order p, as two small matmuls: S_p = S_a ⊗ S_b
     (a·b = p, a ≈ b), so x·S_p = vec(S_a · X · S_b) with X = x viewed (a, b). O(a + b) multiply-adds per
-    entry instead of O(p). For the callers' exact integer-valued sums the result is the dense product's."""
+    entry instead of O(p). For the callers' exact integer-valued sums the result is the dense product's
+    (which is also why the first product may take whichever GEMM form is fastest: ``out=``)."""
     a = 1 << ((p.bit_length() - 1) // 2)
     b = p // a
     if a < 4:
         return v @ _sylvester_pm1(p, v.dtype, str(v.device))
     dev = str(v.device)
-    y = (v.reshape(-1, b) @ _sylvester_pm1(b, v.dtype, dev)).reshape(-1, a, b)   # · S_b over the low index
+    x = v.reshape(-1, b)
+    y = torch.mm(x, _sylvester_pm1(b, v.dtype, dev), out=torch.empty_like(x, memory_format=torch.contiguous_format))
+    y = y.view(-1, a, b)                                                           # · S_b over the low index
     return torch.matmul(_sylvester_pm1(a, v.dtype, dev), y).reshape(v.shape)       # S_a · over the high index
 
 
@@ -267,8 +271,9 @@ def exact_pm1_rotation_sum(xs: torch.Tensor, block: int) -> torch.Tensor:
     summed exactly and rounded once to fp32, for entries that are multiples of one grid unit u per
     (row, block) segment below 2^15·u in magnitude (:func:`snap_to_rotation_grid`).
 
-    The Sylvester factor B = H_2^{⊗a} runs as fp32 matmuls over its last ``SYLVESTER_MATMUL``
-    columns (two small ones, :func:`_sylvester_stage`), then one add/subtract stage per remaining factor H_2, then the
+    The Sylvester factor B = H_2^{⊗a} runs as fp32 matmuls over its last ``SYLVESTER_MATMUL`` = 512
+    columns (two small ones, :func:`_sylvester_stage`; 512 entries of at most 2^15 units sum to at most 2^24),
+    then one add/subtract stage per remaining factor H_2, then the
     Paley factor A as a matmul. Every stage is exact in fp32 while its sums stay within 2^24 grid
     units; a final H_2 stage (no A after it) may go past, since one fp32 add of two exact values
     rounds once, as required. Any other stage past 2^24 units runs in fp64 (exact here), rounded
