@@ -48,12 +48,14 @@ instead of NaN (l = 0 would divide by zero: the kernel and the reference both cl
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
 from ..numerics.grids import round_to_e4m3_
+from ..numerics.reduce import absmax
 
 DEFAULT_BLOCK_N = 128   # keys per tile of the online softmax (K scales are per key)
 BLOCK_N_BY_HEAD_DIM = {64: 64, 128: 128}   # key tile per head_dim (part of the numerics: P is rounded per tile)
@@ -66,6 +68,23 @@ TINY = 1e-30             # amax floor: an all-zero row/block gets codes 0, not N
 L_FLOOR = 1e-30          # row sum floor: fully masked rows give v_offset, not NaN
 QK_FORMATS = tuple(QMAX)
 E4M3 = torch.float8_e4m3fn
+SCORES_KEPT = 1 << 25    # scores buffers up to this many fp32 elements (128 MiB) are kept for the next call (CPU)
+_kept = threading.local()
+
+
+def _scores_buffer(numel: int, device: torch.device) -> torch.Tensor:
+    """An fp32 scratch buffer of ``numel`` elements for :func:`_attend`'s scores (never returned to its callers).
+
+    On the CPU one buffer per thread, of up to :data:`SCORES_KEPT` elements, is kept between calls: a fresh one
+    of this size is new memory from the OS every call (page faults on first touch cost as much as an
+    elementwise pass over it)."""
+    device = torch.device(device)
+    if device.type != "cpu" or numel > SCORES_KEPT:
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    buf = getattr(_kept, "scores", None)
+    if buf is None or buf.numel() < numel:
+        buf = _kept.scores = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
 
 
 def block_n_for(head_dim: int) -> int:
@@ -95,11 +114,11 @@ class QuantKV:
     block_n: int
 
 
-def round_codes(y: torch.Tensor, qk_format: str) -> torch.Tensor:
-    """fp32 ``y`` (already divided by its scale) → codes as fp32-valued grid points."""
+def round_codes_(y: torch.Tensor, qk_format: str) -> torch.Tensor:
+    """fp32 ``y`` (already divided by its scale) → codes as fp32-valued grid points, in ``y`` (returned)."""
     if qk_format == "int8":
-        return torch.round(y).clamp_(-127.0, 127.0)
-    return y.clamp(-448.0, 448.0).to(E4M3).float()
+        return y.round_().clamp_(-127.0, 127.0)
+    return y.copy_(y.clamp_(-448.0, 448.0).to(E4M3))
 
 
 def kv_stats(k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,22 +141,30 @@ def quantize_kv_reference(k: torch.Tensor, v: torch.Tensor, qk_format: str = "in
     ``stats``: (k_mean, v_mean, v_inv) to use instead of :func:`kv_stats` (tests feed the kernel's
     fixed-order statistics here to compare codes bit for bit).
     """
+    k8, k_scale, v8p, v_scale, v_offset, k_mean = _kv_codes(k, v, qk_format, block_n, stats)
+    k8 = k8.to(torch.int8) if qk_format == "int8" else k8.to(E4M3)
+    return QuantKV(k8, k_scale, v8p.transpose(2, 3).to(E4M3).contiguous(), v_scale, v_offset, k_mean, k.shape[1],
+                   block_n)
+
+
+def _kv_codes(k: torch.Tensor, v: torch.Tensor, qk_format: str, block_n: int, stats: Optional[tuple]) -> tuple:
+    """:func:`quantize_kv_reference` with its codes as fp32 values: K's (B, H, Lkp, D) and V's, not
+    transposed, (B, H, Lkp, D); zeros past Lk. Then k_scale, v_scale, v_offset, k_mean as in :class:`QuantKV`."""
     B, Lk, H, D = k.shape
     nb = -(-Lk // block_n)
     lkp = nb * block_n
     k_mean, v_mean, v_inv = kv_stats(k, v) if stats is None else stats
-    kc = k.float().permute(0, 2, 1, 3) - k_mean[:, :, None, :]    # (B, H, Lk, D) centred
-    kc = torch.nn.functional.pad(kc, (0, 0, 0, lkp - Lk))         # zeros past Lk
-    amax = kc.abs().amax(dim=-1).clamp_min(TINY)                  # (B, H, Lkp): per key
+    kc = torch.empty(B, H, lkp, D, dtype=torch.float32, device=k.device)
+    torch.sub(k.float().permute(0, 2, 1, 3), k_mean[:, :, None, :], out=kc[:, :, :Lk])   # centred
+    kc[:, :, Lk:] = 0.0                                           # zeros past Lk
+    amax = absmax(kc, -1).clamp_min_(TINY)                        # (B, H, Lkp): per key
     qmax = QMAX[qk_format]
-    k8 = round_codes(kc * (qmax / amax)[..., None], qk_format)
+    k8 = round_codes_(kc.mul_((qmax / amax)[..., None]), qk_format)
     vc = v.float().permute(0, 2, 1, 3) - v_mean[:, :, None, :]     # (B, H, Lk, D)
-    v8 = (vc * v_inv[:, :, None, :]).clamp(-448.0, 448.0).to(E4M3)
-    v8p = torch.nn.functional.pad(v8.float(), (0, 0, 0, lkp - Lk))   # (B, H, Lkp, D), zeros past Lk
+    v8p = torch.zeros(B, H, lkp, D, dtype=torch.float32, device=v.device)   # zeros past Lk
+    v8p[:, :, :Lk] = vc.mul_(v_inv[:, :, None, :]).clamp_(-448.0, 448.0).to(E4M3)
     v_scale = 1.0 / v_inv
-    k8 = k8.to(torch.int8) if qk_format == "int8" else k8.to(E4M3)
-    return QuantKV(k8, amax / qmax, v8p.transpose(2, 3).to(E4M3).contiguous(), v_scale,
-                   v_offset_reference(v8p, v_mean, v_scale, Lk, block_n), k_mean, Lk, block_n)
+    return k8, amax / qmax, v8p, v_scale, v_offset_reference(v8p, v_mean, v_scale, Lk, block_n), k_mean
 
 
 def v_offset_reference(v8p: torch.Tensor, v_mean: torch.Tensor, v_scale: torch.Tensor, lk: int,
@@ -158,9 +185,9 @@ def v_offset_reference(v8p: torch.Tensor, v_mean: torch.Tensor, v_scale: torch.T
 def quantize_q_reference(q: torch.Tensor, qk_format: str = "int8") -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token codes (B, H, Lq, D) fp32-valued and scales (B, H, Lq) of ``q`` (B, Lq, H, D)."""
     qf = q.float().permute(0, 2, 1, 3)
-    amax = qf.abs().amax(dim=-1).clamp_min(TINY)                  # (B, H, Lq)
+    amax = absmax(qf, -1).clamp_min_(TINY)                        # (B, H, Lq)
     qmax = QMAX[qk_format]
-    return round_codes(qf * (qmax / amax)[..., None], qk_format), amax / qmax
+    return round_codes_(qf * (qmax / amax)[..., None], qk_format), amax / qmax
 
 
 def _mask_4d(attn_mask: torch.Tensor, B: int, H: int, Lk: int) -> Optional[torch.Tensor]:
@@ -244,27 +271,30 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Lk = k.shape[1]
     c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
     block_n = block_n or block_n_for(D)
-    kv = quantize_kv_reference(k, v, qk_format, block_n)
+    k8, k_scale, v8p, v_scale, v_offset, k_mean = _kv_codes(k, v, qk_format, block_n, None)
+    if qk_format == "int8":
+        k8.add_(0.0)                          # −0 → +0: the int8 codes' values (the kernel's; fp8 keeps −0)
+    v8t = v8p.transpose(2, 3).contiguous()                        # (B, H, D, Lkp): the kernel's V layout
     q8, sq = quantize_q_reference(q, qk_format)                   # (B, H, Lq, D), (B, H, Lq)
     bias = key_bias(attn_mask, B, H, Lk)
-    lkp = kv.k8.shape[2]
+    lkp = k8.shape[2]
     if bias is not None:                                           # (B, 1|H, Lkp) log2 units, −inf past Lk
         bias = torch.nn.functional.pad(bias * LOG2E, (0, lkp - Lk), value=float("-inf"))
     per = max(1, max_chunk // max(H * Lq * lkp, 1))
     outs, lses = [], []
     for b0 in range(0, B, per):
         sl = slice(b0, min(B, b0 + per))
-        o, lse = _attend(q8[sl], sq[sl] * c, kv.k8[sl].float(), kv.k_scale[sl], kv.v8t[sl].float(),
-                         None if bias is None else bias[sl], Lk, block_n)
-        outs.append(o * kv.v_scale[sl][:, :, None, :] + kv.v_offset[sl][:, :, None, :])
+        o, lse = _attend(q8[sl], sq[sl] * c, k8[sl], k_scale[sl], v8t[sl], None if bias is None else bias[sl],
+                         Lk, block_n)
+        outs.append(o.mul_(v_scale[sl][:, :, None, :]).add_(v_offset[sl][:, :, None, :]))
         lses.append(lse)
-    out = torch.cat(outs).permute(0, 2, 1, 3).to(q.dtype)
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs)).permute(0, 2, 1, 3).to(q.dtype)
     if not return_lse:
         return out
     # the scores were computed against K − mean(K): add back q·mean(K)·scale, so lse is that of the
     # true scores (ring attention merges chunks whose K means differ)
     # (an elementwise product summed over D per row: the same bits whatever the batch size, unlike a bmm)
-    shift = (q.float().permute(0, 2, 1, 3) * kv.k_mean[:, :, None, :]).sum(dim=-1) * (c / LOG2E)
+    shift = (q.float().permute(0, 2, 1, 3) * k_mean[:, :, None, :]).sum(dim=-1) * (c / LOG2E)
     return out, (torch.cat(lses) + shift).permute(0, 2, 1).contiguous()
 
 
@@ -288,7 +318,7 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_sco
     lkp = k8.shape[2]
     nb = lkp // block_n
     hb = 1 if bias is None else bias.shape[1]
-    p = torch.empty(B, H, Lq, nb, block_n, dtype=torch.float32, device=q8.device)
+    p = _scores_buffer(B * H * Lq * lkp, q8.device).view(B, H, Lq, nb, block_n)
     m_run = torch.empty(B, H, Lq, nb, dtype=torch.float32, device=q8.device)
     chunks = _head_chunks(B, H, max(1, chunk_scores // max(Lq * lkp, 1)))
     for b, hs in chunks:
@@ -314,7 +344,7 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_sco
     acc = p.view(B, H, Lq, lkp) @ v8t.transpose(-1, -2)                    # (B, H, Lq, D)
     lc = l.clamp_min(L_FLOOR)
     lse = (m_run[..., -1] + torch.log2(lc) - LOG2_P_SCALE) * LN2
-    return acc / lc[..., None], lse
+    return acc.div_(lc[..., None]), lse
 
 
 def _head_chunks(B: int, H: int, step: int) -> list:
