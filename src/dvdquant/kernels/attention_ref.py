@@ -48,7 +48,6 @@ instead of NaN (l = 0 would divide by zero: the kernel and the reference both cl
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -56,6 +55,7 @@ import torch
 
 from ..numerics.grids import round_to_e4m3_
 from ..numerics.reduce import absmax
+from ..numerics.scratch import scratch
 
 DEFAULT_BLOCK_N = 128   # keys per tile of the online softmax (K scales are per key)
 BLOCK_N_BY_HEAD_DIM = {64: 64, 128: 128}   # key tile per head_dim (part of the numerics: P is rounded per tile)
@@ -68,23 +68,6 @@ TINY = 1e-30             # amax floor: an all-zero row/block gets codes 0, not N
 L_FLOOR = 1e-30          # row sum floor: fully masked rows give v_offset, not NaN
 QK_FORMATS = tuple(QMAX)
 E4M3 = torch.float8_e4m3fn
-SCORES_KEPT = 1 << 25    # scores buffers up to this many fp32 elements (128 MiB) are kept for the next call (CPU)
-_kept = threading.local()
-
-
-def _scores_buffer(numel: int, device: torch.device) -> torch.Tensor:
-    """An fp32 scratch buffer of ``numel`` elements for :func:`_attend`'s scores (never returned to its callers).
-
-    On the CPU one buffer per thread, of up to :data:`SCORES_KEPT` elements, is kept between calls: a fresh one
-    of this size is new memory from the OS every call (page faults on first touch cost as much as an
-    elementwise pass over it)."""
-    device = torch.device(device)
-    if device.type != "cpu" or numel > SCORES_KEPT:
-        return torch.empty(numel, dtype=torch.float32, device=device)
-    buf = getattr(_kept, "scores", None)
-    if buf is None or buf.numel() < numel:
-        buf = _kept.scores = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel]
 
 
 def block_n_for(head_dim: int) -> int:
@@ -318,7 +301,7 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_sco
     lkp = k8.shape[2]
     nb = lkp // block_n
     hb = 1 if bias is None else bias.shape[1]
-    p = _scores_buffer(B * H * Lq * lkp, q8.device).view(B, H, Lq, nb, block_n)
+    p = scratch(B * H * Lq * lkp, torch.float32, q8.device, "attention.scores").view(B, H, Lq, nb, block_n)
     m_run = torch.empty(B, H, Lq, nb, dtype=torch.float32, device=q8.device)
     chunks = _head_chunks(B, H, max(1, chunk_scores // max(Lq * lkp, 1)))
     for b, hs in chunks:
@@ -337,7 +320,7 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_sco
     p.exp2_()                                                               # 448·P of each tile, as the kernel has it
     w = torch.exp2(m_use - m_use[..., -1:]).masked_fill_(dead, 0.0)         # (B, H, Lq, nb)
     l = (p.sum(dim=-1) * w).sum(dim=-1)                                     # (B, H, Lq), 448 units
-    work = torch.empty(p[chunks[0]].shape, dtype=torch.int32, device=p.device)
+    work = scratch(p[chunks[0]].numel(), torch.int32, p.device, "attention.work").view(p[chunks[0]].shape)
     for b, hs in chunks:                                                    # e4m3(448 p) · weight, in place
         pc = p[b, hs]                                                       # 448 p ≤ 448: no saturation
         round_to_e4m3_(pc, work=work[:pc.shape[0]], saturate=False).mul_(w[b, hs, ..., None])

@@ -64,6 +64,7 @@ from ..numerics.hadamard import hadamard_rotate, hadamard_rotate_exact
 from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import pack_int4, unpack_int4
 from ..numerics.reduce import absmax
+from ..numerics.scratch import scratch
 from ..numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_sample, sample_count,
                                scale_per_sample)
 from .execution import forward as kernel_forward
@@ -229,12 +230,15 @@ class QuantLinear(nn.Module):
     def _step(self) -> int:
         return 0 if self.state is None or self.state.step_index is None else self.state.step_index
 
-    def transform_input(self, x2: torch.Tensor) -> torch.Tensor:
-        """Static smoothing and online rotation of fp32 tokens (M, K)."""
+    def transform_input(self, x2: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+        """Static smoothing and online rotation of fp32 tokens (M, K). ``reuse``: a rotated result may live in
+        this thread's scratch buffer (:mod:`~dvdquant.numerics.scratch`), for a caller done with it before the
+        next such call."""
         if self.smooth is not None:
             x2 = x2 / self.smooth[min(self._step(), self.smooth.shape[0] - 1)]
         if self.rotation_block:
-            x2 = hadamard_rotate_exact(x2, self.rotation_block)          # x·H: snapped, exact ±1 sums, · 1/√R
+            out = scratch(x2.numel(), torch.float32, x2.device, "quant_linear.input") if reuse else None
+            x2 = hadamard_rotate_exact(x2, self.rotation_block, out)     # x·H: snapped, exact ±1 sums, · 1/√R
         return x2
 
     def per_token_scaling(self, bits: int) -> bool:
@@ -341,7 +345,7 @@ class QuantLinear(nn.Module):
                 *shape[:-1], self.out_features)
         else:
             w = self._decoded_weight("w_hat")
-        xt = self.transform_input(x2)
+        xt = self.transform_input(x2, reuse=True)                    # read only by the GEMMs below
         xq = self.quantize_input(xt, bits, samples, overwrite=xt is not x2)   # a transformed copy is scratch
         y = matmul_per_sample(xq, w, samples)                         # (M, N), one GEMM per sample
         if self.bias is not None:
