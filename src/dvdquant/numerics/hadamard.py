@@ -244,6 +244,10 @@ def _sylvester_pm1(p: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.sign(hadamard_matrix(p, torch.float64)).to(dtype=dtype, device=device)
 
 
+def _tracks_grad(t: torch.Tensor) -> bool:
+    return t.requires_grad and torch.is_grad_enabled()
+
+
 def _sylvester_stage(v: torch.Tensor, p: int, in_place: bool = False) -> tuple:
     """v (..., p) · S_p, S_p the ±1 Sylvester matrix of order p, as two small matmuls: S_p = S_a ⊗ S_b
     (a·b = p, a ≈ b), so x·S_p = vec(S_a · X · S_b) with X = x viewed (a, b). O(a + b) multiply-adds per
@@ -258,6 +262,9 @@ def _sylvester_stage(v: torch.Tensor, p: int, in_place: bool = False) -> tuple:
         return v @ _sylvester_pm1(p, v.dtype, str(v.device)), None
     dev = str(v.device)
     x = v.reshape(-1, b)
+    if _tracks_grad(v):                                                            # out= has no autograd
+        y = (x @ _sylvester_pm1(b, v.dtype, dev)).view(-1, a, b)
+        return torch.matmul(_sylvester_pm1(a, v.dtype, dev), y).reshape(v.shape), None
     y = torch.mm(x, _sylvester_pm1(b, v.dtype, dev), out=torch.empty_like(x, memory_format=torch.contiguous_format))
     y = y.view(-1, a, b)                                                           # · S_b over the low index
     s_a = _sylvester_pm1(a, v.dtype, dev)                                          # S_a · over the high index
@@ -321,7 +328,8 @@ def hadamard_rotate_exact(x: torch.Tensor, block: int, out: Optional[torch.Tenso
     ``out``: a contiguous fp32 buffer of ``x``'s size the result may be written into (use the returned tensor)."""
     _check_block(x, block)
     a, b = _pm1_factors_f64(block)
-    if a.shape[0] == 1 and 16 <= block <= 2 * SYLVESTER_MATMUL and fp32_matmul_is_ieee(x.device):
+    if (a.shape[0] == 1 and 16 <= block <= 2 * SYLVESTER_MATMUL and fp32_matmul_is_ieee(x.device)
+            and not _tracks_grad(x)):
         return _rotate_sylvester_fp32(x, block, out)
     y = exact_pm1_rotation_sum(snap_to_rotation_grid(x, block), block, overwrite=True)
     return y.mul_(inv_sqrt_r(block))
