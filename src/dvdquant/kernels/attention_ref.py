@@ -143,9 +143,15 @@ def _kv_codes(k: torch.Tensor, v: torch.Tensor, qk_format: str, block_n: int, st
     amax = absmax(kc, -1).clamp_min_(TINY)                        # (B, H, Lkp): per key
     qmax = QMAX[qk_format]
     k8 = round_codes_(kc.mul_((qmax / amax)[..., None]), qk_format)
-    vc = v.float().permute(0, 2, 1, 3) - v_mean[:, :, None, :]     # (B, H, Lk, D)
-    v8p = torch.zeros(B, H, lkp, D, dtype=torch.float32, device=v.device)   # zeros past Lk
-    v8p[:, :, :Lk] = vc.mul_(v_inv[:, :, None, :]).clamp_(-448.0, 448.0).to(E4M3)
+    v8p = torch.empty(B, H, lkp, D, dtype=torch.float32, device=v.device)
+    v8p[:, :, Lk:] = 0.0                                          # zeros past Lk
+    vc = torch.sub(v.float().permute(0, 2, 1, 3), v_mean[:, :, None, :], out=v8p[:, :, :Lk])   # (B, H, Lk, D)
+    vc.mul_(v_inv[:, :, None, :]).clamp_(-448.0, 448.0)
+    # e4m3 codes as fp32 = vc.to(E4M3).float(): |vc| rounded (round_to_e4m3_ is symmetric), then vc's sign, so that
+    # a value rounding to zero keeps its sign as the cast does (round_to_e4m3_ alone gives +0)
+    mag = torch.abs(vc, out=scratch(vc.numel(), torch.float32, vc.device, "attention.v_abs").view(vc.shape))
+    work = scratch(vc.numel(), torch.int32, vc.device, "attention.work").view(vc.shape)
+    torch.copysign(round_to_e4m3_(mag, work, saturate=False), vc, out=vc)    # |vc| ≤ 448: no saturation
     v_scale = 1.0 / v_inv
     return k8, amax / qmax, v8p, v_scale, v_offset_reference(v8p, v_mean, v_scale, Lk, block_n), k_mean
 
