@@ -137,3 +137,52 @@ def attend(q8, rowfac, k8, k_scale, v8t, bias, lk, block_n):
     lc = l.clamp_min(L_FLOOR)
     lse = (m_run[..., -1] + torch.log2(lc) - LOG2_P_SCALE) * LN2
     return acc / lc[..., None], lse
+
+
+# ----------------------------------------------------------------------------- 8-bit attention, K/V/Q codes
+def _round_codes(y, qk_format):
+    if qk_format == "int8":
+        return torch.round(y).clamp_(-127.0, 127.0)
+    return y.clamp(-448.0, 448.0).to(E4M3).float()
+
+
+def quantize_kv(k, v, qk_format, block_n):
+    """(k8 int8/e4m3, k_scale, v8t e4m3, v_scale, v_offset, k_mean) as quantize_kv_reference computed them."""
+    from dvdquant.kernels.attention_ref import QMAX, TINY, kv_stats, v_offset_reference
+    B, Lk, H, D = k.shape
+    lkp = -(-Lk // block_n) * block_n
+    k_mean, v_mean, v_inv = kv_stats(k, v)
+    kc = k.float().permute(0, 2, 1, 3) - k_mean[:, :, None, :]
+    kc = torch.nn.functional.pad(kc, (0, 0, 0, lkp - Lk))
+    amax = kc.abs().amax(dim=-1).clamp_min(TINY)
+    qmax = QMAX[qk_format]
+    k8 = _round_codes(kc * (qmax / amax)[..., None], qk_format)
+    vc = v.float().permute(0, 2, 1, 3) - v_mean[:, :, None, :]
+    v8 = (vc * v_inv[:, :, None, :]).clamp(-448.0, 448.0).to(E4M3)
+    v8p = torch.nn.functional.pad(v8.float(), (0, 0, 0, lkp - Lk))
+    v_scale = 1.0 / v_inv
+    k8 = k8.to(torch.int8) if qk_format == "int8" else k8.to(E4M3)
+    return (k8, amax / qmax, v8p.transpose(2, 3).to(E4M3).contiguous(), v_scale,
+            v_offset_reference(v8p, v_mean, v_scale, Lk, block_n), k_mean)
+
+
+def quant_attention(q, k, v, attn_mask=None, qk_format="int8", return_lse=True):
+    """quant_attention_reference as it was (default scale and key tile, one batch chunk), with :func:`attend`."""
+    import math
+    from dvdquant.kernels.attention_ref import LOG2E, QMAX, TINY, block_n_for, key_bias
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    c = (1.0 / math.sqrt(D)) * LOG2E
+    block_n = block_n_for(D)
+    k8, k_scale, v8t, v_scale, v_offset, k_mean = quantize_kv(k, v, qk_format, block_n)
+    qf = q.float().permute(0, 2, 1, 3)
+    amax = qf.abs().amax(dim=-1).clamp_min(TINY)
+    q8, sq = _round_codes(qf * (QMAX[qk_format] / amax)[..., None], qk_format), amax / QMAX[qk_format]
+    bias = key_bias(attn_mask, B, H, Lk)
+    lkp = k8.shape[2]
+    if bias is not None:
+        bias = torch.nn.functional.pad(bias * LOG2E, (0, lkp - Lk), value=float("-inf"))
+    o, lse = attend(q8, sq * c, k8.float(), k_scale, v8t.float(), bias, Lk, block_n)
+    out = torch.cat([o * v_scale[:, :, None, :] + v_offset[:, :, None, :]]).permute(0, 2, 1, 3).to(q.dtype)
+    shift = (q.float().permute(0, 2, 1, 3) * k_mean[:, :, None, :]).sum(dim=-1) * (c / LOG2E)
+    return out, (torch.cat([lse]) + shift).permute(0, 2, 1).contiguous()

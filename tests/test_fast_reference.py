@@ -166,6 +166,76 @@ def test_attention_same_bits(fmt, B, Lq, Lk, H, D, mask, monkeypatch):
         monkeypatch.setattr(attention_ref._attend, "__defaults__", (chunk,))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("B,Lq,Lk,H,D,mask", [(2, 130, 130, 2, 64, False), (2, 130, 130, 2, 64, True),
+                                              (1, 77, 300, 3, 128, True), (3, 64, 64, 4, 64, False),
+                                              (2, 100, 100, 2, 32, True)])
+def test_attention_codes_and_whole_reference_same_bits(fmt, B, Lq, Lk, H, D, mask):
+    """K/V/Q quantization (fp32 codes, in-place rounding, e4m3 without the cast) and the whole reference, against
+    the previous implementation end to end, with −0, tiny values and constant channels in the inputs."""
+    g = torch.Generator().manual_seed(Lq + 7 * Lk)
+    q = torch.randn(B, Lq, H, D, generator=g) * 2
+    k = torch.randn(B, Lk, H, D, generator=g) * 3 + 1
+    v = torch.randn(B, Lk, H, D, generator=g)
+    q[0, 0, 0] = 0.0
+    q[0, 1, 0] = -0.0
+    k[0, :, 0, 1] = 5.0                                            # a constant K channel: centred to exact zeros
+    v[0, :, 0, 2] = -0.0
+    v[0, 3:9, 0, 3] = -1e-9                                        # values that round to −0 in e4m3
+    am = None
+    if mask:
+        am = torch.ones(B, Lk, dtype=torch.bool)
+        am[:, -17:] = False
+        am[0, :] = False
+    bn = attention_ref.block_n_for(D)
+    new_kv = attention_ref.quantize_kv_reference(k, v, fmt, bn)
+    old_kv = frozen.quantize_kv(k, v, fmt, bn)
+    for name, old in zip(("k8", "k_scale", "v8t", "v_scale", "v_offset", "k_mean"), old_kv):
+        new = getattr(new_kv, name)
+        assert new.dtype == old.dtype and torch.equal(new.view(torch.uint8) if new.element_size() == 1 else new,
+                                                      old.view(torch.uint8) if old.element_size() == 1 else old), name
+    for dtype in (torch.float32, torch.bfloat16):
+        new = attention_ref.quant_attention_reference(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=am,
+                                                      qk_format=fmt, return_lse=True)
+        old = frozen.quant_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=am, qk_format=fmt)
+        assert same_bits(new[0], old[0]) and same_bits(new[1], old[1])
+
+
+def test_absmax_equals_abs_amax():
+    from dvdquant.numerics.reduce import absmax
+    x = wide_rows(40, 96).reshape(8, 5, 96)
+    x[0, 0, :4] = torch.tensor([-0.0, float("inf"), -float("inf"), -3.0])
+    x[1] = -0.0
+    x[2, 1, 7] = float("nan")
+    for dim, keepdim in [(-1, True), (1, False), (0, False), ((1, 2), True)]:
+        want, got = x.abs().amax(dim=dim, keepdim=keepdim), absmax(x, dim, keepdim)
+        nan = want.isnan()
+        assert torch.equal(nan, got.isnan())
+        assert torch.equal(want[~nan].view(torch.int32), got[~nan].view(torch.int32))   # +0, not −0
+
+
+def test_scratch_buffers_are_reused_per_slot():
+    from dvdquant.numerics.scratch import scratch
+    a = scratch(100, torch.float32, "cpu", "test.a")
+    assert scratch(60, torch.float32, "cpu", "test.a").data_ptr() == a.data_ptr()         # reused, shorter view
+    assert scratch(60, torch.float32, "cpu", "test.b").data_ptr() != a.data_ptr()         # another slot
+    assert scratch(60, torch.int32, "cpu", "test.a").data_ptr() != a.data_ptr()           # another dtype
+    assert scratch(200, torch.float32, "cpu", "test.a").numel() == 200                     # grown
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 128, 256, 512, 1024])
+def test_rotation_fast_path_equals_the_staged_sum(block):
+    """hadamard_rotate_exact's Sylvester path (scratch buffers, out=) against exact_pm1_rotation_sum of the snap."""
+    from dvdquant.numerics.hadamard import exact_pm1_rotation_sum, inv_sqrt_r, snap_to_rotation_grid
+    x = wide_rows(12, 2 * block).reshape(3, 4, 2 * block)
+    want = exact_pm1_rotation_sum(snap_to_rotation_grid(x, block), block) * inv_sqrt_r(block)
+    assert same_bits(hadamard_rotate_exact(x, block), want)
+    out = torch.empty(x.numel())
+    got = hadamard_rotate_exact(x[:, :, :], block, out=out)
+    assert same_bits(got, want) and got.data_ptr() == out.data_ptr()
+    assert same_bits(hadamard_rotate_exact(x.transpose(0, 1), block), want.transpose(0, 1))   # strided input
+
+
 # ----------------------------------------------------------------------------- the decoded-weight cache
 def test_weight_cache_follows_the_weight_and_is_never_saved(tmp_path):
     m = make_layer(64, 32, rotation_block=64, auto_scale="per_channel")

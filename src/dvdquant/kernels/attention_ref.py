@@ -54,6 +54,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..numerics.grids import round_to_e4m3_
+from ..numerics.reduce import absmax
+from ..numerics.scratch import scratch
 
 DEFAULT_BLOCK_N = 128   # keys per tile of the online softmax (K scales are per key)
 BLOCK_N_BY_HEAD_DIM = {64: 64, 128: 128}   # key tile per head_dim (part of the numerics: P is rounded per tile)
@@ -95,11 +97,11 @@ class QuantKV:
     block_n: int
 
 
-def round_codes(y: torch.Tensor, qk_format: str) -> torch.Tensor:
-    """fp32 ``y`` (already divided by its scale) → codes as fp32-valued grid points."""
+def round_codes_(y: torch.Tensor, qk_format: str) -> torch.Tensor:
+    """fp32 ``y`` (already divided by its scale) → codes as fp32-valued grid points, in ``y`` (returned)."""
     if qk_format == "int8":
-        return torch.round(y).clamp_(-127.0, 127.0)
-    return y.clamp(-448.0, 448.0).to(E4M3).float()
+        return y.round_().clamp_(-127.0, 127.0)
+    return y.copy_(y.clamp_(-448.0, 448.0).to(E4M3))
 
 
 def kv_stats(k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,22 +124,36 @@ def quantize_kv_reference(k: torch.Tensor, v: torch.Tensor, qk_format: str = "in
     ``stats``: (k_mean, v_mean, v_inv) to use instead of :func:`kv_stats` (tests feed the kernel's
     fixed-order statistics here to compare codes bit for bit).
     """
+    k8, k_scale, v8p, v_scale, v_offset, k_mean = _kv_codes(k, v, qk_format, block_n, stats)
+    k8 = k8.to(torch.int8) if qk_format == "int8" else k8.to(E4M3)
+    return QuantKV(k8, k_scale, v8p.transpose(2, 3).to(E4M3).contiguous(), v_scale, v_offset, k_mean, k.shape[1],
+                   block_n)
+
+
+def _kv_codes(k: torch.Tensor, v: torch.Tensor, qk_format: str, block_n: int, stats: Optional[tuple]) -> tuple:
+    """:func:`quantize_kv_reference` with its codes as fp32 values: K's (B, H, Lkp, D) and V's, not
+    transposed, (B, H, Lkp, D); zeros past Lk. Then k_scale, v_scale, v_offset, k_mean as in :class:`QuantKV`."""
     B, Lk, H, D = k.shape
     nb = -(-Lk // block_n)
     lkp = nb * block_n
     k_mean, v_mean, v_inv = kv_stats(k, v) if stats is None else stats
-    kc = k.float().permute(0, 2, 1, 3) - k_mean[:, :, None, :]    # (B, H, Lk, D) centred
-    kc = torch.nn.functional.pad(kc, (0, 0, 0, lkp - Lk))         # zeros past Lk
-    amax = kc.abs().amax(dim=-1).clamp_min(TINY)                  # (B, H, Lkp): per key
+    kc = torch.empty(B, H, lkp, D, dtype=torch.float32, device=k.device)
+    torch.sub(k.float().permute(0, 2, 1, 3), k_mean[:, :, None, :], out=kc[:, :, :Lk])   # centred
+    kc[:, :, Lk:] = 0.0                                           # zeros past Lk
+    amax = absmax(kc, -1).clamp_min_(TINY)                        # (B, H, Lkp): per key
     qmax = QMAX[qk_format]
-    k8 = round_codes(kc * (qmax / amax)[..., None], qk_format)
-    vc = v.float().permute(0, 2, 1, 3) - v_mean[:, :, None, :]     # (B, H, Lk, D)
-    v8 = (vc * v_inv[:, :, None, :]).clamp(-448.0, 448.0).to(E4M3)
-    v8p = torch.nn.functional.pad(v8.float(), (0, 0, 0, lkp - Lk))   # (B, H, Lkp, D), zeros past Lk
+    k8 = round_codes_(kc.mul_((qmax / amax)[..., None]), qk_format)
+    v8p = torch.empty(B, H, lkp, D, dtype=torch.float32, device=v.device)
+    v8p[:, :, Lk:] = 0.0                                          # zeros past Lk
+    vc = torch.sub(v.float().permute(0, 2, 1, 3), v_mean[:, :, None, :], out=v8p[:, :, :Lk])   # (B, H, Lk, D)
+    vc.mul_(v_inv[:, :, None, :]).clamp_(-448.0, 448.0)
+    # e4m3 codes as fp32 = vc.to(E4M3).float(): |vc| rounded (round_to_e4m3_ is symmetric), then vc's sign, so that
+    # a value rounding to zero keeps its sign as the cast does (round_to_e4m3_ alone gives +0)
+    mag = torch.abs(vc, out=scratch(vc.numel(), torch.float32, vc.device, "attention.v_abs").view(vc.shape))
+    work = scratch(vc.numel(), torch.int32, vc.device, "attention.work").view(vc.shape)
+    torch.copysign(round_to_e4m3_(mag, work, saturate=False), vc, out=vc)    # |vc| ≤ 448: no saturation
     v_scale = 1.0 / v_inv
-    k8 = k8.to(torch.int8) if qk_format == "int8" else k8.to(E4M3)
-    return QuantKV(k8, amax / qmax, v8p.transpose(2, 3).to(E4M3).contiguous(), v_scale,
-                   v_offset_reference(v8p, v_mean, v_scale, Lk, block_n), k_mean, Lk, block_n)
+    return k8, amax / qmax, v8p, v_scale, v_offset_reference(v8p, v_mean, v_scale, Lk, block_n), k_mean
 
 
 def v_offset_reference(v8p: torch.Tensor, v_mean: torch.Tensor, v_scale: torch.Tensor, lk: int,
@@ -158,9 +174,9 @@ def v_offset_reference(v8p: torch.Tensor, v_mean: torch.Tensor, v_scale: torch.T
 def quantize_q_reference(q: torch.Tensor, qk_format: str = "int8") -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token codes (B, H, Lq, D) fp32-valued and scales (B, H, Lq) of ``q`` (B, Lq, H, D)."""
     qf = q.float().permute(0, 2, 1, 3)
-    amax = qf.abs().amax(dim=-1).clamp_min(TINY)                  # (B, H, Lq)
+    amax = absmax(qf, -1).clamp_min_(TINY)                        # (B, H, Lq)
     qmax = QMAX[qk_format]
-    return round_codes(qf * (qmax / amax)[..., None], qk_format), amax / qmax
+    return round_codes_(qf * (qmax / amax)[..., None], qk_format), amax / qmax
 
 
 def _mask_4d(attn_mask: torch.Tensor, B: int, H: int, Lk: int) -> Optional[torch.Tensor]:
@@ -244,27 +260,30 @@ def quant_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Lk = k.shape[1]
     c = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
     block_n = block_n or block_n_for(D)
-    kv = quantize_kv_reference(k, v, qk_format, block_n)
+    k8, k_scale, v8p, v_scale, v_offset, k_mean = _kv_codes(k, v, qk_format, block_n, None)
+    if qk_format == "int8":
+        k8.add_(0.0)                          # −0 → +0: the int8 codes' values (the kernel's; fp8 keeps −0)
+    v8t = v8p.transpose(2, 3).contiguous()                        # (B, H, D, Lkp): the kernel's V layout
     q8, sq = quantize_q_reference(q, qk_format)                   # (B, H, Lq, D), (B, H, Lq)
     bias = key_bias(attn_mask, B, H, Lk)
-    lkp = kv.k8.shape[2]
+    lkp = k8.shape[2]
     if bias is not None:                                           # (B, 1|H, Lkp) log2 units, −inf past Lk
         bias = torch.nn.functional.pad(bias * LOG2E, (0, lkp - Lk), value=float("-inf"))
     per = max(1, max_chunk // max(H * Lq * lkp, 1))
     outs, lses = [], []
     for b0 in range(0, B, per):
         sl = slice(b0, min(B, b0 + per))
-        o, lse = _attend(q8[sl], sq[sl] * c, kv.k8[sl].float(), kv.k_scale[sl], kv.v8t[sl].float(),
-                         None if bias is None else bias[sl], Lk, block_n)
-        outs.append(o * kv.v_scale[sl][:, :, None, :] + kv.v_offset[sl][:, :, None, :])
+        o, lse = _attend(q8[sl], sq[sl] * c, k8[sl], k_scale[sl], v8t[sl], None if bias is None else bias[sl],
+                         Lk, block_n)
+        outs.append(o.mul_(v_scale[sl][:, :, None, :]).add_(v_offset[sl][:, :, None, :]))
         lses.append(lse)
-    out = torch.cat(outs).permute(0, 2, 1, 3).to(q.dtype)
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs)).permute(0, 2, 1, 3).to(q.dtype)
     if not return_lse:
         return out
     # the scores were computed against K − mean(K): add back q·mean(K)·scale, so lse is that of the
     # true scores (ring attention merges chunks whose K means differ)
     # (an elementwise product summed over D per row: the same bits whatever the batch size, unlike a bmm)
-    shift = (q.float().permute(0, 2, 1, 3) * kv.k_mean[:, :, None, :]).sum(dim=-1) * (c / LOG2E)
+    shift = (q.float().permute(0, 2, 1, 3) * k_mean[:, :, None, :]).sum(dim=-1) * (c / LOG2E)
     return out, (torch.cat(lses) + shift).permute(0, 2, 1).contiguous()
 
 
@@ -288,7 +307,7 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_sco
     lkp = k8.shape[2]
     nb = lkp // block_n
     hb = 1 if bias is None else bias.shape[1]
-    p = torch.empty(B, H, Lq, nb, block_n, dtype=torch.float32, device=q8.device)
+    p = scratch(B * H * Lq * lkp, torch.float32, q8.device, "attention.scores").view(B, H, Lq, nb, block_n)
     m_run = torch.empty(B, H, Lq, nb, dtype=torch.float32, device=q8.device)
     chunks = _head_chunks(B, H, max(1, chunk_scores // max(Lq * lkp, 1)))
     for b, hs in chunks:
@@ -307,14 +326,14 @@ def _attend(q8, rowfac, k8, k_scale, v8t, bias, lk: int, block_n: int, chunk_sco
     p.exp2_()                                                               # 448·P of each tile, as the kernel has it
     w = torch.exp2(m_use - m_use[..., -1:]).masked_fill_(dead, 0.0)         # (B, H, Lq, nb)
     l = (p.sum(dim=-1) * w).sum(dim=-1)                                     # (B, H, Lq), 448 units
-    work = torch.empty(p[chunks[0]].shape, dtype=torch.int32, device=p.device)
+    work = scratch(p[chunks[0]].numel(), torch.int32, p.device, "attention.work").view(p[chunks[0]].shape)
     for b, hs in chunks:                                                    # e4m3(448 p) · weight, in place
         pc = p[b, hs]                                                       # 448 p ≤ 448: no saturation
         round_to_e4m3_(pc, work=work[:pc.shape[0]], saturate=False).mul_(w[b, hs, ..., None])
     acc = p.view(B, H, Lq, lkp) @ v8t.transpose(-1, -2)                    # (B, H, Lq, D)
     lc = l.clamp_min(L_FLOOR)
     lse = (m_run[..., -1] + torch.log2(lc) - LOG2_P_SCALE) * LN2
-    return acc / lc[..., None], lse
+    return acc.div_(lc[..., None]), lse
 
 
 def _head_chunks(B: int, H: int, step: int) -> list:

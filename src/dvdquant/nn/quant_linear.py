@@ -63,6 +63,8 @@ from ..numerics import grids
 from ..numerics.hadamard import hadamard_rotate, hadamard_rotate_exact
 from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import pack_int4, unpack_int4
+from ..numerics.reduce import absmax
+from ..numerics.scratch import scratch
 from ..numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_sample, sample_count,
                                scale_per_sample)
 from .execution import forward as kernel_forward
@@ -228,12 +230,15 @@ class QuantLinear(nn.Module):
     def _step(self) -> int:
         return 0 if self.state is None or self.state.step_index is None else self.state.step_index
 
-    def transform_input(self, x2: torch.Tensor) -> torch.Tensor:
-        """Static smoothing and online rotation of fp32 tokens (M, K)."""
+    def transform_input(self, x2: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+        """Static smoothing and online rotation of fp32 tokens (M, K). ``reuse``: a rotated result may live in
+        this thread's scratch buffer (:mod:`~dvdquant.numerics.scratch`), for a caller done with it before the
+        next such call."""
         if self.smooth is not None:
             x2 = x2 / self.smooth[min(self._step(), self.smooth.shape[0] - 1)]
         if self.rotation_block:
-            x2 = hadamard_rotate_exact(x2, self.rotation_block)          # x·H: snapped, exact ±1 sums, · 1/√R
+            out = scratch(x2.numel(), torch.float32, x2.device, "quant_linear.input") if reuse else None
+            x2 = hadamard_rotate_exact(x2, self.rotation_block, out)     # x·H: snapped, exact ±1 sums, · 1/√R
         return x2
 
     def per_token_scaling(self, bits: int) -> bool:
@@ -252,41 +257,43 @@ class QuantLinear(nn.Module):
         return grids.quantize_act_per_token_int(x2, bits)
 
     def _fake_quant_tokens(self, x2: torch.Tensor, bits: int, amax: Optional[torch.Tensor] = None,
-                           lam: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``codes.float() * scale`` of :meth:`_quantize_tokens` per row (of ``x2 / lam``, times ``lam``), fresh fp32."""
+                           lam: Optional[torch.Tensor] = None, overwrite: bool = False) -> torch.Tensor:
+        """``codes.float() * scale`` of :meth:`_quantize_tokens` per row (of ``x2 / lam``, times ``lam``), fp32:
+        fresh, or ``x2`` itself with ``overwrite``."""
         fmt = "fp8" if bits == 8 and self.a8_format == "fp8_e4m3" else "int"
-        return grids.fake_quant_act_rows(x2, bits, fmt, amax, lam)
+        return grids.fake_quant_act_rows(x2, bits, fmt, amax, lam, overwrite)
 
     def _require_finite(self, x2: torch.Tensor, amax: Optional[torch.Tensor] = None) -> None:
         """Raise unless ``x2`` is finite; ``amax``: max |x2| over any partition of it (rows, columns), if known."""
-        if not torch.isfinite((x2.abs() if amax is None else amax).amax()):
+        if not torch.isfinite((absmax(x2, tuple(range(x2.ndim))) if amax is None else amax).amax()):
             raise NonFiniteError(f"layer {self.layer_name or '?'}: input activations hold NaN/Inf")
 
-    def quantize_input(self, x2: torch.Tensor, bits: int, samples: int = 1) -> torch.Tensor:
+    def quantize_input(self, x2: torch.Tensor, bits: int, samples: int = 1, overwrite: bool = False) -> torch.Tensor:
         """ARQ auto-scaling + per-token fake quantization of transformed tokens (M, K), fp32 out.
 
         ``samples``: the G batch elements the M tokens belong to (G contiguous groups); ``per_channel``
-        takes one Λ_t per sample (:mod:`~dvdquant.numerics.samples`).
+        takes one Λ_t per sample (:mod:`~dvdquant.numerics.samples`). ``overwrite``: ``x2`` is the
+        caller's scratch (fp32 contiguous): the result is computed in its storage.
         """
         if grids.is_weight_only(bits):
             return x2
         if self.act_balance is not None:                              # calibrated Λ for this step
             self._require_finite(x2)
             lam = self.act_balance[min(self._step(), self.act_balance.shape[0] - 1)].unsqueeze(0)
-            return self._fake_quant_tokens(x2, bits, lam=lam)
+            return self._fake_quant_tokens(x2, bits, lam=lam, overwrite=overwrite)
         if self.auto_scale == "per_channel":
             amax = per_sample_absmax(x2, samples)                    # (G, K): this rank's tokens
             self._require_finite(x2, amax)
             lam = self._all_tokens(amax)                              # Λ_t per sample, over all ranks' tokens
             lam = torch.where(lam > 0, lam, torch.ones_like(lam))
             xs = x2.reshape(samples, -1, x2.shape[1])                 # (G, L, K): each sample's own Λ_t
-            return self._fake_quant_tokens(xs, bits, lam=lam.unsqueeze(1)).reshape(x2.shape)
+            return self._fake_quant_tokens(xs, bits, lam=lam.unsqueeze(1), overwrite=overwrite).reshape(x2.shape)
         m, k = x2.shape
         b = self.scale_block if self.auto_scale == "per_block" and k % self.scale_block == 0 else k
         xb = x2.reshape(m * (k // b), b)                              # one scale per (token, block)
-        amax = xb.abs().amax(dim=-1, keepdim=True)
+        amax = absmax(xb, -1, keepdim=True)
         self._require_finite(x2, amax)
-        return self._fake_quant_tokens(xb, bits, amax).reshape(m, k)
+        return self._fake_quant_tokens(xb, bits, amax, overwrite=overwrite).reshape(m, k)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -326,7 +333,7 @@ class QuantLinear(nn.Module):
         bits = self.current_a_bits()
         if self.dyn_alpha is not None and not grids.is_weight_only(bits):
             s = self.dynamic_smoothing(x2, samples)                   # (G, K), from each sample's tokens
-            xq = self.quantize_input(self.transform_input(scale_per_sample(x2, s, True)), bits, samples)
+            xq = self.quantize_input(self.transform_input(scale_per_sample(x2, s, True)), bits, samples, overwrite=True)
             # one Q(W·diag(s_g)·H) per sample: s_t is per sample, so is the re-quantized weight
             ys = [xg @ self.smoothed_weight(sg).t() for xg, sg in zip(rows_per_sample(xq, samples), s)]
             y = torch.cat(ys) if self.bias is None else torch.cat(ys) + self.bias.float()
@@ -338,7 +345,8 @@ class QuantLinear(nn.Module):
                 *shape[:-1], self.out_features)
         else:
             w = self._decoded_weight("w_hat")
-        xq = self.quantize_input(self.transform_input(x2), bits, samples)
+        xt = self.transform_input(x2, reuse=True)                    # read only by the GEMMs below
+        xq = self.quantize_input(xt, bits, samples, overwrite=xt is not x2)   # a transformed copy is scratch
         y = matmul_per_sample(xq, w, samples)                         # (M, N), one GEMM per sample
         if self.bias is not None:
             y += self.bias.float()

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError, NonFiniteError
+from .reduce import absmax
 
 FP8_E4M3_MAX = 448.0
 _MIN_NORMAL_SCALE = 2.0 ** -126      # smallest normal fp32: a scale at least this is rounded to 24 bits
@@ -154,7 +155,7 @@ def quantize_act_per_token_int(x: torch.Tensor, bits: int) -> tuple[torch.Tensor
     """Symmetric per-token quantization of ``x`` (..., K): int8 codes (..., K), fp32 scale (..., 1)."""
     qmax = act_qmax(bits)
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
+    amax = absmax(xf, -1, keepdim=True)
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     codes = torch.clamp(torch.round(xf / scale), -qmax, qmax)
     return codes.to(torch.int8), scale
@@ -166,10 +167,11 @@ def fake_quant_act_per_token_int(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def fake_quant_act_rows(x: torch.Tensor, bits: int, fmt: str = "int", amax: Optional[torch.Tensor] = None,
-                        lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        lam: Optional[torch.Tensor] = None, overwrite: bool = False) -> torch.Tensor:
     """``codes.float() * scale`` of :func:`quantize_act_per_token_int` (``fmt="int"``) or of
     :func:`quantize_act_per_token_fp8_e4m3` (``"fp8"``, ``bits`` ignored) for each row of ``x``
     (..., C): the same bits, as a fresh fp32 tensor, without the int8 / float8 round trip.
+    ``overwrite``: ``x`` is the caller's scratch; if fp32 it is computed in place and returned.
 
     ``lam`` (1, C) fp32, optional: quantize the rows of ``x / lam`` and multiply the result by
     ``lam`` (ARQ's channel balance), i.e. ``fake_quant(x / lam) * lam``. ``amax``: max |x| per
@@ -182,12 +184,15 @@ def fake_quant_act_rows(x: torch.Tensor, bits: int, fmt: str = "int", amax: Opti
     :func:`round_to_e4m3_`. Zero codes may differ from the casts' in sign only (−0 from below
     for int codes, +0 for e4m3), which no later product or sum tells apart.
     """
-    xf = x.float() if lam is None else x.float() / lam
+    xf = x.float()
+    own = overwrite or xf is not x                                          # a buffer this call may write
+    if lam is not None:
+        xf, own = (xf.div_(lam) if own else xf / lam), True
     if amax is None or lam is not None:
-        amax = xf.abs().amax(dim=-1, keepdim=True)
+        amax = absmax(xf, -1, keepdim=True)
     qmax = FP8_E4M3_MAX if fmt == "fp8" else act_qmax(bits)
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    t = xf.div_(scale) if lam is not None else xf / scale                  # a fresh buffer, then in place
+    t = xf.div_(scale) if own else xf / scale                              # one buffer, written in place
     if fmt == "fp8":
         round_to_e4m3_(t)                                                   # = .to(float8_e4m3fn).float()
     elif t.device.type == "cpu" and bool(scale.amin() >= _MIN_NORMAL_SCALE):
@@ -203,7 +208,7 @@ def fake_quant_act_rows(x: torch.Tensor, bits: int, fmt: str = "int", amax: Opti
 def quantize_act_per_token_fp8_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8 e4m3 with ``s = amax / 448``: float8_e4m3fn codes (..., K), fp32 scale (..., 1)."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
+    amax = absmax(xf, -1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
     return (xf / scale).to(torch.float8_e4m3fn), scale
 

@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
+from .reduce import absmax
+from .scratch import scratch
 
 
 def _is_prime(q: int) -> bool:
@@ -200,18 +202,21 @@ def snap_magic(amax: torch.Tensor) -> torch.Tensor:
     return (((e + 9) << 23) | 0x400000).view(torch.float32)        # biased exponent of u·2^23, mantissa 1.5
 
 
-def snap_to_rotation_grid(x: torch.Tensor, block: int) -> torch.Tensor:
+def snap_to_rotation_grid(x: torch.Tensor, block: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Round fp32 ``x`` (..., n) per (row, ``block``-segment) to the grid u = 2^(e_max − 14).
 
     e_max is the fp32 exponent of the segment's largest magnitude; ``(x + m) − m`` with
     m = :func:`snap_magic` does the rounding in two exact-by-construction IEEE operations, which the
     Triton kernels perform identically. NaN/Inf stay non-finite (the callers detect them).
+    ``out``: a contiguous fp32 buffer of ``x``'s size to write the result into (returned, shaped like ``x``).
     """
     xf = x.float()
     n = xf.shape[-1]
     seg = xf.reshape(*xf.shape[:-1], n // block, block)
-    magic = snap_magic(seg.abs().amax(dim=-1, keepdim=True))
-    return (seg + magic).sub_(magic).reshape(xf.shape)
+    magic = snap_magic(absmax(seg, -1, keepdim=True))
+    if out is None:
+        return (seg + magic).sub_(magic).reshape(xf.shape)
+    return torch.add(seg, magic, out=out.view(seg.shape)).sub_(magic).view(xf.shape)
 
 
 @lru_cache(maxsize=64)
@@ -229,8 +234,8 @@ def fp32_matmul_is_ieee(device) -> bool:
 
 
 _EXACT_UNITS = 2 ** 24                 # fp32 holds every integer up to 2^24 exactly
-_SNAP_UNITS = 2 ** (SNAP_BITS + 1)     # a snapped entry is below 2^15 grid units in magnitude
-SYLVESTER_MATMUL = 256                 # the first ±1 stage: fp32 matmuls over this many columns
+_SNAP_UNITS = 2 ** (SNAP_BITS + 1)     # a snapped entry is at most 2^15 grid units in magnitude
+SYLVESTER_MATMUL = _EXACT_UNITS // _SNAP_UNITS   # 512: the first ±1 stage, fp32 matmuls over this many columns
 
 
 @lru_cache(maxsize=64)
@@ -239,40 +244,59 @@ def _sylvester_pm1(p: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.sign(hadamard_matrix(p, torch.float64)).to(dtype=dtype, device=device)
 
 
-def _sylvester_stage(v: torch.Tensor, p: int) -> torch.Tensor:
+def _tracks_grad(t: torch.Tensor) -> bool:
+    return t.requires_grad and torch.is_grad_enabled()
+
+
+def _sylvester_stage(v: torch.Tensor, p: int, in_place: bool = False) -> tuple:
     """v (..., p) · S_p, S_p the ±1 Sylvester matrix of order p, as two small matmuls: S_p = S_a ⊗ S_b
     (a·b = p, a ≈ b), so x·S_p = vec(S_a · X · S_b) with X = x viewed (a, b). O(a + b) multiply-adds per
-    entry instead of O(p). For the callers' exact integer-valued sums the result is the dense product's."""
+    entry instead of O(p). For the callers' exact integer-valued sums the result is the dense product's
+    (which is also why the products may take whichever GEMM form is fastest: ``out=``).
+
+    Returns (result, spare): ``in_place`` (``v`` contiguous) writes the result into ``v``; ``spare`` is a free
+    buffer of ``v``'s size and dtype (the intermediate product) or None."""
     a = 1 << ((p.bit_length() - 1) // 2)
     b = p // a
     if a < 4:
-        return v @ _sylvester_pm1(p, v.dtype, str(v.device))
+        return v @ _sylvester_pm1(p, v.dtype, str(v.device)), None
     dev = str(v.device)
-    y = (v.reshape(-1, b) @ _sylvester_pm1(b, v.dtype, dev)).reshape(-1, a, b)   # · S_b over the low index
-    return torch.matmul(_sylvester_pm1(a, v.dtype, dev), y).reshape(v.shape)       # S_a · over the high index
+    x = v.reshape(-1, b)
+    if _tracks_grad(v):                                                            # out= has no autograd
+        y = (x @ _sylvester_pm1(b, v.dtype, dev)).view(-1, a, b)
+        return torch.matmul(_sylvester_pm1(a, v.dtype, dev), y).reshape(v.shape), None
+    y = torch.mm(x, _sylvester_pm1(b, v.dtype, dev), out=torch.empty_like(x, memory_format=torch.contiguous_format))
+    y = y.view(-1, a, b)                                                           # · S_b over the low index
+    s_a = _sylvester_pm1(a, v.dtype, dev)                                          # S_a · over the high index
+    if in_place:
+        return torch.bmm(s_a.expand(y.shape[0], a, a), y, out=v.view(y.shape)).view(v.shape), y
+    return torch.matmul(s_a, y).reshape(v.shape), y
 
 
-def _butterfly(v: torch.Tensor, h: int) -> torch.Tensor:
-    """One Sylvester stage over dim −2 of ``v`` (..., P, C): rows j and j + h of each 2h-group → (sum, difference)."""
+def _butterfly(v: torch.Tensor, h: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One Sylvester stage over dim −2 of ``v`` (..., P, C): rows j and j + h of each 2h-group → (sum, difference).
+    ``out``: a contiguous buffer of ``v``'s size and dtype for the result (not ``v``), else a new one."""
     *lead, p, c = v.shape
     pairs = v.reshape(*lead, p // (2 * h), 2, h, c)
-    out = torch.empty_like(pairs)
+    out = torch.empty_like(pairs) if out is None else out.view(pairs.shape)
     torch.add(pairs[..., 0, :, :], pairs[..., 1, :, :], out=out[..., 0, :, :])
     torch.sub(pairs[..., 0, :, :], pairs[..., 1, :, :], out=out[..., 1, :, :])
     return out.reshape(v.shape)
 
 
-def exact_pm1_rotation_sum(xs: torch.Tensor, block: int) -> torch.Tensor:
+def exact_pm1_rotation_sum(xs: torch.Tensor, block: int, overwrite: bool = False) -> torch.Tensor:
     """xs (..., n) · blockdiag(S_block, …) for the ±1 pattern S = A ⊗ B of the order-``block`` matrix,
     summed exactly and rounded once to fp32, for entries that are multiples of one grid unit u per
     (row, block) segment below 2^15·u in magnitude (:func:`snap_to_rotation_grid`).
 
-    The Sylvester factor B = H_2^{⊗a} runs as fp32 matmuls over its last ``SYLVESTER_MATMUL``
-    columns (two small ones, :func:`_sylvester_stage`), then one add/subtract stage per remaining factor H_2, then the
+    The Sylvester factor B = H_2^{⊗a} runs as fp32 matmuls over its last ``SYLVESTER_MATMUL`` = 512
+    columns (two small ones, :func:`_sylvester_stage`; 512 entries of at most 2^15 units sum to at most 2^24),
+    then one add/subtract stage per remaining factor H_2, then the
     Paley factor A as a matmul. Every stage is exact in fp32 while its sums stay within 2^24 grid
     units; a final H_2 stage (no A after it) may go past, since one fp32 add of two exact values
     rounds once, as required. Any other stage past 2^24 units runs in fp64 (exact here), rounded
     once at the end. Without an IEEE fp32 matmul (TF32, reduced precision) everything runs in fp64.
+    ``overwrite``: ``xs`` is the caller's scratch (the stages may write into it).
     """
     n = _check_block(xs, block)
     a, b = _pm1_factors_f64(block)
@@ -281,14 +305,15 @@ def exact_pm1_rotation_sum(xs: torch.Tensor, block: int) -> torch.Tensor:
     dt = torch.float32 if ieee and _SNAP_UNITS * min(p2, SYLVESTER_MATMUL) <= _EXACT_UNITS else torch.float64
     p_lo = min(p2, SYLVESTER_MATMUL)
     v = xs.to(dt).reshape(-1, base, p2 // p_lo, p_lo)                       # (rows·n/block, base, p_hi, p_lo)
-    v = _sylvester_stage(v, p_lo)
+    own = (overwrite or v.data_ptr() != xs.data_ptr()) and v.is_contiguous()   # a buffer the stages may write
+    v, spare = _sylvester_stage(v, p_lo, in_place=own)
     units, h = p_lo, 1
     while h < p2 // p_lo:                                                 # remaining H_2 factors of B
         units *= 2
         last = base == 1 and h * 2 == p2 // p_lo
         if v.dtype == torch.float32 and units > _EXACT_UNITS // _SNAP_UNITS and not last:
-            v = v.double()
-        v = _butterfly(v, h)
+            v, spare = v.double(), None
+        v, spare = _butterfly(v, h, spare), v                            # two buffers, in turn
         h *= 2
     if base > 1:                                                          # Aᵀ·V (A need not be symmetric)
         if v.dtype == torch.float32 and (units * base > _EXACT_UNITS // _SNAP_UNITS or not ieee):
@@ -298,11 +323,38 @@ def exact_pm1_rotation_sum(xs: torch.Tensor, block: int) -> torch.Tensor:
     return v.float().reshape(xs.shape)
 
 
-def hadamard_rotate_exact(x: torch.Tensor, block: int) -> torch.Tensor:
-    """The online activation rotation (module doc): snap, exact ±1 sums, then · fp32(1/√R); fp32 out."""
+def hadamard_rotate_exact(x: torch.Tensor, block: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The online activation rotation (module doc): snap, exact ±1 sums, then · fp32(1/√R); fp32 out.
+    ``out``: a contiguous fp32 buffer of ``x``'s size the result may be written into (use the returned tensor)."""
     _check_block(x, block)
-    y = exact_pm1_rotation_sum(snap_to_rotation_grid(x, block), block)
+    a, b = _pm1_factors_f64(block)
+    if (a.shape[0] == 1 and 16 <= block <= 2 * SYLVESTER_MATMUL and fp32_matmul_is_ieee(x.device)
+            and not _tracks_grad(x)):
+        return _rotate_sylvester_fp32(x, block, out)
+    y = exact_pm1_rotation_sum(snap_to_rotation_grid(x, block), block, overwrite=True)
     return y.mul_(inv_sqrt_r(block))
+
+
+def _rotate_sylvester_fp32(x: torch.Tensor, block: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`hadamard_rotate_exact` for a Sylvester block of 16 to 1024 (fp32, IEEE matmuls): the same stages
+    as :func:`exact_pm1_rotation_sum` (two matmuls over up to 512 columns, then for 1024 the rounding
+    add/subtract stage), written in turn into the result and one :func:`~.scratch.scratch` buffer so that
+    the last stage lands in the result."""
+    p_lo = min(block, SYLVESTER_MATMUL)
+    a = 1 << ((p_lo.bit_length() - 1) // 2)
+    b = p_lo // a
+    dev = str(x.device)
+    result = torch.empty(x.shape, dtype=torch.float32, device=x.device) if out is None else out.view(x.shape)
+    spare = scratch(x.numel(), torch.float32, x.device, "hadamard.rotation")
+    first, second = (result, spare) if block == p_lo else (spare, result)       # the last write goes to result
+    xs = snap_to_rotation_grid(x, block, out=first)
+    y = torch.mm(xs.view(-1, b), _sylvester_pm1(b, torch.float32, dev), out=second.view(-1, b))
+    rows = y.shape[0] // a
+    v = torch.bmm(_sylvester_pm1(a, torch.float32, dev).expand(rows, a, a), y.view(rows, a, b),
+                  out=first.view(rows, a, b))
+    if block > p_lo:                                               # H_2 ⊗ S_512: one add/subtract, rounding once
+        v = _butterfly(v.view(-1, 1, 2, p_lo), 1, second)
+    return v.view(x.shape).mul_(inv_sqrt_r(block))
 
 
 def rotate_pm1_exact(x: torch.Tensor, h_block: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from .reduce import absmax
+
 
 def sample_count(shape: Sequence[int]) -> int:
     """Number of samples of a Linear input of ``shape``: the leading dim for ≥ 3-D inputs, else 1."""
@@ -24,7 +26,7 @@ def sample_count(shape: Sequence[int]) -> int:
 def per_sample_absmax(x2: torch.Tensor, samples: int) -> torch.Tensor:
     """(G, K) per-channel absmax of each sample's tokens; ``x2`` (M, K) with M = G·L, ``samples`` = G."""
     m, k = x2.shape
-    return x2.reshape(samples, m // samples, k).abs().amax(dim=1)
+    return absmax(x2.reshape(samples, m // samples, k), 1)
 
 
 def scale_per_sample(x2: torch.Tensor, lam: torch.Tensor, divide: bool) -> torch.Tensor:
