@@ -291,6 +291,8 @@ def load(path, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
         model = _build_model(meta, device)
     _check_same_model(model, meta, path)
     refuse_hooked_layers(model, meta["layers"])
+    _check_zero_points(tensors, meta, path)                 # before the model is touched
+    _check_master_tensors(tensors, meta, path)
     state = RuntimeState()
     for name, lm in meta["layers"].items():
         try:
@@ -301,8 +303,6 @@ def load(path, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
         q.state, q.layer_name = state, name
         set_submodule(model, name, q)
         del old
-    _check_zero_points(tensors, meta, path)
-    _check_master_tensors(tensors, meta, path)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     derived = {f"{n}.{b}" for n in _dynamic_layers(meta) for b in _DERIVED}
     missing = [k for k in missing if k not in derived]
