@@ -33,6 +33,7 @@ from tiny_models import tiny_wan
 WORLD = 2
 FAST_BGR = BGRConfig(shrink_steps=6, max_iters=10)   # full BGR on every layer, fewer search steps (speed)
 SHARD_CFG = DVDQuantConfig(bgr=FAST_BGR, quantize_modulation=True)   # incl. a weight-only (A16) layer
+DYN_CFG = DVDQuantConfig(smoothing="dynamic")
 
 
 def _seeded_wan():
@@ -85,6 +86,9 @@ def _worker(rank: int, world: int, tmp: str, port: int) -> None:
         rep = quantize_sharded(model, SHARD_CFG, dst=None)
         res["sharded_state"] = {k: v.clone() for k, v in model.state_dict().items()}
         res["sharded_report_layers"] = [l.name for l in rep.layers]
+        dyn, _ = _seeded_wan()                          # dynamic smoothing: the master weights travel too
+        quantize_sharded(dyn, DYN_CFG, dst=None)
+        res["dynamic_state"] = {k: v.clone() for k, v in dyn.state_dict().items()}
         # --- 3. context parallelism: single-process reference first, then the same model CP
         fp, inputs = _seeded_wan()
         ref = _forward(fp, inputs)
@@ -176,6 +180,17 @@ def test_sharded_every_rank_assembles(two_ranks):
         assert r["sharded_state"].keys() == ref.keys()
         assert all(torch.equal(r["sharded_state"][k], ref[k]) for k in ref)
         assert r["sharded_report_layers"] == [l.name for l in report.layers]
+
+
+def test_sharded_dynamic_smoothing_every_rank_assembles(two_ranks):
+    _, res = two_ranks
+    model, _ = _seeded_wan()
+    dvdquant.quantize_(model, DYN_CFG)
+    ref = model.state_dict()
+    assert any(k.endswith(".w_master") for k in ref)
+    for r in res:
+        assert r["dynamic_state"].keys() == ref.keys()
+        assert all(torch.equal(r["dynamic_state"][k], ref[k]) for k in ref)
 
 
 def test_context_parallel_matches_single_process(two_ranks):

@@ -62,15 +62,7 @@ def test_dynamic_smoothing_is_exact_reference():
     lam = xr.abs().amax(0, keepdim=True)
     xq = grids.fake_quant_act_per_token_int(xr / lam, 4) * lam
     w = grids.dequantize_weight(grids.quantize_weight_minmax(hadamard_rotate(lin.weight.float() * s, 64), 4))
-    torch.testing.assert_close(q(x), xq @ w.t() + lin.bias, rtol=1e-5, atol=1e-5)
-    dvdquant.set_backend(q, "emulated")
-    with pytest.raises(dvdquant.DVDQuantError, match="simulated"):
-        q(x)
-
-
-def test_dynamic_smoothing_refuses_to_save(tmp_path):
-    lin = torch.nn.Linear(64, 32)
-    model = torch.nn.Sequential(lin)
-    dvdquant.quantize_(model, dvdquant.DVDQuantConfig(smoothing="dynamic"), filter_fn=lambda m, n: True)
-    with pytest.raises(dvdquant.CheckpointError, match="dynamic"):
-        dvdquant.save(model, tmp_path / "m.safetensors")
+    y = q(x)
+    torch.testing.assert_close(y, xq @ w.t() + lin.bias, rtol=1e-5, atol=1e-5)
+    dvdquant.set_backend(q, "emulated")                # no kernel: every backend runs this simulated path
+    assert torch.equal(q(x), y)

@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 from .errors import DVDQuantError
 
@@ -38,8 +39,9 @@ def _fields(cls) -> set:
 
 def _config_from_args(args):
     """The method's config class from the registry, with the options its fields take: ``--delta`` sets
-    ``gbs``; ``--attention``, ``--rotation``, ``--rotation-block``, ``--auto-scale`` set the fields of those names where the
-    config has them (an explicit value for a method without the field is an error)."""
+    ``gbs``; ``--attention``, ``--rotation``, ``--rotation-block``, ``--auto-scale``, ``--smoothing``,
+    ``--smooth-alpha``, ``--smooth-master-bits`` set the fields of those names where the config has them
+    (an explicit value for a method without the field is an error)."""
     from .algorithms import method_by_name, registered_methods
     from .config import GBSConfig
     cls = method_by_name(args.method).config_cls
@@ -49,7 +51,9 @@ def _config_from_args(args):
         kw["gbs"] = GBSConfig(delta=args.delta)
     rotation = {"auto": "auto", "on": True, "off": False}.get(getattr(args, "rotation", None))
     given = {"attention": args.attention, "rotation": rotation, "rotation_block": getattr(args, "rotation_block", None),
-             "auto_scale": getattr(args, "auto_scale", None)}
+             "auto_scale": getattr(args, "auto_scale", None), "smoothing": getattr(args, "smoothing", None),
+             "smooth_alpha": getattr(args, "smooth_alpha", None),
+             "smooth_master_bits": getattr(args, "smooth_master_bits", None)}
     for field, value in given.items():
         if field in _fields(cls):
             if value is not None:
@@ -395,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--auto-scale", choices=["per_channel", "per_block", "none"], default=None,
                    help="ARQ run-time scaling (default: per_channel, which the GPU kernels do not take: its layers "
                    "run the emulated path; none / per_block run on the kernels)")
+    from .config import Smoothing
+    q.add_argument("--smoothing", choices=list(get_args(Smoothing)), default=None,
+                   help="DVD-Quant run-time smoothing before the rotation: dynamic re-quantizes each layer's weight "
+                   "per sample from a master copy (more memory; no kernel yet: runs the simulated path on every "
+                   "backend) (default: none)")
+    q.add_argument("--smooth-alpha", type=float, default=None,
+                   help="dynamic smoothing's migration strength α in [0, 1] (default: 0.5)")
+    q.add_argument("--smooth-master-bits", type=int, choices=[8, 16], default=None,
+                   help="dynamic smoothing's master weight: int8 codes (8) or fp32 (16) (default: 8)")
     q.add_argument("--out", required=True, help="output folder for quantized.safetensors and report.json")
     q.add_argument("--device", default="cpu")
     q.add_argument("--nproc", type=int, default=1, help="quantize with N processes, layers split between them "

@@ -53,8 +53,8 @@ def dvdquant_layer(name: str, linear: nn.Linear, cfg: DVDQuantConfig, stats=None
                                      rotation_block=block, auto_scale=cfg.auto_scale,
                                      scale_block=cfg.scale_block, w_block_sum=block_sum)
     if cfg.smoothing == "dynamic":
-        # Weights are re-quantized every forward from this master (RTN, after x/s_t ↔ W·diag(s_t));
-        # qweight above (BGR/RTN of W·H, s = 1) stays for reports and the weight-error column.
+        # Weights are re-quantized every forward from this master (RTN, after x/s_t ↔ W·diag(s_t)); the
+        # RTN of W·H above gives the report's weight error; qweight becomes the master's RTN at s = 1.
         module.set_dynamic_smoothing(linear_weight_fp32(linear, name), cfg.smooth_alpha, cfg.smooth_master_bits,
                                      cfg.symmetric)
         layer_info.extras["smoothing"] = f"dynamic(alpha={cfg.smooth_alpha}, master={cfg.smooth_master_bits}b)"

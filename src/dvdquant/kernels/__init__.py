@@ -15,6 +15,9 @@ then calls the chosen kernel with tensors and numbers (:mod:`dvdquant.nn.executi
   reason.
 * ``"auto"`` — ``"fp8"`` on an FP8-capable CUDA device (sm89+) with Triton, else emulated.
 
+Layers with DVD-Quant's dynamic smoothing run the layer's simulated forward on every backend
+(path ``"simulated"``, one log line per layer): no kernel re-quantizes the weight per sample yet.
+
 :func:`plan_forward` is a pure function of the layer's :class:`LinearLayout`, the execution config,
 the device and the current activation bit-width, so it can be tested on a CPU. It is re-evaluated
 at every call: δ-GBS changes the step's bits and the plan follows (A4 → int-grid codes, A8 → FP8
@@ -47,7 +50,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Plan:
-    """How one forward call runs: ``path`` is "emulated", "fp8" or "int4_gemv"; ``reason`` explains a fallback."""
+    """How one forward call runs: ``path`` is "emulated", "fp8", "int4_gemv" or "simulated" (the layer's own
+    fp32 reference forward, for layouts no kernel runs); ``reason`` explains a fallback."""
 
     path: str
     reason: str = ""
@@ -70,7 +74,9 @@ def plan_forward(layout: LinearLayout, execution: ExecutionConfig, device, bits:
     and GEMM route). ``capability`` overrides the device's (for tests).
 
     Paths: ``"emulated"``, ``"fp8"`` (W4A4/A8 on FP8 / INT8 tensor cores), ``"int4_gemv"`` (weight-only
-    layers on CUDA: :mod:`.weight_only`).
+    layers on CUDA: :mod:`.weight_only`), ``"simulated"`` (dynamic smoothing, on every backend: the
+    weight is re-quantized per sample from a master copy, which neither the emulated integer pipeline
+    nor the kernels do yet).
 
     ``bits=None`` gives the bit-independent plan a compiled model uses: the FP8 op then picks
     the activation format from the step's bits at run time (A ≥ 16 runs a bf16 GEMM on the
@@ -79,6 +85,8 @@ def plan_forward(layout: LinearLayout, execution: ExecutionConfig, device, bits:
     backend = execution.backend
     if backend not in BACKENDS:
         raise ConfigError(f"plan_forward: backend {backend!r} runs no kernel")
+    if layout.dynamic_smoothing:
+        return Plan("simulated", "dynamic smoothing has no kernel yet")
     if backend == "emulated":
         return Plan("emulated")
     if layout.exact_mean:

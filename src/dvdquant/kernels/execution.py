@@ -58,7 +58,8 @@ class LinearLayout:
     """What the planner needs to know of one quantized linear: its static configuration, as numbers.
 
     ``rotation_block`` 0 = no online rotation; ``smooth`` / ``act_balance``: a static smoothing
-    divisor / a calibrated channel balance is configured.
+    divisor / a calibrated channel balance is configured; ``dynamic_smoothing``: run-time smoothing
+    with the weight re-quantized from a master copy every call (no kernel runs it).
     """
 
     in_features: int
@@ -74,6 +75,7 @@ class LinearLayout:
     smooth: bool
     act_balance: bool
     exact_mean: bool = False      # an fp32 block-mean term (DVD-Quant mean_channel="exact") rides on the output
+    dynamic_smoothing: bool = False   # DVD-Quant smoothing="dynamic": the weight is re-quantized per sample
 
     @property
     def per_block(self) -> bool:

@@ -4,7 +4,8 @@
 :class:`~dvdquant.kernels.ExecutionConfig` (on its ``RuntimeState``) and the layer's
 :class:`~dvdquant.kernels.LinearLayout` go to :func:`dvdquant.kernels.plan_forward`; the chosen
 kernel gets the layer's tensors, the transformed tokens and the step's numbers as arguments
-(the kernels never read a layer). One log line per layer and fallback reason.
+(the kernels never read a layer). One log line per layer and fallback reason. A plan with path
+"simulated" (dynamic smoothing: no kernel yet) runs the layer's own reference forward.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Optional
 
 import torch
 
-from ..errors import DVDQuantError
 from ..kernels import Plan, plan_forward
 from ..kernels.emulated import QuantizedActivations, QuantWeight, emulated_linear
 from ..kernels.emulated import quantize_activations as quantize_codes
@@ -30,7 +30,7 @@ def layout(layer) -> LinearLayout:
     return LinearLayout(layer.in_features, layer.out_features, layer.w_bits, layer.packed, layer.group_size,
                         layer.a_bits, layer.a8_format == "fp8_e4m3", int(layer.rotation_block or 0),
                         layer.auto_scale, layer.scale_block, layer.smooth is not None,
-                        layer.act_balance is not None, layer.w_block_sum is not None)
+                        layer.act_balance is not None, layer.w_block_sum is not None, layer.dyn_alpha is not None)
 
 
 def plan(layer, device, bits: Optional[int], capability=None) -> Plan:
@@ -45,15 +45,13 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
     the FP8 custom op (no guard on the Python-side bit-width, so δ-GBS never recompiles); logging is
     skipped while tracing (the op logs the A6/A8 format note itself).
     """
-    if layer.dyn_alpha is not None:
-        raise DVDQuantError(f"layer {layer.layer_name or '?'}: dynamic smoothing runs only on the "
-                            f"'simulated' backend (asked for {layer.execution.backend!r})")
     compiling = torch.compiler.is_compiling()
     p = plan(layer, x.device, None if compiling else layer.current_a_bits())
     if p.reason and not compiling:
-        name = layer.layer_name or id(layer)
-        log_once(log, ("layer", name, f"falling back to emulated: {p.reason}"), "layer %s: %s", name,
-                 f"falling back to emulated: {p.reason}")
+        name, why = layer.layer_name or id(layer), f"falling back to {p.path}: {p.reason}"
+        log_once(log, ("layer", name, why), "layer %s: %s", name, why)
+    if p.path == "simulated":
+        return layer.forward_simulated(x)
     if p.path == "emulated":
         return emulated_forward(layer, x)
     if p.path == "int4_gemv":

@@ -21,6 +21,8 @@ in what they put into it:
   every forward, once per sample, from a master copy ``w_master`` (int8 codes of W/max|W_j| with a
   per-row scale, or float), and each sample's tokens meet their own weight. Per layer, step and
   sample that is O(N·K·log K) work beside the GEMM's O(L·N·K); it costs master-weight memory.
+  Such a layer's ``qweight`` holds Q_RTN(W_master·H), its weight at s = 1, which no forward reads;
+  every backend runs it on this simulated path (no kernel yet).
 * ``w_block_sum`` (N, K/R) fp32, optional (DVD-Quant ``mean_channel="exact"``): the mean of each
   rotation block of R input channels is kept out of the quantizers. With x̄ (M, K/R) the block means
   of the tokens and x_c = x − x̄ (each block centred), y = f(x_c) + x̄·w_block_sumᵀ, where f is the
@@ -164,6 +166,28 @@ class QuantLinear(nn.Module):
         else:
             raise DVDQuantError(f"master_bits must be 8 or 16, got {master_bits!r}")
         self.dyn_alpha, self.w_symmetric = float(alpha), bool(symmetric)
+        self.set_weight_params(self.master_weight_params())          # the weight at s = 1 (never read here)
+
+    def empty_dynamic_smoothing(self, alpha: float, master_bits: int, symmetric: bool) -> None:
+        """Dynamic smoothing with placeholder master buffers of the right shapes and dtypes, to be
+        filled by ``load_state_dict`` (checkpoints; then :meth:`master_weight_params` → ``set_weight_params``)."""
+        n, k, dev = self.out_features, self.in_features, self.qweight.device
+        if master_bits not in (8, 16):
+            raise DVDQuantError(f"master_bits must be 8 or 16, got {master_bits!r}")
+        eight = master_bits == 8
+        self.w_master = torch.zeros(n, k, dtype=torch.int8 if eight else torch.float32, device=dev)
+        self.w_master_scale = torch.ones(n, 1, device=dev) if eight else None
+        self.w_colmax = torch.ones(k, device=dev)
+        self.dyn_alpha, self.w_symmetric = float(alpha), bool(symmetric)
+
+    def master_weight_params(self) -> grids.WeightQParams:
+        """Q_RTN(W_master·H), the dynamically smoothed weight at s = 1: what ``qweight`` / ``w_scale`` /
+        ``w_zero`` hold for such a layer. The forward re-quantizes from the master per sample and never
+        reads them; checkpoints do not store them but rebuild them from the master on load."""
+        w = self.master_weight()
+        if self.rotation_block:
+            w = hadamard_rotate(w, self.rotation_block)
+        return grids.quantize_weight_minmax(w, self.w_bits, self.group_size, self.w_symmetric)
 
     def master_weight(self) -> torch.Tensor:
         """The dynamic-smoothing master weight (N, K) fp32, unrotated."""
