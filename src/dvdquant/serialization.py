@@ -311,7 +311,7 @@ def load(path, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
                               f"unexpected {unexpected[:3]}")
     for name in _dynamic_layers(meta):                     # the weight at s = 1, from the loaded master
         q = model.get_submodule(name)
-        q.set_weight_params(q.master_weight_params())
+        q.set_weight_params(q.smoothed_weight_params())
     model.to(device)
     attach_runtime(model, state, config_from_dict(meta["config"]))   # state, config, step hook
     qattn.apply_config(model, getattr(model, CONFIG_ATTR))   # reinstall 8-bit attention from the saved config

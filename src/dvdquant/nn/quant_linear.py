@@ -21,8 +21,8 @@ in what they put into it:
   every forward, once per sample, from a master copy ``w_master`` (int8 codes of W/max|W_j| with a
   per-row scale, or float), and each sample's tokens meet their own weight. Per layer, step and
   sample that is O(N·K·log K) work beside the GEMM's O(L·N·K); it costs master-weight memory.
-  Such a layer's ``qweight`` holds Q_RTN(W_master·H), its weight at s = 1, which no forward reads;
-  every backend runs it on this simulated path (no kernel yet).
+  Such a layer's ``qweight`` holds Q_RTN(W_master·H), its weight at s = 1, which its weight-only (A16)
+  calls use; every backend runs it on this simulated path (no kernel yet).
 * ``w_block_sum`` (N, K/R) fp32, optional (DVD-Quant ``mean_channel="exact"``): the mean of each
   rotation block of R input channels is kept out of the quantizers. With x̄ (M, K/R) the block means
   of the tokens and x_c = x − x̄ (each block centred), y = f(x_c) + x̄·w_block_sumᵀ, where f is the
@@ -166,11 +166,11 @@ class QuantLinear(nn.Module):
         else:
             raise DVDQuantError(f"master_bits must be 8 or 16, got {master_bits!r}")
         self.dyn_alpha, self.w_symmetric = float(alpha), bool(symmetric)
-        self.set_weight_params(self.master_weight_params())          # the weight at s = 1 (never read here)
+        self.set_weight_params(self.smoothed_weight_params())        # the weight at s = 1 (weight-only steps)
 
     def empty_dynamic_smoothing(self, alpha: float, master_bits: int, symmetric: bool) -> None:
         """Dynamic smoothing with placeholder master buffers of the right shapes and dtypes, to be
-        filled by ``load_state_dict`` (checkpoints; then :meth:`master_weight_params` → ``set_weight_params``)."""
+        filled by ``load_state_dict`` (checkpoints; then :meth:`smoothed_weight_params` → ``set_weight_params``)."""
         n, k, dev = self.out_features, self.in_features, self.qweight.device
         if master_bits not in (8, 16):
             raise DVDQuantError(f"master_bits must be 8 or 16, got {master_bits!r}")
@@ -179,15 +179,6 @@ class QuantLinear(nn.Module):
         self.w_master_scale = torch.ones(n, 1, device=dev) if eight else None
         self.w_colmax = torch.ones(k, device=dev)
         self.dyn_alpha, self.w_symmetric = float(alpha), bool(symmetric)
-
-    def master_weight_params(self) -> grids.WeightQParams:
-        """Q_RTN(W_master·H), the dynamically smoothed weight at s = 1: what ``qweight`` / ``w_scale`` /
-        ``w_zero`` hold for such a layer. The forward re-quantizes from the master per sample and never
-        reads them; checkpoints do not store them but rebuild them from the master on load."""
-        w = self.master_weight()
-        if self.rotation_block:
-            w = hadamard_rotate(w, self.rotation_block)
-        return grids.quantize_weight_minmax(w, self.w_bits, self.group_size, self.w_symmetric)
 
     def master_weight(self) -> torch.Tensor:
         """The dynamic-smoothing master weight (N, K) fp32, unrotated."""
@@ -202,13 +193,18 @@ class QuantLinear(nn.Module):
         s = lam.clamp_min(1e-12).pow(self.dyn_alpha) / self.w_colmax.clamp_min(1e-12).pow(1.0 - self.dyn_alpha)
         return torch.where(lam > 0, s, torch.ones_like(s))
 
-    def smoothed_weight(self, s: torch.Tensor) -> torch.Tensor:
-        """Ŵ_t (N, K) = Q_RTN(W·diag(s)·H): the per-step weight of dynamic smoothing, dequantized fp32."""
-        w = self.master_weight() * s
+    def smoothed_weight_params(self, s: Optional[torch.Tensor] = None) -> grids.WeightQParams:
+        """Q_RTN(W·diag(s)·H) from the dynamic-smoothing master; ``s=None``: s = 1, the weight that
+        ``qweight`` / ``w_scale`` / ``w_zero`` hold for such a layer (checkpoints do not store them but
+        rebuild them from the master on load)."""
+        w = self.master_weight() if s is None else self.master_weight() * s
         if self.rotation_block:
             w = hadamard_rotate(w, self.rotation_block)
-        p = grids.quantize_weight_minmax(w, self.w_bits, self.group_size, self.w_symmetric)
-        return grids.dequantize_weight(p, torch.float32)
+        return grids.quantize_weight_minmax(w, self.w_bits, self.group_size, self.w_symmetric)
+
+    def smoothed_weight(self, s: torch.Tensor) -> torch.Tensor:
+        """Ŵ_t (N, K) = Q_RTN(W·diag(s)·H): the per-step weight of dynamic smoothing, dequantized fp32."""
+        return grids.dequantize_weight(self.smoothed_weight_params(s), torch.float32)
 
     def weight_params(self) -> grids.WeightQParams:
         codes = unpack_int4(self.qweight) if self.packed else self.qweight
@@ -362,13 +358,10 @@ class QuantLinear(nn.Module):
             ys = [xg @ self.smoothed_weight(sg).t() for xg, sg in zip(rows_per_sample(xq, samples), s)]
             y = torch.cat(ys) if self.bias is None else torch.cat(ys) + self.bias.float()
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        if self.dyn_alpha is not None:
-            w = self.smoothed_weight(torch.ones_like(self.w_colmax))
-        elif self.per_token_scaling(bits):
+        if self.dyn_alpha is None and self.per_token_scaling(bits):
             return self._forward_per_token(self.transform_input(x2), bits).to(x.dtype).reshape(
                 *shape[:-1], self.out_features)
-        else:
-            w = self._decoded_weight("w_hat")
+        w = self._decoded_weight("w_hat")                             # dynamic smoothing: its weight at s = 1
         xt = self.transform_input(x2, reuse=True)                    # read only by the GEMMs below
         xq = self.quantize_input(xt, bits, samples, overwrite=xt is not x2)   # a transformed copy is scratch
         y = matmul_per_sample(xq, w, samples)                         # (M, N), one GEMM per sample
