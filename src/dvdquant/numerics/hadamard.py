@@ -248,6 +248,12 @@ def _tracks_grad(t: torch.Tensor) -> bool:
     return t.requires_grad and torch.is_grad_enabled()
 
 
+def _sylvester_split(p: int) -> tuple[int, int]:
+    """(a, b) with a·b = p (a power of two), a ≈ b, a ≤ b: S_p = S_a ⊗ S_b."""
+    a = 1 << ((p.bit_length() - 1) // 2)
+    return a, p // a
+
+
 def _sylvester_stage(v: torch.Tensor, p: int, in_place: bool = False) -> tuple:
     """v (..., p) · S_p, S_p the ±1 Sylvester matrix of order p, as two small matmuls: S_p = S_a ⊗ S_b
     (a·b = p, a ≈ b), so x·S_p = vec(S_a · X · S_b) with X = x viewed (a, b). O(a + b) multiply-adds per
@@ -256,8 +262,7 @@ def _sylvester_stage(v: torch.Tensor, p: int, in_place: bool = False) -> tuple:
 
     Returns (result, spare): ``in_place`` (``v`` contiguous) writes the result into ``v``; ``spare`` is a free
     buffer of ``v``'s size and dtype (the intermediate product) or None."""
-    a = 1 << ((p.bit_length() - 1) // 2)
-    b = p // a
+    a, b = _sylvester_split(p)
     if a < 4:
         return v @ _sylvester_pm1(p, v.dtype, str(v.device)), None
     dev = str(v.device)
@@ -298,7 +303,7 @@ def exact_pm1_rotation_sum(xs: torch.Tensor, block: int, overwrite: bool = False
     once at the end. Without an IEEE fp32 matmul (TF32, reduced precision) everything runs in fp64.
     ``overwrite``: ``xs`` is the caller's scratch (the stages may write into it).
     """
-    n = _check_block(xs, block)
+    _check_block(xs, block)
     a, b = _pm1_factors_f64(block)
     base, p2 = a.shape[0], b.shape[0]
     ieee = fp32_matmul_is_ieee(xs.device)
@@ -341,8 +346,7 @@ def _rotate_sylvester_fp32(x: torch.Tensor, block: int, out: Optional[torch.Tens
     add/subtract stage), written in turn into the result and one :func:`~.scratch.scratch` buffer so that
     the last stage lands in the result."""
     p_lo = min(block, SYLVESTER_MATMUL)
-    a = 1 << ((p_lo.bit_length() - 1) // 2)
-    b = p_lo // a
+    a, b = _sylvester_split(p_lo)
     dev = str(x.device)
     result = torch.empty(x.shape, dtype=torch.float32, device=x.device) if out is None else out.view(x.shape)
     spare = scratch(x.numel(), torch.float32, x.device, "hadamard.rotation")
