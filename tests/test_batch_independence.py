@@ -99,6 +99,25 @@ def test_dynamic_smoothing_is_per_sample():
             assert torch.equal(_in_batch(m, x, batch, pos, seed=batch + 1), alone)
 
 
+@pytest.mark.parametrize("block,k", [(64, K), (48, 96)])    # Sylvester fast path; Paley-based exact sums
+def test_dynamic_smoothing_weights_do_not_depend_on_their_chunk(monkeypatch, block, k):
+    """The per-sample weights Q(W·diag(s_g)·H) are re-quantized several samples at a time; how many
+    share a chunk (the layer's size decides) must not change any sample's bits."""
+    import dvdquant.nn.quant_linear as ql
+    m = _layer("per_channel", 4, block, "simulated", k)
+    g = torch.Generator().manual_seed(5)
+    m.set_dynamic_smoothing(torch.randn(N, k, generator=g) * 0.05, alpha=0.5)
+    s = torch.rand(40, k, generator=g) * 3 + 0.1
+    one_by_one = torch.stack([m.smoothed_weight(si) for si in s])
+    for chunk in (1, 7, 40):
+        monkeypatch.setattr(ql, "SMOOTHED_CHUNK_ELEMENTS", chunk * N * k)
+        assert torch.equal(torch.stack(list(m.smoothed_weights(s))), one_by_one), chunk
+    x = _samples(1, 33, k)
+    with torch.no_grad():
+        alone = m(x)
+        assert torch.equal(_in_batch(m, x, 40, 17, seed=9), alone)
+
+
 def test_quantized_attention_reference_is_per_batch_element():
     from dvdquant.kernels.attention_ref import quant_attention_reference
     g = torch.Generator().manual_seed(0)

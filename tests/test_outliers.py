@@ -46,9 +46,9 @@ def test_paper_arq_rotation_first_cannot_undo_channel_outliers(sqnr):
 
 def test_dynamic_smoothing_is_exact_reference():
     """Dynamic smoothing: forward equals x/s·H quantized against Q(W·diag(s)·H), s from these tokens
-    (activations rotated online by the exact rotation, the weight offline by the plain one)."""
+    (activations and the re-quantized weight both rotated by the exact rotation)."""
     from dvdquant.numerics import grids
-    from dvdquant.numerics.hadamard import hadamard_rotate, hadamard_rotate_exact
+    from dvdquant.numerics.hadamard import hadamard_rotate_exact
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
     model = torch.nn.Sequential(lin)
@@ -61,7 +61,7 @@ def test_dynamic_smoothing_is_exact_reference():
     xr = hadamard_rotate_exact(x / s, 64)
     lam = xr.abs().amax(0, keepdim=True)
     xq = grids.fake_quant_act_per_token_int(xr / lam, 4) * lam
-    w = grids.dequantize_weight(grids.quantize_weight_minmax(hadamard_rotate(lin.weight.float() * s, 64), 4))
+    w = grids.dequantize_weight(grids.quantize_weight_minmax(hadamard_rotate_exact(lin.weight.float() * s, 64), 4))
     y = q(x)
     torch.testing.assert_close(y, xq @ w.t() + lin.bias, rtol=1e-5, atol=1e-5)
     dvdquant.set_backend(q, "emulated")                # no kernel: every backend runs this simulated path

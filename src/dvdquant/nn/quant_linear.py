@@ -19,8 +19,10 @@ in what they put into it:
   rotation, s_t = Λ_t^α / max|W_j|^(1−α) with Λ_t the sample's per-channel absmax; the
   activations become x/s_t and the weight W·diag(s_t)·H is re-quantized (RTN on the layer's grid)
   every forward, once per sample, from a master copy ``w_master`` (int8 codes of W/max|W_j| with a
-  per-row scale, or float), and each sample's tokens meet their own weight. Per layer, step and
-  sample that is O(N·K·log K) work beside the GEMM's O(L·N·K); it costs master-weight memory.
+  per-row scale, or float), and each sample's tokens meet their own weight. The weight's rotation is
+  the exact one of the activations (snapped, exact ±1 sums), so a sample's Ŵ_t has the same bits
+  however many samples are re-quantized together (they are, in chunks of ≤ 2^24 elements). Per
+  layer, step and sample that is O(N·K·log K) work beside the GEMM's O(L·N·K); it costs master-weight memory.
   Such a layer's ``qweight`` holds Q_RTN(W_master·H), its weight at s = 1, which its weight-only (A16)
   calls use; every backend runs it on this simulated path (no kernel yet).
 * ``w_block_sum`` (N, K/R) fp32, optional (DVD-Quant ``mean_channel="exact"``): the mean of each
@@ -62,7 +64,7 @@ import torch.nn as nn
 from ..errors import DVDQuantError, NonFiniteError
 from ..kernels.execution import ExecutionConfig
 from ..numerics import grids
-from ..numerics.hadamard import hadamard_rotate, hadamard_rotate_exact
+from ..numerics.hadamard import hadamard_rotate_exact
 from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import pack_int4, unpack_int4
 from ..numerics.reduce import absmax
@@ -72,6 +74,8 @@ from ..numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_s
 from .execution import forward as kernel_forward
 from .state import RuntimeState
 from .weight_cache import DecodedWeights
+
+SMOOTHED_CHUNK_ELEMENTS = 1 << 24   # dynamic smoothing: per-sample weights re-quantized together (G·N·K)
 
 _SIMULATED = ExecutionConfig()
 
@@ -181,10 +185,11 @@ class QuantLinear(nn.Module):
         self.dyn_alpha, self.w_symmetric = float(alpha), bool(symmetric)
 
     def master_weight(self) -> torch.Tensor:
-        """The dynamic-smoothing master weight (N, K) fp32, unrotated."""
-        if self.w_master_scale is not None:
-            return self.w_master.float() * self.w_master_scale * self.w_colmax.clamp_min(1e-12)
-        return self.w_master.float()
+        """The dynamic-smoothing master weight (N, K) fp32, unrotated (a cached read-only decoding)."""
+        if self.w_master_scale is None:
+            return self.w_master.float()
+        build = lambda: self.w_master.float() * self.w_master_scale * self.w_colmax.clamp_min(1e-12)   # noqa: E731
+        return self._decoded_cache().get("w_master", (self.w_master, self.w_master_scale, self.w_colmax), build)
 
     def dynamic_smoothing(self, x2: torch.Tensor, samples: int = 1) -> torch.Tensor:
         """s_t (G, K) = Λ_t^α / max|W_j|^(1−α) per sample of the tokens (M, K) (G = ``samples``,
@@ -194,17 +199,30 @@ class QuantLinear(nn.Module):
         return torch.where(lam > 0, s, torch.ones_like(s))
 
     def smoothed_weight_params(self, s: Optional[torch.Tensor] = None) -> grids.WeightQParams:
-        """Q_RTN(W·diag(s)·H) from the dynamic-smoothing master; ``s=None``: s = 1, the weight that
-        ``qweight`` / ``w_scale`` / ``w_zero`` hold for such a layer (checkpoints do not store them but
-        rebuild them from the master on load)."""
-        w = self.master_weight() if s is None else self.master_weight() * s
+        """Q_RTN(W·diag(s)·H) from the dynamic-smoothing master, for ``s`` (G, K) stacked row-wise ((G·N, K)
+        codes); ``s=None``: s = 1, the weight that ``qweight`` / ``w_scale`` / ``w_zero`` hold for such a
+        layer (checkpoints do not store them but rebuild them from the master on load). Every step is
+        per row and exact-by-construction (min/max grid, exact rotation), so a row's bits do not depend
+        on the other rows."""
+        w = self.master_weight()
+        if s is not None:
+            w = (w.unsqueeze(0) * s.unsqueeze(1)).reshape(-1, self.in_features)   # (G·N, K)
         if self.rotation_block:
-            w = hadamard_rotate(w, self.rotation_block)
+            w = hadamard_rotate_exact(w, self.rotation_block)
         return grids.quantize_weight_minmax(w, self.w_bits, self.group_size, self.w_symmetric)
 
+    def smoothed_weights(self, s: torch.Tensor):
+        """Ŵ_t (N, K) fp32 dequantized, one per row of ``s`` (G, K), in order: the per-sample weights of
+        dynamic smoothing, re-quantized in chunks of ≤ 2^24 elements (the chunking does not change bits)."""
+        n, k = self.out_features, self.in_features
+        chunk = max(1, SMOOTHED_CHUNK_ELEMENTS // (n * k))
+        for i in range(0, s.shape[0], chunk):
+            w_hat = grids.dequantize_weight(self.smoothed_weight_params(s[i:i + chunk]), torch.float32)
+            yield from w_hat.reshape(-1, n, k)
+
     def smoothed_weight(self, s: torch.Tensor) -> torch.Tensor:
-        """Ŵ_t (N, K) = Q_RTN(W·diag(s)·H): the per-step weight of dynamic smoothing, dequantized fp32."""
-        return grids.dequantize_weight(self.smoothed_weight_params(s), torch.float32)
+        """Ŵ_t (N, K) = Q_RTN(W·diag(s)·H) for one sample's ``s`` (K,), dequantized fp32."""
+        return next(self.smoothed_weights(s.reshape(1, -1)))
 
     def weight_params(self) -> grids.WeightQParams:
         codes = unpack_int4(self.qweight) if self.packed else self.qweight
@@ -217,13 +235,16 @@ class QuantLinear(nn.Module):
     def _decoded_weight(self, kind: str) -> torch.Tensor:
         """Read-only fp32 decodings for the forward, cached until the weight buffers change
         (:mod:`.weight_cache`): ``"w_hat"`` = Ŵ (N, K), ``"w_int"`` = q − z (N, K), one group per row."""
-        if "_decoded" not in self.__dict__:                            # modules unpickled from older versions
-            self._decoded = DecodedWeights()
         if kind == "w_hat":
             build = lambda: self.dequantized_weight(torch.float32)   # noqa: E731
         else:
             build = lambda: self.weight_params().codes.float() - self.w_zero   # noqa: E731
-        return self._decoded.get(kind, (self.qweight, self.w_scale, self.w_zero), build)
+        return self._decoded_cache().get(kind, (self.qweight, self.w_scale, self.w_zero), build)
+
+    def _decoded_cache(self) -> DecodedWeights:
+        if "_decoded" not in self.__dict__:                            # modules unpickled from older versions
+            self._decoded = DecodedWeights()
+        return self._decoded
 
     @property
     def execution(self) -> ExecutionConfig:
@@ -355,7 +376,7 @@ class QuantLinear(nn.Module):
             s = self.dynamic_smoothing(x2, samples)                   # (G, K), from each sample's tokens
             xq = self.quantize_input(self.transform_input(scale_per_sample(x2, s, True)), bits, samples, overwrite=True)
             # one Q(W·diag(s_g)·H) per sample: s_t is per sample, so is the re-quantized weight
-            ys = [xg @ self.smoothed_weight(sg).t() for xg, sg in zip(rows_per_sample(xq, samples), s)]
+            ys = [xg @ w.t() for xg, w in zip(rows_per_sample(xq, samples), self.smoothed_weights(s))]
             y = torch.cat(ys) if self.bias is None else torch.cat(ys) + self.bias.float()
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.dyn_alpha is None and self.per_token_scaling(bits):
