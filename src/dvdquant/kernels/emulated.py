@@ -25,6 +25,10 @@ The pipeline, for flattened tokens ``x`` (M, K) and a layer with N outputs:
    epilogue order); otherwise ``y = ((c · s) · λ) @ Ŵᵀ + b`` in fp32, one GEMM per sample (a float
    GEMM's rounding may depend on its row count). Cast to the input dtype.
 
+Dynamic smoothing (per-token layers, :func:`emulated_dynamic_linear`): the tokens are divided by their
+sample's s_g before step 1, and step 4 is each sample's re-quantized weight
+(:func:`requant_weight_reference`, the reference of :mod:`.weight_requant`), one code GEMM per sample.
+
 The Hopper path (:mod:`dvdquant.kernels.fp8`) runs steps 1–3 in one Triton kernel and step 5
 as an FP8 GEMM with the scales in its epilogue; for A4 (≤ 5-bit int codes) with per-token
 scales it computes the same bits as this path (exact rotation, exact integer GEMM, same

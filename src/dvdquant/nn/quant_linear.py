@@ -24,7 +24,9 @@ in what they put into it:
   however many samples are re-quantized together (they are, in chunks of ≤ 2^24 elements). Per
   layer, step and sample that is O(N·K·log K) work beside the GEMM's O(L·N·K); it costs master-weight memory.
   Such a layer's ``qweight`` holds Q_RTN(W_master·H), its weight at s = 1, which its weight-only (A16)
-  calls use; every backend runs it on this simulated path (no kernel yet).
+  calls use. With per-token activation scales each sample's product is taken in the code-GEMM order
+  below against its own (q_g − z_g, Δ_g); such layers (int8 master, a rotation the kernels fuse, no
+  groups) also run on the emulated and fp8 backends (:mod:`dvdquant.nn.execution`), the others only here.
 * ``w_block_sum`` (N, K/R) fp32, optional (DVD-Quant ``mean_channel="exact"``): the mean of each
   rotation block of R input channels is kept out of the quantizers. With x̄ (M, K/R) the block means
   of the tokens and x_c = x − x̄ (each block centred), y = f(x_c) + x̄·w_block_sumᵀ, where f is the
