@@ -29,6 +29,15 @@ kernel alone and a bf16 → fp8 copy of the tokens (the floor of any activation 
 codes and scales are checked bit-equal to the default's. ``--rounds R`` times all of them R times in turn
 and reports medians; single runs moved single points by up to 0.17× on an H100 (docs/results/speed.md, "Linear layer").
 
+``--dynamic`` times one Wan 2.1 14B layer (K = N = 5120 by default, ``--m`` tokens in ``--samples`` samples)
+as a whole ``QuantLinear`` on the fp8 backend, W4A4, Hadamard-128 rotation, per-token scales: ``bf16``
+(``F.linear``), ``fp8_default`` (the default layer: activation kernel + int8 expansion + INT8 GEMM) and
+``fp8_dynamic`` (dynamic smoothing: Λ per sample, the weight re-quantization kernel, the activation kernel
+per sample with s_g, one GEMM per sample), plus ``requant`` (the weight kernel alone for all samples);
+writes ``bench_linear_dynamic.json``::
+
+    PYTHONPATH=src python benchmarks/bench_linear.py --dynamic --m 65520 --samples 2 --out bench_out
+
 Inputs are ≥ 48 MB for every M here (larger than the H100's 50 MB L2 only from M = 8k at
 K = 3072 on), so one input set is used; weights are re-read from HBM by every GEMM anyway.
 Writes ``bench_linear.json`` and ``bench_linear.md`` to ``--out``.
@@ -221,6 +230,45 @@ def lean_main(args, device: str) -> None:
           all(all(r["bit_equal"].values()) for r in rows))
 
 
+def dynamic_main(args, device: str) -> None:
+    """bf16 vs the default fp8 layer vs the dynamic-smoothing fp8 layer on one shape (module doc)."""
+    from triton.testing import do_bench
+
+    from dvdquant.kernels import ExecutionConfig
+    from dvdquant.kernels.weight_requant import requant_weight
+    from dvdquant.nn import QuantLinear, RuntimeState
+    from dvdquant.numerics import grids
+    from dvdquant.numerics.samples import per_sample_absmax
+
+    k, n, m, g = args.k, args.n, args.m[0], args.samples
+    t = lambda fn: do_bench(fn, warmup=max(5, args.rep // 5), rep=args.rep, return_mode="median")  # noqa: E731
+    lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+    w = lin.weight.detach().float()
+
+    def layer(dynamic: bool) -> QuantLinear:
+        q = QuantLinear.from_params(lin, grids.quantize_weight_minmax(w, 4), a_bits=4, rotation_block=128,
+                                    auto_scale="none")
+        if dynamic:
+            q.set_dynamic_smoothing(w, alpha=0.5)
+        q.state = RuntimeState(execution=ExecutionConfig("fp8"))
+        return q
+    default, dyn = layer(False), layer(True)
+    x = torch.randn(g, m // g, k, device="cuda", dtype=torch.bfloat16) * torch.rand(k, device="cuda") * 3
+    s = dyn.dynamic_smoothing(x.reshape(-1, k), g)
+    r = {"device": device, "K": k, "N": n, "M": m, "samples": g}
+    with torch.no_grad():
+        r["bf16"] = t(lambda: torch.nn.functional.linear(x, lin.weight, lin.bias))
+        r["fp8_default"] = t(lambda: default(x))
+        r["fp8_dynamic"] = t(lambda: dyn(x))
+        r["requant"] = t(lambda: requant_weight(dyn.w_master, dyn.w_master_scale, dyn.w_colmax, s, bits=4,
+                                                symmetric=False, rotation_block=128))
+        r["absmax"] = t(lambda: per_sample_absmax(x.reshape(-1, k), g))
+    r.update({f"speedup_{p}": r["bf16"] / r[p] for p in ("fp8_default", "fp8_dynamic")})
+    print(json.dumps(r, indent=1))
+    with open(os.path.join(args.out, "bench_linear_dynamic.json"), "w") as f:
+        json.dump(r, f, indent=1)
+
+
 def markdown(rows: list, device: str) -> str:
     blk = sorted({k[len("speedup_a4_blk_"):] for r in rows for k in r if k.startswith("speedup_a4_blk_")})
     head = ["model", "K→N", "M", "bf16 ms", "bf16 TF", "fp8 GEMM ×", "fast GEMM ×", "A4 ×", "A4 fast ×", "fast rel", "A8 ×", "A4 persist ×",
@@ -256,11 +304,18 @@ def main() -> None:
     ap.add_argument("--candidates", default="[]", help="--lean: JSON list of act_quant launch configs to compare")
     ap.add_argument("--rounds", type=int, default=1,
                     help="--lean: time every variant this many times in turn; report medians (ratios per round)")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="one layer: bf16 vs fp8 default vs fp8 dynamic smoothing (--k, --n, first --m, --samples)")
+    ap.add_argument("--k", type=int, default=5120)
+    ap.add_argument("--n", type=int, default=5120)
+    ap.add_argument("--samples", type=int, default=2)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = f"{torch.cuda.get_device_name()} (torch {torch.__version__}, cuda {torch.version.cuda})"
     if args.lean:
         return lean_main(args, device)
+    if args.dynamic:
+        return dynamic_main(args, device)
     if args.act_config:
         device += f"; act_quant config {args.act_config}"
     shapes = SHAPES[:1] + SHAPES[5:6] if args.quick else SHAPES

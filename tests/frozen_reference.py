@@ -87,6 +87,18 @@ def forward_simulated(m, x):
     x2 = x.reshape(-1, m.in_features).float()
     samples = sample_count(shape)
     bits = m.current_a_bits()
+    if m.dyn_alpha is not None and bits < 16 and m.per_token_scaling(bits):
+        # per-token scales (changed with the FP8 kernel path): each sample in the code-GEMM order
+        s = m.dynamic_smoothing(x2, samples)
+        xt = _transform_input(m, scale_per_sample(x2, s, True))
+        m._require_finite(xt)
+        codes, sc = _quantize_tokens(m, xt, bits)
+        pmax = None if codes.dtype == torch.float8_e4m3fn else grids.act_qmax(bits) * grids.weight_int_max(m.w_bits)
+        ys = []
+        for cg, scg, sg in zip(rows_per_sample(codes, samples), rows_per_sample(sc, samples), s):
+            p = m.smoothed_weight_params(sg.reshape(1, -1))
+            ys.append(linear_per_token_per_channel(cg, scg, p.codes.float() - p.zero, p.scale, m.bias, pmax))
+        return torch.cat(ys).to(x.dtype).reshape(*shape[:-1], m.out_features)
     if m.dyn_alpha is not None and bits < 16:
         s = m.dynamic_smoothing(x2, samples)
         xq = quantize_input(m, _transform_input(m, scale_per_sample(x2, s, True)), bits, samples)

@@ -1,5 +1,6 @@
 """DVD-Quant ``smoothing="dynamic"`` end to end: checkpoint format version 4 (bit-exact round trip, one-line
-refusals), every backend runs it (the simulated path, one log line per layer), torch.compile, the CLI."""
+refusals), the backends (per-token layers on the kernels' pipeline, the others on the simulated path with one log
+line per layer), torch.compile, the CLI."""
 import json
 import logging
 
@@ -148,8 +149,13 @@ def test_master_bits_disagreeing_with_the_tensors_is_refused(saved, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ backends
+PER_CHANNEL = "dynamic smoothing with a per-channel activation balance (its Λ varies along K) has no kernel"
+
+
 @pytest.mark.parametrize("backend", ["emulated", "fp8", "auto"])
-def test_every_backend_runs_the_simulated_path(saved8, backend, caplog, monkeypatch):
+def test_per_channel_layers_run_the_simulated_path_on_every_backend(saved8, backend, caplog, monkeypatch):
+    """The default (auto_scale="per_channel"): Λ_t varies along K inside the dot product, so no kernel runs
+    it; every backend runs the simulated forward, with one log line per layer."""
     path, batches, ref = saved8
     model = dvdquant.load(path)
     monkeypatch.setattr(env, "_LOGGED", set())
@@ -157,29 +163,53 @@ def test_every_backend_runs_the_simulated_path(saved8, backend, caplog, monkeypa
     q = model.get_submodule(LAYER)
     for cap in (None, (9, 0)):                          # on this CPU, and as planned on an H100
         p = plan(q, "cpu", 4, capability=cap)
-        assert p.path == "simulated" and p.reason == "dynamic smoothing has no kernel yet"
+        assert p.path == "simulated" and p.reason == PER_CHANNEL
     with caplog.at_level(logging.INFO, logger="dvdquant.nn.execution"):
         for k, b in batches.items():
             assert torch.equal(run(model, b), ref[k]), k
-    lines = [r.getMessage() for r in caplog.records if "dynamic smoothing has no kernel yet" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if PER_CHANNEL in r.getMessage()]
     assert len(lines) == len(dict(quantized_layers(model)))              # one per layer, not per call
-    assert f"layer {LAYER}: falling back to simulated: dynamic smoothing has no kernel yet" in lines
+    assert f"layer {LAYER}: falling back to simulated: {PER_CHANNEL}" in lines
+
+
+@pytest.mark.parametrize("backend", ["emulated", "fp8", "auto"])
+def test_per_token_layers_run_the_kernel_pipeline(backend, caplog, monkeypatch):
+    """auto_scale="none" with an in-kernel rotation: the kernels' pipeline (emulated on this CPU; the FP8
+    op on an H100), the simulated outputs bit for bit, no fallback line."""
+    model, inputs = TINY_MODELS["wan"]()
+    model.eval()
+    dvdquant.quantize_(model, DVDQuantConfig(smoothing="dynamic", auto_scale="none", rotation_block=32))
+    batches = _wan_batches(inputs)
+    ref = {k: run(model, b) for k, b in batches.items()}
+    monkeypatch.setattr(env, "_LOGGED", set())
+    dvdquant.set_backend(model, backend)
+    q = model.get_submodule(LAYER)
+    on_h100 = "emulated" if backend == "emulated" else "fp8"
+    assert plan(q, "cpu", 4).path == "emulated" and plan(q, "cpu", 4, capability=(9, 0)).path == on_h100
+    with caplog.at_level(logging.INFO, logger="dvdquant.nn.execution"):
+        for k, b in batches.items():
+            assert torch.equal(run(model, b), ref[k]), k
+    assert not [r for r in caplog.records if "dynamic smoothing" in r.getMessage()]
 
 
 def test_plan_without_dynamic_smoothing_is_unchanged():
     from dvdquant.kernels import LinearLayout, plan_forward
     lay = LinearLayout(256, 256, 4, True, None, 4, False, 128, "none", 128, False, False)
     assert plan_forward(lay, ExecutionConfig("emulated"), "cpu", 4).path == "emulated"
-    dyn = LinearLayout(256, 256, 4, True, None, 4, False, 128, "none", 128, False, False, dynamic_smoothing=True)
+    dyn = LinearLayout(256, 256, 4, True, None, 4, False, 128, "per_channel", 128, False, False,
+                       dynamic_smoothing=True)
     assert plan_forward(dyn, ExecutionConfig("emulated"), "cpu", 4).path == "simulated"
 
 
-def test_torch_compile_on_the_fp8_backend():
+@pytest.mark.parametrize("auto_scale", ["per_channel", "none"])
+def test_torch_compile_on_the_fp8_backend(auto_scale):
     """A compiled model (eager backend: dynamo's tracing, no codegen) on a non-simulated backend gives the
-    eager simulated outputs: the plan sends every dynamic layer to its simulated forward."""
+    eager simulated outputs: the plan sends every per-channel dynamic layer to its simulated forward, and
+    per-token ones to the kernels' pipeline (emulated on this CPU)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32))
-    dvdquant.quantize_(model, DVDQuantConfig(smoothing="dynamic"), filter_fn=lambda m, n: True)
+    dvdquant.quantize_(model, DVDQuantConfig(smoothing="dynamic", auto_scale=auto_scale, rotation_block=32),
+                       filter_fn=lambda m, n: True)
     x = torch.randn(2, 5, 64)
     x[1, :, 3] *= 40                                     # the second sample has an outlier channel of its own
     with torch.no_grad():

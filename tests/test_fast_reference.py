@@ -136,8 +136,9 @@ def test_quant_linear_same_bits_smoothing_balance_gbs(extra):
     assert same_bits(m.forward_simulated(x), frozen.forward_simulated(m, x))
 
 
-def test_quant_linear_same_bits_dynamic_smoothing():
-    m = make_layer(256, 96, rotation_block=256, auto_scale="per_channel")
+@pytest.mark.parametrize("auto_scale", ["per_channel", "none"])
+def test_quant_linear_same_bits_dynamic_smoothing(auto_scale):
+    m = make_layer(256, 96, rotation_block=256, auto_scale=auto_scale)
     m.set_dynamic_smoothing(torch.randn(96, 256, generator=torch.Generator().manual_seed(3)) * 0.05, 0.5)
     x = tokens((2, 37, 256))
     assert same_bits(m.forward_simulated(x), frozen.forward_simulated(m, x))

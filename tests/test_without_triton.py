@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Triton kernel modules: GPU code, imported only where triton is present (kernels/__init__.py decides).
 NEEDS_TRITON = {"attention_gluon", "attention_triton", "expand", "fp8", "int4_gemv", "int8_gemm", "quant_jit",
-                "triton_act_quant", "weight_only"}
+                "triton_act_quant", "weight_only", "weight_requant", "fp8_dynamic"}
 
 BLOCK = textwrap.dedent("""
     import sys

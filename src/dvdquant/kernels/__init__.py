@@ -15,8 +15,13 @@ then calls the chosen kernel with tensors and numbers (:mod:`dvdquant.nn.executi
   reason.
 * ``"auto"`` — ``"fp8"`` on an FP8-capable CUDA device (sm89+) with Triton, else emulated.
 
-Layers with DVD-Quant's dynamic smoothing run the layer's simulated forward on every backend
-(path ``"simulated"``, one log line per layer): no kernel re-quantizes the weight per sample yet.
+Layers with DVD-Quant's dynamic smoothing whose activations have per-token scales (and an in-kernel
+rotation or none, one weight step per row, an int8 master: :func:`dynamic_smoothing_blocker`) take the
+same plans: emulated, they run the dynamic pipeline in torch (:func:`.emulated.emulated_dynamic_linear`);
+on "fp8", the per-sample weights are re-quantized by a Triton kernel (:mod:`.weight_requant`), each
+sample's tokens go through the activation kernel with its s_g as the smoothing divisor, and one GEMM per
+sample (:mod:`.fp8_dynamic`). Other dynamic-smoothing layers run their simulated forward on every backend
+(path ``"simulated"``, one log line per layer and reason).
 
 :func:`plan_forward` is a pure function of the layer's :class:`LinearLayout`, the execution config,
 the device and the current activation bit-width, so it can be tested on a CPU. It is re-evaluated
@@ -42,7 +47,7 @@ from ..errors import ConfigError
 from ..numerics.grids import is_weight_only
 from .emulated import emulated_linear
 from .env import triton_available
-from .execution import ATTENTION_PATHS, BACKENDS, ExecutionConfig, LinearLayout
+from .execution import ATTENTION_PATHS, BACKENDS, ExecutionConfig, LinearLayout, dynamic_smoothing_blocker
 from .finite import finite_check_mode, first_nonfinite_layer, raise_if_nonfinite
 
 log = logging.getLogger(__name__)
@@ -74,9 +79,10 @@ def plan_forward(layout: LinearLayout, execution: ExecutionConfig, device, bits:
     and GEMM route). ``capability`` overrides the device's (for tests).
 
     Paths: ``"emulated"``, ``"fp8"`` (W4A4/A8 on FP8 / INT8 tensor cores), ``"int4_gemv"`` (weight-only
-    layers on CUDA: :mod:`.weight_only`), ``"simulated"`` (dynamic smoothing, on every backend: the
-    weight is re-quantized per sample from a master copy, which neither the emulated integer pipeline
-    nor the kernels do yet).
+    layers on CUDA: :mod:`.weight_only`), ``"simulated"`` (dynamic smoothing that
+    :func:`dynamic_smoothing_blocker` rules out, on every backend). A dynamic-smoothing layer that runs
+    on the kernels gets the same plan as any other layer (its "emulated" / "fp8" forwards re-quantize
+    the weight per sample).
 
     ``bits=None`` gives the bit-independent plan a compiled model uses: the FP8 op then picks
     the activation format from the step's bits at run time (A ≥ 16 runs a bf16 GEMM on the
@@ -85,8 +91,10 @@ def plan_forward(layout: LinearLayout, execution: ExecutionConfig, device, bits:
     backend = execution.backend
     if backend not in BACKENDS:
         raise ConfigError(f"plan_forward: backend {backend!r} runs no kernel")
-    if layout.dynamic_smoothing:
-        return Plan("simulated", "dynamic smoothing has no kernel yet")
+    if layout.dynamic_smoothing and not is_weight_only(layout.a_bits):
+        why = dynamic_smoothing_blocker(layout)
+        if why:
+            return Plan("simulated", why)
     if backend == "emulated":
         return Plan("emulated")
     if layout.exact_mean:
@@ -138,5 +146,6 @@ def _weight_only_plan(layout: LinearLayout, cap: Optional[Tuple[int, int]]) -> P
 
 
 __all__ = ["ATTENTION_PATHS", "BACKENDS", "ExecutionConfig", "LinearLayout", "Plan", "plan_forward",
+           "dynamic_smoothing_blocker",
            "emulated_linear", "device_capability", "finite_check_mode", "first_nonfinite_layer",
            "raise_if_nonfinite"]

@@ -25,6 +25,10 @@ The pipeline, for flattened tokens ``x`` (M, K) and a layer with N outputs:
    epilogue order); otherwise ``y = ((c · s) · λ) @ Ŵᵀ + b`` in fp32, one GEMM per sample (a float
    GEMM's rounding may depend on its row count). Cast to the input dtype.
 
+Dynamic smoothing (per-token layers, :func:`emulated_dynamic_linear`): the tokens are divided by their
+sample's s_g before step 1, and step 4 is each sample's re-quantized weight
+(:func:`requant_weight_reference`, the reference of :mod:`.weight_requant`), one code GEMM per sample.
+
 The Hopper path (:mod:`dvdquant.kernels.fp8`) runs steps 1–3 in one Triton kernel and step 5
 as an FP8 GEMM with the scales in its epilogue; for A4 (≤ 5-bit int codes) with per-token
 scales it computes the same bits as this path (exact rotation, exact integer GEMM, same
@@ -41,6 +45,7 @@ from ..numerics import grids
 from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import unpack_int4
 from ..numerics.samples import matmul_per_sample, scale_per_sample
+from ..numerics.smoothing import decode_master, smoothed_weight_params
 
 
 @dataclass
@@ -129,3 +134,38 @@ def emulated_linear(xt: torch.Tensor, samples: int, bits: int, weight: QuantWeig
     if bias is not None:
         y = y + bias.float()
     return y
+
+
+# ------------------------------------------------------------------------------ dynamic smoothing
+def requant_weight_reference(master: torch.Tensor, master_scale: torch.Tensor, colmax: torch.Tensor,
+                             s: torch.Tensor, *, bits: int, symmetric: bool, rotation_block: Optional[int],
+                             codes_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of :func:`dvdquant.kernels.weight_requant.requant_weight`: per sample (row of ``s``
+    (G, K)), (q − z) (G·N, K) in ``codes_dtype`` and Δ (G·N, 1) of Q_minmax(W·diag(s_g)·H), group None —
+    :func:`dvdquant.numerics.smoothing.smoothed_weight_params` itself (NaN/Inf: NonFiniteError)."""
+    p = smoothed_weight_params(decode_master(master, master_scale, colmax), s, rotation_block, bits, None, symmetric)
+    return (p.codes.float() - p.zero).to(codes_dtype), p.scale
+
+
+def emulated_dynamic_linear(xt: torch.Tensor, s: torch.Tensor, bits: int, fmt: str, master: torch.Tensor,
+                            master_scale: torch.Tensor, colmax: torch.Tensor, w_bits: int, symmetric: bool,
+                            rotation_block: Optional[int], bias: Optional[torch.Tensor],
+                            chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """Dynamic smoothing's integer pipeline (the FP8 path's order) on finite tokens ``xt`` (M, K) already
+    divided by their sample's ``s`` (G, K) and rotated: per-token codes, each sample's weight from
+    :func:`requant_weight_reference` (samples re-quantized in chunks of ≤ ``chunk_elems`` weight entries:
+    same bits), one exact code GEMM per sample with the epilogue ((acc · Δ_g) · s) + b → (M, N) fp32."""
+    codes, scale = quantize_rows(xt, bits, fmt)
+    pmax = None if fmt == "fp8" else grids.act_qmax(bits) * grids.weight_int_max(w_bits)
+    n, k = master.shape
+    g_count, rows = s.shape[0], xt.shape[0] // s.shape[0]
+    chunk = max(1, chunk_elems // max(n * k, 1))
+    ys = []
+    for g0 in range(0, g_count, chunk):
+        w_int, delta = requant_weight_reference(master, master_scale, colmax, s[g0:g0 + chunk], bits=w_bits,
+                                                symmetric=symmetric, rotation_block=rotation_block)
+        for j in range(w_int.shape[0] // n):
+            r0 = (g0 + j) * rows
+            ys.append(linear_per_token_per_channel(codes[r0:r0 + rows], scale[r0:r0 + rows],
+                                                   w_int[j * n:(j + 1) * n], delta[j * n:(j + 1) * n], bias, pmax))
+    return torch.cat(ys)

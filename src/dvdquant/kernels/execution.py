@@ -53,13 +53,30 @@ class ExecutionConfig:
             raise ConfigError(f"attention_path must be one of {ATTENTION_PATHS}, got {self.attention_path!r}")
 
 
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def fusable_rotation(k: int, r: Optional[int], block: Optional[int]) -> bool:
+    """Whether a rotation of order ``r`` runs inside the Triton kernels (activation quantization, the
+    dynamic-smoothing weight re-quantization) for this K and scale ``block`` (None: per token): R a
+    power of two, 16 ≤ R ≤ 128, dividing the kernels' tile (``block``, else max(R, 64)), which divides K."""
+    if not r:
+        return True
+    if not (is_pow2(r) and 16 <= r <= 128):   # 256: the ±1 tile + pipeline stages overflow SMEM
+        return False
+    tile = block if block else max(r, 64)
+    return tile % r == 0 and k % tile == 0
+
+
 @dataclass(frozen=True)
 class LinearLayout:
     """What the planner needs to know of one quantized linear: its static configuration, as numbers.
 
     ``rotation_block`` 0 = no online rotation; ``smooth`` / ``act_balance``: a static smoothing
     divisor / a calibrated channel balance is configured; ``dynamic_smoothing``: run-time smoothing
-    with the weight re-quantized from a master copy every call (no kernel runs it).
+    with the weight re-quantized per sample from a master copy of ``master_bits`` (8: int8 codes
+    with row scales, 16: float) every call.
     """
 
     in_features: int
@@ -76,6 +93,7 @@ class LinearLayout:
     act_balance: bool
     exact_mean: bool = False      # an fp32 block-mean term (DVD-Quant mean_channel="exact") rides on the output
     dynamic_smoothing: bool = False   # DVD-Quant smoothing="dynamic": the weight is re-quantized per sample
+    master_bits: int = 8              # dynamic smoothing: the master weight's storage (8: int8 codes, 16: float)
 
     @property
     def per_block(self) -> bool:
@@ -84,4 +102,31 @@ class LinearLayout:
         return self.auto_scale == "per_block" and k % self.scale_block == 0 and self.scale_block != k
 
 
-__all__ = ["ATTENTION_PATHS", "BACKENDS", "ExecutionConfig", "LinearLayout"]
+
+
+
+def dynamic_smoothing_blocker(layout: LinearLayout) -> str:
+    """'' when a dynamic-smoothing layer runs on the kernels' pipeline (per-token activation scales, an
+    in-kernel rotation or none, one weight step per row, an int8 master: :mod:`.weight_requant`), else why
+    not; such a layer then runs its simulated forward on every backend."""
+    k, r = layout.in_features, layout.rotation_block
+    why = ""
+    if layout.auto_scale == "per_channel" or layout.act_balance:
+        why = "a per-channel activation balance (its Λ varies along K)"
+    elif layout.per_block:
+        why = f"per-block activation scales (scale_block={layout.scale_block})"
+    elif layout.smooth:
+        why = "static smoothing on top"
+    elif layout.exact_mean:
+        why = "the exact block-mean term"
+    elif layout.master_bits != 8:
+        why = "a float (16-bit) master weight"
+    elif layout.group_size not in (None, k):
+        why = f"group-wise weights (group_size={layout.group_size})"
+    elif not fusable_rotation(k, r, None):
+        why = f"a rotation of order {r} (in-kernel: powers of two 16-128, K a multiple of max(R, 64))"
+    return f"dynamic smoothing with {why} has no kernel" if why else ""
+
+
+__all__ = ["ATTENTION_PATHS", "BACKENDS", "ExecutionConfig", "LinearLayout", "dynamic_smoothing_blocker",
+           "fusable_rotation", "is_pow2"]

@@ -264,6 +264,13 @@ def w4_linear_fp8(x2: torch.Tensor, qweights: list[torch.Tensor], w_zeros: list[
     return _w4_linear(x2, expand, w_scale, bias, smooth, bits, FP8Options.decode(options), layer_name)
 
 
+def w4_linear_packed(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
+                     bias: Optional[torch.Tensor], bits: torch.Tensor, o: FP8Options, layer_name: str) -> torch.Tensor:
+    """The body of :func:`w4_linear_fp8` for one packed weight and no smoothing, for other ops to call."""
+    return _w4_linear(x2, lambda dtype: _POOL.expand(qweight, w_zero, dtype), w_scale, bias, None, bits, o,
+                      layer_name)
+
+
 def _w4_linear(x2, expand, w_scale, bias, smooth, bits, o: FP8Options, layer_name: str) -> torch.Tensor:
     """The body of the op; ``expand(dtype)`` returns the (N, K) weight integers q − z in ``dtype``."""
     b = resolve_bits(bits, o.a_bits)

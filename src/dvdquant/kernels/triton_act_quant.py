@@ -44,6 +44,7 @@ import triton.language as tl
 from ..errors import ConfigError
 from ..numerics.hadamard import inv_sqrt_r
 from .env import interpreting
+from .execution import fusable_rotation, is_pow2 as _is_pow2
 from .quant_jit import bad_rows, flag_nonfinite, quantize_codes, quantize_codes_recip, recip_ok, row_abs_max, scale_of
 
 log = logging.getLogger(__name__)
@@ -233,20 +234,6 @@ def rows_config(m: int, n_sm: int, config: Optional[dict], per_token: bool = Tru
         cfg.update(SMALL_M_CONFIG)
     cfg.update(config or {})
     return cfg
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def fusable_rotation(k: int, r: Optional[int], block: Optional[int]) -> bool:
-    """Whether a rotation of order ``r`` can run inside the kernel for this K / scale block."""
-    if not r:
-        return True
-    if not (_is_pow2(r) and 16 <= r <= 128):   # 256: the ±1 tile + pipeline stages overflow SMEM
-        return False
-    tile = block if block else max(r, 64)
-    return tile % r == 0 and k % tile == 0
 
 
 @lru_cache(maxsize=16)

@@ -5,7 +5,15 @@
 :class:`~dvdquant.kernels.LinearLayout` go to :func:`dvdquant.kernels.plan_forward`; the chosen
 kernel gets the layer's tensors, the transformed tokens and the step's numbers as arguments
 (the kernels never read a layer). One log line per layer and fallback reason. A plan with path
-"simulated" (dynamic smoothing: no kernel yet) runs the layer's own reference forward.
+"simulated" (dynamic smoothing in a configuration no kernel runs: per-channel Λ, a Paley rotation, a
+float master, …; :func:`dvdquant.kernels.dynamic_smoothing_blocker`) runs the layer's own reference forward.
+
+Dynamic smoothing on the kernels: the layer's per-sample Λ (its tokens' channel absmax, reduced over
+every rank's tokens under context parallelism) goes to the kernel as an argument, which derives s_g,
+re-quantizes each sample's weight from the int8 master and runs one GEMM per sample
+(:mod:`dvdquant.kernels.fp8_dynamic`); the emulated backend runs the same pipeline in torch
+(:func:`dvdquant.kernels.emulated.emulated_dynamic_linear`). Weight-only (A16) calls of such a layer use
+its cached s = 1 weight, as the simulated path does.
 """
 from __future__ import annotations
 
@@ -15,12 +23,12 @@ from typing import Optional
 import torch
 
 from ..kernels import Plan, plan_forward
-from ..kernels.emulated import QuantizedActivations, QuantWeight, emulated_linear
+from ..kernels.emulated import QuantizedActivations, QuantWeight, emulated_dynamic_linear, emulated_linear
 from ..kernels.emulated import quantize_activations as quantize_codes
 from ..kernels.env import log_once
-from ..kernels.execution import LinearLayout
+from ..kernels.execution import LinearLayout, dynamic_smoothing_blocker
 from ..numerics import grids
-from ..numerics.samples import per_sample_absmax, sample_count
+from ..numerics.samples import per_sample_absmax, sample_count, scale_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +38,8 @@ def layout(layer) -> LinearLayout:
     return LinearLayout(layer.in_features, layer.out_features, layer.w_bits, layer.packed, layer.group_size,
                         layer.a_bits, layer.a8_format == "fp8_e4m3", int(layer.rotation_block or 0),
                         layer.auto_scale, layer.scale_block, layer.smooth is not None,
-                        layer.act_balance is not None, layer.w_block_sum is not None, layer.dyn_alpha is not None)
+                        layer.act_balance is not None, layer.w_block_sum is not None, layer.dyn_alpha is not None,
+                        16 if layer.dyn_alpha is not None and layer.w_master_scale is None else 8)
 
 
 def plan(layer, device, bits: Optional[int], capability=None) -> Plan:
@@ -57,6 +66,8 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
     if p.path == "int4_gemv":
         from ..kernels.weight_only import weight_only_linear  # imports triton: only on CUDA
         return weight_only_linear(x, layer.qweight, layer.w_zero, layer.w_scale, layer.bias)
+    if layer.dyn_alpha is not None:
+        return fp8_dynamic_forward(layer, x)
     return fp8_forward(layer, x, per_block=p.per_block)
 
 
@@ -107,7 +118,25 @@ def emulated_forward(layer, x: torch.Tensor) -> torch.Tensor:
     fp32 mean term, ``layer.with_exact_mean``, as the simulated path)."""
     if layer.w_block_sum is not None:
         return layer.with_exact_mean(x, lambda xc: _integer_pipeline(layer, xc))
+    if layer.dyn_alpha is not None and not grids.is_weight_only(layer.current_a_bits()):
+        return _dynamic_pipeline(layer, x)
     return _integer_pipeline(layer, x)
+
+
+def _dynamic_pipeline(layer, x: torch.Tensor) -> torch.Tensor:
+    """Dynamic smoothing's integer pipeline (:func:`~dvdquant.kernels.emulated.emulated_dynamic_linear`);
+    a configuration no kernel runs takes the simulated forward (plans do not send one here)."""
+    if dynamic_smoothing_blocker(layout(layer)):
+        return layer.forward_simulated(x)
+    shape = x.shape
+    x2 = x.reshape(-1, layer.in_features).float()
+    bits = layer.current_a_bits()
+    s = layer.dynamic_smoothing(x2, sample_count(shape))                        # (G, K)
+    xt = layer.transform_input(scale_per_sample(x2, s, True))
+    layer._require_finite(xt)
+    y = emulated_dynamic_linear(xt, s, bits, act_format(layer, bits), layer.w_master, layer.w_master_scale,
+                                layer.w_colmax, layer.w_bits, layer.w_symmetric, layer.rotation_block, layer.bias)
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
 
 
 def _integer_pipeline(layer, x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +189,16 @@ def fp8_forward(layer, x: torch.Tensor, bits: Optional[int] = None, per_block: b
                      _bits_tensor(layer, bits), fp8_options(layer, per_block), str(layer.layer_name or ""))
 
 
+def fp8_dynamic_forward(layer, x: torch.Tensor, bits: Optional[int] = None) -> torch.Tensor:
+    """A dynamic-smoothing layer through :func:`~dvdquant.kernels.fp8_dynamic.dynamic_linear`: Λ per sample
+    (over every rank's tokens) here, the rest in the op; output in x's dtype. ``bits`` as :func:`fp8_forward`."""
+    from ..kernels.fp8_dynamic import dynamic_linear
+    lam = layer._all_tokens(per_sample_absmax(x.reshape(-1, layer.in_features), sample_count(x.shape)).float())
+    return dynamic_linear(x, lam, layer.w_master, layer.w_master_scale, layer.w_colmax, layer.qweight, layer.w_zero,
+                          layer.w_scale, layer.bias, _bits_tensor(layer, bits), layer.dyn_alpha, fp8_options(layer),
+                          layer.w_bits, layer.w_symmetric, str(layer.layer_name or ""))
+
+
 def fp8_forward_fused(members: list, x: torch.Tensor) -> torch.Tensor:
     """Sibling layers (same input, same activation configuration, per-token scales, no smoothing; checked by
     :mod:`dvdquant.nn.fused`) on ``x`` (..., K) → (..., ΣN), one FP8 op call."""
@@ -172,4 +211,4 @@ def fp8_forward_fused(members: list, x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["layout", "plan", "forward", "emulated_forward", "quantize_activations", "channel_balance",
-           "dequantized_weight", "fp8_forward", "fp8_forward_fused", "selected_smooth"]
+           "dequantized_weight", "fp8_forward", "fp8_dynamic_forward", "fp8_forward_fused", "selected_smooth"]

@@ -24,7 +24,9 @@ in what they put into it:
   however many samples are re-quantized together (they are, in chunks of ≤ 2^24 elements). Per
   layer, step and sample that is O(N·K·log K) work beside the GEMM's O(L·N·K); it costs master-weight memory.
   Such a layer's ``qweight`` holds Q_RTN(W_master·H), its weight at s = 1, which its weight-only (A16)
-  calls use; every backend runs it on this simulated path (no kernel yet).
+  calls use. With per-token activation scales each sample's product is taken in the code-GEMM order
+  below against its own (q_g − z_g, Δ_g); such layers (int8 master, a rotation the kernels fuse, no
+  groups) also run on the emulated and fp8 backends (:mod:`dvdquant.nn.execution`), the others only here.
 * ``w_block_sum`` (N, K/R) fp32, optional (DVD-Quant ``mean_channel="exact"``): the mean of each
   rotation block of R input channels is kept out of the quantizers. With x̄ (M, K/R) the block means
   of the tokens and x_c = x − x̄ (each block centred), y = f(x_c) + x̄·w_block_sumᵀ, where f is the
@@ -69,6 +71,7 @@ from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import pack_int4, unpack_int4
 from ..numerics.reduce import absmax
 from ..numerics.scratch import scratch
+from ..numerics.smoothing import decode_master, smoothed_weight_params, smoothing_scales
 from ..numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_sample, sample_count,
                                scale_per_sample)
 from .execution import forward as kernel_forward
@@ -188,37 +191,41 @@ class QuantLinear(nn.Module):
         """The dynamic-smoothing master weight (N, K) fp32, unrotated (a cached read-only decoding)."""
         if self.w_master_scale is None:
             return self.w_master.float()
-        build = lambda: self.w_master.float() * self.w_master_scale * self.w_colmax.clamp_min(1e-12)   # noqa: E731
+        build = lambda: decode_master(self.w_master, self.w_master_scale, self.w_colmax)   # noqa: E731
         return self._decoded_cache().get("w_master", (self.w_master, self.w_master_scale, self.w_colmax), build)
 
     def dynamic_smoothing(self, x2: torch.Tensor, samples: int = 1) -> torch.Tensor:
         """s_t (G, K) = Λ_t^α / max|W_j|^(1−α) per sample of the tokens (M, K) (G = ``samples``,
-        :mod:`~dvdquant.numerics.samples`); 1 where a sample's channel is all zero."""
-        lam = self._all_tokens(per_sample_absmax(x2, samples))
-        s = lam.clamp_min(1e-12).pow(self.dyn_alpha) / self.w_colmax.clamp_min(1e-12).pow(1.0 - self.dyn_alpha)
-        return torch.where(lam > 0, s, torch.ones_like(s))
+        :mod:`~dvdquant.numerics.samples`; any float dtype: the maxima are exact); 1 where a sample's
+        channel is all zero (:func:`~dvdquant.numerics.smoothing.smoothing_scales`)."""
+        lam = self._all_tokens(per_sample_absmax(x2, samples).float())
+        return smoothing_scales(lam, self.w_colmax, self.dyn_alpha)
 
     def smoothed_weight_params(self, s: Optional[torch.Tensor] = None) -> grids.WeightQParams:
         """Q_RTN(W·diag(s)·H) from the dynamic-smoothing master, for ``s`` (G, K) stacked row-wise ((G·N, K)
         codes); ``s=None``: s = 1, the weight that ``qweight`` / ``w_scale`` / ``w_zero`` hold for such a
         layer (checkpoints do not store them but rebuild them from the master on load). Every step is
         per row and exact-by-construction (min/max grid, exact rotation), so a row's bits do not depend
-        on the other rows."""
-        w = self.master_weight()
-        if s is not None:
-            w = (w.unsqueeze(0) * s.unsqueeze(1)).reshape(-1, self.in_features)   # (G·N, K)
-        if self.rotation_block:
-            w = hadamard_rotate_exact(w, self.rotation_block)
-        return grids.quantize_weight_minmax(w, self.w_bits, self.group_size, self.w_symmetric)
+        on the other rows (:mod:`~dvdquant.numerics.smoothing`)."""
+        return smoothed_weight_params(self.master_weight(), s, self.rotation_block, self.w_bits, self.group_size,
+                                      self.w_symmetric)
 
-    def smoothed_weights(self, s: torch.Tensor):
-        """Ŵ_t (N, K) fp32 dequantized, one per row of ``s`` (G, K), in order: the per-sample weights of
-        dynamic smoothing, re-quantized in chunks of ≤ 2^24 elements (the chunking does not change bits)."""
+    def smoothed_weight_param_list(self, s: torch.Tensor):
+        """The per-sample weight parameters Q(W·diag(s_g)·H), one :class:`~dvdquant.numerics.grids.WeightQParams`
+        (N rows) per row of ``s`` (G, K), in order, re-quantized in chunks of ≤ 2^24 elements (the chunking
+        does not change bits)."""
         n, k = self.out_features, self.in_features
         chunk = max(1, SMOOTHED_CHUNK_ELEMENTS // (n * k))
         for i in range(0, s.shape[0], chunk):
-            w_hat = grids.dequantize_weight(self.smoothed_weight_params(s[i:i + chunk]), torch.float32)
-            yield from w_hat.reshape(-1, n, k)
+            p = self.smoothed_weight_params(s[i:i + chunk])
+            for r in range(0, p.codes.shape[0], n):
+                yield grids.WeightQParams(p.codes[r:r + n], p.scale[r:r + n], p.zero[r:r + n], p.bits, p.group_size)
+
+    def smoothed_weights(self, s: torch.Tensor):
+        """Ŵ_t (N, K) fp32 dequantized, one per row of ``s`` (G, K), in order: the per-sample weights of
+        dynamic smoothing (:meth:`smoothed_weight_param_list`)."""
+        for p in self.smoothed_weight_param_list(s):
+            yield grids.dequantize_weight(p, torch.float32)
 
     def smoothed_weight(self, s: torch.Tensor) -> torch.Tensor:
         """Ŵ_t (N, K) = Q_RTN(W·diag(s)·H) for one sample's ``s`` (K,), dequantized fp32."""
@@ -284,9 +291,9 @@ class QuantLinear(nn.Module):
 
     def per_token_scaling(self, bits: int) -> bool:
         """Whether this call's product has one activation scale per token and one weight step per
-        output channel (no Λ, no groups): then it runs in the exact code-GEMM order."""
-        if (grids.is_weight_only(bits) or self.dyn_alpha is not None or self.act_balance is not None
-                or self.w_scale.shape[1] != 1):
+        output channel (no Λ, no groups): then it runs in the exact code-GEMM order (with dynamic
+        smoothing too: one code GEMM per sample against its re-quantized weight)."""
+        if grids.is_weight_only(bits) or self.act_balance is not None or self.w_scale.shape[1] != 1:
             return False
         k = self.in_features
         return self.auto_scale == "none" or (self.auto_scale == "per_block"
@@ -374,10 +381,14 @@ class QuantLinear(nn.Module):
         bits = self.current_a_bits()
         if self.dyn_alpha is not None and not grids.is_weight_only(bits):
             s = self.dynamic_smoothing(x2, samples)                   # (G, K), from each sample's tokens
-            xq = self.quantize_input(self.transform_input(scale_per_sample(x2, s, True)), bits, samples, overwrite=True)
-            # one Q(W·diag(s_g)·H) per sample: s_t is per sample, so is the re-quantized weight
-            ys = [xg @ w.t() for xg, w in zip(rows_per_sample(xq, samples), self.smoothed_weights(s))]
-            y = torch.cat(ys) if self.bias is None else torch.cat(ys) + self.bias.float()
+            xt = self.transform_input(scale_per_sample(x2, s, True))
+            if self.per_token_scaling(bits):
+                y = self._forward_dynamic_per_token(xt, s, bits, samples)
+            else:
+                xq = self.quantize_input(xt, bits, samples, overwrite=True)
+                # one Q(W·diag(s_g)·H) per sample: s_t is per sample, so is the re-quantized weight
+                ys = [xg @ w.t() for xg, w in zip(rows_per_sample(xq, samples), self.smoothed_weights(s))]
+                y = torch.cat(ys) if self.bias is None else torch.cat(ys) + self.bias.float()
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.dyn_alpha is None and self.per_token_scaling(bits):
             return self._forward_per_token(self.transform_input(x2), bits).to(x.dtype).reshape(
@@ -398,6 +409,17 @@ class QuantLinear(nn.Module):
         fp8 = codes.dtype == torch.float8_e4m3fn
         pmax = None if fp8 else grids.act_qmax(bits) * grids.weight_int_max(self.w_bits)
         return linear_per_token_per_channel(codes, s, w_int, self.w_scale, self.bias, pmax)
+
+    def _forward_dynamic_per_token(self, xt: torch.Tensor, s: torch.Tensor, bits: int, samples: int) -> torch.Tensor:
+        """Dynamic smoothing with per-token scales: y (M, N) fp32, per sample g ((Σ c·W_int,g) · Δ_g) · s + b
+        with W_int,g = q_g − z_g of the sample's re-quantized weight (the FP8 GEMM's epilogue order)."""
+        self._require_finite(xt)
+        codes, scale = self._quantize_tokens(xt, bits)                # (M, K), (M, 1)
+        pmax = None if codes.dtype == torch.float8_e4m3fn else grids.act_qmax(bits) * grids.weight_int_max(self.w_bits)
+        ys = [linear_per_token_per_channel(cg, sg, p.codes.float() - p.zero, p.scale, self.bias, pmax)
+              for cg, sg, p in zip(rows_per_sample(codes, samples), rows_per_sample(scale, samples),
+                                   self.smoothed_weight_param_list(s))]
+        return torch.cat(ys)
 
     def extra_repr(self) -> str:
         rot = f"hadamard{self.rotation_block}" if self.rotation_block else "none"
