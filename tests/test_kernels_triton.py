@@ -342,6 +342,7 @@ def _compile_checks() -> dict:
     import dvdquant.kernels as kernels
     from dvdquant.kernels import ExecutionConfig
     from dvdquant.kernels import fp8 as fp8mod
+    from dvdquant.kernels.finite import layer_key
     from dvdquant.nn import QuantLinear, RuntimeState
     from dvdquant.numerics import grids
 
@@ -378,15 +379,37 @@ def _compile_checks() -> dict:
             ok &= rel < 1e-2 if bits == 16 else torch.equal(ye, yc)
             detail.append(f"A{bits}:rel={rel:.1e}")
     res["compile-fullgraph-no-recompile"] = [ok and len(graphs) == 1, f"graphs={len(graphs)} " + " ".join(detail)]
+    # blocks of the same form whose layers differ only in their names share one compiled frame (a per-block
+    # compile, as when hooks between blocks break the graph): the name reaches the op as a tensor, not a guard
+    shared = []
+
+    def count_graphs(gm, example_inputs):
+        shared.append(gm)
+        return gm.forward
+
+    same_form = [nn.Sequential(qlin(128, 256, 128), nn.GELU(approximate="tanh"), qlin(256, 128, 64)) for _ in range(3)]
+    eager = []
+    state.a_bits = 4
+    with torch.no_grad():
+        for i, blk in enumerate(same_form):
+            blk[0].layer_name, blk[2].layer_name = f"blocks.{i}.ff.0", f"blocks.{i}.ff.2"
+            eager.append(blk(x))
+            blk.compile(fullgraph=True, backend=count_graphs)
+        first = same_form[0](x)
+        n_first = len(shared)
+        same = torch.equal(first, eager[0]) and all(torch.equal(b(x), e) for b, e in zip(same_form[1:], eager[1:]))
+    shared_ok = same and n_first > 0 and len(shared) == n_first
+    res["compile-same-form-layers-share-a-frame"] = [shared_ok, f"graphs after block 0: {n_first}, after all: "
+                                                                 f"{len(shared)}, outputs equal eager: {same}"]
     q = block[1]
     opts = fp8mod.FP8Options(a_bits=4, rotation_block=128, scale_block=128)
     args = (x.reshape(-1, 128), [q.qweight], [q.w_zero], q.w_scale, q.bias, None, state.bits_tensor)
     fused = (x.reshape(-1, 128), [q.qweight, q.qweight], [q.w_zero, q.w_zero], q.w_scale.repeat(2, 1),
-             q.bias.repeat(2), None, state.bits_tensor, opts.encode(), "opcheck")
+             q.bias.repeat(2), None, state.bits_tensor, opts.encode(), layer_key("opcheck"))
     try:
-        torch.library.opcheck(fp8mod.w4_linear_fp8, args + (opts.encode(), "opcheck"))
+        torch.library.opcheck(fp8mod.w4_linear_fp8, args + (opts.encode(), layer_key("opcheck")))
         fast = fp8mod.FP8Options(a_bits=4, rotation_block=128, scale_block=128, fast_accum=True)
-        torch.library.opcheck(fp8mod.w4_linear_fp8, args + (fast.encode(), "opcheck"))
+        torch.library.opcheck(fp8mod.w4_linear_fp8, args + (fast.encode(), layer_key("opcheck")))
         torch.library.opcheck(fp8mod.w4_linear_fp8, fused)                 # two sibling weights, one GEMM
         res["custom-op-opcheck"] = [True, ""]
     except Exception as e:  # noqa: BLE001 - reported as a failed check with its message
@@ -434,6 +457,7 @@ def test_fp8_forward_matches_emulated_on_cpu(results):
 
 def test_compiled_fp8_block_one_graph_no_recompile(results):
     assert results["compile-fullgraph-no-recompile"][0], results["compile-fullgraph-no-recompile"]
+    assert results["compile-same-form-layers-share-a-frame"][0], results["compile-same-form-layers-share-a-frame"]
     assert results["custom-op-opcheck"][0], results["custom-op-opcheck"]
 
 

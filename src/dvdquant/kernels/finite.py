@@ -61,6 +61,19 @@ def layer_id(name: str) -> int:
     return _LAYER_IDS[name]
 
 
+def layer_key(name: str) -> torch.Tensor:
+    """The (1,) int64 CPU tensor of :func:`layer_id` (``name``): how a layer names itself to the FP8 ops. A tensor,
+    not the string, so ``torch.compile`` does not guard on its value: layers of the same form (one per block)
+    share one compiled frame. Read in the op on the host (no device synchronisation)."""
+    return torch.tensor([layer_id(name)], dtype=torch.int64)
+
+
+def layer_name_of(key: torch.Tensor) -> str:
+    """The layer name behind a :func:`layer_key` tensor ("?" for an unknown id)."""
+    i = int(key.reshape(-1)[0])
+    return _LAYER_NAMES[i] if 0 <= i < len(_LAYER_NAMES) else "?"
+
+
 def first_nonfinite_layer(device=None, reset: bool = True) -> Optional[str]:
     """Name of the first layer (by id) whose input held NaN/Inf since the last reset, else None.
 

@@ -48,7 +48,7 @@ from ..numerics.grids import call_bits, is_weight_only
 from ..numerics.hadamard import cached_hadamard, hadamard_rotate, hadamard_rotate_exact
 from .env import log_once
 from .expand import ExpansionPool
-from .finite import device_flag, finite_check_mode, layer_id
+from .finite import device_flag, finite_check_mode, layer_id, layer_key, layer_name_of
 from .triton_act_quant import act_quant, fusable_rotation
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class FP8Options:
 @torch.library.custom_op("dvdquant::w4_linear_fp8", mutates_args=())
 def w4_linear_fp8(x2: torch.Tensor, qweights: list[torch.Tensor], w_zeros: list[torch.Tensor], w_scale: torch.Tensor,
                   bias: Optional[torch.Tensor], smooth: Optional[torch.Tensor], bits: torch.Tensor,
-                  options: list[int], layer_name: str) -> torch.Tensor:
+                  options: list[int], layer: torch.Tensor) -> torch.Tensor:
     """W4 linear(s) on the FP8 path: x2 (M, K) bf16/fp16/fp32 → (M, ΣN) bf16/fp16.
 
     ``qweights`` / ``w_zeros``: one packed weight, or several sibling ones that read the same tokens
@@ -249,7 +249,8 @@ def w4_linear_fp8(x2: torch.Tensor, qweights: list[torch.Tensor], w_zeros: list[
     into one pooled (ΣN, K) buffer and one GEMM writes the concatenated outputs; ``w_scale`` (ΣN, 1)
     and ``bias`` (ΣN,) are the members' concatenated; per-token scales, no ``smooth``). Each output
     column is computed as the member's own call computes it, bit for bit. ``options``:
-    :meth:`FP8Options.encode`.
+    :meth:`FP8Options.encode`; ``layer``: the layer's :func:`.finite.layer_key` (its name in log lines and
+    non-finite reports; a tensor, so compiled frames of same-form layers are shared).
 
     A custom op so that ``torch.compile`` traces a quantized model without graph breaks: the op
     is opaque to dynamo/inductor (they fuse the glue *around* it), and the step's bit-width is
@@ -261,7 +262,7 @@ def w4_linear_fp8(x2: torch.Tensor, qweights: list[torch.Tensor], w_zeros: list[
         expand = lambda dtype: _POOL.expand(qweights[0], w_zeros[0], dtype)     # noqa: E731
     else:
         expand = lambda dtype: _POOL.expand_many(qweights, w_zeros, dtype)      # noqa: E731
-    return _w4_linear(x2, expand, w_scale, bias, smooth, bits, FP8Options.decode(options), layer_name)
+    return _w4_linear(x2, expand, w_scale, bias, smooth, bits, FP8Options.decode(options), layer_name_of(layer))
 
 
 def w4_linear_packed(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
@@ -303,17 +304,18 @@ def _w4_linear(x2, expand, w_scale, bias, smooth, bits, o: FP8Options, layer_nam
 
 
 @w4_linear_fp8.register_fake
-def _w4_linear_fp8_fake(x2, qweights, w_zeros, w_scale, bias, smooth, bits, options, layer_name):
+def _w4_linear_fp8_fake(x2, qweights, w_zeros, w_scale, bias, smooth, bits, options, layer):
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     return x2.new_empty((x2.shape[0], sum(q.shape[0] for q in qweights)), dtype=out_dtype)
 
 
 def w4_linear(x: torch.Tensor, qweights: list, w_zeros: list, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
               smooth: Optional[torch.Tensor], bits: torch.Tensor, options: FP8Options,
-              layer_name: str = "") -> torch.Tensor:
+              layer: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x̂ Ŵᵀ + b of x (..., K) through :func:`w4_linear_fp8`; output in x's dtype (bf16 GEMM output
-    for fp32 x). ``bits``: the step's bits, a CPU int32 tensor (−1: the layer's ``options.a_bits``)."""
+    for fp32 x). ``bits``: the step's bits, a CPU int32 tensor (−1: the layer's ``options.a_bits``);
+    ``layer``: its :func:`.finite.layer_key` (None: unnamed)."""
     shape = x.shape
     y = w4_linear_fp8(x.reshape(-1, shape[-1]), list(qweights), list(w_zeros), w_scale, bias, smooth, bits,
-                      options.encode(), layer_name)
+                      options.encode(), layer_key("") if layer is None else layer)
     return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])

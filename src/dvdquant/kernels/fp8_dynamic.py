@@ -24,7 +24,7 @@ import torch
 from ..errors import NonFiniteError
 from ..numerics.grids import is_weight_only
 from ..numerics.smoothing import smoothing_scales
-from .finite import CLEAN, device_flag, finite_check_mode, layer_id
+from .finite import CLEAN, device_flag, finite_check_mode, layer_id, layer_key, layer_name_of
 from .fp8 import (FP8Options, act_format_for, gemm_int8_rowwise, gemm_rowwise, int8_tensor_cores_for_a4,
                   quantize_tokens, resolve_bits, w4_linear_packed)
 from .weight_requant import requant_weight
@@ -40,10 +40,11 @@ def _out_dtype(x2: torch.Tensor) -> torch.dtype:
 def dynamic_linear_fp8(x2: torch.Tensor, lam: torch.Tensor, master: torch.Tensor, master_scale: torch.Tensor,
                        colmax: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
                        bias: Optional[torch.Tensor], bits: torch.Tensor, alpha: float, options: list[int],
-                       weight_options: list[int], layer_name: str) -> torch.Tensor:
+                       weight_options: list[int], layer: torch.Tensor) -> torch.Tensor:
     """x2 (M, K) of G = ``lam.shape[0]`` samples → (M, N) bf16/fp16 (module doc). ``options``:
     :meth:`.fp8.FP8Options.encode`; ``weight_options``: [w_bits, symmetric]; ``qweight`` / ``w_zero`` /
-    ``w_scale``: the s = 1 weight, for weight-only steps."""
+    ``w_scale``: the s = 1 weight, for weight-only steps; ``layer``: the layer's :func:`.finite.layer_key`."""
+    layer_name = layer_name_of(layer)
     o = FP8Options.decode(options)
     b = resolve_bits(bits, o.a_bits)
     if is_weight_only(b):
@@ -84,18 +85,19 @@ def dynamic_linear_fp8(x2: torch.Tensor, lam: torch.Tensor, master: torch.Tensor
 
 @dynamic_linear_fp8.register_fake
 def _dynamic_linear_fp8_fake(x2, lam, master, master_scale, colmax, qweight, w_zero, w_scale, bias, bits, alpha,
-                             options, weight_options, layer_name):
+                             options, weight_options, layer):
     return x2.new_empty((x2.shape[0], master.shape[0]), dtype=_out_dtype(x2))
 
 
 def dynamic_linear(x: torch.Tensor, lam: torch.Tensor, master: torch.Tensor, master_scale: torch.Tensor,
                    colmax: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
                    bias: Optional[torch.Tensor], bits: torch.Tensor, alpha: float, options: FP8Options,
-                   w_bits: int, symmetric: bool, layer_name: str = "") -> torch.Tensor:
+                   w_bits: int, symmetric: bool, layer: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`dynamic_linear_fp8` of x (..., K) with Λ (G, K); output in x's dtype (bf16 GEMM output for fp32 x)."""
     shape = x.shape
     y = dynamic_linear_fp8(x.reshape(-1, shape[-1]), lam, master, master_scale, colmax, qweight, w_zero, w_scale,
-                           bias, bits, float(alpha), options.encode(), [int(w_bits), int(symmetric)], layer_name)
+                           bias, bits, float(alpha), options.encode(), [int(w_bits), int(symmetric)],
+                           layer_key("") if layer is None else layer)
     return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
 

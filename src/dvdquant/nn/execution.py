@@ -27,6 +27,7 @@ from ..kernels.emulated import QuantizedActivations, QuantWeight, emulated_dynam
 from ..kernels.emulated import quantize_activations as quantize_codes
 from ..kernels.env import log_once
 from ..kernels.execution import LinearLayout, dynamic_smoothing_blocker
+from ..kernels.finite import layer_key
 from ..numerics import grids
 from ..numerics.samples import per_sample_absmax, sample_count, scale_per_sample
 
@@ -186,7 +187,7 @@ def fp8_forward(layer, x: torch.Tensor, bits: Optional[int] = None, per_block: b
     from the model's RuntimeState (the compiled path); an int forces them."""
     from ..kernels.fp8 import w4_linear
     return w4_linear(x, [layer.qweight], [layer.w_zero], layer.w_scale, layer.bias, selected_smooth(layer),
-                     _bits_tensor(layer, bits), fp8_options(layer, per_block), str(layer.layer_name or ""))
+                     _bits_tensor(layer, bits), fp8_options(layer, per_block), name_key(layer))
 
 
 def fp8_dynamic_forward(layer, x: torch.Tensor, bits: Optional[int] = None) -> torch.Tensor:
@@ -196,10 +197,17 @@ def fp8_dynamic_forward(layer, x: torch.Tensor, bits: Optional[int] = None) -> t
     lam = layer._all_tokens(per_sample_absmax(x.reshape(-1, layer.in_features), sample_count(x.shape)).float())
     return dynamic_linear(x, lam, layer.w_master, layer.w_master_scale, layer.w_colmax, layer.qweight, layer.w_zero,
                           layer.w_scale, layer.bias, _bits_tensor(layer, bits), layer.dyn_alpha, fp8_options(layer),
-                          layer.w_bits, layer.w_symmetric, str(layer.layer_name or ""))
+                          layer.w_bits, layer.w_symmetric, name_key(layer))
 
 
-def fp8_forward_fused(members: list, x: torch.Tensor) -> torch.Tensor:
+def name_key(layer) -> torch.Tensor:
+    """The layer's name as the FP8 ops take it (:func:`dvdquant.kernels.finite.layer_key`): a tensor, so
+    ``torch.compile`` shares one frame between layers of the same form instead of guarding on each name."""
+    key = getattr(layer, "name_key", None)
+    return layer_key(str(layer.layer_name or "")) if key is None else key
+
+
+def fp8_forward_fused(members: list, x: torch.Tensor, key: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sibling layers (same input, same activation configuration, per-token scales, no smoothing; checked by
     :mod:`dvdquant.nn.fused`) on ``x`` (..., K) → (..., ΣN), one FP8 op call."""
     from ..kernels.fp8 import w4_linear
@@ -207,7 +215,8 @@ def fp8_forward_fused(members: list, x: torch.Tensor) -> torch.Tensor:
     w_scale = torch.cat([m.w_scale.reshape(-1, 1) for m in members])         # (ΣN, 1)
     bias = None if lead.bias is None else torch.cat([m.bias.reshape(-1) for m in members])
     return w4_linear(x, [m.qweight for m in members], [m.w_zero for m in members], w_scale, bias, None,
-                     _bits_tensor(lead, None), fp8_options(lead), "+".join(str(m.layer_name or "") for m in members))
+                     _bits_tensor(lead, None), fp8_options(lead),
+                     layer_key("+".join(str(m.layer_name or "") for m in members)) if key is None else key)
 
 
 __all__ = ["layout", "plan", "forward", "emulated_forward", "quantize_activations", "channel_balance",

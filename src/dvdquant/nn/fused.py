@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..kernels.finite import layer_key
 from .execution import fp8_forward_fused, plan
 from .step_work import run_probe
 
@@ -43,6 +44,7 @@ class FusedProjection:
     def __init__(self, members: list, names: list) -> None:
         self.members = list(members)
         self.names = list(names)
+        self.name_key = layer_key("+".join(str(m.layer_name or "") for m in self.members))   # see execution.name_key
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = self.members[0]
@@ -53,7 +55,7 @@ class FusedProjection:
             if p.path == "fp8" and not p.per_block:
                 for m in self.members:                   # the members' forwards are bypassed: count their work
                     run_probe(m, x)
-                return fp8_forward_fused(self.members, x)
+                return fp8_forward_fused(self.members, x, self.name_key)
         return torch.cat([m(x) for m in self.members], dim=-1)
 
     def __repr__(self) -> str:

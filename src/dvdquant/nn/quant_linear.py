@@ -65,6 +65,7 @@ import torch.nn as nn
 
 from ..errors import DVDQuantError, NonFiniteError
 from ..kernels.execution import ExecutionConfig
+from ..kernels.finite import layer_key
 from ..numerics import grids
 from ..numerics.hadamard import hadamard_rotate_exact
 from ..numerics.linear import linear_per_token_per_channel
@@ -118,8 +119,18 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device),
                                  requires_grad=False) if has_bias else None
         self.state: Optional[RuntimeState] = None  # shared, set by quantize_ (not a submodule)
-        self.layer_name = ""
+        self.layer_name = ""              # also sets name_key, the name as the FP8 ops take it
         self._decoded = DecodedWeights()  # fp32 decodings of the packed weight, never saved
+
+    @property
+    def layer_name(self) -> str:
+        """The layer's qualified name in the model (log lines, errors, non-finite reports)."""
+        return self.__dict__.get("_layer_name", self.__dict__.get("layer_name", ""))
+
+    @layer_name.setter
+    def layer_name(self, name: str) -> None:
+        self._layer_name = name
+        self.name_key = layer_key(name)   # (1,) int64 CPU tensor, a plain attribute: not saved, not moved
 
     # ---------------------------------------------------------------- construction
     @classmethod
