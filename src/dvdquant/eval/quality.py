@@ -163,6 +163,11 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
                ablates="8-bit attention"),
     MethodSpec("dvdquant-dynsmooth", "DVD-Quant + dynamic smoothing", "variant",
                lambda b: dvdquant_config(b, smoothing="dynamic"), only_bits=W4_BITS),
+    MethodSpec("dvdquant-kernel", "DVD-Quant, kernel form (per-token scales, 128-blocks)", "variant",
+               lambda b: dvdquant_config(b, auto_scale="none", rotation_block=128), only_bits=W4_BITS),
+    MethodSpec("dvdquant-dynsmooth-kernel", "DVD-Quant + dynamic smoothing, kernel form", "variant",
+               lambda b: dvdquant_config(b, smoothing="dynamic", auto_scale="none", rotation_block=128),
+               only_bits=W4_BITS),
     MethodSpec("dvdquant-rotated", "DVD-Quant + rotation at A8", "variant",      # "auto" does not rotate at A8
                lambda b: dvdquant_config(b, rotation=True), only_bits=("W4A8",)),
     MethodSpec("dvdquant-centered", "DVD-Quant + exact block mean", "variant",
