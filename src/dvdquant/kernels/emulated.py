@@ -44,8 +44,8 @@ import torch
 from ..numerics import grids
 from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import unpack_int4
-from ..numerics.samples import matmul_per_sample, scale_per_sample
-from ..numerics.smoothing import decode_master, smoothed_weight_params
+from ..numerics.samples import matmul_per_sample, rows_per_sample, scale_per_sample
+from ..numerics.smoothing import CHUNK_ELEMENTS, decode_master, per_sample_weight_params, smoothed_weight_params
 
 
 @dataclass
@@ -150,22 +150,15 @@ def requant_weight_reference(master: torch.Tensor, master_scale: torch.Tensor, c
 def emulated_dynamic_linear(xt: torch.Tensor, s: torch.Tensor, bits: int, fmt: str, master: torch.Tensor,
                             master_scale: torch.Tensor, colmax: torch.Tensor, w_bits: int, symmetric: bool,
                             rotation_block: Optional[int], bias: Optional[torch.Tensor],
-                            chunk_elems: int = 1 << 24) -> torch.Tensor:
+                            chunk_elems: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Dynamic smoothing's integer pipeline (the FP8 path's order) on finite tokens ``xt`` (M, K) already
-    divided by their sample's ``s`` (G, K) and rotated: per-token codes, each sample's weight from
-    :func:`requant_weight_reference` (samples re-quantized in chunks of ≤ ``chunk_elems`` weight entries:
-    same bits), one exact code GEMM per sample with the epilogue ((acc · Δ_g) · s) + b → (M, N) fp32."""
+    divided by their sample's ``s`` (G, K) and rotated: per-token codes, each sample's weight as
+    :func:`requant_weight_reference` gives it (:func:`~dvdquant.numerics.smoothing.per_sample_weight_params`,
+    in chunks of ≤ ``chunk_elems`` weight entries: same bits), one exact code GEMM per sample with the epilogue ((acc · Δ_g) · s) + b → (M, N) fp32."""
     codes, scale = quantize_rows(xt, bits, fmt)
     pmax = None if fmt == "fp8" else grids.act_qmax(bits) * grids.weight_int_max(w_bits)
-    n, k = master.shape
-    g_count, rows = s.shape[0], xt.shape[0] // s.shape[0]
-    chunk = max(1, chunk_elems // max(n * k, 1))
-    ys = []
-    for g0 in range(0, g_count, chunk):
-        w_int, delta = requant_weight_reference(master, master_scale, colmax, s[g0:g0 + chunk], bits=w_bits,
-                                                symmetric=symmetric, rotation_block=rotation_block)
-        for j in range(w_int.shape[0] // n):
-            r0 = (g0 + j) * rows
-            ys.append(linear_per_token_per_channel(codes[r0:r0 + rows], scale[r0:r0 + rows],
-                                                   w_int[j * n:(j + 1) * n], delta[j * n:(j + 1) * n], bias, pmax))
-    return torch.cat(ys)
+    g = s.shape[0]
+    weights = per_sample_weight_params(decode_master(master, master_scale, colmax), s, rotation_block, w_bits, None,
+                                       symmetric, chunk_elems)
+    return torch.cat([linear_per_token_per_channel(c, sc, p.codes.float() - p.zero, p.scale, bias, pmax)
+                      for c, sc, p in zip(rows_per_sample(codes, g), rows_per_sample(scale, g), weights)])

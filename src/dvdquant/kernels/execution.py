@@ -102,9 +102,6 @@ class LinearLayout:
         return self.auto_scale == "per_block" and k % self.scale_block == 0 and self.scale_block != k
 
 
-
-
-
 def dynamic_smoothing_blocker(layout: LinearLayout) -> str:
     """'' when a dynamic-smoothing layer runs on the kernels' pipeline (per-token activation scales, an
     in-kernel rotation or none, one weight step per row, an int8 master: :mod:`.weight_requant`), else why

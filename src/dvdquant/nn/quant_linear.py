@@ -72,14 +72,13 @@ from ..numerics.linear import linear_per_token_per_channel
 from ..numerics.packing import pack_int4, unpack_int4
 from ..numerics.reduce import absmax
 from ..numerics.scratch import scratch
-from ..numerics.smoothing import decode_master, smoothed_weight_params, smoothing_scales
+from ..numerics.smoothing import CHUNK_ELEMENTS as SMOOTHED_CHUNK_ELEMENTS
+from ..numerics.smoothing import decode_master, per_sample_weight_params, smoothed_weight_params, smoothing_scales
 from ..numerics.samples import (matmul_per_sample, per_sample_absmax, rows_per_sample, sample_count,
                                scale_per_sample)
 from .execution import forward as kernel_forward
 from .state import RuntimeState
 from .weight_cache import DecodedWeights
-
-SMOOTHED_CHUNK_ELEMENTS = 1 << 24   # dynamic smoothing: per-sample weights re-quantized together (G·N·K)
 
 _SIMULATED = ExecutionConfig()
 
@@ -225,12 +224,8 @@ class QuantLinear(nn.Module):
         """The per-sample weight parameters Q(W·diag(s_g)·H), one :class:`~dvdquant.numerics.grids.WeightQParams`
         (N rows) per row of ``s`` (G, K), in order, re-quantized in chunks of ≤ 2^24 elements (the chunking
         does not change bits)."""
-        n, k = self.out_features, self.in_features
-        chunk = max(1, SMOOTHED_CHUNK_ELEMENTS // (n * k))
-        for i in range(0, s.shape[0], chunk):
-            p = self.smoothed_weight_params(s[i:i + chunk])
-            for r in range(0, p.codes.shape[0], n):
-                yield grids.WeightQParams(p.codes[r:r + n], p.scale[r:r + n], p.zero[r:r + n], p.bits, p.group_size)
+        return per_sample_weight_params(self.master_weight(), s, self.rotation_block, self.w_bits, self.group_size,
+                                        self.w_symmetric, SMOOTHED_CHUNK_ELEMENTS)
 
     def smoothed_weights(self, s: torch.Tensor):
         """Ŵ_t (N, K) fp32 dequantized, one per row of ``s`` (G, K), in order: the per-sample weights of

@@ -21,6 +21,7 @@ from . import grids
 from .hadamard import hadamard_rotate_exact
 
 COLMAX_FLOOR = 1e-12
+CHUNK_ELEMENTS = 1 << 24     # per-sample weights re-quantized together (G·N·K entries); any chunking gives the same bits
 
 
 def smoothing_scales(lam: torch.Tensor, colmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -50,4 +51,17 @@ def smoothed_weight_params(w: torch.Tensor, s: Optional[torch.Tensor], rotation_
     return grids.quantize_weight_minmax(w, bits, group_size, symmetric)
 
 
-__all__ = ["COLMAX_FLOOR", "smoothing_scales", "decode_master", "smoothed_weight_params"]
+def per_sample_weight_params(w: torch.Tensor, s: torch.Tensor, rotation_block: Optional[int], bits: int,
+                             group_size: Optional[int], symmetric: bool, chunk_elements: int = CHUNK_ELEMENTS):
+    """:func:`smoothed_weight_params` of each row of ``s`` (G, K), one (N rows) per sample in order,
+    re-quantized in chunks of ≤ ``chunk_elements`` weight entries (the chunking does not change bits)."""
+    n, k = w.shape
+    chunk = max(1, chunk_elements // max(n * k, 1))
+    for i in range(0, s.shape[0], chunk):
+        p = smoothed_weight_params(w, s[i:i + chunk], rotation_block, bits, group_size, symmetric)
+        for r in range(0, p.codes.shape[0], n):
+            yield grids.WeightQParams(p.codes[r:r + n], p.scale[r:r + n], p.zero[r:r + n], p.bits, p.group_size)
+
+
+__all__ = ["CHUNK_ELEMENTS", "COLMAX_FLOOR", "smoothing_scales", "decode_master", "smoothed_weight_params",
+           "per_sample_weight_params"]
