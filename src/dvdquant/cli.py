@@ -402,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import Smoothing
     q.add_argument("--smoothing", choices=list(get_args(Smoothing)), default=None,
                    help="DVD-Quant run-time smoothing before the rotation: dynamic re-quantizes each layer's weight "
-                   "per sample from a master copy (more memory; no kernel yet: runs the simulated path on every "
-                   "backend) (default: none)")
+                   "per sample from a master copy (more memory; on the GPU kernels with --auto-scale none and a "
+                   "rotation block of 16-128, else the simulated path) (default: none)")
     q.add_argument("--smooth-alpha", type=float, default=None,
                    help="dynamic smoothing's migration strength α in [0, 1] (default: 0.5)")
     q.add_argument("--smooth-master-bits", type=int, choices=[8, 16], default=None,
