@@ -253,7 +253,7 @@ def dynamic_main(args, device: str) -> None:
         q.state = RuntimeState(execution=ExecutionConfig("fp8"))
         return q
     default, dyn = layer(False), layer(True)
-    x = torch.randn(g, m // g, k, device="cuda", dtype=torch.bfloat16) * torch.rand(k, device="cuda") * 3
+    x = (torch.randn(g, m // g, k, device="cuda") * torch.rand(k, device="cuda") * 3).to(torch.bfloat16)
     s = dyn.dynamic_smoothing(x.reshape(-1, k), g)
     r = {"device": device, "K": k, "N": n, "M": m, "samples": g}
     with torch.no_grad():
