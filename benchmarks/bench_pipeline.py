@@ -12,6 +12,8 @@ embedding (no text encoder). In one process on one GPU, in this order:
 2. quantize the transformer in place with DVD-Quant W4A4 + δ-GBS (A4/A8 per step; static A4 or A8
    with ``--steps-bits``) + 8-bit attention, data-free; fp8 backend; ``transformer.compile()`` (unless
    ``--no-compile``); one 2-step warm-up call (compilation, Triton JIT, autotuning; reported apart);
+   with ``--schedule``, before each timed call one untimed call whose schedule holds every kind of step of
+   it (:func:`warm_up_schedule`), so a first skip or first A4 step compiles outside the timing;
 3. ``dvdquant``: the same call, timed the same way; the step schedule and average bits.
 
 With random weights the output change between steps is not a trained model's, so δ-GBS picks its
@@ -167,12 +169,29 @@ def seeded(kw: dict) -> dict:
     return dict(kw, generator=torch.Generator().manual_seed(1))
 
 
-def warm_up(pipe, kw: dict) -> float:
-    """An untimed 2-step call (compilation, kernel autotuning); its seconds."""
+def warm_up(pipe, kw: dict, steps: int = 2) -> float:
+    """An untimed ``steps``-step call (compilation, kernel autotuning); its seconds."""
     t0 = time.perf_counter()
-    pipe(num_inference_steps=2, output_type="latent", **seeded(kw))
+    pipe(num_inference_steps=steps, output_type="latent", **seeded(kw))
     _sync()
     return round(time.perf_counter() - t0, 1)
+
+
+def warm_up_schedule(schedule: str) -> str:
+    """A short schedule with every kind of step of ``schedule`` (``4``, ``6``, ``8``, ``S``), two A8 steps first
+    (a skip needs a cached residual) and a running step last, so no first use is compiled inside a timed call."""
+    kinds = "".join(k for k in "46S" if k in schedule)              # A8 runs in the first two steps
+    return "88" + kinds + ("8" if kinds.endswith("S") else "")
+
+
+def warm_up_policy(pipe, kw: dict, schedule: str) -> float:
+    """Untimed: the transformer's step policy set to :func:`warm_up_schedule` for one call, then to ``schedule``."""
+    import dvdquant
+    warm = warm_up_schedule(schedule)
+    dvdquant.set_step_policy(pipe.transformer, dvdquant.StepPolicyConfig(schedule=warm))
+    seconds = warm_up(pipe, kw, len(warm))
+    dvdquant.set_step_policy(pipe.transformer, dvdquant.StepPolicyConfig(schedule=schedule))
+    return seconds
 
 
 def profile_one_step(pipe, kw: dict, res: dict, compiled: bool) -> None:
@@ -271,9 +290,8 @@ def main(argv=None) -> None:
         save("warmup")
         for i, sched in enumerate(args.schedule or [None]):
             key = "dvdquant" if i == 0 else f"dvdquant_{i + 1}"
-            if i:                                    # another schedule: a new policy, warmed up untimed
-                dvdquant.set_step_policy(pipe.transformer, dvdquant.StepPolicyConfig(schedule=sched))
-                res[f"warmup_{key}_s"] = warm_up(pipe, kw)
+            if sched is not None:                    # every kind of step of this schedule once, untimed
+                res[f"warmup_{key}_s"] = warm_up_policy(pipe, kw, sched)
             res[key] = timed_call(pipe, timer, seeded(kw), args.steps)
             ctrl = dvdquant.step_controller(pipe.transformer)
             res[key].update(schedule=list(ctrl.schedule), mean_act_bits=round(ctrl.mean_bits(), 2),

@@ -22,3 +22,12 @@ def test_bench_pipeline_smoke(tmp_path, model, calls_per_step):
         assert run["schedule"] == sched and run["finite"]
         assert run["transformer_calls"] == len(run["call_seconds"]) == 4 * calls_per_step
     assert res["dvdquant"]["skipped_steps"] == 1 and "speedup_call_s" in res["dvdquant"]
+    assert "warmup_dvdquant_s" in res and "warmup_dvdquant_2_s" in res
+
+
+def test_warm_up_schedule_holds_every_kind_of_step():
+    import bench_pipeline
+    assert bench_pipeline.warm_up_schedule("884SSS4SSS4SS4") == "884S8"
+    assert bench_pipeline.warm_up_schedule("8848") == "884"
+    assert bench_pipeline.warm_up_schedule("88S8") == "88S8"
+    assert bench_pipeline.warm_up_schedule("8888") == "88"
