@@ -20,6 +20,8 @@ and W4A4 (static bits, no δ-GBS). Variants:
 * ``no_rotation``: DVD-Quant with ``rotation=False`` (what the rotation costs or gives);
 * ``no_rotation_exact``: no rotation, the per-token mean over all K channels handled exactly as in
   ``exact`` (BGR of the row-centred W; computed here, not a library option).
+* ``no_rotation_oracle``: no rotation, BGR's objective weighting each column's error by the captured
+  inputs' E[x_j²] (calibration: the most any diagonal, data-free column weighting could give).
 
 Also reported per layer: the share of the rotated input's energy in the constant column(s).
 """
@@ -131,7 +133,8 @@ class CentredUnrotated(nn.Module):
         return self.m(x - xbar) + xbar @ self.sums.t()
 
 
-def build(variant: str, name: str, lin: nn.Linear) -> QuantLinear:
+def build(variant: str, name: str, lin: nn.Linear, x_energy: torch.Tensor) -> QuantLinear:
+    """The layer of ``variant``; ``x_energy`` (K,): the captured inputs' E[x_j²] (``no_rotation_oracle`` only)."""
     base = DVDQuantConfig(a_bits=4, gbs=None, attention="none")
     if variant == "quantized":
         return dvdquant_layer(name, lin, base)[0]
@@ -144,8 +147,11 @@ def build(variant: str, name: str, lin: nn.Linear) -> QuantLinear:
         wc, sums = center_blocks(lin.weight.detach().float(), lin.in_features)
         m = QuantLinear.from_params(lin, bgr_quantize(wc.float(), 4)[0], a_bits=4, auto_scale="per_channel")
         return CentredUnrotated(m, sums)
-    block = choose_rotation_block(lin.in_features, None)
     w = lin.weight.detach().float()
+    if variant == "no_rotation_oracle":
+        params = bgr_weighted(w, 4, x_energy / x_energy.mean().clamp_min(1e-30))
+        return QuantLinear.from_params(lin, params, a_bits=4, auto_scale="per_channel")
+    block = choose_rotation_block(lin.in_features, None)
     if variant == "exact_act_only":
         m = dvdquant_layer(name, lin, base)[0]
         sums = w.double().reshape(w.shape[0], -1, block).sum(-1).float()
@@ -172,7 +178,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--stride", type=int, default=4, help="keep every n-th token of each sample")
     ap.add_argument("--variants", default="quantized,exact,exact_act_only,bgr_col0_x8,bgr_col0_x64,no_rotation,"
-                    "no_rotation_exact")
+                    "no_rotation_exact,no_rotation_oracle")
     ap.add_argument("--out", default="docs/results/mean_channel_layers_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -185,11 +191,12 @@ def main() -> None:
         fp = lin[name]
         block = choose_rotation_block(fp.in_features, None)
         energy[name] = mean_energy_share(xs, block)
+        x_energy = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double().pow(2).mean(0).float()
         with torch.no_grad():
             refs = [F.linear(x, fp.weight.float(), None if fp.bias is None else fp.bias.float()) for x in xs]
             sig = sum(float(r.double().pow(2).sum()) for r in refs)
             for v in variants:
-                m = build(v, name, fp)
+                m = build(v, name, fp, x_energy)
                 for b in BITS:
                     m.a_bits = b
                     noise = sum(float((m(x) - r).double().pow(2).sum()) for x, r in zip(xs, refs))
