@@ -234,3 +234,26 @@ def test_cli_not_a_pipeline_folder(tmp_path, capsys):
     assert rc == 2 and "--pipeline DIR only" in capsys.readouterr().err
     rc = main(["generate", "--prompt", "a cat", "--a-bits", "8", "--out", str(tmp_path / "x.mp4")])
     assert rc == 2 and "--a-bits applies with --pipeline DIR only" in capsys.readouterr().err
+
+
+def test_bf16_timesteps_that_round_together_stay_separate_steps():
+    """HunyuanVideoPipeline gives no step index and casts the timestep to the latents' dtype: in bf16
+    with shift 7, nearby early steps of a 50-step call round to one timestep. The input latent tells
+    them apart; the two CFG calls of a step (same latent) stay one step."""
+    steps = 50
+    pipe = build_pipeline("hunyuan").to(torch.bfloat16)
+    dp.quantize_pipeline(pipe, dvdquant.DVDQuantConfig(w_bits=4, a_bits=4, attention="none"))
+    layer = next(m for m in pipe.transformer.modules() if isinstance(m, QuantLinear) and m.a_bits < 16)
+    seen, step = [], [0]
+    handle = layer.register_forward_pre_hook(lambda mod, args: seen.append((step[0], mod.state.step_index)))
+
+    def on_step_end(_pipe, i, t, kwargs):
+        step[0] += 1
+        return {}
+    with torch.no_grad():
+        pipe(**dict(call_kwargs("hunyuan", steps=steps), output_type="latent"), callback_on_step_end=on_step_end)
+    handle.remove()
+    ts = pipe.scheduler.timesteps.to(torch.bfloat16)
+    assert bool((ts[1:] == ts[:-1]).any())                         # the collision this test is about
+    assert seen == [(i, i) for i in range(steps) for _ in range(2)]
+    assert len(dvdquant.step_controller(pipe.transformer).schedule) == steps

@@ -116,6 +116,21 @@ def test_steps_from_the_timestep_alone_and_a_new_loop_resets():
     assert len(schedules[0]) == 4 and schedules[0] == schedules[1]
 
 
+def test_equal_timesteps_of_two_steps_are_told_apart_by_the_latent():
+    """Timesteps cast to bf16 can round two steps to one value: a new input latent at an equal timestep
+    is a new step; the second call of a step (the same latent) is not."""
+    model = _quantized_wan()
+    _, inputs = tiny_wan()
+    ctrl = dvdquant.step_controller(model)
+    x, seen = inputs["hidden_states"], []
+    for t in (996, 996, 992, 988):
+        for _ in range(2):
+            out = model(**dict(inputs, hidden_states=x, timestep=torch.tensor([t])), return_dict=False)[0]
+            seen.append(ctrl.step_index)
+        x = x - 0.3 * out
+    assert seen == [0, 0, 1, 1, 2, 2, 3, 3] and len(ctrl.schedule) == 4
+
+
 def test_wan22_two_experts_share_one_controller():
     high, low = _quantized_wan(1), _quantized_wan(2)
     with pytest.raises(DVDQuantError, match="two or more"):

@@ -5,7 +5,10 @@ transformer's diffusers ``HookRegistry``, so every stock pipeline (and dvdquant'
 drives it just by calling the transformer. Per call the hook:
 
 * finds the denoising step: the ``step_index`` of diffusers' ``cache_context`` when the pipeline
-  gives one, else the ``timestep`` argument (its max; a new value is a new step);
+  gives one, else the ``timestep`` argument (its max; a new value is a new step) and, at an equal
+  timestep, the input latent (its first sample's sum and absolute sum: a new latent is a new step, so
+  nearby steps whose timesteps round to one bf16 value stay apart, while the CFG calls of a step, which
+  read the same latent, stay one step);
 * starts a new pipeline call after the pipeline's end-of-call reset (``maybe_free_model_hooks``
   → ``reset_state``), when the step index goes back, or when the timesteps turn direction;
 * at a new step, asks the step policy (δ-GBS, or fixed bits) for the step's activation bits and
@@ -115,6 +118,7 @@ class StepTracker:
         self._call_start: Optional[float] = None
         self.step_index: Optional[int] = None
         self._key = self._direction = None
+        self._latent: Optional[tuple] = None   # fingerprint of the current step's input latent (timestep keys)
         self._prev: dict = {}           # slot → output of the last step that ran (fp32)
         self._cur: dict = {}            # slot → output of this step
         self._sums: list = []           # (Σ|F_t − F_prev|, Σ|F_prev|) per paired call of this step
@@ -181,7 +185,9 @@ class StepTracker:
 
     # ------------------------------------------------------------------ driven by the hook
     def before_call(self, step: Optional[int], timestep: Optional[float], total: Optional[int],
-                    slot: Optional[str]) -> None:
+                    slot: Optional[str], latent: Optional[tuple] = None) -> None:
+        """One transformer call: its step index (None: found from ``timestep`` and ``latent``, the
+        fingerprint :func:`latent_fingerprint` of its input), the loop's length and the call's slot."""
         if total is not None:
             self.total_steps = int(total)
         if self._call_done:
@@ -191,8 +197,10 @@ class StepTracker:
             return
         if self._key is not None and self._starts_new_call(key, step is not None):
             self.reset()
-        if self._key is None or key != self._key:
+        new_latent = step is None and latent is not None and self._latent is not None and latent != self._latent
+        if self._key is None or key != self._key or new_latent:
             self._begin_step(key, step)
+            self._latent = latent
         self._slot = slot if slot is not None else f"call{self._calls}"
         self._calls += 1
         self._call_start = self._work()
@@ -231,7 +239,7 @@ class StepTracker:
 
     def _begin_step(self, key, step: Optional[int]) -> None:
         if self._key is not None:
-            if step is None:                      # timestep keys: the loop's direction
+            if step is None and key != self._key:  # timestep keys: the loop's direction
                 self._direction = 1 if key > self._key else -1
             self._close_step()
         self._key = key
@@ -299,7 +307,10 @@ class StepHook(ModelHook):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         timestep = float(t.detach().float().amax()) if isinstance(t, torch.Tensor) and t.numel() else \
             (float(t) if isinstance(t, (int, float)) else None)
-        self.tracker.before_call(step, timestep, total, slot)
+        latent = None
+        if step is None:
+            latent = latent_fingerprint(kwargs.get("hidden_states", args[0] if args else None))
+        self.tracker.before_call(step, timestep, total, slot, latent)
         return args, kwargs
 
     @torch.compiler.disable
@@ -310,6 +321,15 @@ class StepHook(ModelHook):
     def reset_state(self, module):
         self.tracker.finish()
         return module
+
+
+def latent_fingerprint(x) -> Optional[tuple]:
+    """(Σ x, Σ |x|) in fp32 of the first sample of the transformer's input ``x`` (None if not a tensor):
+    the CFG calls of a step (and the halves of a batched CFG call) read the same latent."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.numel() == 0:
+        return None
+    first = x.detach()[0]
+    return tuple(torch.stack([first.sum(dtype=torch.float32), first.abs().sum(dtype=torch.float32)]).tolist())
 
 
 def _check_hooks(module: torch.nn.Module, branch: Optional[str]) -> None:
