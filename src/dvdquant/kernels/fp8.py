@@ -272,11 +272,16 @@ def w4_linear_packed(x2: torch.Tensor, qweight: torch.Tensor, w_zero: torch.Tens
                       layer_name)
 
 
+def gemm_out_dtype(x2: torch.Tensor) -> torch.dtype:
+    """The FP8 ops' output dtype for tokens ``x2``: bf16 / fp16 as given, bf16 for fp32."""
+    return x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 def _w4_linear(x2, expand, w_scale, bias, smooth, bits, o: FP8Options, layer_name: str) -> torch.Tensor:
     """The body of the op; ``expand(dtype)`` returns the (N, K) weight integers q − z in ``dtype``."""
     b = resolve_bits(bits, o.a_bits)
     w_scale = w_scale.float()                     # (N, 1) fp32 Δ, also if the model was cast with .to()
-    out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    out_dtype = gemm_out_dtype(x2)
     bias_o = None if bias is None else bias.to(out_dtype)
     fmt = "none" if is_weight_only(b) else act_format_for(b, o.a8_fp8, layer_name, o.per_block, o.int8_gemm,
                                                            o.fast_accum, int8_tensor_cores_for_a4(x2.device))
@@ -305,7 +310,7 @@ def _w4_linear(x2, expand, w_scale, bias, smooth, bits, o: FP8Options, layer_nam
 
 @w4_linear_fp8.register_fake
 def _w4_linear_fp8_fake(x2, qweights, w_zeros, w_scale, bias, smooth, bits, options, layer):
-    out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    out_dtype = gemm_out_dtype(x2)
     return x2.new_empty((x2.shape[0], sum(q.shape[0] for q in qweights)), dtype=out_dtype)
 
 

@@ -25,15 +25,11 @@ from ..errors import NonFiniteError
 from ..numerics.grids import is_weight_only
 from ..numerics.smoothing import smoothing_scales
 from .finite import CLEAN, device_flag, finite_check_mode, layer_id, layer_key, layer_name_of
-from .fp8 import (FP8Options, act_format_for, gemm_int8_rowwise, gemm_rowwise, int8_tensor_cores_for_a4,
-                  quantize_tokens, resolve_bits, w4_linear_packed)
+from .fp8 import (FP8Options, act_format_for, gemm_int8_rowwise, gemm_out_dtype, gemm_rowwise,
+                  int8_tensor_cores_for_a4, quantize_tokens, resolve_bits, w4_linear_packed)
 from .weight_requant import requant_weight
 
 CHUNK_ELEMENTS = 1 << 26     # per-sample weights re-quantized per launch (G·N·K; 64 MB of int8 codes)
-
-
-def _out_dtype(x2: torch.Tensor) -> torch.dtype:
-    return x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 @torch.library.custom_op("dvdquant::dynamic_linear_fp8", mutates_args=())
@@ -49,7 +45,7 @@ def dynamic_linear_fp8(x2: torch.Tensor, lam: torch.Tensor, master: torch.Tensor
     b = resolve_bits(bits, o.a_bits)
     if is_weight_only(b):
         return w4_linear_packed(x2, qweight, w_zero, w_scale, bias, bits, o, layer_name)
-    out_dtype = _out_dtype(x2)
+    out_dtype = gemm_out_dtype(x2)
     bias_o = None if bias is None else bias.to(out_dtype)
     fmt = act_format_for(b, o.a8_fp8, layer_name, False, o.int8_gemm, o.fast_accum,
                          int8_tensor_cores_for_a4(x2.device))
@@ -86,7 +82,7 @@ def dynamic_linear_fp8(x2: torch.Tensor, lam: torch.Tensor, master: torch.Tensor
 @dynamic_linear_fp8.register_fake
 def _dynamic_linear_fp8_fake(x2, lam, master, master_scale, colmax, qweight, w_zero, w_scale, bias, bits, alpha,
                              options, weight_options, layer):
-    return x2.new_empty((x2.shape[0], master.shape[0]), dtype=_out_dtype(x2))
+    return x2.new_empty((x2.shape[0], master.shape[0]), dtype=gemm_out_dtype(x2))
 
 
 def dynamic_linear(x: torch.Tensor, lam: torch.Tensor, master: torch.Tensor, master_scale: torch.Tensor,
