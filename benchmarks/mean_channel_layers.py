@@ -166,9 +166,8 @@ def build(variant: str, name: str, lin: nn.Linear, x_energy: torch.Tensor) -> Qu
     raise ValueError(variant)
 
 
-def mean_energy_share(xs: list, block: int) -> float:
-    """Share of the rotated input's energy in the constant Hadamard column of each block."""
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])
+def mean_energy_share(x: torch.Tensor, block: int) -> float:
+    """Share of the rotated input's energy (tokens ``x`` (M, K)) in the constant Hadamard column of each block."""
     xr = hadamard_rotate(x.double(), block)
     return float(xr[:, ::block].pow(2).sum() / xr.pow(2).sum())
 
@@ -190,8 +189,9 @@ def main() -> None:
     for name, xs in caps.items():
         fp = lin[name]
         block = choose_rotation_block(fp.in_features, None)
-        energy[name] = mean_energy_share(xs, block)
-        x_energy = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double().pow(2).mean(0).float()
+        tokens = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])          # (M, K), every kept call
+        energy[name] = mean_energy_share(tokens, block)
+        x_energy = tokens.double().pow(2).mean(0).float()
         with torch.no_grad():
             refs = [F.linear(x, fp.weight.float(), None if fp.bias is None else fp.bias.float()) for x in xs]
             sig = sum(float(r.double().pow(2).sum()) for r in refs)
