@@ -188,6 +188,21 @@ def test_a_replayed_schedule_runs_on_the_model():
     assert [sorted(set(d.values())) for d in ctrl.policy.decisions] == [[8], [SKIP], [4], [SKIP], [8]]
 
 
+def test_replacing_the_policy_releases_the_old_cached_residuals():
+    """set_step_policy drops the replaced run's residuals even while something still references that run."""
+    import weakref
+    model = _policy_model(StepPolicyConfig(schedule="8S4S"))
+    xs, ctx = _inputs(steps=3)
+    with torch.no_grad():
+        for i in range(len(xs)):
+            _drive_one(model, xs, ctx, i)
+    old = model.blocks[0]._diffusers_hook.get_hook("dvdquant_policy_head").run
+    held = [weakref.ref(old.tail["cond"][0]), weakref.ref(old.prev_r0["cond"])]
+    set_step_policy(model, StepPolicyConfig(schedule="884S8"))
+    assert old.tail == {} and old.prev_r0 == {} and all(r() is None for r in held)
+    assert model.blocks[0]._diffusers_hook.get_hook("dvdquant_policy_head").run is not old
+
+
 def _drive_one(model, xs, ctx, i):
     steps = len(xs)
     t = torch.full((2,), 500.0)

@@ -77,6 +77,10 @@ class PolicyRun:
     def reset(self) -> None:
         for st in self.tracker.states:           # the configured bits again between pipeline calls
             st.a_bits = None
+        self.release()
+
+    def release(self) -> None:
+        """Drop the cached residuals (a reference to this run held anywhere then holds no activations)."""
         self.prev_r0: dict = {}      # slot -> block 0 residual of the last step (fp32, rows first)
         self.tail: dict = {}         # slot -> [tail residual (hidden), (encoder) or None, rows that hold one]
         self.plan: Optional[_Plan] = None
@@ -262,5 +266,6 @@ def remove_policy_hooks(model: nn.Module) -> None:
             hook = registry.get_hook(name) if registry is not None else None
             if hook is not None:
                 registry.remove_hook(name, recurse=False)
+                hook.run.release()
                 if hook.run.reset in hook.run.tracker.reset_callbacks:
                     hook.run.tracker.reset_callbacks.remove(hook.run.reset)
