@@ -189,6 +189,7 @@ def _int8_gemm_checks(g) -> dict:
     persistent one with TMA descriptors)."""
     import torch
 
+    from dvdquant.errors import ConfigError
     from dvdquant.kernels.int8_gemm import int8_gemm
     from dvdquant.numerics.linear import linear_per_token_per_channel
 
@@ -210,6 +211,15 @@ def _int8_gemm_checks(g) -> dict:
     s, d = torch.rand(m, 1, generator=g) + 1e-3, torch.rand(n, 1, generator=g) * 0.01 + 1e-4
     y = int8_gemm(q, s, w, d, None, out_dtype=torch.float32, config=dict(cfg, tma=True, programs=2))
     res["int8gemm-tma-ragged-K"] = [torch.equal(y, linear_per_token_per_channel(q, s, w.float(), d, None, 127 * 15)), ""]
+    big = torch.full((m + 5, n), float("nan"))            # out=: rows 3..3+m of a larger output, the rest untouched
+    yo = int8_gemm(q, s, w, d, None, out_dtype=torch.float32, config=dict(cfg, tma=True, programs=2), out=big[3:3 + m])
+    try:
+        int8_gemm(q, s, w, d, None, out_dtype=torch.float32, config=dict(cfg, tma=True), out=big[:m, :n - 1])
+        refused = False
+    except ConfigError:
+        refused = True
+    res["int8gemm-out-rows"] = [yo.data_ptr() == big[3].data_ptr() and torch.equal(big[3:3 + m], y) and refused
+                                and bool(big[:3].isnan().all() and big[3 + m:].isnan().all()), ""]
     return res
 
 
@@ -442,7 +452,7 @@ def test_nonfinite_flag_without_sync(results):
 
 def test_int8_gemm_fused_epilogue_is_exact(results):
     bad = {k: v for k, v in results.items() if k.startswith("int8gemm-") and not v[0]}
-    assert len([k for k in results if k.startswith("int8gemm-")]) == 7 and not bad, bad
+    assert len([k for k in results if k.startswith("int8gemm-")]) == 8 and not bad, bad
 
 
 def test_expansion_is_exact(results):

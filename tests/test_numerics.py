@@ -190,6 +190,20 @@ def test_rotation_snap_grid_and_bound(block):
     assert bool(((segs - seg).abs() <= u / 2).all())
 
 
+@pytest.mark.parametrize("block", [16, 128])
+def test_snapped_values_are_two_bf16_parts(block):
+    """The kernels' rotation of snapped fp32 tiles (ROT_MODE 2) feeds the tensor cores hi = bf16(x') and
+    mid = bf16(x' − hi): exact, i.e. hi + mid == x' for every snapped entry (module doc of
+    kernels.triton_act_quant), on wide-range tokens and on tokens divided by smoothing factors."""
+    x = _wide_tokens(9, block * 4)
+    smooth = torch.rand(block * 4, generator=torch.Generator().manual_seed(3)) * 7 + 0.01
+    for t in (x, x / smooth, torch.randn(64, block * 4) * 2.0 ** 100):
+        xs = hadamard.snap_to_rotation_grid(t, block)
+        hi = xs.bfloat16().float()
+        r1 = xs - hi
+        assert torch.equal(r1.bfloat16().float(), r1) and torch.equal(hi + r1, xs)
+
+
 @pytest.mark.parametrize("block", [16, 64, 128, 256, 1024, 3072, 5120, 12])
 def test_rotation_exact_is_order_independent(block):
     """The same bits from the factorised fp32 path, the fp64 path (TF32 / reduced precision set) and a

@@ -49,6 +49,7 @@ from ..numerics.hadamard import cached_hadamard, hadamard_rotate, hadamard_rotat
 from .env import log_once
 from .expand import ExpansionPool
 from .finite import device_flag, finite_check_mode, layer_id, layer_key, layer_name_of
+from .int8_gemm import gemm_output
 from .triton_act_quant import act_quant, fusable_rotation
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,10 @@ def act_format_for(bits: int, a8_fp8: bool, layer_name: str, per_block: bool = F
 
 
 def gemm_int8_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
-                      bias: Optional[torch.Tensor], out_dtype: torch.dtype, chunk_elems: int = 1 << 26) -> torch.Tensor:
-    """q (M, K) int8 codes, s (M, 1), w8 (N, K) int8 (q − z), w_scale (N, 1) → (M, N) out_dtype.
+                      bias: Optional[torch.Tensor], out_dtype: torch.dtype, chunk_elems: int = 1 << 26,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q (M, K) int8 codes, s (M, 1), w8 (N, K) int8 (q − z), w_scale (N, 1) → (M, N) out_dtype (into ``out``
+    if given: :func:`.int8_gemm.gemm_output`).
 
     On CUDA: the Triton INT8 GEMM with the epilogue fused (:mod:`.int8_gemm`; the persistent TMA kernel
     on sm90, :func:`.int8_gemm.launch_config`). Elsewhere (CPU, or a K no tile divides): ``torch._int_mm`` (int32 accumulation: the exact integer GEMM), then the
@@ -160,9 +163,9 @@ def gemm_int8_rowwise(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scal
         from .int8_gemm import int8_gemm, launch_config
         cfg = launch_config(q, w8)
         if cfg is not None:
-            return int8_gemm(q, s, w8, w_scale, bias, out_dtype, config=cfg)
+            return int8_gemm(q, s, w8, w_scale, bias, out_dtype, config=cfg, out=out)
     m, n = q.shape[0], w8.shape[0]
-    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
+    out = gemm_output(m, n, out_dtype, q.device, out)
     delta = w_scale.reshape(1, n).float()
     b = None if bias is None else bias.float()
     step = max(32, chunk_elems // max(n, 1) // 16 * 16)

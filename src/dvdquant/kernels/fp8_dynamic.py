@@ -60,7 +60,7 @@ def dynamic_linear_fp8(x2: torch.Tensor, lam: torch.Tensor, master: torch.Tensor
     n, k = master.shape
     rows = x2.shape[0] // s.shape[0]
     chunk = max(1, CHUNK_ELEMENTS // max(n * k, 1))
-    ys = []
+    y = torch.empty(x2.shape[0], n, dtype=out_dtype, device=x2.device)     # each sample's GEMM writes its rows
     for g0 in range(0, s.shape[0], chunk):
         w8, delta = requant_weight(master, master_scale, colmax, s[g0:g0 + chunk], bits=int(weight_options[0]),
                                    symmetric=bool(weight_options[1]), rotation_block=o.rotation_block or None,
@@ -69,14 +69,14 @@ def dynamic_linear_fp8(x2: torch.Tensor, lam: torch.Tensor, master: torch.Tensor
             g = g0 + j
             q, sc = quantize_tokens(x2[g * rows:(g + 1) * rows], b, "int" if fmt == "int8" else fmt, s[g],
                                     o.rotation_block, None, flag, fid, o.exact_rotation, codes_dtype)
-            wg, dg = w8[j * n:(j + 1) * n], delta[j * n:(j + 1) * n]
+            wg, dg, yg = w8[j * n:(j + 1) * n], delta[j * n:(j + 1) * n], y[g * rows:(g + 1) * rows]
             if fmt == "int8":
-                ys.append(gemm_int8_rowwise(q, sc, wg, dg, bias_o, out_dtype))
+                gemm_int8_rowwise(q, sc, wg, dg, bias_o, out_dtype, out=yg)
             else:
-                ys.append(gemm_rowwise(q, sc, wg, dg, bias_o, out_dtype, o.fast_accum))
+                yg.copy_(gemm_rowwise(q, sc, wg, dg, bias_o, out_dtype, o.fast_accum))
     if mode == "layer" and int(flag.item()) != CLEAN:                          # one sync per layer
         raise NonFiniteError(f"layer {layer_name or '?'}: input activations hold NaN/Inf")
-    return ys[0] if len(ys) == 1 else torch.cat(ys)
+    return y
 
 
 @dynamic_linear_fp8.register_fake

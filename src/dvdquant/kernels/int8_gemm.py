@@ -122,10 +122,11 @@ def int8_gemm_tma_kernel(a_desc, w_desc, s_ptr, d_ptr, bias_ptr, c_ptr, M, N, K,
 
 def int8_gemm(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
-              config: Optional[dict] = None) -> torch.Tensor:
+              config: Optional[dict] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q (M, K) int8 codes, s (M, 1) fp32, w8 (N, K) int8 (q − z), w_scale (N, 1) → (M, N) ``out_dtype``.
 
-    ``bias`` (N,) any float dtype, added in fp32. ``config`` overrides :data:`DEFAULT_CONFIG`.
+    ``bias`` (N,) any float dtype, added in fp32. ``config`` overrides :data:`DEFAULT_CONFIG`. ``out``: an
+    (M, N) ``out_dtype`` tensor with unit column stride (e.g. rows of a larger output) written and returned.
     """
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     if q.dtype != torch.int8 or w8.dtype != torch.int8 or q.dim() != 2 or w8.dim() != 2:
@@ -140,7 +141,7 @@ def int8_gemm(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch
         raise ConfigError("int8_gemm needs one scale per token and one step (/ bias) per output channel")
     q = q if q.stride(1) == 1 else q.contiguous()
     w8 = w8 if w8.stride(1) == 1 else w8.contiguous()
-    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
+    out = gemm_output(m, n, out_dtype, q.device, out)
     if m == 0 or n == 0:
         return out
     sf, df = s.reshape(-1).float().contiguous(), w_scale.reshape(-1).float().contiguous()
@@ -154,6 +155,17 @@ def int8_gemm(q: torch.Tensor, s: torch.Tensor, w8: torch.Tensor, w_scale: torch
         HAS_BIAS=bf is not None, INT32_DOT=interpreting(), BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
         BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=False)
+    return out
+
+
+def gemm_output(m: int, n: int, out_dtype: torch.dtype, device, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out`` checked to be an (m, n) ``out_dtype`` tensor on ``device`` with unit column stride, or a new one."""
+    if out is None:
+        return torch.empty(m, n, dtype=out_dtype, device=device)
+    if tuple(out.shape) != (m, n) or out.dtype != out_dtype or out.device != torch.device(device) or \
+            (n > 1 and out.stride(1) != 1):
+        raise ConfigError(f"GEMM output must be ({m}, {n}) {out_dtype} on {device} with unit column stride, got "
+                          f"{tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
     return out
 
 

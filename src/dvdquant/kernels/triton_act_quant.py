@@ -19,8 +19,10 @@ exponent before the cast. NaN/Inf inputs make the row's scale +inf (detectable f
 Rotation in the kernel: each (row, R-block) segment is snapped to the grid u = 2^(⌊log2 max⌋ − 14)
 (as the torch reference does), multiplied by the ±1 tile with ``tl.dot`` and then by fp32(1/√R);
 after the snap every partial sum is an exact multiple of u, so any accumulation order gives the
-reference's result. ``ROT_MODE``: 1 — one bf16 dot (bf16 input, no smoothing); 3 — the snapped fp32
-tile split exactly into three bf16 parts; 0 — IEEE fp32 dot (Triton's interpreter only). In-kernel
+reference's result. ``ROT_MODE``: 1 — one bf16 dot (bf16 input, no smoothing); 2 — the snapped fp32
+tile split exactly into two bf16 parts (a snapped value is n·u with |n| ≤ 2^15 — segment maxima below
+2^119, where u is not clamped —; its bf16 rounding leaves a multiple of u of at most 2^6·u, which bf16 holds); 3 — three bf16 parts (fp32 without the snap, ``SNAP=False``:
+close to, not exactly, the fp32 products); 0 — IEEE fp32 dot (Triton's interpreter only). In-kernel
 rotations: R a power of two, 16 ≤ R ≤ 128, R | BLOCK_K, K % BLOCK_K == 0; others are applied by
 the caller first (:func:`fusable_rotation`). ``SNAP=False`` (opt-in ``exact_rotation=False``) skips
 the snap: cheaper, no longer exact.
@@ -76,7 +78,12 @@ def _rotate_snapped(xf, h, inv_sqrt_r, ROT_MODE: tl.constexpr, SCALE: tl.constex
     """Snapped fp32 tile times the ±1 tile h, exact sums, then · fp32(1/√R) (``SCALE=False``: not yet)."""
     if ROT_MODE == 1:                                     # bf16 in: still bf16 after the snap
         xr = tl.dot(xf.to(tl.bfloat16), h)
-    elif ROT_MODE == 3:                                   # ≤ 16 significant bits = hi + mid + lo, exactly
+    elif ROT_MODE == 2:                                   # snapped fp32: hi + mid, exactly (module doc)
+        hi = xf.to(tl.bfloat16)
+        mid = (xf - hi.to(tl.float32)).to(tl.bfloat16)
+        xr = tl.dot(hi, h)
+        xr = tl.dot(mid, h, xr)
+    elif ROT_MODE == 3:                                   # unsnapped fp32: hi + mid + lo
         hi = xf.to(tl.bfloat16)
         r1 = xf - hi.to(tl.float32)
         mid = r1.to(tl.bfloat16)
@@ -330,13 +337,13 @@ def act_quant(x: torch.Tensor, *, bits: int, fmt: str = "int", smooth: Optional[
     flag = nonfinite_flag if has_flag else scales
     qmax = FP8_MAX if fmt == "fp8" else float(2 ** (bits - 1) - 1)
     inv_qmax = float(torch.tensor(1.0, dtype=torch.float32) / qmax)   # fp32 1/qmax, as CUDA torch
-    rot_mode = 0 if interpreting() else (1 if x.dtype == torch.bfloat16 and smooth is None else 3)
+    snap = cfg.get("snap", True)
+    rot_mode = 0 if interpreting() else (1 if x.dtype == torch.bfloat16 and smooth is None else (2 if snap else 3))
     h = None
     if r:
         h = _hadamard_tile(h_block, tile, torch.float32 if rot_mode == 0 else torch.bfloat16, x.device)
     sm = None if smooth is None else smooth.to(device=x.device, dtype=torch.float32).contiguous()
     grid = (triton.cdiv(m, cfg["block_m"]),)
-    snap = cfg.get("snap", True)
     snap_cache = bool(r) and snap and block is None and r == tile and cfg.get("snap_cache", True)
     magic = torch.empty(k // tile, m, dtype=torch.float32, device=x.device) if snap_cache else scales
     act_quant_kernel[grid](

@@ -145,7 +145,7 @@ def requant_weight(master: torch.Tensor, master_scale: torch.Tensor, colmax: tor
     if g == 0 or n == 0:
         return out, delta
     tile = max(r, 64) if r else UNROTATED_BLOCK_K
-    rot_mode = 0 if interpreting() else 3
+    rot_mode = 0 if interpreting() else 2                # snapped tiles: two exact bf16 parts
     h = _hadamard_tile(cached_hadamard(r, master.device), tile, torch.float32 if rot_mode == 0 else torch.bfloat16,
                        master.device) if r else master
     qmax = float((2 ** (bits - 1) - 1) if symmetric else (2 ** bits - 1))
