@@ -33,8 +33,10 @@ and reports medians; single runs moved single points by up to 0.17× on an H100 
 as a whole ``QuantLinear`` on the fp8 backend, W4A4, Hadamard-128 rotation, per-token scales: ``bf16``
 (``F.linear``), ``fp8_default`` (the default layer: activation kernel + int8 expansion + INT8 GEMM) and
 ``fp8_dynamic`` (dynamic smoothing: Λ per sample, the weight re-quantization kernel, the activation kernel
-per sample with s_g, one GEMM per sample), plus ``requant`` (the weight kernel alone for all samples);
-writes ``bench_linear_dynamic.json``::
+per sample with s_g, one GEMM per sample), plus ``requant`` (the weight kernel alone for all samples),
+``absmax`` (Λ per sample alone) and ``profile_<layer>``: each fp8 layer's kernels under ``torch.profiler``
+(device ms per call, summed per kernel name, against the call's wall time); writes
+``bench_linear_dynamic.json``::
 
     PYTHONPATH=src python benchmarks/bench_linear.py --dynamic --m 65520 --samples 2 --out bench_out
 
@@ -230,6 +232,27 @@ def lean_main(args, device: str) -> None:
           all(all(r["bit_equal"].values()) for r in rows))
 
 
+def kernel_profile(fn, calls: int = 5) -> dict:
+    """Per call of ``fn``: wall ms and device ms of each kernel (summed by name) under ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / calls
+    kernels = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", 0) or 0
+        if t > 0 and not e.key.startswith(("ProfilerStep", "aten::", "dvdquant::", "cuda")):
+            kernels[e.key[:120]] = [round(t / 1e3 / calls, 3), e.count / calls]
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1][0]))
+    return {"wall_ms": round(wall, 3), "kernel_ms": round(sum(v[0] for v in top.values()), 3),
+            "kernels_ms_and_launches": top}
+
+
 def dynamic_main(args, device: str) -> None:
     """bf16 vs the default fp8 layer vs the dynamic-smoothing fp8 layer on one shape (module doc)."""
     from triton.testing import do_bench
@@ -263,6 +286,8 @@ def dynamic_main(args, device: str) -> None:
         r["requant"] = t(lambda: requant_weight(dyn.w_master, dyn.w_master_scale, dyn.w_colmax, s, bits=4,
                                                 symmetric=False, rotation_block=128))
         r["absmax"] = t(lambda: per_sample_absmax(x.reshape(-1, k), g))
+        r["profile_fp8_default"] = kernel_profile(lambda: default(x))
+        r["profile_fp8_dynamic"] = kernel_profile(lambda: dyn(x))
     r.update({f"speedup_{p}": r["bf16"] / r[p] for p in ("fp8_default", "fp8_dynamic")})
     print(json.dumps(r, indent=1))
     with open(os.path.join(args.out, "bench_linear_dynamic.json"), "w") as f:
