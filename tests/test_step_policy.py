@@ -177,12 +177,18 @@ def test_skip_really_skips_the_tail_blocks():
         torch.testing.assert_close(res["h"][a][0], expect)
 
 
-def test_a_replayed_schedule_runs_on_the_model():
-    model = _policy_model(StepPolicyConfig(schedule="8S4S"))
-    xs, ctx = _inputs(steps=5)
+def _replayed(schedule: str, steps: int):
+    """A tiny policy model that replayed ``schedule`` over ``steps`` steps (CFG as two calls)."""
+    model = _policy_model(StepPolicyConfig(schedule=schedule))
+    xs, ctx = _inputs(steps=steps)
     with torch.no_grad():
         for i in range(len(xs)):
             _drive_one(model, xs, ctx, i)
+    return model
+
+
+def test_a_replayed_schedule_runs_on_the_model():
+    model = _replayed("8S4S", 5)
     ctrl = dvdquant.step_controller(model)
     assert ctrl.schedule == [8, SKIP, 4, SKIP, 8]
     assert [sorted(set(d.values())) for d in ctrl.policy.decisions] == [[8], [SKIP], [4], [SKIP], [8]]
@@ -191,11 +197,7 @@ def test_a_replayed_schedule_runs_on_the_model():
 def test_replacing_the_policy_releases_the_old_cached_residuals():
     """set_step_policy drops the replaced run's residuals even while something still references that run."""
     import weakref
-    model = _policy_model(StepPolicyConfig(schedule="8S4S"))
-    xs, ctx = _inputs(steps=3)
-    with torch.no_grad():
-        for i in range(len(xs)):
-            _drive_one(model, xs, ctx, i)
+    model = _replayed("8S4S", 3)
     old = model.blocks[0]._diffusers_hook.get_hook("dvdquant_policy_head").run
     held = [weakref.ref(old.tail["cond"][0]), weakref.ref(old.prev_r0["cond"])]
     set_step_policy(model, StepPolicyConfig(schedule="884S8"))
