@@ -20,9 +20,10 @@ Rotation in the kernel: each (row, R-block) segment is snapped to the grid u = 2
 (as the torch reference does), multiplied by the ±1 tile with ``tl.dot`` and then by fp32(1/√R);
 after the snap every partial sum is an exact multiple of u, so any accumulation order gives the
 reference's result. ``ROT_MODE``: 1 — one bf16 dot (bf16 input, no smoothing); 2 — the snapped fp32
-tile split exactly into two bf16 parts (a snapped value is n·u with |n| ≤ 2^15 — segment maxima below
-2^119, where u is not clamped —; its bf16 rounding leaves a multiple of u of at most 2^6·u, which bf16 holds); 3 — three bf16 parts (fp32 without the snap, ``SNAP=False``:
-close to, not exactly, the fp32 products); 0 — IEEE fp32 dot (Triton's interpreter only). In-kernel
+tile split exactly into two bf16 parts (for segment maxima below 2^119, where u is not clamped, a snapped
+value is n·u with |n| ≤ 2^15; its bf16 rounding, nearest or truncated, leaves a multiple of u below 2^7·u,
+which bf16 holds); 3 — three bf16 parts (fp32 without the snap, ``SNAP=False``: close to, not exactly,
+the fp32 products); 0 — IEEE fp32 dot (Triton's interpreter only). In-kernel
 rotations: R a power of two, 16 ≤ R ≤ 128, R | BLOCK_K, K % BLOCK_K == 0; others are applied by
 the caller first (:func:`fusable_rotation`). ``SNAP=False`` (opt-in ``exact_rotation=False``) skips
 the snap: cheaper, no longer exact.
