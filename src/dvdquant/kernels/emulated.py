@@ -154,7 +154,8 @@ def emulated_dynamic_linear(xt: torch.Tensor, s: torch.Tensor, bits: int, fmt: s
     """Dynamic smoothing's integer pipeline (the FP8 path's order) on finite tokens ``xt`` (M, K) already
     divided by their sample's ``s`` (G, K) and rotated: per-token codes, each sample's weight as
     :func:`requant_weight_reference` gives it (:func:`~dvdquant.numerics.smoothing.per_sample_weight_params`,
-    in chunks of ≤ ``chunk_elems`` weight entries: same bits), one exact code GEMM per sample with the epilogue ((acc · Δ_g) · s) + b → (M, N) fp32."""
+    in chunks of ≤ ``chunk_elems`` weight entries: same bits), one exact code GEMM per sample with the epilogue
+    ((acc · Δ_g) · s) + b → (M, N) fp32."""
     codes, scale = quantize_rows(xt, bits, fmt)
     pmax = None if fmt == "fp8" else grids.act_qmax(bits) * grids.weight_int_max(w_bits)
     g = s.shape[0]
